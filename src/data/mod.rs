@@ -1,0 +1,245 @@
+//! Datasets: where images come from, held in memory as u8 `[N, C, H, W]` tensors.
+
+pub mod idx;
+mod loader;
+pub mod shapes;
+
+pub use loader::{to_unit_float, Loader};
+
+use crate::rng::{SplitMix64, Stream};
+use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::{Kind, Tensor};
+
+/// Default sizes of the generated shapes splits: about a minute of training per epoch budget.
+const SHAPES_TRAIN: usize = 16_000;
+const SHAPES_TEST: usize = 2_000;
+
+/// Where Debian's `dataset-fashion-mnist` package installs the files.
+pub const DEFAULT_FASHION_MNIST_DIR: &str = "/usr/share/datasets/fashion-mnist";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatasetKind {
+    /// Procedural squares, ellipses and triangles; needs no files.
+    Shapes,
+    /// Fashion-MNIST in IDX format (28x28 grayscale, 60k train / 10k test).
+    FashionMnist,
+    /// MNIST digits in IDX format; same layout as Fashion-MNIST.
+    Mnist,
+}
+
+/// What to load; saved in checkpoints so evaluation finds the same data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DataConfig {
+    pub kind: DatasetKind,
+    /// Folder of the IDX files; `None` means the dataset's default location.
+    pub data_dir: Option<PathBuf>,
+    /// Side of the generated images (shapes only).
+    pub image_size: i64,
+    /// Channels of the generated images (shapes only): 1 or 3.
+    pub channels: i64,
+    /// Images of the train split to use: all of a file's, or this many generated shapes.
+    pub train_size: Option<usize>,
+    pub test_size: Option<usize>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            kind: DatasetKind::Shapes,
+            data_dir: None,
+            image_size: 28,
+            channels: 1,
+            train_size: None,
+            test_size: None,
+        }
+    }
+}
+
+impl DataConfig {
+    pub fn name(&self) -> &'static str {
+        match self.kind {
+            DatasetKind::Shapes => "shapes",
+            DatasetKind::FashionMnist => "fashion-mnist",
+            DatasetKind::Mnist => "mnist",
+        }
+    }
+
+    fn idx_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| match self.kind {
+            DatasetKind::Mnist => PathBuf::from("/usr/share/datasets/mnist"),
+            _ => PathBuf::from(DEFAULT_FASHION_MNIST_DIR),
+        })
+    }
+
+    /// Loads both splits into CPU memory.
+    pub fn load(&self, seed: u64) -> Result<Splits> {
+        ensure!(
+            self.train_size != Some(0) && self.test_size != Some(0),
+            "--train-size and --test-size must be positive"
+        );
+        match self.kind {
+            DatasetKind::Shapes => {
+                ensure!(
+                    self.channels == 1 || self.channels == 3,
+                    "--channels must be 1 or 3, found {}",
+                    self.channels
+                );
+                ensure!(self.image_size > 0, "--image-size must be positive, found {}", self.image_size);
+                let make = |count: usize, counter: u64| {
+                    let (size, channels) = (self.image_size as usize, self.channels as usize);
+                    let data_seed = SplitMix64::derived(seed, Stream::Data, counter).next_u64();
+                    let (pixels, labels) = shapes::generate(count, size, channels, data_seed);
+                    Dataset::from_u8(&pixels, count, channels, size, size, Some(&labels))
+                };
+                let train = make(self.train_size.unwrap_or(SHAPES_TRAIN), 0);
+                Ok(Splits { train, test: make(self.test_size.unwrap_or(SHAPES_TEST), 1) })
+            }
+            DatasetKind::FashionMnist | DatasetKind::Mnist => {
+                let dir = self.idx_dir();
+                ensure!(
+                    dir.is_dir(),
+                    "{} dataset folder {} does not exist (on Debian: apt-get install dataset-{}, \
+                     or pass --data-dir)",
+                    self.name(),
+                    dir.display(),
+                    self.name()
+                );
+                let train = read_idx_split(&dir, "train")?.truncated(self.train_size);
+                Ok(Splits { train, test: read_idx_split(&dir, "t10k")?.truncated(self.test_size) })
+            }
+        }
+    }
+}
+
+/// Reads `{prefix}-images-idx3-ubyte[.gz]` and its labels, checking that they agree.
+fn read_idx_split(dir: &Path, prefix: &str) -> Result<Dataset> {
+    let images_path = idx::locate(dir, &format!("{prefix}-images-idx3-ubyte"))?;
+    let labels_path = idx::locate(dir, &format!("{prefix}-labels-idx1-ubyte"))?;
+    let images = idx::read_images(&images_path)?;
+    let labels = idx::read_labels(&labels_path)?;
+    ensure!(
+        labels.len() == images.count,
+        "{} holds {} images but {} holds {} labels",
+        images_path.display(),
+        images.count,
+        labels_path.display(),
+        labels.len()
+    );
+    ensure!(images.count > 0, "{} holds no images", images_path.display());
+    Ok(Dataset::from_u8(&images.pixels, images.count, 1, images.rows, images.cols, Some(&labels)))
+}
+
+/// One split: pixels as u8 `[N, C, H, W]` (compact: the float conversion happens per batch on
+/// the training device) and optional class labels.
+#[derive(Debug)]
+pub struct Dataset {
+    pub images: Tensor,
+    pub labels: Option<Tensor>,
+}
+
+impl Dataset {
+    pub fn from_u8(pixels: &[u8], n: usize, c: usize, h: usize, w: usize, labels: Option<&[u8]>) -> Self {
+        let images = Tensor::from_slice(pixels).view([n as i64, c as i64, h as i64, w as i64]);
+        let labels = labels.map(|l| Tensor::from_slice(l).to_kind(Kind::Int64));
+        Self { images, labels }
+    }
+
+    pub fn len(&self) -> usize {
+        self.images.size()[0] as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The first `limit` images (all when `None`).
+    fn truncated(self, limit: Option<usize>) -> Self {
+        match limit {
+            Some(n) if n < self.len() => Self {
+                images: self.images.narrow(0, 0, n as i64),
+                labels: self.labels.map(|l| l.narrow(0, 0, n as i64)),
+            },
+            _ => self,
+        }
+    }
+
+    /// `[C, H, W]` of one image.
+    pub fn image_shape(&self) -> [i64; 3] {
+        let s = self.images.size();
+        [s[1], s[2], s[3]]
+    }
+
+    /// A copy with every pixel drawn once as 0 or 255 with probability intensity/255: the
+    /// fixed binarization used to evaluate a model trained with `--binarize dynamic`.
+    pub fn binarized(&self, seed: u64) -> Self {
+        let mut rng = SplitMix64::derived(seed, Stream::Eval, 0);
+        let pixels = Vec::<u8>::try_from(self.images.flatten(0, -1)).expect("u8 images");
+        let bits: Vec<u8> =
+            pixels.iter().map(|&p| if rng.next_f64() * 255.0 < p as f64 { 255 } else { 0 }).collect();
+        Self {
+            images: Tensor::from_slice(&bits).view(self.images.size().as_slice()),
+            labels: self.labels.as_ref().map(|l| l.shallow_clone()),
+        }
+    }
+}
+
+/// The train and test splits of a dataset.
+#[derive(Debug)]
+pub struct Splits {
+    pub train: Dataset,
+    pub test: Dataset,
+}
+
+/// How pixel intensities become likelihood targets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Binarize {
+    /// Intensities in [0, 1] are the targets.
+    None,
+    /// Each time an image is seen, every pixel is redrawn as 0/1 with its intensity as the
+    /// probability (the standard dynamically binarized benchmark).
+    Dynamic,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idx_splits_load_and_mismatched_counts_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, bytes: Vec<u8>| std::fs::write(dir.path().join(name), bytes).unwrap();
+        write("train-images-idx3-ubyte", idx::encode_images(4, 2, 2, &[7; 16]));
+        write("train-labels-idx1-ubyte", idx::encode_labels(&[0, 1, 2, 3]));
+        write("t10k-images-idx3-ubyte", idx::encode_images(2, 2, 2, &[9; 8]));
+        write("t10k-labels-idx1-ubyte", idx::encode_labels(&[5]));
+        let cfg = DataConfig {
+            kind: DatasetKind::FashionMnist,
+            data_dir: Some(dir.path().into()),
+            ..Default::default()
+        };
+        let err = format!("{:#}", cfg.load(0).unwrap_err());
+        assert!(err.contains("holds 2 images but") && err.contains("holds 1 labels"), "{err}");
+        write("t10k-labels-idx1-ubyte", idx::encode_labels(&[5, 6]));
+        let splits = cfg.load(0).unwrap();
+        assert_eq!(splits.train.len(), 4);
+        assert_eq!(splits.test.image_shape(), [1, 2, 2]);
+        let missing = DataConfig { data_dir: Some(dir.path().join("nope")), ..cfg };
+        assert!(format!("{:#}", missing.load(0).unwrap_err()).contains("does not exist"));
+    }
+
+    #[test]
+    fn binarization_is_fixed_by_the_seed_and_follows_intensity() {
+        let pixels: Vec<u8> = (0..4000).map(|i| if i % 2 == 0 { 0 } else { 191 }).collect();
+        let ds = Dataset::from_u8(&pixels, 10, 1, 20, 20, None);
+        let a = Vec::<u8>::try_from(ds.binarized(3).images.flatten(0, -1)).unwrap();
+        let b = Vec::<u8>::try_from(ds.binarized(3).images.flatten(0, -1)).unwrap();
+        assert_eq!(a, b);
+        assert!(a.iter().step_by(2).all(|&p| p == 0));
+        let on = a.iter().skip(1).step_by(2).filter(|&&p| p == 255).count() as f64 / 2000.0;
+        assert!((on - 0.75).abs() < 0.04, "fraction on {on}");
+    }
+}

@@ -1,0 +1,55 @@
+//! `--device auto|cpu|cuda|cuda:N`, checked against what libtorch actually sees.
+
+use anyhow::{bail, Context, Result};
+use tch::{Cuda, Device};
+
+pub fn parse_device(spec: &str) -> Result<Device> {
+    let cuda_count = || if Cuda::is_available() { Cuda::device_count() as usize } else { 0 };
+    let cuda = |index: usize| -> Result<Device> {
+        let count = cuda_count();
+        if count == 0 {
+            bail!("--device {spec}: CUDA is not available on this machine (libtorch sees no GPU); use --device cpu")
+        }
+        if index >= count {
+            bail!("--device {spec}: only {count} CUDA device(s) visible (cuda:0..cuda:{})", count - 1)
+        }
+        Ok(Device::Cuda(index))
+    };
+    match spec {
+        "auto" => Ok(if cuda_count() > 0 { Device::Cuda(0) } else { Device::Cpu }),
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => cuda(0),
+        _ => match spec.strip_prefix("cuda:") {
+            Some(index) => cuda(
+                index.parse().with_context(|| format!("--device {spec}: {index:?} is not a device index"))?,
+            ),
+            None => bail!("--device {spec}: expected auto, cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// A short name for logs and metadata.
+pub fn describe(device: Device) -> String {
+    match device {
+        Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
+        Device::Cuda(i) => format!("cuda:{i}"),
+        other => format!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_parse_or_explain() {
+        assert_eq!(parse_device("cpu").unwrap(), Device::Cpu);
+        if !Cuda::is_available() {
+            assert_eq!(parse_device("auto").unwrap(), Device::Cpu);
+            let err = parse_device("cuda").unwrap_err().to_string();
+            assert!(err.contains("CUDA is not available"), "{err}");
+        }
+        assert!(parse_device("cuda:x").unwrap_err().to_string().contains("not a device index"));
+        assert!(parse_device("tpu").unwrap_err().to_string().contains("expected auto, cpu, cuda or cuda:N"));
+    }
+}

@@ -1,0 +1,15 @@
+//! Convolutional variational auto-encoders on libtorch. The modules read as the pipeline:
+//! data -> model -> loss -> adam -> train -> checkpoint -> export.
+
+pub mod adam;
+pub mod checkpoint;
+pub mod data;
+pub mod device;
+pub mod export;
+pub mod loss;
+pub mod model;
+pub mod rng;
+pub mod train;
+
+/// The libtorch that tch =0.24.0 binds (torch-sys refuses any other at build time).
+pub const LIBTORCH_VERSION: &str = "2.11.0";

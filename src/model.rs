@@ -1,0 +1,322 @@
+//! The convolutional VAE: a strided-conv encoder giving q(z|x), a transposed-conv decoder
+//! giving p(x|z)'s parameters.
+
+use crate::loss::Likelihood;
+use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, Module};
+use tch::Tensor;
+
+/// Architecture; stored in every checkpoint so a model can be rebuilt from its file alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VaeConfig {
+    /// Side of the square input image, in pixels.
+    pub image_size: i64,
+    pub in_channels: i64,
+    /// Output channels of each stride-2 conv stage; the decoder mirrors them.
+    pub channels: Vec<i64>,
+    pub hidden: i64,
+    pub latent_dim: i64,
+    pub likelihood: Likelihood,
+}
+
+impl Default for VaeConfig {
+    fn default() -> Self {
+        Self {
+            image_size: 28,
+            in_channels: 1,
+            channels: vec![32, 64],
+            hidden: 256,
+            latent_dim: 16,
+            likelihood: Likelihood::Bernoulli,
+        }
+    }
+}
+
+impl VaeConfig {
+    /// Side of the feature map after the conv stack.
+    pub fn bottleneck_side(&self) -> i64 {
+        self.image_size >> self.channels.len()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(!self.channels.is_empty(), "--channels needs at least one conv stage");
+        ensure!(
+            self.channels.iter().all(|&c| c > 0),
+            "--channels must all be positive, found {:?}",
+            self.channels
+        );
+        ensure!(self.hidden > 0, "--hidden must be positive, found {}", self.hidden);
+        ensure!(self.latent_dim > 0, "--latent-dim must be positive, found {}", self.latent_dim);
+        ensure!(
+            self.in_channels == 1 || self.in_channels == 3,
+            "images must have 1 or 3 channels, found {}",
+            self.in_channels
+        );
+        let stride = 1i64 << self.channels.len().min(62);
+        ensure!(
+            self.image_size > 0 && self.image_size % stride == 0,
+            "image size {} is not divisible by 2^{} = {stride} (one halving per conv stage in \
+             --channels {:?})",
+            self.image_size,
+            self.channels.len(),
+            self.channels
+        );
+        Ok(())
+    }
+}
+
+fn conv_config() -> nn::ConvConfig {
+    nn::ConvConfig { stride: 2, padding: 1, ..Default::default() }
+}
+
+fn deconv_config() -> nn::ConvTransposeConfig {
+    nn::ConvTransposeConfig { stride: 2, padding: 1, ..Default::default() }
+}
+
+/// The diagonal Gaussian q(z|x).
+#[derive(Debug)]
+pub struct Posterior {
+    pub mean: Tensor,
+    pub logvar: Tensor,
+}
+
+impl Posterior {
+    /// z = mean + exp(logvar / 2) * eps: the noise is drawn apart from the parameters, so the
+    /// sample stays differentiable in mean and logvar (the reparameterization trick).
+    pub fn sample(&self) -> Tensor {
+        let eps = self.mean.randn_like();
+        &self.mean + (&self.logvar * 0.5).exp() * eps
+    }
+
+    /// KL(q(z|x) || N(0, I)) in closed form, one value per example:
+    /// 0.5 * sum(mean^2 + exp(logvar) - 1 - logvar).
+    pub fn kl_to_standard_normal(&self) -> Tensor {
+        (self.mean.square() + self.logvar.exp() - 1.0 - &self.logvar).sum_dim_intlist(-1, false, None) * 0.5
+    }
+}
+
+pub struct Encoder {
+    convs: Vec<nn::Conv2D>,
+    fc: nn::Linear,
+    head: nn::Linear,
+}
+
+impl Encoder {
+    pub fn new(vs: nn::Path, cfg: &VaeConfig) -> Self {
+        let mut in_ch = cfg.in_channels;
+        let convs = cfg
+            .channels
+            .iter()
+            .enumerate()
+            .map(|(i, &out_ch)| {
+                let conv = nn::conv2d(&vs / "convs" / i, in_ch, out_ch, 4, conv_config());
+                in_ch = out_ch;
+                conv
+            })
+            .collect();
+        let flat = in_ch * cfg.bottleneck_side().pow(2);
+        let fc = nn::linear(&vs / "fc", flat, cfg.hidden, Default::default());
+        let head = nn::linear(&vs / "head", cfg.hidden, 2 * cfg.latent_dim, Default::default());
+        Self { convs, fc, head }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Posterior {
+        let h = self.convs.iter().fold(x.shallow_clone(), |h, conv| conv.forward(&h).relu());
+        let h = self.fc.forward(&h.flatten(1, -1)).relu();
+        let [mean, logvar]: [Tensor; 2] = self.head.forward(&h).chunk(2, -1).try_into().expect("two halves");
+        Posterior { mean, logvar }
+    }
+}
+
+pub struct Decoder {
+    fc: nn::Linear,
+    proj: nn::Linear,
+    deconvs: Vec<nn::ConvTranspose2D>,
+    /// `[C, S, S]` of the feature map the transposed convs start from.
+    start_shape: [i64; 3],
+}
+
+impl Decoder {
+    pub fn new(vs: nn::Path, cfg: &VaeConfig) -> Self {
+        let side = cfg.bottleneck_side();
+        let top = *cfg.channels.last().expect("validated: at least one stage");
+        let fc = nn::linear(&vs / "fc", cfg.latent_dim, cfg.hidden, Default::default());
+        let proj = nn::linear(&vs / "proj", cfg.hidden, top * side * side, Default::default());
+        // Mirror of the encoder: channels reversed, ending at the image's channels.
+        let outs = cfg.channels.iter().rev().skip(1).copied().chain([cfg.in_channels]);
+        let deconvs = cfg
+            .channels
+            .iter()
+            .rev()
+            .zip(outs)
+            .enumerate()
+            .map(|(i, (&in_ch, out_ch))| {
+                nn::conv_transpose2d(&vs / "deconvs" / i, in_ch, out_ch, 4, deconv_config())
+            })
+            .collect();
+        Self { fc, proj, deconvs, start_shape: [top, side, side] }
+    }
+
+    /// The likelihood's parameters for each pixel (Bernoulli logits or Gaussian means).
+    pub fn forward(&self, z: &Tensor) -> Tensor {
+        let [c, h, w] = self.start_shape;
+        let mut x = self.proj.forward(&self.fc.forward(z).relu()).relu().view([-1, c, h, w]);
+        for (i, deconv) in self.deconvs.iter().enumerate() {
+            x = deconv.forward(&x);
+            if i + 1 < self.deconvs.len() {
+                x = x.relu();
+            }
+        }
+        x
+    }
+}
+
+/// What one pass of the model produces for a batch.
+pub struct Forward {
+    pub posterior: Posterior,
+    /// Parameters of p(x|z) at the sampled z.
+    pub likelihood_params: Tensor,
+}
+
+pub struct Vae {
+    pub encoder: Encoder,
+    pub decoder: Decoder,
+    pub cfg: VaeConfig,
+}
+
+impl Vae {
+    /// Layers live under `encoder.` and `decoder.`, the names a PyTorch `state_dict` of the
+    /// same module tree would use.
+    pub fn new(vs: nn::Path, cfg: &VaeConfig) -> Self {
+        Self {
+            encoder: Encoder::new(&vs / "encoder", cfg),
+            decoder: Decoder::new(&vs / "decoder", cfg),
+            cfg: cfg.clone(),
+        }
+    }
+
+    pub fn encode(&self, x: &Tensor) -> Posterior {
+        self.encoder.forward(x)
+    }
+
+    pub fn reparameterize(&self, posterior: &Posterior) -> Tensor {
+        posterior.sample()
+    }
+
+    pub fn decode(&self, z: &Tensor) -> Tensor {
+        self.decoder.forward(z)
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Forward {
+        let posterior = self.encode(x);
+        let z = self.reparameterize(&posterior);
+        Forward { likelihood_params: self.decode(&z), posterior }
+    }
+
+    /// Images in [0, 1] that the decoder expects at `z` (its mean, not a sample).
+    pub fn decode_mean(&self, z: &Tensor) -> Tensor {
+        self.cfg.likelihood.mean(&self.decode(z))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device, Kind};
+
+    fn build(cfg: &VaeConfig) -> (VarStore, Vae) {
+        let vs = VarStore::new(Device::Cpu);
+        let vae = Vae::new(vs.root(), cfg);
+        (vs, vae)
+    }
+
+    #[test]
+    fn shapes_for_grayscale_28_and_rgb_64() {
+        let cases = [
+            VaeConfig::default(),
+            VaeConfig {
+                image_size: 64,
+                in_channels: 3,
+                channels: vec![32, 32, 64, 64],
+                ..Default::default()
+            },
+        ];
+        for cfg in cases {
+            cfg.validate().unwrap();
+            let (_vs, vae) = build(&cfg);
+            let x = Tensor::rand(
+                [5, cfg.in_channels, cfg.image_size, cfg.image_size],
+                (Kind::Float, Device::Cpu),
+            );
+            let out = vae.forward(&x);
+            assert_eq!(out.posterior.mean.size(), vec![5, cfg.latent_dim]);
+            assert_eq!(out.posterior.logvar.size(), vec![5, cfg.latent_dim]);
+            assert_eq!(out.likelihood_params.size(), x.size());
+        }
+    }
+
+    #[test]
+    fn tensor_names_follow_the_module_tree() {
+        let (vs, _) = build(&VaeConfig::default());
+        let mut names: Vec<String> = vs.variables().into_keys().collect();
+        names.sort();
+        let expected = [
+            "decoder.deconvs.0.bias",
+            "decoder.deconvs.0.weight",
+            "decoder.deconvs.1.bias",
+            "decoder.deconvs.1.weight",
+            "decoder.fc.bias",
+            "decoder.fc.weight",
+            "decoder.proj.bias",
+            "decoder.proj.weight",
+            "encoder.convs.0.bias",
+            "encoder.convs.0.weight",
+            "encoder.convs.1.bias",
+            "encoder.convs.1.weight",
+            "encoder.fc.bias",
+            "encoder.fc.weight",
+            "encoder.head.bias",
+            "encoder.head.weight",
+        ];
+        assert_eq!(names, expected);
+        assert_eq!(vs.variables()["decoder.deconvs.1.weight"].size(), vec![32, 1, 4, 4]);
+    }
+
+    #[test]
+    fn sizes_that_do_not_halve_cleanly_are_rejected() {
+        let cfg = VaeConfig { image_size: 30, channels: vec![8, 8, 8], ..Default::default() };
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("30 is not divisible by 2^3 = 8"), "{err}");
+    }
+
+    #[test]
+    fn kl_closed_form_matches_monte_carlo() {
+        tch::manual_seed(0);
+        let mean = Tensor::from_slice(&[0.5f32, -1.0, 0.0]).view([1, 3]);
+        let logvar = Tensor::from_slice(&[0.0f32, -1.0, 0.7]).view([1, 3]);
+        let q = Posterior { mean: mean.repeat([200_000, 1]), logvar: logvar.repeat([200_000, 1]) };
+        let z = q.sample();
+        // log q(z) - log p(z) per sample; the 2*pi terms cancel.
+        let log_q = -((&z - &q.mean).square() / q.logvar.exp() + &q.logvar) * 0.5;
+        let log_p = -z.square() * 0.5;
+        let mc = (log_q - log_p).sum_dim_intlist(-1, false, None).mean(None).double_value(&[]);
+        let closed = Posterior { mean, logvar }.kl_to_standard_normal().double_value(&[0]);
+        assert!((mc - closed).abs() < 0.02, "Monte Carlo {mc} vs closed form {closed}");
+    }
+
+    #[test]
+    fn gradients_flow_through_the_sample_to_mean_and_logvar() {
+        let mean = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let logvar = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let q = Posterior { mean: mean.shallow_clone(), logvar: logvar.shallow_clone() };
+        tch::manual_seed(1);
+        let z = q.sample();
+        z.sum(None).backward();
+        // d(sum z)/d mean = 1, d(sum z)/d logvar = eps * exp(logvar/2) / 2 = eps / 2.
+        assert!(mean.grad().allclose(&Tensor::ones([4, 3], (Kind::Float, Device::Cpu)), 1e-6, 1e-6, false));
+        let eps = z.detach();
+        assert!(logvar.grad().allclose(&(eps / 2.0), 1e-6, 1e-6, false));
+        assert!(logvar.grad().abs().sum(None).double_value(&[]) > 0.0);
+    }
+}

@@ -1,0 +1,325 @@
+//! The training loop: shuffled mini-batches, the bound, Adam, a test evaluation and a
+//! checkpoint per epoch.
+
+use crate::adam::{Adam, AdamConfig};
+use crate::checkpoint::{self, Checkpoint, Metadata};
+use crate::data::{Binarize, DataConfig, Dataset, Loader, Splits};
+use crate::export;
+use crate::loss::Elbo;
+use crate::model::{Vae, VaeConfig};
+use crate::rng::{seed_torch, Stream};
+use anyhow::{ensure, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+use tch::{nn::VarStore, Device, Kind, Tensor};
+
+/// Everything that determines a run's numbers; saved in each checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: VaeConfig,
+    pub data: DataConfig,
+    pub adam: AdamConfig,
+    /// Total epochs of the run (a resumed run continues up to this).
+    pub epochs: u64,
+    pub batch_size: usize,
+    /// Weight of the KL term; 1 is the ELBO.
+    pub beta: f64,
+    pub seed: u64,
+    pub binarize: Binarize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            model: VaeConfig::default(),
+            data: DataConfig::default(),
+            adam: AdamConfig::default(),
+            epochs: 10,
+            batch_size: 128,
+            beta: 1.0,
+            seed: 0,
+            binarize: Binarize::None,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        ensure!(self.batch_size > 0, "--batch-size must be positive, found {}", self.batch_size);
+        ensure!(self.epochs > 0, "--epochs must be positive, found {}", self.epochs);
+        ensure!(
+            self.adam.lr > 0.0 && self.adam.lr.is_finite(),
+            "--lr must be positive, found {}",
+            self.adam.lr
+        );
+        ensure!(self.beta >= 0.0 && self.beta.is_finite(), "--beta must be >= 0, found {}", self.beta);
+        Ok(())
+    }
+}
+
+/// Means over an epoch or a split, in nats per image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub loss: f64,
+    pub reconstruction: f64,
+    pub kl: f64,
+}
+
+impl Stats {
+    /// From a device tensor of `[loss, reconstruction, kl]` sums over `count` images.
+    fn from_sums(sums: &Tensor, count: usize) -> Self {
+        let v = Vec::<f64>::try_from(sums.to_kind(Kind::Double).to_device(Device::Cpu)).expect("three sums");
+        let n = count.max(1) as f64;
+        Self { loss: v[0] / n, reconstruction: v[1] / n, kl: v[2] / n }
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} (recon {:.2}, kl {:.2})", self.loss, self.reconstruction, self.kl)
+    }
+}
+
+/// Evaluation batches are fixed in size so the per-batch noise seeds, and hence the numbers,
+/// do not depend on the training batch size.
+const EVAL_BATCH: usize = 500;
+/// Steps between reads of the running loss for the progress bar: each read syncs the device.
+const LOG_EVERY: usize = 25;
+/// Images in each row of the reconstruction grid.
+const GRID_COLS: usize = 12;
+
+/// A model, its optimizer and where the run stands.
+pub struct Trainer {
+    pub cfg: TrainConfig,
+    pub device: Device,
+    pub vs: VarStore,
+    pub model: Vae,
+    pub adam: Adam,
+    /// Epochs completed.
+    pub epoch: u64,
+    pub best_test_loss: Option<f64>,
+}
+
+impl Trainer {
+    /// A fresh model; initialised on the CPU from the seed so every device starts alike.
+    pub fn new(cfg: TrainConfig, device: Device) -> Result<Self> {
+        cfg.validate()?;
+        seed_torch(cfg.seed, Stream::Init, 0);
+        let mut vs = VarStore::new(Device::Cpu);
+        let model = Vae::new(vs.root(), &cfg.model);
+        vs.set_device(device);
+        let adam = Adam::new(&vs, cfg.adam);
+        Ok(Self { cfg, device, vs, model, adam, epoch: 0, best_test_loss: None })
+    }
+
+    /// The state a checkpoint holds, with `epochs` optionally raised for the continuation.
+    pub fn from_checkpoint(ckpt: &Checkpoint, device: Device) -> Result<Self> {
+        let mut trainer = Self::new(ckpt.meta.config.clone(), device)?;
+        ckpt.load_weights(&trainer.vs)?;
+        ckpt.load_optimizer(&mut trainer.adam)?;
+        ensure!(
+            trainer.adam.step_count() == ckpt.meta.step,
+            "{}: optimizer step {} disagrees with metadata step {}",
+            ckpt.path.display(),
+            trainer.adam.step_count(),
+            ckpt.meta.step
+        );
+        trainer.epoch = ckpt.meta.epoch;
+        trainer.best_test_loss = ckpt.meta.best_test_loss;
+        Ok(trainer)
+    }
+
+    pub fn metadata(&self) -> Metadata {
+        Metadata {
+            config: self.cfg.clone(),
+            epoch: self.epoch,
+            step: self.adam.step_count(),
+            best_test_loss: self.best_test_loss,
+        }
+    }
+
+    /// One pass over the training split; returns its mean loss terms.
+    pub fn train_epoch(&mut self, loader: &Loader, progress: &ProgressBar) -> Stats {
+        let seed = self.cfg.seed;
+        let mut sums = Tensor::zeros([3], (Kind::Float, self.device));
+        let (mut seen, mut seen_at_log, mut log_time) = (0usize, 0usize, Instant::now());
+        for (i, indices) in loader.shuffled_batches(seed, self.epoch).iter().enumerate() {
+            // Noise of step s depends on (seed, s) only: a resumed run draws the same.
+            seed_torch(seed, Stream::Step, self.adam.step_count());
+            let mut x = loader.gather(indices);
+            if self.cfg.binarize == Binarize::Dynamic {
+                x = x.bernoulli();
+            }
+            let out = self.model.forward(&x);
+            let elbo = Elbo::new(self.cfg.model.likelihood, &out, &x, self.cfg.beta);
+            self.adam.zero_grad();
+            elbo.loss.backward();
+            self.adam.step();
+            let batch = indices.size()[0] as usize;
+            sums += elbo.stacked() * batch as f64;
+            seen += batch;
+            progress.inc(batch as u64);
+            if (i + 1) % LOG_EVERY == 0 {
+                let stats = Stats::from_sums(&sums, seen);
+                let rate = (seen - seen_at_log) as f64 / log_time.elapsed().as_secs_f64();
+                progress.set_message(format!("loss {stats}  {rate:.0} img/s"));
+                (seen_at_log, log_time) = (seen, Instant::now());
+            }
+        }
+        self.epoch += 1;
+        Stats::from_sums(&sums, seen)
+    }
+
+    /// The bound on a split, with noise fixed per evaluation batch.
+    pub fn evaluate(&self, data: &Dataset) -> Stats {
+        let loader = Loader::new(data, self.device, EVAL_BATCH);
+        let mut sums = Tensor::zeros([3], (Kind::Float, self.device));
+        tch::no_grad(|| {
+            for (i, x) in loader.sequential().enumerate() {
+                seed_torch(self.cfg.seed, Stream::Eval, i as u64);
+                let out = self.model.forward(&x);
+                let elbo = Elbo::new(self.cfg.model.likelihood, &out, &x, self.cfg.beta);
+                sums += elbo.stacked() * x.size()[0] as f64;
+            }
+        });
+        Stats::from_sums(&sums, loader.len())
+    }
+
+    /// Test images (rows of `GRID_COLS`) each above its reconstruction from the posterior mean.
+    pub fn save_reconstructions(&self, data: &Dataset, path: &Path, count: usize) -> Result<()> {
+        // Whole rows only, so each original sits right above its reconstruction.
+        let cols = GRID_COLS.min(count).min(data.len()).max(1);
+        let count = (count.min(data.len()) / cols).max(1) * cols;
+        let x = crate::data::to_unit_float(&data.images.narrow(0, 0, count as i64)).to_device(self.device);
+        let recon = tch::no_grad(|| self.model.decode_mean(&self.model.encode(&x).mean));
+        let rows: Vec<Tensor> = x
+            .split(cols as i64, 0)
+            .into_iter()
+            .zip(recon.split(cols as i64, 0))
+            .flat_map(|(a, b)| [a, b])
+            .collect();
+        export::save_grid(path, &Tensor::cat(&rows, 0), cols)
+    }
+
+    /// Decodes draws from the prior, fixed by the seed.
+    pub fn save_samples(&self, path: &Path, count: usize) -> Result<()> {
+        seed_torch(self.cfg.seed, Stream::Eval, u64::MAX);
+        let z = Tensor::randn([count as i64, self.cfg.model.latent_dim], (Kind::Float, self.device));
+        let images = tch::no_grad(|| self.model.decode_mean(&z));
+        export::save_grid(path, &images, GRID_COLS.min(count))
+    }
+}
+
+/// Where a run writes and how it reports.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub out_dir: PathBuf,
+    /// Periodic `epoch-NNNN.safetensors` are written every this many epochs (0: never).
+    pub save_every: u64,
+    /// How many periodic checkpoints to keep.
+    pub keep: usize,
+    pub quiet: bool,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone)]
+pub struct RunSummary {
+    pub epochs: Vec<(Stats, Stats)>,
+    pub out_dir: PathBuf,
+}
+
+pub const LAST: &str = "last.safetensors";
+pub const BEST: &str = "best.safetensors";
+pub const RECONSTRUCTIONS: &str = "reconstructions.png";
+pub const SAMPLES: &str = "samples.png";
+
+/// Trains until `trainer.cfg.epochs`, writing checkpoints and pictures into the run folder.
+pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<RunSummary> {
+    let out = &opts.out_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating run folder {}", out.display()))?;
+    let cfg = trainer.cfg.clone();
+    let [c, h, w] = splits.train.image_shape();
+    ensure!(
+        c == cfg.model.in_channels && h == cfg.model.image_size && w == cfg.model.image_size,
+        "the {} data has images of {c}x{h}x{w} but the model expects {}x{s}x{s}",
+        cfg.data.name(),
+        cfg.model.in_channels,
+        s = cfg.model.image_size
+    );
+    let test = match cfg.binarize {
+        Binarize::Dynamic => splits.test.binarized(cfg.seed),
+        Binarize::None => Dataset { images: splits.test.images.shallow_clone(), labels: None },
+    };
+    let loader = Loader::new(&splits.train, trainer.device, cfg.batch_size);
+    let mut summary = RunSummary { epochs: Vec::new(), out_dir: out.clone() };
+    if !opts.quiet {
+        println!(
+            "training on {} images of {c}x{h}x{w} ({}), {} test images, on {}; run folder {}",
+            loader.len(),
+            cfg.data.name(),
+            test.len(),
+            crate::device::describe(trainer.device),
+            out.display()
+        );
+    }
+    while trainer.epoch < cfg.epochs {
+        let started = Instant::now();
+        let progress = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(loader.len() as u64) };
+        progress.set_style(
+            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        progress.set_prefix(format!("{}/{}", trainer.epoch + 1, cfg.epochs));
+        let train = trainer.train_epoch(&loader, &progress);
+        progress.finish_and_clear();
+        let seconds = started.elapsed().as_secs_f64();
+        let test_stats = trainer.evaluate(&test);
+        let improved = trainer.best_test_loss.is_none_or(|best| test_stats.loss < best);
+        if improved {
+            trainer.best_test_loss = Some(test_stats.loss);
+        }
+        let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, &trainer.metadata())?;
+        checkpoint::write_atomic(&out.join(LAST), &bytes)?;
+        if improved {
+            checkpoint::write_atomic(&out.join(BEST), &bytes)?;
+        }
+        if opts.save_every > 0 && trainer.epoch.is_multiple_of(opts.save_every) {
+            checkpoint::write_atomic(&out.join(format!("epoch-{:04}.safetensors", trainer.epoch)), &bytes)?;
+            prune_periodic(out, opts.keep)?;
+        }
+        trainer.save_reconstructions(&splits.test, &out.join(RECONSTRUCTIONS), 2 * GRID_COLS)?;
+        trainer.save_samples(&out.join(SAMPLES), 4 * GRID_COLS)?;
+        if !opts.quiet {
+            println!(
+                "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s",
+                trainer.epoch,
+                cfg.epochs,
+                loader.len() as f64 / seconds
+            );
+        }
+        summary.epochs.push((train, test_stats));
+    }
+    Ok(summary)
+}
+
+/// Keeps the newest `keep` periodic checkpoints.
+fn prune_periodic(dir: &Path, keep: usize) -> Result<()> {
+    let mut periodic: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.starts_with("epoch-") && name.ends_with(".safetensors")
+        })
+        .collect();
+    periodic.sort();
+    let excess = periodic.len().saturating_sub(keep);
+    for old in &periodic[..excess] {
+        std::fs::remove_file(old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,149 @@
+//! The `vae` binary as a user runs it, on tiny generated data in temporary folders.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+const TINY: &[&str] = &[
+    "--conv-channels",
+    "8,16",
+    "--hidden",
+    "32",
+    "--latent-dim",
+    "4",
+    "--batch-size",
+    "32",
+    "--device",
+    "cpu",
+    "--threads",
+    "1",
+];
+
+fn vae(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vae")).args(args).output().expect("vae runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Train losses from the per-epoch summary lines.
+fn train_losses(out: &str) -> Vec<f64> {
+    out.lines()
+        .filter(|l| l.starts_with("epoch "))
+        .map(|l| l.split_whitespace().nth(3).expect("train loss").parse().expect("a number"))
+        .collect()
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    image::image_dimensions(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn shapes_training_lowers_the_loss_and_writes_checkpoint_and_pictures() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "--epochs", "3", "--train-size", "512", "--test-size", "64"];
+    args.extend_from_slice(TINY);
+    args.extend_from_slice(&["--out", run.to_str().unwrap()]);
+    let out = vae(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let losses = train_losses(&stdout(&out));
+    assert_eq!(losses.len(), 3, "{}", stdout(&out));
+    assert!(losses[2] < losses[0] * 0.9, "loss did not fall: {losses:?}");
+    for file in ["last.safetensors", "best.safetensors", "epoch-0003.safetensors"] {
+        assert!(run.join(file).is_file(), "{file} missing");
+    }
+    // 12 tiles of 28 px with 2 px borders; originals and reconstructions in 4 rows.
+    assert_eq!(png_size(&run.join("reconstructions.png")), (12 * 30 + 2, 4 * 30 + 2));
+    assert_eq!(png_size(&run.join("samples.png")), (12 * 30 + 2, 4 * 30 + 2));
+
+    // A second run into the same folder refuses and leaves the checkpoint alone.
+    let before = std::fs::read(run.join("last.safetensors")).unwrap();
+    let again = vae(&args);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("already holds a checkpoint"), "{}", stderr(&again));
+    assert_eq!(std::fs::read(run.join("last.safetensors")).unwrap(), before);
+}
+
+#[test]
+fn rgb_64_shapes_train_with_the_gaussian_likelihood() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("rgb");
+    let mut args = vec!["train", "--epochs", "1", "--train-size", "64", "--test-size", "16"];
+    args.extend_from_slice(&["--image-size", "64", "--channels", "3", "--conv-channels", "8,8,16"]);
+    args.extend_from_slice(&TINY[2..]);
+    args.extend_from_slice(&["--out", run.to_str().unwrap()]);
+    let out = vae(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(run.join("last.safetensors").is_file());
+    // 12 columns of 64 px; of 16 test images, one whole row of 12 above its reconstructions.
+    assert_eq!(png_size(&run.join("reconstructions.png")), (12 * 66 + 2, 2 * 66 + 2));
+}
+
+#[test]
+fn idx_dataset_trains_from_gzipped_files() {
+    use flate2::{write::GzEncoder, Compression};
+    use std::io::Write;
+    use vae::data::idx;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    let (pixels, labels) = vae::data::shapes::generate(96, 28, 1, 3);
+    let write_gz = |name: &str, bytes: &[u8]| {
+        let mut enc = GzEncoder::new(Vec::new(), Compression::fast());
+        enc.write_all(bytes).unwrap();
+        std::fs::write(data.join(name), enc.finish().unwrap()).unwrap();
+    };
+    write_gz("train-images-idx3-ubyte.gz", &idx::encode_images(64, 28, 28, &pixels[..64 * 784]));
+    write_gz("train-labels-idx1-ubyte.gz", &idx::encode_labels(&labels[..64]));
+    write_gz("t10k-images-idx3-ubyte.gz", &idx::encode_images(32, 28, 28, &pixels[64 * 784..]));
+    write_gz("t10k-labels-idx1-ubyte.gz", &idx::encode_labels(&labels[64..]));
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
+    args.extend_from_slice(&["--epochs", "1", "--binarize", "dynamic", "--out", run.to_str().unwrap()]);
+    args.extend_from_slice(TINY);
+    let out = vae(&args);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("training on 64 images of 1x28x28 (fashion-mnist), 32 test images"));
+    assert!(run.join("last.safetensors").is_file());
+
+    // A truncated image file is a clear error naming it.
+    let bytes = std::fs::read(data.join("train-images-idx3-ubyte.gz")).unwrap();
+    std::fs::write(data.join("train-images-idx3-ubyte.gz"), &bytes[..bytes.len() / 2]).unwrap();
+    let out = vae(&args);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("train-images-idx3-ubyte.gz: corrupt gzip stream"), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_settings_fail_before_any_work_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("never");
+    let out_arg = run.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (&["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm"], "/nonexistent/fm does not exist"),
+        (&["--image-size", "30", "--conv-channels", "8,8,8"], "image size 30 is not divisible by 2^3 = 8"),
+        (&["--lr", "0"], "--lr must be positive"),
+        (&["--beta", "-1"], "--beta must be >= 0"),
+        (&["--batch-size", "0"], "--batch-size must be positive"),
+        (&["--channels", "2"], "1 or 3 channels"),
+        (&["--device", "gpu"], "expected auto, cpu, cuda or cuda:N"),
+    ];
+    for (flags, message) in cases {
+        let mut args = vec!["train", "--out", out_arg];
+        args.extend_from_slice(flags);
+        let out = vae(&args);
+        assert!(!out.status.success(), "{flags:?} succeeded");
+        assert!(stderr(&out).contains(message), "{flags:?}: {}", stderr(&out));
+        assert!(!run.exists(), "{flags:?} created the run folder");
+    }
+    if !tch::Cuda::is_available() {
+        let out = vae(&["train", "--device", "cuda", "--out", out_arg]);
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("CUDA is not available"), "{}", stderr(&out));
+    }
+}
