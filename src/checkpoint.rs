@@ -167,6 +167,8 @@ pub fn save(path: &Path, vs: &VarStore, adam: &Adam, meta: &Metadata) -> Result<
 pub struct Checkpoint {
     pub path: PathBuf,
     pub meta: Metadata,
+    /// The header's metadata as stored, including fields only `info` shows.
+    pub raw_metadata: HashMap<String, String>,
     pub tensors: HashMap<String, Tensor>,
 }
 
@@ -177,6 +179,7 @@ impl Checkpoint {
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
         let (_, header) = SafeTensors::read_metadata(&bytes).expect("deserialize read it already");
         let meta = Metadata::from_map(path, header.metadata().as_ref())?;
+        let raw_metadata = header.metadata().clone().unwrap_or_default();
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {
             let kind = kind_of(view.dtype()).with_context(|| {
@@ -185,17 +188,74 @@ impl Checkpoint {
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             tensors.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
         }
-        Ok(Self { path: path.to_path_buf(), meta, tensors })
+        Ok(Self { path: path.to_path_buf(), meta, raw_metadata, tensors })
+    }
+
+    /// A checkpoint file, or a run folder's `last.safetensors`.
+    pub fn resolve(path: &Path) -> Result<PathBuf> {
+        if path.is_dir() {
+            let last = path.join(crate::train::LAST);
+            ensure!(last.is_file(), "no checkpoint in {}: {} does not exist", path.display(), last.display());
+            Ok(last)
+        } else {
+            ensure!(path.exists(), "checkpoint {} does not exist", path.display());
+            Ok(path.to_path_buf())
+        }
+    }
+
+    /// Parameters of the model, not counting optimizer state.
+    pub fn parameter_count(&self) -> i64 {
+        self.tensors.iter().filter(|(n, _)| !n.starts_with(STATE_PREFIX)).map(|(_, t)| t.numel() as i64).sum()
+    }
+
+    /// A human-readable summary: where the run stands, its config and every tensor.
+    pub fn describe(&self) -> Result<String> {
+        use std::fmt::Write as _;
+        let m = &self.meta;
+        let get = |k: &str| self.raw_metadata.get(k).map_or("?", String::as_str);
+        let mut s = String::new();
+        writeln!(s, "checkpoint {}", self.path.display())?;
+        writeln!(
+            s,
+            "format version {}, written by vae {} on libtorch {}",
+            get(KEY_VERSION),
+            get("crate_version"),
+            get("libtorch_version")
+        )?;
+        writeln!(
+            s,
+            "dataset {}, epoch {}/{}, step {}",
+            m.config.data.name(),
+            m.epoch,
+            m.config.epochs,
+            m.step
+        )?;
+        let best = m.best_test_loss.map_or("none yet".to_string(), |l| format!("{l:.4} nats/image"));
+        writeln!(s, "best test loss {best}")?;
+        writeln!(s, "parameters {}", self.parameter_count())?;
+        writeln!(s, "config {}", serde_json::to_string_pretty(&m.config)?)?;
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        writeln!(s, "tensors ({}):", names.len())?;
+        for name in names {
+            let t = &self.tensors[name];
+            writeln!(s, "  {name:<40} {:<9} {:?}", format!("{:?}", t.kind()), t.size())?;
+        }
+        Ok(s)
     }
 
     /// Copies the weights into `vs`, which must hold exactly the same names and shapes.
     pub fn load_weights(&self, vs: &VarStore) -> Result<()> {
-        let mut vars = vs.variables();
-        for name in self.tensors.keys() {
-            if !name.starts_with(STATE_PREFIX) && !vars.contains_key(name) {
-                bail!("{}: tensor {name} is not part of the model", self.path.display());
-            }
+        let vars = vs.variables();
+        let mut extra: Vec<&String> =
+            self.tensors.keys().filter(|n| !n.starts_with(STATE_PREFIX) && !vars.contains_key(*n)).collect();
+        extra.sort();
+        if let Some(name) = extra.first() {
+            bail!("{}: tensor {name} is not part of the model", self.path.display());
         }
+        // In name order, so the first mismatch reported is the same on every run.
+        let mut vars: Vec<(String, Tensor)> = vars.into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
         for (name, dst) in vars.iter_mut() {
             let src = self
                 .tensors
@@ -216,5 +276,28 @@ impl Checkpoint {
     pub fn load_optimizer(&self, adam: &mut Adam) -> Result<()> {
         adam.load_state(|name| self.tensors.get(name).map(Tensor::shallow_clone))
             .with_context(|| format!("{}: optimizer state", self.path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_temporary_write_leaves_the_previous_file_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        write_atomic(&path, b"old checkpoint").unwrap();
+        // Occupy the temporary file's name with a folder, so creating it fails.
+        let tmp = dir.path().join(format!(".last.safetensors.tmp-{}", std::process::id()));
+        std::fs::create_dir(&tmp).unwrap();
+        let err = format!("{:#}", write_atomic(&path, b"new checkpoint").unwrap_err());
+        assert!(err.contains("creating") && err.contains(".last.safetensors.tmp-"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old checkpoint");
+        std::fs::remove_dir(&tmp).unwrap();
+        write_atomic(&path, b"new checkpoint").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new checkpoint");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temporary files left behind");
     }
 }

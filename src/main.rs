@@ -1,9 +1,13 @@
 //! The `vae` command line: a thin layer of clap over the library.
 
-use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use anyhow::{bail, ensure, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use vae::adam::AdamConfig;
+use vae::checkpoint::Checkpoint;
 use vae::data::{Binarize, DataConfig, DatasetKind};
 use vae::loss::Likelihood;
 use vae::model::VaeConfig;
@@ -19,7 +23,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Train a VAE; writes checkpoints and pictures into a run folder.
-    Train(TrainArgs),
+    Train(Box<TrainArgs>),
+    /// Print a checkpoint's config, progress, parameter count and tensors.
+    Info {
+        /// A checkpoint file or a run folder.
+        checkpoint: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -84,6 +93,13 @@ struct TrainArgs {
     /// Write epoch-NNNN.safetensors every this many epochs (0: never).
     #[arg(long, default_value_t = 1)]
     save_every: u64,
+    /// Also rewrite last.safetensors every this many steps (0: once per epoch).
+    #[arg(long, default_value_t = 0)]
+    save_every_steps: u64,
+    /// Continue the run of this checkpoint or run folder with its saved config; --epochs may
+    /// raise the total, and --out writes the continuation elsewhere.
+    #[arg(long)]
+    resume: Option<PathBuf>,
     /// Periodic checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     keep: usize,
@@ -107,6 +123,7 @@ impl TrainArgs {
                 channels: self.conv_channels.clone(),
                 hidden: self.hidden,
                 latent_dim: self.latent_dim,
+                likelihood: self.likelihood.unwrap_or(Likelihood::Bernoulli),
                 ..VaeConfig::default()
             },
             data,
@@ -120,6 +137,26 @@ impl TrainArgs {
     }
 }
 
+/// The flags that set a run's config, each with the value it sets: on `--resume` they must
+/// agree with the checkpoint's config, since that config is what the run continues with.
+type ConfigField = (&'static str, fn(&TrainConfig) -> String);
+const RESUME_FIXED: &[ConfigField] = &[
+    ("dataset", |c| c.data.name().into()),
+    ("image_size", |c| c.data.image_size.to_string()),
+    ("channels", |c| c.data.channels.to_string()),
+    ("train_size", |c| format!("{:?}", c.data.train_size)),
+    ("test_size", |c| format!("{:?}", c.data.test_size)),
+    ("binarize", |c| format!("{:?}", c.binarize)),
+    ("likelihood", |c| format!("{:?}", c.model.likelihood)),
+    ("conv_channels", |c| format!("{:?}", c.model.channels)),
+    ("hidden", |c| c.model.hidden.to_string()),
+    ("latent_dim", |c| c.model.latent_dim.to_string()),
+    ("batch_size", |c| c.batch_size.to_string()),
+    ("lr", |c| c.adam.lr.to_string()),
+    ("beta", |c| c.beta.to_string()),
+    ("seed", |c| c.seed.to_string()),
+];
+
 /// `checkpoints/<name>-<n>` with the first n whose folder does not exist yet.
 fn fresh_run_dir(name: &str) -> PathBuf {
     (1..)
@@ -128,14 +165,8 @@ fn fresh_run_dir(name: &str) -> PathBuf {
         .expect("some n is free")
 }
 
-fn train(args: TrainArgs) -> Result<()> {
-    if let Some(threads) = args.threads {
-        if threads < 1 {
-            bail!("--threads must be at least 1, found {threads}");
-        }
-        tch::set_num_threads(threads);
-    }
-    let device = vae::device::parse_device(&args.device)?;
+/// What a run starts from: a fresh model, or a checkpoint's state.
+fn fresh_trainer(args: &TrainArgs, device: tch::Device) -> Result<(Trainer, vae::data::Splits, PathBuf)> {
     let mut cfg = args.config();
     if args.image_size.is_some() && cfg.data.kind != DatasetKind::Shapes {
         bail!(
@@ -156,24 +187,152 @@ fn train(args: TrainArgs) -> Result<()> {
     let out_dir = args.out.clone().unwrap_or_else(|| fresh_run_dir(cfg.data.name()));
     let last = out_dir.join(train::LAST);
     if last.exists() {
-        bail!("{} already holds a checkpoint ({}); choose another --out", out_dir.display(), last.display());
-    }
-    let mut trainer = Trainer::new(cfg, device)?;
-    let opts = RunOptions { out_dir, save_every: args.save_every, keep: args.keep, quiet: args.quiet };
-    let summary = train::run(&mut trainer, &splits, &opts)?;
-    if !args.quiet {
-        let (_, test) = summary.epochs.last().context("no epoch ran")?;
-        println!(
-            "done: test loss {:.2} nats/image; checkpoints and pictures in {}",
-            test.loss,
-            summary.out_dir.display()
+        bail!(
+            "{} already holds a checkpoint ({}); continue it with --resume {0} or choose another --out",
+            out_dir.display(),
+            last.display()
         );
+    }
+    Ok((Trainer::new(cfg, device)?, splits, out_dir))
+}
+
+fn resumed_trainer(
+    args: &TrainArgs,
+    matches: &ArgMatches,
+    from: &Path,
+    device: tch::Device,
+) -> Result<(Trainer, vae::data::Splits, PathBuf)> {
+    let explicit = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+    let path = Checkpoint::resolve(from)?;
+    let ckpt = Checkpoint::load(&path)?;
+    let saved = &ckpt.meta.config;
+    let asked = args.config();
+    for (flag, value) in RESUME_FIXED {
+        let (was, now) = (value(saved), value(&asked));
+        ensure!(
+            !explicit(flag) || was == now,
+            "--{} {now} conflicts with the checkpoint {}, trained with {was}; a resumed run keeps its config",
+            flag.replace('_', "-"),
+            path.display()
+        );
+    }
+    let mut cfg = saved.clone();
+    if explicit("epochs") {
+        ensure!(
+            args.epochs >= ckpt.meta.epoch,
+            "--epochs {} is below the {} epochs {} has already completed",
+            args.epochs,
+            ckpt.meta.epoch,
+            path.display()
+        );
+        cfg.epochs = args.epochs;
+    }
+    if explicit("data_dir") {
+        cfg.data.data_dir = args.data_dir.clone();
+    }
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let out_dir = args.out.clone().unwrap_or(folder);
+    // Continuing an older checkpoint in place would overwrite a newer last.safetensors.
+    let last = out_dir.join(train::LAST);
+    if last.is_file() && !same_file(&last, &path) {
+        let newer = Checkpoint::load(&last).map(|l| l.meta.step > ckpt.meta.step).unwrap_or(true);
+        ensure!(
+            !newer,
+            "{} holds a later checkpoint than {} (step {}); continuing here would overwrite it: pass --out NEW_FOLDER",
+            last.display(),
+            path.display(),
+            ckpt.meta.step
+        );
+    }
+    let splits = cfg.data.load(cfg.seed)?;
+    let mut trainer = Trainer::from_checkpoint(&ckpt, device)?;
+    trainer.cfg = cfg;
+    Ok((trainer, splits, out_dir))
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// First SIGINT/SIGTERM: set the flag, so training stops after its step with a checkpoint.
+/// A second one exits at once (the checkpoint on disk is always a complete one).
+fn install_stop_handler() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, INTERRUPTED, Arc::clone(&stop))?;
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+    Ok(stop)
+}
+
+/// Exit code of an interrupted run, as a shell reports death by SIGINT.
+const INTERRUPTED: i32 = 130;
+
+fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
+    if let Some(threads) = args.threads {
+        if threads < 1 {
+            bail!("--threads must be at least 1, found {threads}");
+        }
+        tch::set_num_threads(threads);
+    }
+    let device = vae::device::parse_device(&args.device)?;
+    let (mut trainer, splits, out_dir) = match &args.resume {
+        Some(from) => resumed_trainer(&args, matches, from, device)?,
+        None => fresh_trainer(&args, device)?,
+    };
+    if trainer.epoch >= trainer.cfg.epochs {
+        println!(
+            "the run in {} has completed its {} epochs; pass --epochs N to train further",
+            out_dir.display(),
+            trainer.cfg.epochs
+        );
+        return Ok(());
+    }
+    let opts = RunOptions {
+        out_dir: out_dir.clone(),
+        save_every: args.save_every,
+        save_every_steps: args.save_every_steps,
+        keep: args.keep,
+        quiet: args.quiet,
+        stop: Some(install_stop_handler()?),
+    };
+    let summary = train::run(&mut trainer, &splits, &opts)?;
+    if summary.interrupted {
+        eprintln!(
+            "interrupted: saved {} at epoch {}, step {}\nresume with: vae train --resume {}",
+            out_dir.join(train::LAST).display(),
+            trainer.epoch,
+            trainer.adam.step_count(),
+            out_dir.display()
+        );
+        std::process::exit(INTERRUPTED);
+    }
+    if !args.quiet {
+        if let Some((_, test)) = summary.epochs.last() {
+            println!(
+                "done: test loss {:.2} nats/image; checkpoints and pictures in {}",
+                test.loss,
+                out_dir.display()
+            );
+        }
     }
     Ok(())
 }
 
+fn info(path: &Path) -> Result<()> {
+    let ckpt = Checkpoint::load(&Checkpoint::resolve(path)?)?;
+    print!("{}", ckpt.describe()?);
+    Ok(())
+}
+
 fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Train(args) => train(args),
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches)?;
+    match cli.command {
+        Command::Train(args) => {
+            let sub = matches.subcommand_matches("train").expect("train was parsed");
+            train(*args, sub)
+        }
+        Command::Info { checkpoint } => info(&checkpoint),
     }
 }

@@ -85,7 +85,11 @@ impl Posterior {
     /// z = mean + exp(logvar / 2) * eps: the noise is drawn apart from the parameters, so the
     /// sample stays differentiable in mean and logvar (the reparameterization trick).
     pub fn sample(&self) -> Tensor {
-        let eps = self.mean.randn_like();
+        self.sample_with_noise(&self.mean.randn_like())
+    }
+
+    /// The sample for given standard-normal noise `eps`, shaped like `mean`.
+    pub fn sample_with_noise(&self, eps: &Tensor) -> Tensor {
         &self.mean + (&self.logvar * 0.5).exp() * eps
     }
 

@@ -12,6 +12,8 @@ use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -83,6 +85,13 @@ impl std::fmt::Display for Stats {
     }
 }
 
+/// Whether training goes on after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
 /// Evaluation batches are fixed in size so the per-batch noise seeds, and hence the numbers,
 /// do not depend on the training batch size.
 const EVAL_BATCH: usize = 500;
@@ -115,7 +124,7 @@ impl Trainer {
         Ok(Self { cfg, device, vs, model, adam, epoch: 0, best_test_loss: None })
     }
 
-    /// The state a checkpoint holds, with `epochs` optionally raised for the continuation.
+    /// The model, optimizer and position a checkpoint holds, on `device`.
     pub fn from_checkpoint(ckpt: &Checkpoint, device: Device) -> Result<Self> {
         let mut trainer = Self::new(ckpt.meta.config.clone(), device)?;
         ckpt.load_weights(&trainer.vs)?;
@@ -141,12 +150,32 @@ impl Trainer {
         }
     }
 
-    /// One pass over the training split; returns its mean loss terms.
-    pub fn train_epoch(&mut self, loader: &Loader, progress: &ProgressBar) -> Stats {
+    /// Trains the rest of the current epoch, from the batch the step count says it is at, so a
+    /// run resumed mid-epoch replays exactly the batches it had left. `after_step` runs after
+    /// every update and may stop the epoch early; then `None` is returned.
+    pub fn train_epoch(
+        &mut self,
+        loader: &Loader,
+        progress: &ProgressBar,
+        mut after_step: impl FnMut(&Trainer) -> Result<Flow>,
+    ) -> Result<Option<Stats>> {
         let seed = self.cfg.seed;
+        let batches = loader.shuffled_batches(seed, self.epoch);
+        let epoch_start = self.epoch * batches.len() as u64;
+        let done = self.adam.step_count().checked_sub(epoch_start).filter(|&d| d < batches.len() as u64);
+        let done = done.with_context(|| {
+            format!(
+                "step {} does not fall in epoch {} of {} batches: the data or batch size differ from \
+                 the checkpoint's",
+                self.adam.step_count(),
+                self.epoch + 1,
+                batches.len()
+            )
+        })? as usize;
         let mut sums = Tensor::zeros([3], (Kind::Float, self.device));
         let (mut seen, mut seen_at_log, mut log_time) = (0usize, 0usize, Instant::now());
-        for (i, indices) in loader.shuffled_batches(seed, self.epoch).iter().enumerate() {
+        progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
+        for (i, indices) in batches.iter().enumerate().skip(done) {
             // Noise of step s depends on (seed, s) only: a resumed run draws the same.
             seed_torch(seed, Stream::Step, self.adam.step_count());
             let mut x = loader.gather(indices);
@@ -168,9 +197,12 @@ impl Trainer {
                 progress.set_message(format!("loss {stats}  {rate:.0} img/s"));
                 (seen_at_log, log_time) = (seen, Instant::now());
             }
+            if i + 1 < batches.len() && after_step(self)? == Flow::Stop {
+                return Ok(None);
+            }
         }
         self.epoch += 1;
-        Stats::from_sums(&sums, seen)
+        Ok(Some(Stats::from_sums(&sums, seen)))
     }
 
     /// The bound on a split, with noise fixed per evaluation batch.
@@ -214,21 +246,28 @@ impl Trainer {
 }
 
 /// Where a run writes and how it reports.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
     pub out_dir: PathBuf,
     /// Periodic `epoch-NNNN.safetensors` are written every this many epochs (0: never).
     pub save_every: u64,
+    /// `last.safetensors` is also rewritten every this many steps (0: only per epoch), so an
+    /// interruption loses at most that much work.
+    pub save_every_steps: u64,
     /// How many periodic checkpoints to keep.
     pub keep: usize,
     pub quiet: bool,
+    /// Set (by a signal handler) to stop after the current step with a checkpoint.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
-/// What a finished run reports.
+/// What a run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
+    /// Train and test statistics of each epoch completed by this invocation.
     pub epochs: Vec<(Stats, Stats)>,
-    pub out_dir: PathBuf,
+    /// Stopped by `RunOptions::stop` before the last epoch; `last.safetensors` holds the state.
+    pub interrupted: bool,
 }
 
 pub const LAST: &str = "last.safetensors";
@@ -236,10 +275,30 @@ pub const BEST: &str = "best.safetensors";
 pub const RECONSTRUCTIONS: &str = "reconstructions.png";
 pub const SAMPLES: &str = "samples.png";
 
+impl RunOptions {
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
+    fn save_last(&self, trainer: &Trainer) -> Result<Vec<u8>> {
+        let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, &trainer.metadata())?;
+        checkpoint::write_atomic(&self.out_dir.join(LAST), &bytes)?;
+        Ok(bytes)
+    }
+}
+
+/// Checks that the run folder exists and takes files, before any training is spent.
+pub fn prepare_run_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating run folder {}", dir.display()))?;
+    let probe = dir.join(format!(".write-test-{}", std::process::id()));
+    std::fs::write(&probe, b"").with_context(|| format!("run folder {} is not writable", dir.display()))?;
+    std::fs::remove_file(&probe).with_context(|| format!("cleaning up {}", probe.display()))
+}
+
 /// Trains until `trainer.cfg.epochs`, writing checkpoints and pictures into the run folder.
 pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<RunSummary> {
     let out = &opts.out_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating run folder {}", out.display()))?;
+    prepare_run_dir(out)?;
     let cfg = trainer.cfg.clone();
     let [c, h, w] = splits.train.image_shape();
     ensure!(
@@ -254,7 +313,7 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
         Binarize::None => Dataset { images: splits.test.images.shallow_clone(), labels: None },
     };
     let loader = Loader::new(&splits.train, trainer.device, cfg.batch_size);
-    let mut summary = RunSummary { epochs: Vec::new(), out_dir: out.clone() };
+    let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
     if !opts.quiet {
         println!(
             "training on {} images of {c}x{h}x{w} ({}), {} test images, on {}; run folder {}",
@@ -274,16 +333,26 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
                 .progress_chars("=> "),
         );
         progress.set_prefix(format!("{}/{}", trainer.epoch + 1, cfg.epochs));
-        let train = trainer.train_epoch(&loader, &progress);
+        let train = trainer.train_epoch(&loader, &progress, |t| {
+            let step = t.adam.step_count();
+            if opts.save_every_steps > 0 && step.is_multiple_of(opts.save_every_steps) {
+                opts.save_last(t)?;
+            }
+            Ok(if opts.stop_requested() { Flow::Stop } else { Flow::Continue })
+        })?;
         progress.finish_and_clear();
+        let Some(train) = train else {
+            opts.save_last(trainer)?;
+            summary.interrupted = true;
+            return Ok(summary);
+        };
         let seconds = started.elapsed().as_secs_f64();
         let test_stats = trainer.evaluate(&test);
         let improved = trainer.best_test_loss.is_none_or(|best| test_stats.loss < best);
         if improved {
             trainer.best_test_loss = Some(test_stats.loss);
         }
-        let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, &trainer.metadata())?;
-        checkpoint::write_atomic(&out.join(LAST), &bytes)?;
+        let bytes = opts.save_last(trainer)?;
         if improved {
             checkpoint::write_atomic(&out.join(BEST), &bytes)?;
         }
@@ -302,6 +371,10 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
             );
         }
         summary.epochs.push((train, test_stats));
+        if trainer.epoch < cfg.epochs && opts.stop_requested() {
+            summary.interrupted = true;
+            return Ok(summary);
+        }
     }
     Ok(summary)
 }

@@ -24,8 +24,8 @@ impl Loader {
         self.len() == 0
     }
 
-    pub fn batches_per_epoch(&self) -> usize {
-        self.len().div_ceil(self.batch_size as usize)
+    pub fn batch_size(&self) -> usize {
+        self.batch_size as usize
     }
 
     /// Index tensors of one epoch's batches, shuffled by (seed, epoch) alone; the last batch
