@@ -1,5 +1,8 @@
 //! Checkpoints through the binary: exact resume, interrupts, bad files, Python interop.
 
+mod common;
+
+use common::{ok, stderr, stdout, vae};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -28,24 +31,11 @@ const TINY: &[&str] = &[
     "1",
 ];
 
-fn vae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vae")).args(args).output().expect("vae runs")
-}
-
 fn train(out: &Path, epochs: &str, extra: &[&str]) -> Output {
     let mut args = vec!["train", "--quiet", "--epochs", epochs, "--out", out.to_str().unwrap()];
     args.extend_from_slice(TINY);
     args.extend_from_slice(extra);
     vae(&args)
-}
-
-fn ok(out: Output) -> Output {
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    out
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Every tensor equal bit for bit, and the same position in the run.
@@ -99,7 +89,7 @@ fn resumed_and_interrupted_runs_equal_the_straight_run_bitwise() {
     // A finished run resumed without more epochs changes nothing.
     let before = std::fs::read(straight.join("last.safetensors")).unwrap();
     let out = ok(vae(&["train", "--resume", straight.to_str().unwrap()]));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("has completed its 3 epochs"));
+    assert!(stdout(&out).contains("has completed its 3 epochs"));
     assert_eq!(std::fs::read(straight.join("last.safetensors")).unwrap(), before);
 }
 
@@ -198,7 +188,7 @@ fn info_describes_the_checkpoint() {
     let run = dir.path().join("run");
     ok(train(&run, "1", &[]));
     let out = ok(vae(&["info", run.to_str().unwrap()]));
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = stdout(&out);
     for needle in [
         "dataset shapes, epoch 1/1, step 20",
         "parameters ",

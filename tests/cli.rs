@@ -1,7 +1,9 @@
 //! The `vae` binary as a user runs it, on tiny generated data in temporary folders.
 
+mod common;
+
+use common::{ok, stderr, stdout, vae};
 use std::path::Path;
-use std::process::{Command, Output};
 
 const TINY: &[&str] = &[
     "--conv-channels",
@@ -17,18 +19,6 @@ const TINY: &[&str] = &[
     "--threads",
     "1",
 ];
-
-fn vae(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vae")).args(args).output().expect("vae runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 /// Train losses from the per-epoch summary lines.
 fn train_losses(out: &str) -> Vec<f64> {
@@ -49,8 +39,7 @@ fn shapes_training_lowers_the_loss_and_writes_checkpoint_and_pictures() {
     let mut args = vec!["train", "--epochs", "3", "--train-size", "512", "--test-size", "64"];
     args.extend_from_slice(TINY);
     args.extend_from_slice(&["--out", run.to_str().unwrap()]);
-    let out = vae(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = ok(vae(&args));
     let losses = train_losses(&stdout(&out));
     assert_eq!(losses.len(), 3, "{}", stdout(&out));
     assert!(losses[2] < losses[0] * 0.9, "loss did not fall: {losses:?}");
@@ -77,8 +66,7 @@ fn rgb_64_shapes_train_with_the_gaussian_likelihood() {
     args.extend_from_slice(&["--image-size", "64", "--channels", "3", "--conv-channels", "8,8,16"]);
     args.extend_from_slice(&TINY[2..]);
     args.extend_from_slice(&["--out", run.to_str().unwrap()]);
-    let out = vae(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
+    ok(vae(&args));
     assert!(run.join("last.safetensors").is_file());
     // 12 columns of 64 px; of 16 test images, one whole row of 12 above its reconstructions.
     assert_eq!(png_size(&run.join("reconstructions.png")), (12 * 66 + 2, 2 * 66 + 2));
@@ -106,8 +94,7 @@ fn idx_dataset_trains_from_gzipped_files() {
     let mut args = vec!["train", "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
     args.extend_from_slice(&["--epochs", "1", "--binarize", "dynamic", "--out", run.to_str().unwrap()]);
     args.extend_from_slice(TINY);
-    let out = vae(&args);
-    assert!(out.status.success(), "{}", stderr(&out));
+    let out = ok(vae(&args));
     assert!(stdout(&out).contains("training on 64 images of 1x28x28 (fashion-mnist), 32 test images"));
     assert!(run.join("last.safetensors").is_file());
 
