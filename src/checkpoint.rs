@@ -2,6 +2,7 @@
 //! the Adam state under `optimizer.`, and string metadata that makes the file self-describing.
 
 use crate::adam::{Adam, STATE_PREFIX};
+use crate::precision::LossScale;
 use crate::train::TrainConfig;
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
@@ -19,9 +20,11 @@ pub struct Metadata {
     pub config: TrainConfig,
     /// Epochs completed.
     pub epoch: u64,
-    /// Optimizer steps taken.
+    /// Training steps taken (batches), skipped updates included.
     pub step: u64,
     pub best_test_loss: Option<f64>,
+    /// The float16 loss scale's state, in runs that have one.
+    pub loss_scale: Option<LossScale>,
 }
 
 const KEY_FORMAT: &str = "format";
@@ -42,6 +45,10 @@ impl Metadata {
         put("best_test_loss", self.best_test_loss.map_or("none".into(), |l| l.to_string()));
         put("crate_version", env!("CARGO_PKG_VERSION").into());
         put("libtorch_version", crate::LIBTORCH_VERSION.into());
+        if let Some(scaler) = &self.loss_scale {
+            put("loss_scale", scaler.scale.to_string());
+            put("loss_scale_good_steps", scaler.good_steps.to_string());
+        }
         Ok(map)
     }
 
@@ -75,7 +82,16 @@ impl Metadata {
                 format!("{}: metadata field \"best_test_loss\" is not a number", path.display())
             })?),
         };
-        Ok(Self { config, epoch: number("epoch")?, step: number("step")?, best_test_loss })
+        let loss_scale = match map.get("loss_scale") {
+            None => None,
+            Some(scale) => Some(LossScale {
+                scale: scale.parse().ok().filter(|s: &f64| *s > 0.0 && s.is_finite()).with_context(|| {
+                    format!("{}: metadata field \"loss_scale\" is not a positive number", path.display())
+                })?,
+                good_steps: number("loss_scale_good_steps")?,
+            }),
+        };
+        Ok(Self { config, epoch: number("epoch")?, step: number("step")?, best_test_loss, loss_scale })
     }
 }
 

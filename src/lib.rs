@@ -2,12 +2,14 @@
 //! data -> model -> loss -> adam -> train -> checkpoint -> export.
 
 pub mod adam;
+pub mod bench;
 pub mod checkpoint;
 pub mod data;
 pub mod device;
 pub mod export;
 pub mod loss;
 pub mod model;
+pub mod precision;
 pub mod rng;
 pub mod train;
 

@@ -7,10 +7,12 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vae::adam::AdamConfig;
+use vae::bench::BenchOptions;
 use vae::checkpoint::Checkpoint;
 use vae::data::{Binarize, DataConfig, DatasetKind};
 use vae::loss::Likelihood;
 use vae::model::VaeConfig;
+use vae::precision::Precision;
 use vae::train::{self, RunOptions, TrainConfig, Trainer};
 
 #[derive(Parser)]
@@ -29,6 +31,35 @@ enum Command {
         /// A checkpoint file or a run folder.
         checkpoint: PathBuf,
     },
+    /// Measure training throughput of the default model (scripts/bench compares it with
+    /// PyTorch); prints one JSON line.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(long, value_enum, default_value = "fashion-mnist")]
+    dataset: DatasetKind,
+    /// Folder of the dataset's files [default: the dataset's usual place].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
+    #[arg(long, default_value_t = 128)]
+    batch_size: usize,
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Untimed steps first (allocator, kernel choice, caches).
+    #[arg(long, default_value_t = 20)]
+    warmup: usize,
+    /// Timed steps.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Time loading the data, one epoch and the test evaluation instead.
+    #[arg(long)]
+    full_epoch: bool,
 }
 
 #[derive(Args)]
@@ -84,6 +115,10 @@ struct TrainArgs {
     /// auto, cpu, cuda or cuda:N; auto takes the first GPU when there is one.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// What the convs and matmuls compute in (weights and Adam stay float32); f16 needs CUDA.
+    /// A resumed run may change it.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
     /// libtorch's intra-op threads [default: libtorch's choice, one per core].
     #[arg(long)]
     threads: Option<i32>,
@@ -133,6 +168,7 @@ impl TrainArgs {
             beta: self.beta,
             seed: self.seed,
             binarize: self.binarize,
+            precision: self.precision,
         }
     }
 }
@@ -244,10 +280,11 @@ fn resumed_trainer(
             ckpt.meta.step
         );
     }
+    if explicit("precision") {
+        cfg.precision = args.precision;
+    }
     let splits = cfg.data.load(cfg.seed)?;
-    let mut trainer = Trainer::from_checkpoint(&ckpt, device)?;
-    trainer.cfg = cfg;
-    Ok((trainer, splits, out_dir))
+    Ok((Trainer::from_checkpoint(&ckpt, cfg, device)?, splits, out_dir))
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -268,18 +305,22 @@ fn install_stop_handler() -> Result<Arc<AtomicBool>> {
 /// Exit code of an interrupted run, as a shell reports death by SIGINT.
 const INTERRUPTED: i32 = 130;
 
-fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
-    if let Some(threads) = args.threads {
-        if threads < 1 {
-            bail!("--threads must be at least 1, found {threads}");
-        }
+fn set_threads(threads: Option<i32>) -> Result<()> {
+    if let Some(threads) = threads {
+        ensure!(threads >= 1, "--threads must be at least 1, found {threads}");
         tch::set_num_threads(threads);
     }
+    Ok(())
+}
+
+fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
+    set_threads(args.threads)?;
     let device = vae::device::parse_device(&args.device)?;
     let (mut trainer, splits, out_dir) = match &args.resume {
         Some(from) => resumed_trainer(&args, matches, from, device)?,
         None => fresh_trainer(&args, device)?,
     };
+    trainer.cfg.precision.check_device(device)?;
     if trainer.epoch >= trainer.cfg.epochs {
         println!(
             "the run in {} has completed its {} epochs; pass --epochs N to train further",
@@ -302,7 +343,7 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
             "interrupted: saved {} at epoch {}, step {}\nresume with: vae train --resume {}",
             out_dir.join(train::LAST).display(),
             trainer.epoch,
-            trainer.adam.step_count(),
+            trainer.step,
             out_dir.display()
         );
         std::process::exit(INTERRUPTED);
@@ -325,6 +366,21 @@ fn info(path: &Path) -> Result<()> {
     Ok(())
 }
 
+fn bench(args: BenchArgs) -> Result<()> {
+    set_threads(args.threads)?;
+    let device = vae::device::parse_device(&args.device)?;
+    args.precision.check_device(device)?;
+    let cfg = TrainConfig {
+        data: DataConfig { kind: args.dataset, data_dir: args.data_dir, ..DataConfig::default() },
+        batch_size: args.batch_size,
+        precision: args.precision,
+        ..TrainConfig::default()
+    };
+    let opts = BenchOptions { warmup: args.warmup, steps: args.steps, full_epoch: args.full_epoch };
+    println!("{}", serde_json::to_string(&vae::bench::run(cfg, device, opts)?)?);
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches)?;
@@ -334,5 +390,6 @@ fn main() -> Result<()> {
             train(*args, sub)
         }
         Command::Info { checkpoint } => info(&checkpoint),
+        Command::Bench(args) => bench(args),
     }
 }

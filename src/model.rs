@@ -4,8 +4,8 @@
 use crate::loss::Likelihood;
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
-use tch::nn::{self, Module};
-use tch::Tensor;
+use tch::nn;
+use tch::{Kind, Tensor};
 
 /// Architecture; stored in every checkpoint so a model can be rebuilt from its file alone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,12 +66,67 @@ impl VaeConfig {
     }
 }
 
+/// Every conv stage halves (and every transposed conv doubles) the side: kernel 4, stride 2,
+/// padding 1.
+const KERNEL: i64 = 4;
+const STRIDE: i64 = 2;
+const PADDING: i64 = 1;
+
 fn conv_config() -> nn::ConvConfig {
-    nn::ConvConfig { stride: 2, padding: 1, ..Default::default() }
+    nn::ConvConfig { stride: STRIDE, padding: PADDING, ..Default::default() }
 }
 
 fn deconv_config() -> nn::ConvTransposeConfig {
-    nn::ConvTransposeConfig { stride: 2, padding: 1, ..Default::default() }
+    nn::ConvTransposeConfig { stride: STRIDE, padding: PADDING, ..Default::default() }
+}
+
+/// How the layers compute: neither field changes the function, only speed and rounding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Compute {
+    /// The dtype of the convs and matmuls (see [`crate::precision`]).
+    pub kind: Kind,
+    /// Feature maps laid out NHWC in memory (still indexed NCHW): oneDNN's convs run much
+    /// faster on it on the CPU.
+    pub channels_last: bool,
+}
+
+impl Default for Compute {
+    fn default() -> Self {
+        Self { kind: Kind::Float, channels_last: false }
+    }
+}
+
+impl Compute {
+    /// A feature map `[N, C, H, W]` in this dtype and layout.
+    fn feature_map(&self, x: &Tensor) -> Tensor {
+        let x = cast(x, self.kind);
+        if self.channels_last {
+            x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+        } else {
+            x
+        }
+    }
+}
+
+// The layers run in `kind` on weights cast from their float32 masters. The cast is part of
+// the graph, so gradients reach the float32 weights; for float32 it is a no-op.
+
+fn cast(t: &Tensor, kind: Kind) -> Tensor {
+    t.to_kind(kind)
+}
+
+fn linear(layer: &nn::Linear, x: &Tensor, kind: Kind) -> Tensor {
+    x.linear(&cast(&layer.ws, kind), layer.bs.as_ref().map(|b| cast(b, kind)))
+}
+
+fn conv(layer: &nn::Conv2D, x: &Tensor, kind: Kind) -> Tensor {
+    let bias = layer.bs.as_ref().map(|b| cast(b, kind));
+    x.conv2d(&cast(&layer.ws, kind), bias, [STRIDE; 2], [PADDING; 2], [1; 2], 1)
+}
+
+fn deconv(layer: &nn::ConvTranspose2D, x: &Tensor, kind: Kind) -> Tensor {
+    let bias = layer.bs.as_ref().map(|b| cast(b, kind));
+    x.conv_transpose2d(&cast(&layer.ws, kind), bias, [STRIDE; 2], [PADDING; 2], [0; 2], 1, [1; 2])
 }
 
 /// The diagonal Gaussian q(z|x).
@@ -114,7 +169,7 @@ impl Encoder {
             .iter()
             .enumerate()
             .map(|(i, &out_ch)| {
-                let conv = nn::conv2d(&vs / "convs" / i, in_ch, out_ch, 4, conv_config());
+                let conv = nn::conv2d(&vs / "convs" / i, in_ch, out_ch, KERNEL, conv_config());
                 in_ch = out_ch;
                 conv
             })
@@ -125,10 +180,13 @@ impl Encoder {
         Self { convs, fc, head }
     }
 
-    pub fn forward(&self, x: &Tensor) -> Posterior {
-        let h = self.convs.iter().fold(x.shallow_clone(), |h, conv| conv.forward(&h).relu());
-        let h = self.fc.forward(&h.flatten(1, -1)).relu();
-        let [mean, logvar]: [Tensor; 2] = self.head.forward(&h).chunk(2, -1).try_into().expect("two halves");
+    /// The posterior's parameters, in float32 whatever dtype the layers ran in.
+    pub fn forward(&self, x: &Tensor, compute: Compute) -> Posterior {
+        let kind = compute.kind;
+        let h = self.convs.iter().fold(compute.feature_map(x), |h, layer| conv(layer, &h, kind).relu());
+        let h = linear(&self.fc, &h.flatten(1, -1), kind).relu();
+        let params = linear(&self.head, &h, kind).to_kind(Kind::Float);
+        let [mean, logvar]: [Tensor; 2] = params.chunk(2, -1).try_into().expect("two halves");
         Posterior { mean, logvar }
     }
 }
@@ -156,23 +214,27 @@ impl Decoder {
             .zip(outs)
             .enumerate()
             .map(|(i, (&in_ch, out_ch))| {
-                nn::conv_transpose2d(&vs / "deconvs" / i, in_ch, out_ch, 4, deconv_config())
+                nn::conv_transpose2d(&vs / "deconvs" / i, in_ch, out_ch, KERNEL, deconv_config())
             })
             .collect();
         Self { fc, proj, deconvs, start_shape: [top, side, side] }
     }
 
-    /// The likelihood's parameters for each pixel (Bernoulli logits or Gaussian means).
-    pub fn forward(&self, z: &Tensor) -> Tensor {
-        let [c, h, w] = self.start_shape;
-        let mut x = self.proj.forward(&self.fc.forward(z).relu()).relu().view([-1, c, h, w]);
-        for (i, deconv) in self.deconvs.iter().enumerate() {
-            x = deconv.forward(&x);
+    /// The likelihood's parameters for each pixel (Bernoulli logits or Gaussian means), in
+    /// float32 whatever dtype the layers ran in.
+    pub fn forward(&self, z: &Tensor, compute: Compute) -> Tensor {
+        let kind = compute.kind;
+        let [c, side_h, side_w] = self.start_shape;
+        let hidden = linear(&self.fc, &cast(z, kind), kind).relu();
+        let start = linear(&self.proj, &hidden, kind).relu().view([-1, c, side_h, side_w]);
+        let mut x = compute.feature_map(&start);
+        for (i, layer) in self.deconvs.iter().enumerate() {
+            x = deconv(layer, &x, kind);
             if i + 1 < self.deconvs.len() {
                 x = x.relu();
             }
         }
-        x
+        x.to_kind(Kind::Float)
     }
 }
 
@@ -187,6 +249,8 @@ pub struct Vae {
     pub encoder: Encoder,
     pub decoder: Decoder,
     pub cfg: VaeConfig,
+    /// Float32 and the standard layout unless the trainer picks otherwise.
+    pub compute: Compute,
 }
 
 impl Vae {
@@ -197,11 +261,12 @@ impl Vae {
             encoder: Encoder::new(&vs / "encoder", cfg),
             decoder: Decoder::new(&vs / "decoder", cfg),
             cfg: cfg.clone(),
+            compute: Compute::default(),
         }
     }
 
     pub fn encode(&self, x: &Tensor) -> Posterior {
-        self.encoder.forward(x)
+        self.encoder.forward(x, self.compute)
     }
 
     pub fn reparameterize(&self, posterior: &Posterior) -> Tensor {
@@ -209,7 +274,7 @@ impl Vae {
     }
 
     pub fn decode(&self, z: &Tensor) -> Tensor {
-        self.decoder.forward(z)
+        self.decoder.forward(z, self.compute)
     }
 
     pub fn forward(&self, x: &Tensor) -> Forward {
@@ -227,7 +292,7 @@ impl Vae {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{nn::VarStore, Device, Kind};
+    use tch::{nn::VarStore, Device};
 
     fn build(cfg: &VaeConfig) -> (VarStore, Vae) {
         let vs = VarStore::new(Device::Cpu);
@@ -258,6 +323,33 @@ mod tests {
             assert_eq!(out.posterior.logvar.size(), vec![5, cfg.latent_dim]);
             assert_eq!(out.likelihood_params.size(), x.size());
         }
+    }
+
+    #[test]
+    fn channels_last_and_bf16_compute_the_same_function() {
+        let cfg = VaeConfig::default();
+        let (vs, mut vae) = build(&cfg);
+        tch::manual_seed(3);
+        let x = Tensor::rand([8, 1, 28, 28], (Kind::Float, Device::Cpu));
+        let eps = Tensor::randn([8, cfg.latent_dim], (Kind::Float, Device::Cpu));
+        let run = |vae: &Vae| {
+            let params = vae.decode(&vae.encode(&x).sample_with_noise(&eps));
+            assert_eq!(params.kind(), Kind::Float, "outputs are float32 whatever the compute");
+            params
+        };
+        let reference = run(&vae);
+        vae.compute = Compute { kind: Kind::Float, channels_last: true };
+        let nhwc = run(&vae);
+        assert!(nhwc.allclose(&reference, 1e-4, 1e-5, false));
+        // Adam's fused pass needs dense gradients: the NHWC layout must not leak into them.
+        nhwc.sum(None).backward();
+        for (name, p) in vs.variables() {
+            assert!(p.grad().is_contiguous(), "{name}: gradient not contiguous");
+        }
+        vae.compute = Compute { kind: Kind::BFloat16, channels_last: true };
+        let worst = (run(&vae) - &reference).abs().max().double_value(&[]);
+        let scale = reference.abs().max().double_value(&[]);
+        assert!(worst < 0.05 * scale, "bf16 differs by {worst} (outputs up to {scale})");
     }
 
     #[test]

@@ -6,7 +6,8 @@ use crate::checkpoint::{self, Checkpoint, Metadata};
 use crate::data::{Binarize, DataConfig, Dataset, Loader, Splits};
 use crate::export;
 use crate::loss::Elbo;
-use crate::model::{Vae, VaeConfig};
+use crate::model::{Compute, Vae, VaeConfig};
+use crate::precision::{LossScale, Precision};
 use crate::rng::{seed_torch, Stream};
 use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -30,6 +31,9 @@ pub struct TrainConfig {
     pub beta: f64,
     pub seed: u64,
     pub binarize: Binarize,
+    /// What the convs and matmuls compute in; may change when a run is resumed.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl Default for TrainConfig {
@@ -43,6 +47,7 @@ impl Default for TrainConfig {
             beta: 1.0,
             seed: 0,
             binarize: Binarize::None,
+            precision: Precision::F32,
         }
     }
 }
@@ -72,7 +77,7 @@ pub struct Stats {
 
 impl Stats {
     /// From a device tensor of `[loss, reconstruction, kl]` sums over `count` images.
-    fn from_sums(sums: &Tensor, count: usize) -> Self {
+    pub(crate) fn from_sums(sums: &Tensor, count: usize) -> Self {
         let v = Vec::<f64>::try_from(sums.to_kind(Kind::Double).to_device(Device::Cpu)).expect("three sums");
         let n = count.max(1) as f64;
         Self { loss: v[0] / n, reconstruction: v[1] / n, kl: v[2] / n }
@@ -109,7 +114,12 @@ pub struct Trainer {
     pub adam: Adam,
     /// Epochs completed.
     pub epoch: u64,
+    /// Batches trained on, skipped updates included: the position in the run, which fixes
+    /// each step's batch and noise. Adam counts only the updates it made.
+    pub step: u64,
     pub best_test_loss: Option<f64>,
+    /// Present when computing in float16.
+    pub loss_scale: Option<LossScale>,
 }
 
 impl Trainer {
@@ -117,26 +127,37 @@ impl Trainer {
     pub fn new(cfg: TrainConfig, device: Device) -> Result<Self> {
         cfg.validate()?;
         seed_torch(cfg.seed, Stream::Init, 0);
+        if device.is_cuda() {
+            // Our shapes are fixed per run: let cuDNN time its algorithms once and keep the best.
+            tch::Cuda::cudnn_set_benchmark(true);
+        }
         let mut vs = VarStore::new(Device::Cpu);
-        let model = Vae::new(vs.root(), &cfg.model);
+        let mut model = Vae::new(vs.root(), &cfg.model);
+        model.compute = Compute { kind: cfg.precision.compute_kind(), channels_last: device == Device::Cpu };
         vs.set_device(device);
         let adam = Adam::new(&vs, cfg.adam);
-        Ok(Self { cfg, device, vs, model, adam, epoch: 0, best_test_loss: None })
+        let loss_scale = (cfg.precision == Precision::F16).then(LossScale::default);
+        Ok(Self { cfg, device, vs, model, adam, epoch: 0, step: 0, best_test_loss: None, loss_scale })
     }
 
-    /// The model, optimizer and position a checkpoint holds, on `device`.
-    pub fn from_checkpoint(ckpt: &Checkpoint, device: Device) -> Result<Self> {
-        let mut trainer = Self::new(ckpt.meta.config.clone(), device)?;
+    /// The model, optimizer and position a checkpoint holds, on `device`, continuing with
+    /// `cfg`: the checkpoint's config, or one that differs only in what a resume may change.
+    pub fn from_checkpoint(ckpt: &Checkpoint, cfg: TrainConfig, device: Device) -> Result<Self> {
+        let mut trainer = Self::new(cfg, device)?;
         ckpt.load_weights(&trainer.vs)?;
         ckpt.load_optimizer(&mut trainer.adam)?;
         ensure!(
-            trainer.adam.step_count() == ckpt.meta.step,
-            "{}: optimizer step {} disagrees with metadata step {}",
+            trainer.adam.step_count() <= ckpt.meta.step,
+            "{}: optimizer step {} is beyond the metadata's training step {}",
             ckpt.path.display(),
             trainer.adam.step_count(),
             ckpt.meta.step
         );
         trainer.epoch = ckpt.meta.epoch;
+        trainer.step = ckpt.meta.step;
+        if trainer.loss_scale.is_some() {
+            trainer.loss_scale = Some(ckpt.meta.loss_scale.clone().unwrap_or_default());
+        }
         trainer.best_test_loss = ckpt.meta.best_test_loss;
         Ok(trainer)
     }
@@ -145,8 +166,9 @@ impl Trainer {
         Metadata {
             config: self.cfg.clone(),
             epoch: self.epoch,
-            step: self.adam.step_count(),
+            step: self.step,
             best_test_loss: self.best_test_loss,
+            loss_scale: self.loss_scale.clone(),
         }
     }
 
@@ -159,15 +181,14 @@ impl Trainer {
         progress: &ProgressBar,
         mut after_step: impl FnMut(&Trainer) -> Result<Flow>,
     ) -> Result<Option<Stats>> {
-        let seed = self.cfg.seed;
-        let batches = loader.shuffled_batches(seed, self.epoch);
+        let batches = loader.shuffled_batches(self.cfg.seed, self.epoch);
         let epoch_start = self.epoch * batches.len() as u64;
-        let done = self.adam.step_count().checked_sub(epoch_start).filter(|&d| d < batches.len() as u64);
+        let done = self.step.checked_sub(epoch_start).filter(|&d| d < batches.len() as u64);
         let done = done.with_context(|| {
             format!(
                 "step {} does not fall in epoch {} of {} batches: the data or batch size differ from \
                  the checkpoint's",
-                self.adam.step_count(),
+                self.step,
                 self.epoch + 1,
                 batches.len()
             )
@@ -176,19 +197,8 @@ impl Trainer {
         let (mut seen, mut seen_at_log, mut log_time) = (0usize, 0usize, Instant::now());
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
         for (i, indices) in batches.iter().enumerate().skip(done) {
-            // Noise of step s depends on (seed, s) only: a resumed run draws the same.
-            seed_torch(seed, Stream::Step, self.adam.step_count());
-            let mut x = loader.gather(indices);
-            if self.cfg.binarize == Binarize::Dynamic {
-                x = x.bernoulli();
-            }
-            let out = self.model.forward(&x);
-            let elbo = Elbo::new(self.cfg.model.likelihood, &out, &x, self.cfg.beta);
-            self.adam.zero_grad();
-            elbo.loss.backward();
-            self.adam.step();
             let batch = indices.size()[0] as usize;
-            sums += elbo.stacked() * batch as f64;
+            sums += self.step(loader, indices) * batch as f64;
             seen += batch;
             progress.inc(batch as u64);
             if (i + 1) % LOG_EVERY == 0 {
@@ -203,6 +213,34 @@ impl Trainer {
         }
         self.epoch += 1;
         Ok(Some(Stats::from_sums(&sums, seen)))
+    }
+
+    /// One update on the images at `indices`; returns the batch's `[loss, reconstruction, kl]`
+    /// means, left on the device so the step never waits for it.
+    pub fn step(&mut self, loader: &Loader, indices: &Tensor) -> Tensor {
+        // Noise of step s depends on (seed, s) only: a resumed run draws the same.
+        seed_torch(self.cfg.seed, Stream::Step, self.step);
+        let mut x = loader.gather(indices);
+        if self.cfg.binarize == Binarize::Dynamic {
+            x = x.bernoulli();
+        }
+        let out = self.model.forward(&x);
+        let elbo = Elbo::new(self.cfg.model.likelihood, &out, &x, self.cfg.beta);
+        self.adam.zero_grad();
+        match &mut self.loss_scale {
+            None => {
+                elbo.loss.backward();
+                self.adam.step();
+            }
+            Some(scaler) => {
+                (&elbo.loss * scaler.scale).backward();
+                if scaler.unscale(&self.adam.gradients()) {
+                    self.adam.step();
+                }
+            }
+        }
+        self.step += 1;
+        elbo.stacked()
     }
 
     /// The bound on a split, with noise fixed per evaluation batch.
@@ -334,7 +372,7 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
         );
         progress.set_prefix(format!("{}/{}", trainer.epoch + 1, cfg.epochs));
         let train = trainer.train_epoch(&loader, &progress, |t| {
-            let step = t.adam.step_count();
+            let step = t.step;
             if opts.save_every_steps > 0 && step.is_multiple_of(opts.save_every_steps) {
                 opts.save_last(t)?;
             }

@@ -212,14 +212,14 @@ fn pytorch_loads_the_checkpoint_and_computes_the_same_loss() {
     let run = dir.path().join("run");
     ok(train(&run, "1", &[]));
     let ckpt = Checkpoint::load(&run.join("last.safetensors")).unwrap();
-    let trainer = vae::train::Trainer::from_checkpoint(&ckpt, Device::Cpu).unwrap();
+    let trainer = vae::train::Trainer::from_checkpoint(&ckpt, ckpt.meta.config.clone(), Device::Cpu).unwrap();
     tch::manual_seed(3);
     let x = Tensor::rand([16, 1, 28, 28], (Kind::Float, Device::Cpu)).round();
     let eps = Tensor::randn([16, 4], (Kind::Float, Device::Cpu));
     let ours = tch::no_grad(|| {
         let posterior = trainer.model.encode(&x);
         let z = posterior.sample_with_noise(&eps);
-        let out = Forward { likelihood_params: trainer.model.decoder.forward(&z), posterior };
+        let out = Forward { likelihood_params: trainer.model.decode(&z), posterior };
         Elbo::new(trainer.cfg.model.likelihood, &out, &x, trainer.cfg.beta).loss.double_value(&[])
     });
     let batch = dir.path().join("batch.safetensors");

@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""Side-by-side training throughput: `vae bench` against the PyTorch reference of the same
+model, loss, optimizer and data (scripts/bench_reference.py), in one invocation.
+
+Runs of the two alternate and each figure is the median of --repeats runs: on shared
+machines speed drifts by 10-20% within minutes, and alternating keeps the comparison fair.
+Run it through scripts/bench, which builds the release binary first.
+"""
+import argparse
+import gzip
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FASHION = "/usr/share/datasets/fashion-mnist"
+
+
+def write_idx(path, images):
+    n, h, w = images.shape
+    header = (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, h, w))
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header + images.tobytes())
+    labels = path.replace("images-idx3", "labels-idx1")
+    with gzip.open(labels, "wb", compresslevel=1) as f:
+        f.write((0x801).to_bytes(4, "big") + n.to_bytes(4, "big") + bytes(n))
+
+
+def generated_data(folder, train, test):
+    """Blurry random 28x28 images in Fashion-MNIST's file layout."""
+    rng = np.random.default_rng(0)
+    for name, n in (("train", train), ("t10k", test)):
+        coarse = rng.integers(0, 256, size=(n, 7, 7), dtype=np.uint8)
+        write_idx(os.path.join(folder, f"{name}-images-idx3-ubyte.gz"), coarse.repeat(4, 1).repeat(4, 2))
+    return folder
+
+
+def run_json(cmd, env):
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def measure(vae_bin, case, args, data_dir, full_epoch):
+    device, precision, batch = case
+    common = ["--device", device, "--precision", precision, "--batch-size", str(batch),
+              "--threads", str(args.threads), "--data-dir", data_dir]
+    if full_epoch:
+        common.append("--full-epoch")
+    else:
+        common += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    ours = [vae_bin, "bench", "--dataset", "fashion-mnist"] + common
+    reference = [sys.executable, os.path.join(ROOT, "scripts", "bench_reference.py")] + common
+    env = dict(os.environ)
+    runs = {"vae": [], "pytorch": []}
+    for _ in range(args.repeats):
+        runs["vae"].append(run_json(ours, env))
+        runs["pytorch"].append(run_json(reference, env))
+    key = "epoch_s" if full_epoch else "images_per_s"
+    summary = {}
+    for impl, results in runs.items():
+        values = [r[key] for r in results]
+        summary[impl] = {
+            key: statistics.median(values),
+            "all": values,
+            "peak_rss_mib": max(r["peak_rss_mib"] or 0 for r in results),
+            "peak_cuda_mib": max((r.get("peak_cuda_mib") or 0 for r in results), default=0) or None,
+            "loss": results[-1].get("test_loss" if full_epoch else "train_loss"),
+        }
+    return summary
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="a few steps of each case on small generated data")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--vae-bin", default=os.environ.get("VAE_BIN", os.path.join(ROOT, "target/release/vae")))
+    p.add_argument("--json", help="also write every figure to this file")
+    args = p.parse_args()
+    if args.quick:
+        args.repeats, args.steps, args.warmup = 1, 5, 2
+
+    cases = [("cpu", "f32", 32), ("cpu", "f32", 128), ("cpu", "bf16", 128)]
+    if torch.cuda.is_available():
+        cases += [("cuda", prec, b) for prec in ("f32", "bf16") for b in (128, 1024)]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.quick:
+            data_dir, data = generated_data(tmp, 2048, 512), "generated 28x28 (2048 train)"
+        elif os.path.isfile(os.path.join(FASHION, "train-images-idx3-ubyte.gz")):
+            data_dir, data = FASHION, "Fashion-MNIST"
+        else:
+            data_dir, data = generated_data(tmp, 60000, 10000), "generated 28x28 (Fashion-MNIST absent)"
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        print(f"machine: {cpu_name()}, {os.cpu_count()} cores; GPU: {gpu}; torch {torch.__version__}")
+        print(f"data: {data}; threads {args.threads}; {args.steps} timed steps after {args.warmup}; "
+              f"median of {args.repeats} alternating runs\n")
+        results = {}
+        header = f"{'case':<20} {'vae img/s':>10} {'pytorch img/s':>14} {'ratio':>6}  {'vae RSS':>8} {'pt RSS':>8}"
+        print(header + "  (RSS in MiB)")
+        for case in cases:
+            r = measure(args.vae_bin, case, args, data_dir, full_epoch=False)
+            results[" ".join(map(str, case))] = r
+            ours, ref = r["vae"]["images_per_s"], r["pytorch"]["images_per_s"]
+            line = (f"{case[0]} {case[1]} batch {case[2]:<6} {ours:>10.0f} {ref:>14.0f} {ours / ref:>5.2f}x"
+                    f"  {r['vae']['peak_rss_mib']:>8.0f} {r['pytorch']['peak_rss_mib']:>8.0f}")
+            if r["pytorch"]["peak_cuda_mib"]:
+                line += f"  pytorch peak CUDA {r['pytorch']['peak_cuda_mib']:.0f} MiB"
+            print(line, flush=True)
+        f32 = results.get("cpu f32 128")
+        bf16 = results.get("cpu bf16 128")
+        if f32 and bf16:
+            ratio = bf16["vae"]["images_per_s"] / f32["pytorch"]["images_per_s"]
+            print(f"\nvae bf16 vs pytorch f32 at batch 128: {ratio:.2f}x")
+
+        epoch_case = ("cuda" if torch.cuda.is_available() else "cpu", "f32", 128)
+        e = measure(args.vae_bin, epoch_case, args, data_dir, full_epoch=True)
+        results["full epoch " + " ".join(map(str, epoch_case))] = e
+        print(f"\nfull epoch ({' '.join(map(str, epoch_case))}: load data, train one epoch, evaluate the test split):")
+        for impl in ("vae", "pytorch"):
+            print(f"  {impl:<8} {e[impl]['epoch_s']:6.2f} s   test loss {e[impl]['loss']:.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

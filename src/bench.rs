@@ -1,0 +1,97 @@
+//! Training throughput as `scripts/bench` compares it with the PyTorch reference
+//! (`scripts/bench_reference.py`): the real training step, timed after a warm-up between two
+//! device syncs, and optionally a whole epoch with data loading and the test evaluation.
+
+use crate::data::{DataConfig, Loader};
+use crate::train::{Stats, TrainConfig, Trainer};
+use anyhow::{ensure, Result};
+use serde::Serialize;
+use std::time::Instant;
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone, Copy)]
+pub struct BenchOptions {
+    pub warmup: usize,
+    pub steps: usize,
+    /// Also time loading the data, one epoch and the test evaluation.
+    pub full_epoch: bool,
+}
+
+/// One JSON line of figures; the field names match the reference script's.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    #[serde(rename = "impl")]
+    pub implementation: &'static str,
+    pub device: String,
+    pub precision: String,
+    pub batch_size: usize,
+    pub threads: i32,
+    pub images_per_s: Option<f64>,
+    pub train_loss: Option<f64>,
+    pub epoch_s: Option<f64>,
+    pub test_loss: Option<f64>,
+    pub peak_rss_mib: Option<f64>,
+}
+
+/// Waits for the device's queued work, so a clock read after it covers that work.
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+/// The process's peak resident memory (VmHWM), as `getrusage`'s maxrss reports it to Python.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}
+
+pub fn run(cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<BenchReport> {
+    let started = Instant::now();
+    let splits = DataConfig::load(&cfg.data, cfg.seed)?;
+    let mut trainer = Trainer::new(cfg, device)?;
+    let loader = Loader::new(&splits.train, device, trainer.cfg.batch_size);
+    let mut report = BenchReport {
+        implementation: "vae",
+        device: crate::device::describe(device),
+        precision: trainer.cfg.precision.to_string(),
+        batch_size: trainer.cfg.batch_size,
+        threads: tch::get_num_threads(),
+        images_per_s: None,
+        train_loss: None,
+        epoch_s: None,
+        test_loss: None,
+        peak_rss_mib: None,
+    };
+    if opts.full_epoch {
+        trainer
+            .train_epoch(&loader, &indicatif::ProgressBar::hidden(), |_| Ok(crate::train::Flow::Continue))?;
+        report.test_loss = Some(trainer.evaluate(&splits.test).loss);
+        report.epoch_s = Some(started.elapsed().as_secs_f64());
+    } else {
+        let batch = trainer.cfg.batch_size as i64;
+        ensure!(loader.len() as i64 >= batch, "the training split holds no full batch of {batch}");
+        let batches: Vec<Tensor> = (0..)
+            .flat_map(|epoch| loader.shuffled_batches(trainer.cfg.seed, epoch))
+            .filter(|b| b.size()[0] == batch)
+            .take(opts.warmup + opts.steps)
+            .collect();
+        let mut sums = Tensor::zeros([3], (Kind::Float, device));
+        for indices in &batches[..opts.warmup] {
+            sums += trainer.step(&loader, indices);
+        }
+        sync(device);
+        let start = Instant::now();
+        for indices in &batches[opts.warmup..] {
+            sums += trainer.step(&loader, indices);
+        }
+        sync(device);
+        let seconds = start.elapsed().as_secs_f64();
+        report.images_per_s = Some((opts.steps as i64 * batch) as f64 / seconds);
+        report.train_loss = Some(Stats::from_sums(&sums, batches.len()).loss);
+    }
+    report.peak_rss_mib = peak_rss_mib();
+    Ok(report)
+}
