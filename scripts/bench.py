@@ -47,13 +47,15 @@ def run_json(cmd, env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(vae_bin, case, args, data_dir, full_epoch):
+def measure(vae_bin, case, args, data_dir, full_epoch=False, profile=False):
     device, precision, batch = case
     common = ["--device", device, "--precision", precision, "--batch-size", str(batch),
               "--threads", str(args.threads), "--data-dir", data_dir]
     if full_epoch:
         common.append("--full-epoch")
     else:
+        if profile:
+            common.append("--profile")
         common += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
     ours = [vae_bin, "bench", "--dataset", "fashion-mnist"] + common
     reference = [sys.executable, os.path.join(ROOT, "scripts", "bench_reference.py")] + common
@@ -72,8 +74,13 @@ def measure(vae_bin, case, args, data_dir, full_epoch):
             "peak_rss_mib": max(r["peak_rss_mib"] or 0 for r in results),
             "peak_cuda_mib": max((r.get("peak_cuda_mib") or 0 for r in results), default=0) or None,
             "loss": results[-1].get("test_loss" if full_epoch else "train_loss"),
+            "profile_ms": results[-1].get("profile_ms"),
         }
     return summary
+
+
+def label(case):
+    return f"{case[0]} {case[1]} batch {case[2]}"
 
 
 def cpu_name():
@@ -90,9 +97,9 @@ def cpu_name():
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a few steps of each case on small generated data")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--vae-bin", default=os.environ.get("VAE_BIN", os.path.join(ROOT, "target/release/vae")))
     p.add_argument("--json", help="also write every figure to this file")
@@ -122,7 +129,7 @@ def main():
             r = measure(args.vae_bin, case, args, data_dir, full_epoch=False)
             results[" ".join(map(str, case))] = r
             ours, ref = r["vae"]["images_per_s"], r["pytorch"]["images_per_s"]
-            line = (f"{case[0]} {case[1]} batch {case[2]:<6} {ours:>10.0f} {ref:>14.0f} {ours / ref:>5.2f}x"
+            line = (f"{label(case):<20} {ours:>10.0f} {ref:>14.0f} {ours / ref:>5.2f}x"
                     f"  {r['vae']['peak_rss_mib']:>8.0f} {r['pytorch']['peak_rss_mib']:>8.0f}")
             if r["pytorch"]["peak_cuda_mib"]:
                 line += f"  pytorch peak CUDA {r['pytorch']['peak_cuda_mib']:.0f} MiB"
@@ -134,6 +141,16 @@ def main():
             print(f"\nvae bf16 vs pytorch f32 at batch 128: {ratio:.2f}x")
 
         epoch_case = ("cuda" if torch.cuda.is_available() else "cpu", "f32", 128)
+        print("\nwhere a step's time goes (ms per step, device synced between phases):")
+        print(f"{'case':<20} {'impl':<8} {'data':>6} {'forward':>8} {'backward':>9} {'optimizer':>10}")
+        for case in cases:
+            r = measure(args.vae_bin, case, argparse.Namespace(**{**vars(args), "repeats": 1}), data_dir, profile=True)
+            results[" ".join(map(str, case)) + " profile"] = r
+            for impl in ("vae", "pytorch"):
+                ms = r[impl]["profile_ms"]
+                print(f"{label(case):<20} {impl:<8} {ms['data']:>6.2f} {ms['forward']:>8.2f}"
+                      f" {ms['backward']:>9.2f} {ms['optimizer']:>10.2f}", flush=True)
+
         e = measure(args.vae_bin, epoch_case, args, data_dir, full_epoch=True)
         results["full epoch " + " ".join(map(str, epoch_case))] = e
         print(f"\nfull epoch ({' '.join(map(str, epoch_case))}: load data, train one epoch, evaluate the test split):")

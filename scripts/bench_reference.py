@@ -46,7 +46,8 @@ def main():
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--data-dir", default=FASHION)
-    p.add_argument("--full-epoch", action="store_true", help="also time data loading + one epoch + test eval")
+    p.add_argument("--full-epoch", action="store_true", help="time data loading + one epoch + test eval instead")
+    p.add_argument("--profile", action="store_true", help="then split the timed steps into phases")
     args = p.parse_args()
 
     if args.threads:
@@ -66,20 +67,35 @@ def main():
     train_u8, test_u8 = load_data(args.data_dir)
     train_u8, test_u8 = train_u8.to(device), test_u8.to(device)
 
-    def step(idx, sums):
-        x = train_u8.index_select(0, idx).float() / 255.0
-        eps = torch.randn(x.shape[0], latent, device=device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss, recon, kl = model.loss(x, eps)
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        sums += torch.stack([loss.detach().float(), recon.detach().float(), kl.detach().float()])
-
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
+
+    phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+
+    def step(idx, sums, profile=False):
+        last = [time.perf_counter()]
+
+        def mark(phase):
+            if profile:
+                sync()
+                now = time.perf_counter()
+                phases[phase] += now - last[0]
+                last[0] = now
+
+        x = train_u8.index_select(0, idx).float() / 255.0
+        eps = torch.randn(x.shape[0], latent, device=device)
+        mark("data")
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss, recon, kl = model.loss(x, eps)
+        mark("forward")
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        mark("backward")
+        scaler.step(opt)
+        scaler.update()
+        mark("optimizer")
+        sums += torch.stack([loss.detach().float(), recon.detach().float(), kl.detach().float()])
 
     def epoch_batches(epoch):
         order = torch.randperm(train_u8.shape[0], generator=torch.Generator().manual_seed(epoch)).to(device)
@@ -113,6 +129,10 @@ def main():
         elapsed = time.perf_counter() - start
         result["images_per_s"] = args.steps * args.batch_size / elapsed
         result["train_loss"] = sums[0].item() / (args.warmup + args.steps)
+        if args.profile:
+            for idx in batches[args.warmup : args.warmup + args.steps]:
+                step(idx, sums, profile=True)
+            result["profile_ms"] = {k: 1e3 * v / args.steps for k, v in phases.items()}
     result["peak_rss_mib"] = peak_rss_mib()
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20

@@ -3,7 +3,7 @@
 //! device syncs, and optionally a whole epoch with data loading and the test evaluation.
 
 use crate::data::{DataConfig, Loader};
-use crate::train::{Stats, TrainConfig, Trainer};
+use crate::train::{Stats, StepTimes, TrainConfig, Trainer};
 use anyhow::{ensure, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -15,6 +15,8 @@ pub struct BenchOptions {
     pub steps: usize,
     /// Also time loading the data, one epoch and the test evaluation.
     pub full_epoch: bool,
+    /// Also split the timed steps into their phases (syncing the device between them).
+    pub profile: bool,
 }
 
 /// One JSON line of figures; the field names match the reference script's.
@@ -31,6 +33,28 @@ pub struct BenchReport {
     pub epoch_s: Option<f64>,
     pub test_loss: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// Milliseconds per step in each phase, from a separate profiled pass.
+    pub profile_ms: Option<PhaseMs>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseMs {
+    pub data: f64,
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+}
+
+impl From<&StepTimes> for PhaseMs {
+    fn from(t: &StepTimes) -> Self {
+        let per_step = |s: f64| 1e3 * s / t.steps.max(1) as f64;
+        Self {
+            data: per_step(t.data),
+            forward: per_step(t.forward),
+            backward: per_step(t.backward),
+            optimizer: per_step(t.optimizer),
+        }
+    }
 }
 
 /// Waits for the device's queued work, so a clock read after it covers that work.
@@ -64,6 +88,7 @@ pub fn run(cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<Bench
         epoch_s: None,
         test_loss: None,
         peak_rss_mib: None,
+        profile_ms: None,
     };
     if opts.full_epoch {
         trainer
@@ -80,17 +105,24 @@ pub fn run(cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<Bench
             .collect();
         let mut sums = Tensor::zeros([3], (Kind::Float, device));
         for indices in &batches[..opts.warmup] {
-            sums += trainer.step(&loader, indices);
+            sums += trainer.step(&loader, indices, None);
         }
         sync(device);
         let start = Instant::now();
         for indices in &batches[opts.warmup..] {
-            sums += trainer.step(&loader, indices);
+            sums += trainer.step(&loader, indices, None);
         }
         sync(device);
         let seconds = start.elapsed().as_secs_f64();
         report.images_per_s = Some((opts.steps as i64 * batch) as f64 / seconds);
         report.train_loss = Some(Stats::from_sums(&sums, batches.len()).loss);
+        if opts.profile {
+            let mut times = StepTimes::default();
+            for indices in &batches[opts.warmup..] {
+                let _ = trainer.step(&loader, indices, Some(&mut times));
+            }
+            report.profile_ms = Some(PhaseMs::from(&times));
+        }
     }
     report.peak_rss_mib = peak_rss_mib();
     Ok(report)

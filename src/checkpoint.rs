@@ -2,6 +2,7 @@
 //! the Adam state under `optimizer.`, and string metadata that makes the file self-describing.
 
 use crate::adam::{Adam, STATE_PREFIX};
+use crate::model::{Compute, Vae};
 use crate::precision::LossScale;
 use crate::train::TrainConfig;
 use anyhow::{bail, ensure, Context, Result};
@@ -287,6 +288,16 @@ impl Checkpoint {
             tch::no_grad(|| dst.f_copy_(src))?;
         }
         Ok(())
+    }
+
+    /// The model alone with its weights, in float32 on `device`: for evaluation and export.
+    pub fn model(&self, device: Device) -> Result<(VarStore, Vae)> {
+        let mut vs = VarStore::new(Device::Cpu);
+        let mut model = Vae::new(vs.root(), &self.meta.config.model);
+        self.load_weights(&vs)?;
+        vs.set_device(device);
+        model.compute = Compute::for_device(Kind::Float, device);
+        Ok((vs, model))
     }
 
     pub fn load_optimizer(&self, adam: &mut Adam) -> Result<()> {

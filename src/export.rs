@@ -1,8 +1,108 @@
-//! Image grids as PNG files.
+//! What a model learned, as pictures: reconstructions, samples from the prior,
+//! interpolations and latent traversals, drawn as PNG grids; and latents as tensors.
 
+use crate::data::{to_unit_float, Dataset, Loader};
+use crate::model::Vae;
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
+
+/// Images per grid row where the caller does not decide.
+pub const GRID_COLS: usize = 12;
+
+/// Originals (`[N, C, H, W]` in [0, 1]) in rows of `cols`, each row followed by the
+/// reconstructions, decoded from the posterior means. N is cut to whole rows.
+pub fn reconstruction_grid(model: &Vae, x: &Tensor, cols: usize) -> Tensor {
+    let n = x.size()[0] as usize;
+    let cols = cols.min(n).max(1);
+    let x = x.narrow(0, 0, ((n / cols).max(1) * cols) as i64);
+    let recon = tch::no_grad(|| model.decode_mean(&model.encode(&x).mean));
+    let rows: Vec<Tensor> = x
+        .split(cols as i64, 0)
+        .into_iter()
+        .zip(recon.split(cols as i64, 0))
+        .flat_map(|(a, b)| [a, b])
+        .collect();
+    Tensor::cat(&rows, 0)
+}
+
+/// Decoded draws z ~ N(0, temperature^2 I) from libtorch's generator.
+pub fn samples(model: &Vae, count: i64, temperature: f64, device: tch::Device) -> Tensor {
+    let z = Tensor::randn([count, model.cfg.latent_dim], (Kind::Float, device)) * temperature;
+    tch::no_grad(|| model.decode_mean(&z))
+}
+
+/// Points t = 0, 1/(steps-1), ..., 1 along the path from `a` to `b` (`[D]` each): linear, or
+/// spherical (slerp), which keeps the norm typical of Gaussian latents.
+fn latent_path(a: &Tensor, b: &Tensor, steps: i64, slerp: bool) -> Tensor {
+    let ts: Vec<f64> = (0..steps).map(|i| i as f64 / (steps - 1).max(1) as f64).collect();
+    let cos = (a.dot(b) / (a.norm() * b.norm() + 1e-12)).double_value(&[]).clamp(-1.0, 1.0);
+    let omega = cos.acos();
+    let points: Vec<Tensor> = ts
+        .iter()
+        .map(|&t| {
+            if slerp && omega.sin().abs() > 1e-6 {
+                a * (((1.0 - t) * omega).sin() / omega.sin()) + b * ((t * omega).sin() / omega.sin())
+            } else {
+                a * (1.0 - t) + b * t
+            }
+        })
+        .collect();
+    Tensor::stack(&points, 0)
+}
+
+/// One row per pair: the first image, `steps` decodings along the path between the two
+/// posterior means, the second image.
+pub fn interpolation_grid(model: &Vae, first: &Tensor, second: &Tensor, steps: i64, slerp: bool) -> Tensor {
+    tch::no_grad(|| {
+        let (za, zb) = (model.encode(first).mean, model.encode(second).mean);
+        let rows: Vec<Tensor> = (0..first.size()[0])
+            .flat_map(|i| {
+                let path = model.decode_mean(&latent_path(&za.get(i), &zb.get(i), steps, slerp));
+                [first.narrow(0, i, 1), path, second.narrow(0, i, 1)]
+            })
+            .collect();
+        Tensor::cat(&rows, 0)
+    })
+}
+
+/// One row per latent dimension in `dims`: the image's posterior mean decoded with that
+/// dimension swept over `steps` values in [-range, range].
+pub fn traversal_grid(model: &Vae, image: &Tensor, dims: &[i64], steps: i64, range: f64) -> Tensor {
+    tch::no_grad(|| {
+        let mean = model.encode(image).mean.get(0);
+        let values = Tensor::linspace(-range, range, steps, (Kind::Float, mean.device()));
+        let rows: Vec<Tensor> = dims
+            .iter()
+            .map(|&d| {
+                let z = mean.unsqueeze(0).repeat([steps, 1]);
+                z.narrow(1, d, 1).copy_(&values.unsqueeze(1));
+                model.decode_mean(&z)
+            })
+            .collect();
+        Tensor::cat(&rows, 0)
+    })
+}
+
+/// Posterior means and log-variances of every image of `data`, `[N, D]` each, on the CPU.
+pub fn encode_all(model: &Vae, data: &Dataset, device: tch::Device) -> (Tensor, Tensor) {
+    let loader = Loader::new(data, device, 500);
+    let (means, logvars): (Vec<Tensor>, Vec<Tensor>) =
+        tch::no_grad(|| loader.sequential().map(|x| model.encode(&x)).map(|q| (q.mean, q.logvar)).unzip());
+    (Tensor::cat(&means, 0).to_device(tch::Device::Cpu), Tensor::cat(&logvars, 0).to_device(tch::Device::Cpu))
+}
+
+/// Average KL(q(z_d|x) || N(0, 1)) of each latent dimension over the posteriors given: the
+/// nats a dimension carries; near 0 means the dimension is unused (collapsed).
+pub fn kl_per_dimension(mean: &Tensor, logvar: &Tensor) -> Vec<f64> {
+    let kl = (mean.square() + logvar.exp() - 1.0 - logvar) * 0.5;
+    Vec::<f64>::try_from(kl.mean_dim(0, false, Kind::Double)).expect("[D] of doubles")
+}
+
+/// The first `count` images of `data` as floats in [0, 1], on `device`.
+pub fn first_images(data: &Dataset, count: usize, device: tch::Device) -> Tensor {
+    to_unit_float(&data.images.narrow(0, 0, count.min(data.len()) as i64)).to_device(device)
+}
 
 /// Pixels of background between tiles and around the grid.
 const BORDER: u32 = 2;

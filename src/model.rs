@@ -97,6 +97,12 @@ impl Default for Compute {
 }
 
 impl Compute {
+    /// `kind`, in the layout that measured fastest on `device`: channels-last on the CPU;
+    /// on CUDA the standard layout, as eager PyTorch uses (not measured here yet).
+    pub fn for_device(kind: Kind, device: tch::Device) -> Self {
+        Self { kind, channels_last: device == tch::Device::Cpu }
+    }
+
     /// A feature map `[N, C, H, W]` in this dtype and layout.
     fn feature_map(&self, x: &Tensor) -> Tensor {
         let x = cast(x, self.kind);

@@ -14,6 +14,8 @@ pub enum Stream {
     Eval = 4,
     /// Parameter initialisation.
     Init = 5,
+    /// Importance samples of the IWAE bound, per evaluation batch.
+    Iwae = 6,
 }
 
 /// SplitMix64: tiny, fast, and statistically fine for shuffling and procedural data.

@@ -4,8 +4,9 @@
 use crate::adam::{Adam, AdamConfig};
 use crate::checkpoint::{self, Checkpoint, Metadata};
 use crate::data::{Binarize, DataConfig, Dataset, Loader, Splits};
-use crate::export;
+use crate::export::{self, GRID_COLS};
 use crate::loss::Elbo;
+use crate::metrics::{active_dimensions, EpochRow, MetricsLog};
 use crate::model::{Compute, Vae, VaeConfig};
 use crate::precision::{LossScale, Precision};
 use crate::rng::{seed_torch, Stream};
@@ -90,6 +91,52 @@ impl std::fmt::Display for Stats {
     }
 }
 
+/// The parts of a training step, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Start,
+    /// Gathering the batch on the device (and binarizing it).
+    Data,
+    /// The model and the loss.
+    Forward,
+    Backward,
+    /// Loss-scale checks and Adam.
+    Optimizer,
+}
+
+/// Seconds spent in each phase of the steps measured.
+#[derive(Debug, Clone, Default)]
+pub struct StepTimes {
+    pub data: f64,
+    pub forward: f64,
+    pub backward: f64,
+    pub optimizer: f64,
+    pub steps: u64,
+    last: Option<Instant>,
+}
+
+impl StepTimes {
+    /// Ends `phase` (all phases but `Start`), once the device has finished its work.
+    fn mark(&mut self, phase: Phase, device: Device) {
+        if let Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let now = Instant::now();
+        let seconds = self.last.map_or(0.0, |t| (now - t).as_secs_f64());
+        self.last = Some(now);
+        match phase {
+            Phase::Start => {}
+            Phase::Data => self.data += seconds,
+            Phase::Forward => self.forward += seconds,
+            Phase::Backward => self.backward += seconds,
+            Phase::Optimizer => {
+                self.optimizer += seconds;
+                self.steps += 1;
+            }
+        }
+    }
+}
+
 /// Whether training goes on after a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flow {
@@ -97,13 +144,8 @@ pub enum Flow {
     Stop,
 }
 
-/// Evaluation batches are fixed in size so the per-batch noise seeds, and hence the numbers,
-/// do not depend on the training batch size.
-const EVAL_BATCH: usize = 500;
 /// Steps between reads of the running loss for the progress bar: each read syncs the device.
 const LOG_EVERY: usize = 25;
-/// Images in each row of the reconstruction grid.
-const GRID_COLS: usize = 12;
 
 /// A model, its optimizer and where the run stands.
 pub struct Trainer {
@@ -133,7 +175,7 @@ impl Trainer {
         }
         let mut vs = VarStore::new(Device::Cpu);
         let mut model = Vae::new(vs.root(), &cfg.model);
-        model.compute = Compute { kind: cfg.precision.compute_kind(), channels_last: device == Device::Cpu };
+        model.compute = Compute::for_device(cfg.precision.compute_kind(), device);
         vs.set_device(device);
         let adam = Adam::new(&vs, cfg.adam);
         let loss_scale = (cfg.precision == Precision::F16).then(LossScale::default);
@@ -198,7 +240,7 @@ impl Trainer {
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
         for (i, indices) in batches.iter().enumerate().skip(done) {
             let batch = indices.size()[0] as usize;
-            sums += self.step(loader, indices) * batch as f64;
+            sums += self.step(loader, indices, None) * batch as f64;
             seen += batch;
             progress.inc(batch as u64);
             if (i + 1) % LOG_EVERY == 0 {
@@ -217,68 +259,55 @@ impl Trainer {
 
     /// One update on the images at `indices`; returns the batch's `[loss, reconstruction, kl]`
     /// means, left on the device so the step never waits for it.
-    pub fn step(&mut self, loader: &Loader, indices: &Tensor) -> Tensor {
+    /// `times`, when given, collects where the step's time goes (and syncs the device to
+    /// measure it, so leave it out of real training).
+    pub fn step(&mut self, loader: &Loader, indices: &Tensor, mut times: Option<&mut StepTimes>) -> Tensor {
+        let mut mark = |phase: Phase| {
+            if let Some(t) = times.as_deref_mut() {
+                t.mark(phase, self.device)
+            }
+        };
+        mark(Phase::Start);
         // Noise of step s depends on (seed, s) only: a resumed run draws the same.
         seed_torch(self.cfg.seed, Stream::Step, self.step);
         let mut x = loader.gather(indices);
         if self.cfg.binarize == Binarize::Dynamic {
             x = x.bernoulli();
         }
+        mark(Phase::Data);
         let out = self.model.forward(&x);
         let elbo = Elbo::new(self.cfg.model.likelihood, &out, &x, self.cfg.beta);
+        mark(Phase::Forward);
         self.adam.zero_grad();
-        match &mut self.loss_scale {
-            None => {
-                elbo.loss.backward();
-                self.adam.step();
-            }
-            Some(scaler) => {
-                (&elbo.loss * scaler.scale).backward();
-                if scaler.unscale(&self.adam.gradients()) {
-                    self.adam.step();
-                }
-            }
+        match &self.loss_scale {
+            None => elbo.loss.backward(),
+            Some(scaler) => (&elbo.loss * scaler.scale).backward(),
+        }
+        mark(Phase::Backward);
+        let finite = self.loss_scale.as_mut().is_none_or(|s| s.unscale(&self.adam.gradients()));
+        if finite {
+            self.adam.step();
         }
         self.step += 1;
+        mark(Phase::Optimizer);
         elbo.stacked()
     }
 
     /// The bound on a split, with noise fixed per evaluation batch.
     pub fn evaluate(&self, data: &Dataset) -> Stats {
-        let loader = Loader::new(data, self.device, EVAL_BATCH);
-        let mut sums = Tensor::zeros([3], (Kind::Float, self.device));
-        tch::no_grad(|| {
-            for (i, x) in loader.sequential().enumerate() {
-                seed_torch(self.cfg.seed, Stream::Eval, i as u64);
-                let out = self.model.forward(&x);
-                let elbo = Elbo::new(self.cfg.model.likelihood, &out, &x, self.cfg.beta);
-                sums += elbo.stacked() * x.size()[0] as f64;
-            }
-        });
-        Stats::from_sums(&sums, loader.len())
+        crate::eval::elbo(&self.model, data, self.cfg.seed, self.cfg.beta, self.device)
     }
 
     /// Test images (rows of `GRID_COLS`) each above its reconstruction from the posterior mean.
     pub fn save_reconstructions(&self, data: &Dataset, path: &Path, count: usize) -> Result<()> {
-        // Whole rows only, so each original sits right above its reconstruction.
-        let cols = GRID_COLS.min(count).min(data.len()).max(1);
-        let count = (count.min(data.len()) / cols).max(1) * cols;
-        let x = crate::data::to_unit_float(&data.images.narrow(0, 0, count as i64)).to_device(self.device);
-        let recon = tch::no_grad(|| self.model.decode_mean(&self.model.encode(&x).mean));
-        let rows: Vec<Tensor> = x
-            .split(cols as i64, 0)
-            .into_iter()
-            .zip(recon.split(cols as i64, 0))
-            .flat_map(|(a, b)| [a, b])
-            .collect();
-        export::save_grid(path, &Tensor::cat(&rows, 0), cols)
+        let x = export::first_images(data, count, self.device);
+        let cols = GRID_COLS.min(x.size()[0] as usize);
+        export::save_grid(path, &export::reconstruction_grid(&self.model, &x, cols), cols)
     }
-
     /// Decodes draws from the prior, fixed by the seed.
     pub fn save_samples(&self, path: &Path, count: usize) -> Result<()> {
         seed_torch(self.cfg.seed, Stream::Eval, u64::MAX);
-        let z = Tensor::randn([count as i64, self.cfg.model.latent_dim], (Kind::Float, self.device));
-        let images = tch::no_grad(|| self.model.decode_mean(&z));
+        let images = export::samples(&self.model, count as i64, 1.0, self.device);
         export::save_grid(path, &images, GRID_COLS.min(count))
     }
 }
@@ -346,12 +375,10 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
         cfg.model.in_channels,
         s = cfg.model.image_size
     );
-    let test = match cfg.binarize {
-        Binarize::Dynamic => splits.test.binarized(cfg.seed),
-        Binarize::None => Dataset { images: splits.test.images.shallow_clone(), labels: None },
-    };
+    let test = crate::eval::prepared(&splits.test, &cfg);
     let loader = Loader::new(&splits.train, trainer.device, cfg.batch_size);
     let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
+    let metrics = MetricsLog::new(out);
     if !opts.quiet {
         println!(
             "training on {} images of {c}x{h}x{w} ({}), {} test images, on {}; run folder {}",
@@ -386,6 +413,19 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
         };
         let seconds = started.elapsed().as_secs_f64();
         let test_stats = trainer.evaluate(&test);
+        let (test_means, _) = export::encode_all(&trainer.model, &test, trainer.device);
+        let active_dims = active_dimensions(&test_means);
+        let images_per_s = loader.len() as f64 / seconds;
+        metrics.append(&EpochRow {
+            epoch: trainer.epoch,
+            step: trainer.step,
+            train,
+            test: test_stats,
+            active_dims,
+            lr: cfg.adam.lr,
+            images_per_s,
+            seconds,
+        })?;
         let improved = trainer.best_test_loss.is_none_or(|best| test_stats.loss < best);
         if improved {
             trainer.best_test_loss = Some(test_stats.loss);
@@ -402,10 +442,9 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
         trainer.save_samples(&out.join(SAMPLES), 4 * GRID_COLS)?;
         if !opts.quiet {
             println!(
-                "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s",
-                trainer.epoch,
-                cfg.epochs,
-                loader.len() as f64 / seconds
+                "epoch {}/{}  train {train}  test {test_stats}  {images_per_s:.0} img/s  {seconds:.1}s  \
+                 active dims {active_dims}/{}",
+                trainer.epoch, cfg.epochs, cfg.model.latent_dim
             );
         }
         summary.epochs.push((train, test_stats));

@@ -108,11 +108,18 @@ fn the_quick_benchmark_runs_both_implementations() {
         .unwrap();
     let text = stdout(&out);
     assert!(out.status.success(), "{text}\n{}", stderr(&out));
-    for case in ["cpu f32 batch 32", "cpu f32 batch 128", "cpu bf16 batch 128", "full epoch"] {
+    for case in [
+        "cpu f32 batch 32",
+        "cpu f32 batch 128",
+        "cpu bf16 batch 128",
+        "where a step's time goes",
+        "full epoch",
+    ] {
         assert!(text.contains(case), "no {case:?} in:\n{text}");
     }
     // Every row carries a figure for both sides and their ratio.
-    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("cpu ")).collect();
+    let rows: Vec<&str> =
+        text.lines().skip_while(|l| !l.contains("vae img/s")).skip(1).take_while(|l| !l.is_empty()).collect();
     assert_eq!(rows.len(), 3, "{text}");
     for row in rows {
         let ratio = row.split_whitespace().nth(6).unwrap();

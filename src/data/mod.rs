@@ -1,6 +1,7 @@
 //! Datasets: where images come from, held in memory as u8 `[N, C, H, W]` tensors.
 
 pub mod idx;
+pub mod image_file;
 mod loader;
 pub mod shapes;
 
