@@ -1,0 +1,196 @@
+//! `vae eval` and the exports: the IWAE bound against brute force and against the ELBO,
+//! determinism, and the pictures and tensors each command writes.
+
+mod common;
+
+use common::{ok, stderr, stdout, vae};
+use std::path::Path;
+use tch::{nn::VarStore, Device, Kind, Tensor};
+use vae::eval::iwae_nll;
+use vae::model::{Vae, VaeConfig};
+
+const TINY: &[&str] = &[
+    "--train-size",
+    "640",
+    "--test-size",
+    "120",
+    "--conv-channels",
+    "8,16",
+    "--hidden",
+    "32",
+    "--latent-dim",
+    "4",
+    "--batch-size",
+    "32",
+    "--binarize",
+    "dynamic",
+    "--device",
+    "cpu",
+];
+
+fn trained_run(dir: &Path) -> std::path::PathBuf {
+    let run = dir.join("run");
+    let mut args = vec!["train", "--quiet", "--epochs", "2", "--out", run.to_str().unwrap()];
+    args.extend_from_slice(TINY);
+    ok(vae(&args));
+    run
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    image::image_dimensions(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Tiles of `side` px with 2 px borders.
+fn grid(cols: u32, rows: u32, side: u32) -> (u32, u32) {
+    (cols * (side + 2) + 2, rows * (side + 2) + 2)
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
+#[test]
+fn iwae_equals_a_brute_force_sum_over_the_same_samples() {
+    let cfg =
+        VaeConfig { image_size: 8, channels: vec![4], hidden: 8, latent_dim: 3, ..VaeConfig::default() };
+    let vs = VarStore::new(Device::Cpu);
+    let model = Vae::new(vs.root(), &cfg);
+    tch::manual_seed(11);
+    let x = Tensor::rand([3, 1, 8, 8], (Kind::Float, Device::Cpu)).round();
+    let (k, chunk) = (7, 2);
+    tch::manual_seed(5);
+    let nll = values(&tch::no_grad(|| iwae_nll(&model, &x, k, chunk)));
+
+    // The same draws, chunk by chunk, then every (image, sample) decoded on its own.
+    tch::manual_seed(5);
+    let eps: Vec<Tensor> =
+        [2, 2, 2, 1].iter().map(|&n| Tensor::randn([n, 3, 3], (Kind::Float, Device::Cpu))).collect();
+    let eps = Tensor::cat(&eps, 0);
+    let q = tch::no_grad(|| model.encode(&x));
+    let (mean, logvar) = (values(&q.mean), values(&q.logvar));
+    let pixels = values(&x);
+    let ln_2pi = (2.0 * std::f64::consts::PI).ln();
+    for b in 0..3 {
+        let log_w: Vec<f64> = (0..k as usize)
+            .map(|s| {
+                let e = values(&eps.get(s as i64).get(b as i64));
+                let z: Vec<f64> =
+                    (0..3).map(|d| mean[b * 3 + d] + (logvar[b * 3 + d] / 2.0).exp() * e[d]).collect();
+                let zt = Tensor::from_slice(&z).to_kind(Kind::Float).view([1, 3]);
+                let logits = values(&tch::no_grad(|| model.decode(&zt)));
+                let log_px: f64 = logits
+                    .iter()
+                    .zip(&pixels[b * 64..(b + 1) * 64])
+                    .map(|(&l, &t)| {
+                        let p = 1.0 / (1.0 + (-l).exp());
+                        t * p.ln() + (1.0 - t) * (1.0 - p).ln()
+                    })
+                    .sum();
+                let log_pz: f64 = z.iter().map(|v| -0.5 * (v * v + ln_2pi)).sum();
+                let log_qz: f64 = (0..3).map(|d| -0.5 * (e[d] * e[d] + logvar[b * 3 + d] + ln_2pi)).sum();
+                log_px + log_pz - log_qz
+            })
+            .collect();
+        let max = log_w.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let lse = max + log_w.iter().map(|w| (w - max).exp()).sum::<f64>().ln();
+        let expected = -(lse - (k as f64).ln());
+        assert!(
+            (nll[b] - expected).abs() < 1e-3 * expected.abs(),
+            "image {b}: {} vs brute force {expected}",
+            nll[b]
+        );
+    }
+}
+
+fn eval_json(run: &Path, k: &str) -> serde_json::Value {
+    let out = ok(vae(&["eval", run.to_str().unwrap(), "--iw-samples", k, "--json", "--device", "cpu"]));
+    let mut json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    json.as_object_mut().unwrap().remove("seconds");
+    json
+}
+
+#[test]
+fn the_iwae_bound_tightens_with_k_and_evaluation_is_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run(dir.path());
+    let nll = |k: &str| eval_json(&run, k)["iwae_nll"].as_f64().unwrap();
+    let first = eval_json(&run, "100");
+    assert_eq!(first, eval_json(&run, "100"), "two evaluations of one checkpoint differ");
+    let elbo = first["negative_elbo"].as_f64().unwrap();
+    let (k1, k10, k100) = (nll("1"), nll("10"), first["iwae_nll"].as_f64().unwrap());
+    // K = 1 is a one-sample estimate of the negative ELBO itself.
+    assert!((k1 - elbo).abs() < 0.05 * elbo, "K=1 {k1} vs ELBO {elbo}");
+    assert!(k100 < k10 && k10 < k1, "not tightening with K: {k1} {k10} {k100}");
+    assert!(k100 <= elbo, "IWAE NLL {k100} above the negative ELBO {elbo}");
+    assert_eq!(first["images"], 120);
+    assert_eq!(first["dimensions"], 784);
+    let bpd = first["iwae_bits_per_dim"].as_f64().unwrap();
+    assert!((bpd - k100 / (784.0 * std::f64::consts::LN_2)).abs() < 1e-9);
+
+    let text = stdout(&ok(vae(&["eval", run.to_str().unwrap(), "--iw-samples", "20", "--split", "train"])));
+    assert!(text.contains("train split of shapes, 640 images"), "{text}");
+    assert!(text.contains("IWAE (K=20)"), "{text}");
+}
+
+#[test]
+fn each_export_writes_what_it_promises() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = trained_run(dir.path());
+    let r = run.to_str().unwrap();
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    assert_eq!(metrics.lines().count(), 3, "{metrics}");
+    assert!(metrics.starts_with("epoch,step,train_loss,"), "{metrics}");
+
+    ok(vae(&["reconstruct", r, "--n", "12"]));
+    assert_eq!(png_size(&run.join("reconstruct.png")), grid(12, 2, 28));
+
+    let own = [dir.path().join("a.png"), dir.path().join("b.jpg")];
+    image::RgbImage::from_pixel(50, 30, image::Rgb([200, 10, 10])).save(&own[0]).unwrap();
+    image::GrayImage::from_pixel(28, 40, image::Luma([90])).save(&own[1]).unwrap();
+    let out = dir.path().join("own.png");
+    ok(vae(&[
+        "reconstruct",
+        r,
+        "--input",
+        own[0].to_str().unwrap(),
+        own[1].to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert_eq!(png_size(&out), grid(2, 2, 28));
+
+    ok(vae(&["sample", r, "--n", "16", "--temperature", "0.7"]));
+    assert_eq!(png_size(&run.join("sample.png")), grid(4, 4, 28));
+    let a = std::fs::read(run.join("sample.png")).unwrap();
+    ok(vae(&["sample", r, "--n", "16", "--temperature", "0.7"]));
+    assert_eq!(a, std::fs::read(run.join("sample.png")).unwrap(), "samples are fixed by the seed");
+    ok(vae(&["sample", r, "--n", "16", "--temperature", "0.7", "--seed", "9"]));
+    assert_ne!(a, std::fs::read(run.join("sample.png")).unwrap(), "--seed changes the draws");
+
+    ok(vae(&["interpolate", r, "--pairs", "3", "--steps", "8", "--slerp"]));
+    assert_eq!(png_size(&run.join("interpolate.png")), grid(10, 3, 28));
+    ok(vae(&["traverse", r, "--steps", "9"]));
+    assert_eq!(png_size(&run.join("traverse.png")), grid(9, 4, 28));
+    ok(vae(&["traverse", r, "--dims", "2,0", "--steps", "5", "--index", "3"]));
+    assert_eq!(png_size(&run.join("traverse.png")), grid(5, 2, 28));
+
+    let latents = dir.path().join("latents.safetensors");
+    ok(vae(&["encode", r, "--out", latents.to_str().unwrap()]));
+    let tensors: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&latents).unwrap().into_iter().collect();
+    assert_eq!(tensors["mean"].size(), vec![120, 4]);
+    assert_eq!(tensors["logvar"].size(), vec![120, 4]);
+    assert_eq!(tensors["labels"].size(), vec![120]);
+
+    for (args, message) in [
+        (vec!["traverse", r, "--dims", "9"], "--dims 9 is not a latent dimension: the model has 4"),
+        (vec!["reconstruct", r, "--input", "/nonexistent.png"], "/nonexistent.png: cannot read the image"),
+        (vec!["interpolate", r, "--pairs", "100"], "--pairs 100 needs 200 test images, the split has 120"),
+        (vec!["sample", r, "--temperature", "0"], "--temperature must be positive"),
+        (vec!["eval", "/nonexistent"], "checkpoint /nonexistent does not exist"),
+    ] {
+        let out = vae(&args);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
+    }
+}
