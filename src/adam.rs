@@ -237,6 +237,23 @@ impl Adam {
         self.slots.iter().map(|s| s.param.grad()).filter(Tensor::defined).collect()
     }
 
+    /// Scales the gradients down so their global L2 norm is at most `max_norm`, as
+    /// `torch.nn.utils.clip_grad_norm_` does; the factor stays on the device (no sync).
+    pub fn clip_grad_norm(&self, max_norm: f64) {
+        let grads = self.gradients();
+        if grads.is_empty() {
+            return;
+        }
+        tch::no_grad(|| {
+            let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
+            let total = Tensor::stack(&norms, 0).norm();
+            let factor = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+            for g in &grads {
+                let _ = g.shallow_clone().g_mul_(&factor);
+            }
+        });
+    }
+
     pub fn zero_grad(&mut self) {
         for slot in &mut self.slots {
             slot.param.zero_grad();

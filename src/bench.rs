@@ -91,8 +91,9 @@ pub fn run(cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<Bench
         profile_ms: None,
     };
     if opts.full_epoch {
-        trainer
-            .train_epoch(&loader, &indicatif::ProgressBar::hidden(), |_| Ok(crate::train::Flow::Continue))?;
+        trainer.train_epoch(&loader, &indicatif::ProgressBar::hidden(), |_, _| {
+            Ok(crate::train::Flow::Continue)
+        })?;
         report.test_loss = Some(trainer.evaluate(&splits.test).loss);
         report.epoch_s = Some(started.elapsed().as_secs_f64());
     } else {

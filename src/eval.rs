@@ -3,7 +3,7 @@
 //! log p(x) >= E[log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)], z_k ~ q(z|x).
 
 use crate::data::{Binarize, Dataset, Loader};
-use crate::loss::Elbo;
+use crate::loss::{Elbo, KlWeight};
 use crate::model::{Posterior, Vae};
 use crate::rng::{seed_torch, Stream};
 use crate::train::{Stats, TrainConfig};
@@ -32,16 +32,16 @@ pub fn prepared(data: &Dataset, cfg: &TrainConfig) -> Dataset {
 /// do not depend on the training batch size.
 const ELBO_BATCH: usize = 500;
 
-/// Means of the bound's terms over `data` (reconstruction + `beta` KL; beta 1 is the ELBO),
-/// with the reparameterization noise fixed per batch by the seed.
-pub fn elbo(model: &Vae, data: &Dataset, seed: u64, beta: f64, device: Device) -> Stats {
+/// Means of the bound's terms over `data` (the loss as `weight` makes it: the ELBO for
+/// [`KlWeight::ELBO`]), with the reparameterization noise fixed per batch by the seed.
+pub fn elbo(model: &Vae, data: &Dataset, seed: u64, weight: KlWeight, device: Device) -> Stats {
     let loader = Loader::new(data, device, ELBO_BATCH);
     let mut sums = Tensor::zeros([3], (Kind::Float, device));
     tch::no_grad(|| {
         for (i, x) in loader.sequential().enumerate() {
             seed_torch(seed, Stream::Eval, i as u64);
             let out = model.forward(&x);
-            sums += Elbo::new(model.cfg.likelihood, &out, &x, beta).stacked() * x.size()[0] as f64;
+            sums += Elbo::new(model.cfg.likelihood, &out, &x, weight).stacked() * x.size()[0] as f64;
         }
     });
     Stats::from_sums(&sums, loader.len())
@@ -114,7 +114,7 @@ pub fn evaluate(
     progress: &indicatif::ProgressBar,
 ) -> Report {
     let started = std::time::Instant::now();
-    let elbo = elbo(model, data, cfg.seed, 1.0, device);
+    let elbo = elbo(model, data, cfg.seed, KlWeight::ELBO, device);
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
     let iwae_nll = (iw_samples > 0).then(|| {

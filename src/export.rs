@@ -2,7 +2,7 @@
 //! interpolations and latent traversals, drawn as PNG grids; and latents as tensors.
 
 use crate::data::{to_unit_float, Dataset, Loader};
-use crate::model::Vae;
+use crate::model::{Posterior, Vae};
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -95,8 +95,8 @@ pub fn encode_all(model: &Vae, data: &Dataset, device: tch::Device) -> (Tensor, 
 /// Average KL(q(z_d|x) || N(0, 1)) of each latent dimension over the posteriors given: the
 /// nats a dimension carries; near 0 means the dimension is unused (collapsed).
 pub fn kl_per_dimension(mean: &Tensor, logvar: &Tensor) -> Vec<f64> {
-    let kl = (mean.square() + logvar.exp() - 1.0 - logvar) * 0.5;
-    Vec::<f64>::try_from(kl.mean_dim(0, false, Kind::Double)).expect("[D] of doubles")
+    let q = Posterior { mean: mean.shallow_clone(), logvar: logvar.shallow_clone() };
+    Vec::<f64>::try_from(q.kl_per_dimension().mean_dim(0, false, Kind::Double)).expect("[D] of doubles")
 }
 
 /// The first `count` images of `data` as floats in [0, 1], on `device`.

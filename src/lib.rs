@@ -11,8 +11,11 @@ pub mod export;
 pub mod loss;
 pub mod metrics;
 pub mod model;
+pub mod plot;
 pub mod precision;
 pub mod rng;
+pub mod schedule;
+pub mod tensorboard;
 pub mod train;
 
 /// The libtorch that tch =0.24.0 binds (torch-sys refuses any other at build time).

@@ -36,22 +36,43 @@ impl Likelihood {
     }
 }
 
+/// How the KL term enters the minimised loss; the reported KL is always the true one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KlWeight {
+    /// 1 is the ELBO; below 1 favours reconstruction, above 1 disentanglement (beta-VAE).
+    pub beta: f64,
+    /// Nats per latent dimension (averaged over the batch) below which KL is not penalised
+    /// (Kingma et al. 2016), so dimensions are not pushed to collapse early. 0: off.
+    pub free_bits: f64,
+}
+
+impl KlWeight {
+    /// The plain negative ELBO.
+    pub const ELBO: KlWeight = KlWeight { beta: 1.0, free_bits: 0.0 };
+}
+
 /// Batch means of the bound's terms, each a scalar tensor (still on the device).
 pub struct Elbo {
-    /// reconstruction + beta * kl: what is minimised.
+    /// reconstruction + beta * kl (kl with free bits, if any): what is minimised.
     pub loss: Tensor,
     pub reconstruction: Tensor,
     pub kl: Tensor,
 }
 
 impl Elbo {
-    pub fn new(likelihood: Likelihood, out: &Forward, x: &Tensor, beta: f64) -> Self {
-        Self::from_terms(likelihood.reconstruction_nll(&out.likelihood_params, x), &out.posterior, beta)
+    pub fn new(likelihood: Likelihood, out: &Forward, x: &Tensor, weight: KlWeight) -> Self {
+        Self::from_terms(likelihood.reconstruction_nll(&out.likelihood_params, x), &out.posterior, weight)
     }
 
-    fn from_terms(reconstruction: Tensor, posterior: &Posterior, beta: f64) -> Self {
-        let kl = posterior.kl_to_standard_normal();
-        let loss = (&reconstruction + &kl * beta).mean(None);
+    fn from_terms(reconstruction: Tensor, posterior: &Posterior, weight: KlWeight) -> Self {
+        let kl_dims = posterior.kl_per_dimension();
+        let kl = kl_dims.sum_dim_intlist(-1, false, None);
+        let penalised = if weight.free_bits > 0.0 {
+            kl_dims.mean_dim(0, false, None).clamp_min(weight.free_bits).sum(None)
+        } else {
+            kl.mean(None)
+        };
+        let loss = reconstruction.mean(None) + penalised * weight.beta;
         Self { loss, reconstruction: reconstruction.mean(None), kl: kl.mean(None) }
     }
 
@@ -87,8 +108,12 @@ mod tests {
             mean: Tensor::ones([2, 3], (Kind::Float, Device::Cpu)),
             logvar: Tensor::zeros([2, 3], (Kind::Float, Device::Cpu)),
         };
-        let elbo = Elbo::from_terms(nll, &q, 2.0);
+        let elbo = Elbo::from_terms(nll.shallow_clone(), &q, KlWeight { beta: 2.0, free_bits: 0.0 });
         // KL = 0.5 * 3 * 1 = 1.5 per example; loss = 1 + 2 * 1.5.
         assert_eq!(Vec::<f32>::try_from(elbo.stacked()).unwrap(), vec![4.0, 1.0, 1.5]);
+        // Free bits: each dimension's 0.5 nats counts as 0.8; the reported KL stays 1.5.
+        let free = Elbo::from_terms(nll, &q, KlWeight { beta: 1.0, free_bits: 0.8 });
+        let got = Vec::<f32>::try_from(free.stacked()).unwrap();
+        assert!((got[0] - 3.4).abs() < 1e-6 && got[2] == 1.5, "{got:?}");
     }
 }

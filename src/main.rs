@@ -13,6 +13,7 @@ use vae::data::{Binarize, DataConfig, DatasetKind};
 use vae::loss::Likelihood;
 use vae::model::VaeConfig;
 use vae::precision::Precision;
+use vae::schedule::LrSchedule;
 use vae::train::{self, RunOptions, TrainConfig, Trainer};
 
 #[derive(Parser)]
@@ -260,6 +261,23 @@ struct TrainArgs {
     /// Weight of the KL term (1 gives the ELBO).
     #[arg(long, default_value_t = 1.0)]
     beta: f64,
+    /// Epochs over which the KL weight rises linearly from 0 to --beta (fractions allowed).
+    #[arg(long, default_value_t = 0.0)]
+    kl_warmup_epochs: f64,
+    /// Nats per latent dimension (batch-averaged) that the KL term does not penalise.
+    #[arg(long, default_value_t = 0.0)]
+    free_bits: f64,
+    /// Largest global L2 norm of the gradients; larger ones are scaled down to it.
+    #[arg(long)]
+    clip_grad: Option<f64>,
+    #[arg(long, value_enum, default_value = "constant")]
+    lr_schedule: LrSchedule,
+    /// Steps of linear learning-rate warm-up from 0.
+    #[arg(long, default_value_t = 0)]
+    warmup_steps: u64,
+    /// L2 penalty added to the gradients, as torch.optim.Adam's weight_decay.
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
     /// Seed of every random draw: initialisation, shuffling, noise, generated data.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -292,6 +310,9 @@ struct TrainArgs {
     /// Print nothing but errors.
     #[arg(long)]
     quiet: bool,
+    /// Write no TensorBoard event files.
+    #[arg(long)]
+    no_tensorboard: bool,
 }
 
 impl TrainArgs {
@@ -313,13 +334,18 @@ impl TrainArgs {
                 ..VaeConfig::default()
             },
             data,
-            adam: AdamConfig { lr: self.lr, ..AdamConfig::default() },
+            adam: AdamConfig { lr: self.lr, weight_decay: self.weight_decay, ..AdamConfig::default() },
             epochs: self.epochs,
             batch_size: self.batch_size,
             beta: self.beta,
             seed: self.seed,
             binarize: self.binarize,
             precision: self.precision,
+            lr_schedule: self.lr_schedule,
+            warmup_steps: self.warmup_steps,
+            kl_warmup_epochs: self.kl_warmup_epochs,
+            free_bits: self.free_bits,
+            clip_grad: self.clip_grad,
         }
     }
 }
@@ -341,6 +367,12 @@ const RESUME_FIXED: &[ConfigField] = &[
     ("batch_size", |c| c.batch_size.to_string()),
     ("lr", |c| c.adam.lr.to_string()),
     ("beta", |c| c.beta.to_string()),
+    ("kl_warmup_epochs", |c| c.kl_warmup_epochs.to_string()),
+    ("free_bits", |c| c.free_bits.to_string()),
+    ("clip_grad", |c| format!("{:?}", c.clip_grad)),
+    ("lr_schedule", |c| format!("{:?}", c.lr_schedule)),
+    ("warmup_steps", |c| c.warmup_steps.to_string()),
+    ("weight_decay", |c| c.adam.weight_decay.to_string()),
     ("seed", |c| c.seed.to_string()),
 ];
 
@@ -487,6 +519,7 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         keep: args.keep,
         quiet: args.quiet,
         stop: Some(install_stop_handler()?),
+        tensorboard: !args.no_tensorboard,
     };
     let summary = train::run(&mut trainer, &splits, &opts)?;
     if summary.interrupted {

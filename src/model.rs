@@ -157,7 +157,12 @@ impl Posterior {
     /// KL(q(z|x) || N(0, I)) in closed form, one value per example:
     /// 0.5 * sum(mean^2 + exp(logvar) - 1 - logvar).
     pub fn kl_to_standard_normal(&self) -> Tensor {
-        (self.mean.square() + self.logvar.exp() - 1.0 - &self.logvar).sum_dim_intlist(-1, false, None) * 0.5
+        self.kl_per_dimension().sum_dim_intlist(-1, false, None)
+    }
+
+    /// The KL's terms, `[B, D]`: what each latent dimension costs for each example.
+    pub fn kl_per_dimension(&self) -> Tensor {
+        (self.mean.square() + self.logvar.exp() - 1.0 - &self.logvar) * 0.5
     }
 }
 

@@ -5,11 +5,14 @@ use crate::adam::{Adam, AdamConfig};
 use crate::checkpoint::{self, Checkpoint, Metadata};
 use crate::data::{Binarize, DataConfig, Dataset, Loader, Splits};
 use crate::export::{self, GRID_COLS};
-use crate::loss::Elbo;
+use crate::loss::{Elbo, KlWeight};
 use crate::metrics::{active_dimensions, EpochRow, MetricsLog};
 use crate::model::{Compute, Vae, VaeConfig};
+use crate::plot::{self, Series, LOSS_PLOT};
 use crate::precision::{LossScale, Precision};
 use crate::rng::{seed_torch, Stream};
+use crate::schedule::{LrSchedule, Schedule};
+use crate::tensorboard::EventWriter;
 use anyhow::{ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
@@ -35,6 +38,20 @@ pub struct TrainConfig {
     /// What the convs and matmuls compute in; may change when a run is resumed.
     #[serde(default)]
     pub precision: Precision,
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Steps of linear learning-rate warm-up.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Epochs over which the KL weight rises linearly from 0 to beta.
+    #[serde(default)]
+    pub kl_warmup_epochs: f64,
+    /// Free bits: nats per latent dimension not penalised.
+    #[serde(default)]
+    pub free_bits: f64,
+    /// Largest global gradient norm; larger gradients are scaled down to it.
+    #[serde(default)]
+    pub clip_grad: Option<f64>,
 }
 
 impl Default for TrainConfig {
@@ -49,6 +66,11 @@ impl Default for TrainConfig {
             seed: 0,
             binarize: Binarize::None,
             precision: Precision::F32,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            kl_warmup_epochs: 0.0,
+            free_bits: 0.0,
+            clip_grad: None,
         }
     }
 }
@@ -64,7 +86,35 @@ impl TrainConfig {
             self.adam.lr
         );
         ensure!(self.beta >= 0.0 && self.beta.is_finite(), "--beta must be >= 0, found {}", self.beta);
+        ensure!(
+            self.kl_warmup_epochs >= 0.0 && self.kl_warmup_epochs.is_finite(),
+            "--kl-warmup-epochs must be >= 0, found {}",
+            self.kl_warmup_epochs
+        );
+        ensure!(
+            self.free_bits >= 0.0 && self.free_bits.is_finite(),
+            "--free-bits must be >= 0, found {}",
+            self.free_bits
+        );
+        if let Some(clip) = self.clip_grad {
+            ensure!(clip > 0.0 && clip.is_finite(), "--clip-grad must be positive, found {clip}");
+        }
+        let wd = self.adam.weight_decay;
+        ensure!(wd >= 0.0 && wd.is_finite(), "--weight-decay must be >= 0, found {wd}");
         Ok(())
+    }
+
+    /// The learning-rate and KL-weight curves for a split of `train_images` images.
+    pub fn schedule(&self, train_images: usize) -> Schedule {
+        let steps_per_epoch = train_images.div_ceil(self.batch_size.max(1)) as u64;
+        Schedule {
+            lr: self.adam.lr,
+            lr_schedule: self.lr_schedule,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.epochs * steps_per_epoch,
+            beta: self.beta,
+            kl_warmup_steps: (self.kl_warmup_epochs * steps_per_epoch as f64).round() as u64,
+        }
     }
 }
 
@@ -135,6 +185,13 @@ impl StepTimes {
             }
         }
     }
+}
+
+/// Training statistics over the steps since the previous window, every `LOG_EVERY` steps.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    pub stats: Stats,
+    pub images_per_s: f64,
 }
 
 /// Whether training goes on after a step.
@@ -221,7 +278,7 @@ impl Trainer {
         &mut self,
         loader: &Loader,
         progress: &ProgressBar,
-        mut after_step: impl FnMut(&Trainer) -> Result<Flow>,
+        mut after_step: impl FnMut(&Trainer, Option<&Window>) -> Result<Flow>,
     ) -> Result<Option<Stats>> {
         let batches = loader.shuffled_batches(self.cfg.seed, self.epoch);
         let epoch_start = self.epoch * batches.len() as u64;
@@ -236,6 +293,7 @@ impl Trainer {
             )
         })? as usize;
         let mut sums = Tensor::zeros([3], (Kind::Float, self.device));
+        let mut sums_at_log = sums.copy();
         let (mut seen, mut seen_at_log, mut log_time) = (0usize, 0usize, Instant::now());
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
         for (i, indices) in batches.iter().enumerate().skip(done) {
@@ -243,13 +301,17 @@ impl Trainer {
             sums += self.step(loader, indices, None) * batch as f64;
             seen += batch;
             progress.inc(batch as u64);
-            if (i + 1) % LOG_EVERY == 0 {
-                let stats = Stats::from_sums(&sums, seen);
-                let rate = (seen - seen_at_log) as f64 / log_time.elapsed().as_secs_f64();
-                progress.set_message(format!("loss {stats}  {rate:.0} img/s"));
-                (seen_at_log, log_time) = (seen, Instant::now());
-            }
-            if i + 1 < batches.len() && after_step(self)? == Flow::Stop {
+            let window = ((i + 1) % LOG_EVERY == 0).then(|| {
+                let window = Window {
+                    stats: Stats::from_sums(&(&sums - &sums_at_log), seen - seen_at_log),
+                    images_per_s: (seen - seen_at_log) as f64 / log_time.elapsed().as_secs_f64(),
+                };
+                progress.set_message(format!("loss {}  {:.0} img/s", window.stats, window.images_per_s));
+                (sums_at_log, seen_at_log, log_time) = (sums.copy(), seen, Instant::now());
+                window
+            });
+            // At the epoch's end the run saves anyway, so a stop there is not early.
+            if after_step(self, window.as_ref())? == Flow::Stop && i + 1 < batches.len() {
                 return Ok(None);
             }
         }
@@ -275,8 +337,10 @@ impl Trainer {
             x = x.bernoulli();
         }
         mark(Phase::Data);
+        let schedule = self.cfg.schedule(loader.len());
         let out = self.model.forward(&x);
-        let elbo = Elbo::new(self.cfg.model.likelihood, &out, &x, self.cfg.beta);
+        let weight = KlWeight { beta: schedule.beta_at(self.step), free_bits: self.cfg.free_bits };
+        let elbo = Elbo::new(self.cfg.model.likelihood, &out, &x, weight);
         mark(Phase::Forward);
         self.adam.zero_grad();
         match &self.loss_scale {
@@ -286,6 +350,10 @@ impl Trainer {
         mark(Phase::Backward);
         let finite = self.loss_scale.as_mut().is_none_or(|s| s.unscale(&self.adam.gradients()));
         if finite {
+            if let Some(max_norm) = self.cfg.clip_grad {
+                self.adam.clip_grad_norm(max_norm);
+            }
+            self.adam.cfg.lr = schedule.lr_at(self.step);
             self.adam.step();
         }
         self.step += 1;
@@ -295,7 +363,8 @@ impl Trainer {
 
     /// The bound on a split, with noise fixed per evaluation batch.
     pub fn evaluate(&self, data: &Dataset) -> Stats {
-        crate::eval::elbo(&self.model, data, self.cfg.seed, self.cfg.beta, self.device)
+        let weight = KlWeight { beta: self.cfg.beta, free_bits: 0.0 };
+        crate::eval::elbo(&self.model, data, self.cfg.seed, weight, self.device)
     }
 
     /// Test images (rows of `GRID_COLS`) each above its reconstruction from the posterior mean.
@@ -326,6 +395,8 @@ pub struct RunOptions {
     pub quiet: bool,
     /// Set (by a signal handler) to stop after the current step with a checkpoint.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Write TensorBoard event files into the run folder.
+    pub tensorboard: bool,
 }
 
 /// What a run reports.
@@ -379,6 +450,8 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
     let loader = Loader::new(&splits.train, trainer.device, cfg.batch_size);
     let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
     let metrics = MetricsLog::new(out);
+    let schedule = cfg.schedule(loader.len());
+    let mut events = if opts.tensorboard { Some(EventWriter::create(out)?) } else { None };
     if !opts.quiet {
         println!(
             "training on {} images of {c}x{h}x{w} ({}), {} test images, on {}; run folder {}",
@@ -398,8 +471,16 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
                 .progress_chars("=> "),
         );
         progress.set_prefix(format!("{}/{}", trainer.epoch + 1, cfg.epochs));
-        let train = trainer.train_epoch(&loader, &progress, |t| {
+        let train = trainer.train_epoch(&loader, &progress, |t, window| {
             let step = t.step;
+            if let (Some(tb), Some(w)) = (events.as_mut(), window) {
+                tb.scalar("train/loss", step, w.stats.loss)?;
+                tb.scalar("train/reconstruction", step, w.stats.reconstruction)?;
+                tb.scalar("train/kl", step, w.stats.kl)?;
+                tb.scalar("train/images_per_s", step, w.images_per_s)?;
+                tb.scalar("train/lr", step, t.adam.cfg.lr)?;
+                tb.scalar("train/beta", step, schedule.beta_at(step.saturating_sub(1)))?;
+            }
             if opts.save_every_steps > 0 && step.is_multiple_of(opts.save_every_steps) {
                 opts.save_last(t)?;
             }
@@ -422,7 +503,7 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
             train,
             test: test_stats,
             active_dims,
-            lr: cfg.adam.lr,
+            lr: schedule.lr_at(trainer.step.saturating_sub(1)),
             images_per_s,
             seconds,
         })?;
@@ -440,6 +521,24 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
         }
         trainer.save_reconstructions(&splits.test, &out.join(RECONSTRUCTIONS), 2 * GRID_COLS)?;
         trainer.save_samples(&out.join(SAMPLES), 4 * GRID_COLS)?;
+        if let Some(tb) = events.as_mut() {
+            let step = trainer.step;
+            for (tag, value) in [
+                ("epoch/train_loss", train.loss),
+                ("test/loss", test_stats.loss),
+                ("test/reconstruction", test_stats.reconstruction),
+                ("test/kl", test_stats.kl),
+                ("test/active_dims", active_dims as f64),
+            ] {
+                tb.scalar(tag, step, value)?;
+            }
+            for (tag, file) in [("reconstructions", RECONSTRUCTIONS), ("samples", SAMPLES)] {
+                let png = std::fs::read(out.join(file)).with_context(|| format!("reading {file}"))?;
+                let (w, h) = image::image_dimensions(out.join(file))?;
+                tb.image(tag, step, &png, w, h)?;
+            }
+            tb.flush()?;
+        }
         if !opts.quiet {
             println!(
                 "epoch {}/{}  train {train}  test {test_stats}  {images_per_s:.0} img/s  {seconds:.1}s  \
@@ -448,12 +547,28 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
             );
         }
         summary.epochs.push((train, test_stats));
+        plot_losses(&metrics, &out.join(LOSS_PLOT))?;
         if trainer.epoch < cfg.epochs && opts.stop_requested() {
             summary.interrupted = true;
             return Ok(summary);
         }
     }
     Ok(summary)
+}
+
+/// `loss.png` from the whole of `metrics.csv`, earlier invocations of a resumed run included.
+fn plot_losses(metrics: &MetricsLog, path: &Path) -> Result<()> {
+    let rows = metrics.read()?;
+    let column = |name: &str| -> Vec<(f64, f64)> {
+        rows.iter()
+            .filter_map(|r| {
+                let get = |k: &str| r.iter().find(|(h, _)| h == k).map(|(_, v)| *v);
+                Some((get("epoch")?, get(name)?))
+            })
+            .collect()
+    };
+    let train = Series { color: plot::TRAIN_COLOR, points: column("train_loss") };
+    plot::save_lines(path, &[train, Series { color: plot::TEST_COLOR, points: column("test_loss") }])
 }
 
 /// Keeps the newest `keep` periodic checkpoints.

@@ -2,30 +2,22 @@
 
 mod common;
 
-use common::{ok, stderr, stdout, vae};
+use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use tch::Tensor;
 use vae::checkpoint::Checkpoint;
 
-const TINY: &[&str] = &[
+const DATA: &[&str] = &[
     "--train-size",
     "640",
     "--test-size",
     "64",
-    "--conv-channels",
-    "8,16",
-    "--hidden",
-    "32",
-    "--latent-dim",
-    "4",
     "--batch-size",
     "32",
     "--binarize",
     "dynamic",
-    "--device",
-    "cpu",
     // Exactness holds for a fixed thread count: reductions split by thread.
     "--threads",
     "1",
@@ -33,7 +25,8 @@ const TINY: &[&str] = &[
 
 fn train(out: &Path, epochs: &str, extra: &[&str]) -> Output {
     let mut args = vec!["train", "--quiet", "--epochs", epochs, "--out", out.to_str().unwrap()];
-    args.extend_from_slice(TINY);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
     args.extend_from_slice(extra);
     vae(&args)
 }
@@ -66,7 +59,8 @@ fn resumed_and_interrupted_runs_equal_the_straight_run_bitwise() {
     // SIGINT during the second epoch: the step finishes, last.safetensors is written, exit 130.
     let sig = dir.path().join("sig");
     let mut args = vec!["train", "--epochs", "3", "--out", sig.to_str().unwrap()];
-    args.extend_from_slice(TINY);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
     let mut child = Command::new(env!("CARGO_BIN_EXE_vae"))
         .args(&args)
         .stdout(Stdio::piped())
@@ -203,7 +197,7 @@ fn info_describes_the_checkpoint() {
 #[test]
 fn pytorch_loads_the_checkpoint_and_computes_the_same_loss() {
     use tch::{Device, Kind};
-    use vae::loss::Elbo;
+    use vae::loss::{Elbo, KlWeight};
     use vae::model::Forward;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv/bin/python");
@@ -220,7 +214,9 @@ fn pytorch_loads_the_checkpoint_and_computes_the_same_loss() {
         let posterior = trainer.model.encode(&x);
         let z = posterior.sample_with_noise(&eps);
         let out = Forward { likelihood_params: trainer.model.decode(&z), posterior };
-        Elbo::new(trainer.cfg.model.likelihood, &out, &x, trainer.cfg.beta).loss.double_value(&[])
+        Elbo::new(trainer.cfg.model.likelihood, &out, &x, KlWeight { beta: trainer.cfg.beta, free_bits: 0.0 })
+            .loss
+            .double_value(&[])
     });
     let batch = dir.path().join("batch.safetensors");
     Tensor::write_safetensors(&[("x", &x), ("eps", &eps)], &batch).unwrap();

@@ -2,23 +2,10 @@
 
 mod common;
 
-use common::{ok, stderr, stdout, vae};
+use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::path::Path;
 
-const TINY: &[&str] = &[
-    "--conv-channels",
-    "8,16",
-    "--hidden",
-    "32",
-    "--latent-dim",
-    "4",
-    "--batch-size",
-    "32",
-    "--device",
-    "cpu",
-    "--threads",
-    "1",
-];
+const DATA: &[&str] = &["--batch-size", "32", "--threads", "1"];
 
 /// Train losses from the per-epoch summary lines.
 fn train_losses(out: &str) -> Vec<f64> {
@@ -37,7 +24,8 @@ fn shapes_training_lowers_the_loss_and_writes_checkpoint_and_pictures() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let mut args = vec!["train", "--epochs", "3", "--train-size", "512", "--test-size", "64"];
-    args.extend_from_slice(TINY);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
     args.extend_from_slice(&["--out", run.to_str().unwrap()]);
     let out = ok(vae(&args));
     let losses = train_losses(&stdout(&out));
@@ -64,7 +52,8 @@ fn rgb_64_shapes_train_with_the_gaussian_likelihood() {
     let run = dir.path().join("rgb");
     let mut args = vec!["train", "--epochs", "1", "--train-size", "64", "--test-size", "16"];
     args.extend_from_slice(&["--image-size", "64", "--channels", "3", "--conv-channels", "8,8,16"]);
-    args.extend_from_slice(&TINY[2..]);
+    args.extend_from_slice(&TINY_MODEL[2..]);
+    args.extend_from_slice(DATA);
     args.extend_from_slice(&["--out", run.to_str().unwrap()]);
     ok(vae(&args));
     assert!(run.join("last.safetensors").is_file());
@@ -93,7 +82,8 @@ fn idx_dataset_trains_from_gzipped_files() {
     let run = dir.path().join("run");
     let mut args = vec!["train", "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
     args.extend_from_slice(&["--epochs", "1", "--binarize", "dynamic", "--out", run.to_str().unwrap()]);
-    args.extend_from_slice(TINY);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
     let out = ok(vae(&args));
     assert!(stdout(&out).contains("training on 64 images of 1x28x28 (fashion-mnist), 32 test images"));
     assert!(run.join("last.safetensors").is_file());

@@ -3,35 +3,20 @@
 
 mod common;
 
-use common::{ok, stderr, stdout, vae};
+use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::path::Path;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 use vae::eval::iwae_nll;
 use vae::model::{Vae, VaeConfig};
 
-const TINY: &[&str] = &[
-    "--train-size",
-    "640",
-    "--test-size",
-    "120",
-    "--conv-channels",
-    "8,16",
-    "--hidden",
-    "32",
-    "--latent-dim",
-    "4",
-    "--batch-size",
-    "32",
-    "--binarize",
-    "dynamic",
-    "--device",
-    "cpu",
-];
+const DATA: &[&str] =
+    &["--train-size", "640", "--test-size", "120", "--batch-size", "32", "--binarize", "dynamic"];
 
 fn trained_run(dir: &Path) -> std::path::PathBuf {
     let run = dir.join("run");
     let mut args = vec!["train", "--quiet", "--epochs", "2", "--out", run.to_str().unwrap()];
-    args.extend_from_slice(TINY);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
     ok(vae(&args));
     run
 }

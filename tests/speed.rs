@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ok, stderr, stdout, vae};
+use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::path::Path;
 use tch::Device;
 use vae::checkpoint::{self, Checkpoint};
@@ -13,22 +13,7 @@ use vae::model::VaeConfig;
 use vae::precision::Precision;
 use vae::train::{Flow, TrainConfig, Trainer};
 
-const TINY: &[&str] = &[
-    "--train-size",
-    "512",
-    "--test-size",
-    "64",
-    "--conv-channels",
-    "8,16",
-    "--hidden",
-    "32",
-    "--latent-dim",
-    "4",
-    "--batch-size",
-    "32",
-    "--device",
-    "cpu",
-];
+const DATA: &[&str] = &["--train-size", "512", "--test-size", "64", "--batch-size", "32"];
 
 fn epoch_losses(out: &str) -> Vec<f64> {
     out.lines()
@@ -44,7 +29,8 @@ fn float32_and_bfloat16_train_through_the_binary_and_f16_needs_cuda() {
         let run = dir.path().join(precision);
         let mut args =
             vec!["train", "--epochs", "3", "--precision", precision, "--out", run.to_str().unwrap()];
-        args.extend_from_slice(TINY);
+        args.extend_from_slice(TINY_MODEL);
+        args.extend_from_slice(DATA);
         let out = ok(vae(&args));
         let losses = epoch_losses(&stdout(&out));
         assert_eq!(losses.len(), 3, "{}", stdout(&out));
@@ -54,7 +40,8 @@ fn float32_and_bfloat16_train_through_the_binary_and_f16_needs_cuda() {
     }
     let refused = dir.path().join("f16");
     let mut args = vec!["train", "--precision", "f16", "--out", refused.to_str().unwrap()];
-    args.extend_from_slice(TINY);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
     let out = vae(&args);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--precision f16 needs a CUDA device"), "{}", stderr(&out));
@@ -78,7 +65,8 @@ fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
     let progress = indicatif::ProgressBar::hidden();
     let mut losses = Vec::new();
     for _ in 0..3 {
-        losses.push(trainer.train_epoch(&loader, &progress, |_| Ok(Flow::Continue)).unwrap().unwrap().loss);
+        losses
+            .push(trainer.train_epoch(&loader, &progress, |_, _| Ok(Flow::Continue)).unwrap().unwrap().loss);
     }
     assert!(losses.iter().all(|l| l.is_finite()) && losses[2] < losses[0] * 0.9, "{losses:?}");
     assert_eq!(trainer.step, 24);

@@ -2,6 +2,10 @@
 
 use std::process::{Command, Output};
 
+/// A model small enough to train in about a second on the CPU; each test adds its data.
+pub const TINY_MODEL: &[&str] =
+    &["--conv-channels", "8,16", "--hidden", "32", "--latent-dim", "4", "--device", "cpu"];
+
 pub fn vae(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vae")).args(args).output().expect("vae runs")
 }
