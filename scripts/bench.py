@@ -42,6 +42,36 @@ def generated_data(folder, train, test):
     return folder
 
 
+def generated_jpegs(folder, count, side=128):
+    """Smooth random colour fields as JPEGs, in 10 subfolders."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for i in range(count):
+        sub = os.path.join(folder, f"{i % 10}")
+        os.makedirs(sub, exist_ok=True)
+        coarse = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        img = Image.fromarray(coarse).resize((side, side), Image.BILINEAR)
+        img.save(os.path.join(sub, f"{i:05d}.jpg"), quality=90)
+    return folder
+
+
+def loader_section(vae_bin, args, tmp):
+    """The image-folder loader: first decode, then from the cache, next to the training step."""
+    count = 200 if args.quick else 10000
+    folder = generated_jpegs(os.path.join(tmp, "jpegs"), count)
+    cache = os.path.join(tmp, "cache")
+    cmd = [vae_bin, "bench", "--dataset", "folder", "--data-dir", folder, "--image-size", "64",
+           "--cache-dir", cache, "--device", "cpu", "--threads", str(args.threads),
+           "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    first, cached = run_json(cmd, dict(os.environ)), run_json(cmd, dict(os.environ))
+    print(f"\nimage-folder loader ({count} generated 128x128 JPEGs -> 64x64x3 crops, {args.threads} threads):")
+    print(f"  first run, decoding      {first['load_s']:7.2f} s  {first['load_images_per_s']:9.0f} img/s")
+    print(f"  second run, from cache   {cached['load_s']:7.2f} s  {cached['load_images_per_s']:9.0f} img/s")
+    print(f"  training step on it (f32, batch {cached['batch_size']}): {cached['images_per_s']:.0f} img/s")
+    return {"first": first, "cached": cached}
+
+
 def run_json(cmd, env):
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -150,6 +180,8 @@ def main():
                 ms = r[impl]["profile_ms"]
                 print(f"{label(case):<20} {impl:<8} {ms['data']:>6.2f} {ms['forward']:>8.2f}"
                       f" {ms['backward']:>9.2f} {ms['optimizer']:>10.2f}", flush=True)
+
+        results["loader"] = loader_section(args.vae_bin, args, tmp)
 
         e = measure(args.vae_bin, epoch_case, args, data_dir, full_epoch=True)
         results["full epoch " + " ".join(map(str, epoch_case))] = e

@@ -3,6 +3,7 @@
 //! device syncs, and optionally a whole epoch with data loading and the test evaluation.
 
 use crate::data::{DataConfig, Loader};
+use crate::loss::Likelihood;
 use crate::train::{Stats, StepTimes, TrainConfig, Trainer};
 use anyhow::{ensure, Result};
 use serde::Serialize;
@@ -33,6 +34,10 @@ pub struct BenchReport {
     pub epoch_s: Option<f64>,
     pub test_loss: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// Seconds to load (read, decode, or take from the cache) both splits.
+    pub load_s: f64,
+    /// Images of both splits per second of loading.
+    pub load_images_per_s: f64,
     /// Milliseconds per step in each phase, from a separate profiled pass.
     pub profile_ms: Option<PhaseMs>,
 }
@@ -72,9 +77,13 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some(kib / 1024.0)
 }
 
-pub fn run(cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<BenchReport> {
+pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<BenchReport> {
     let started = Instant::now();
     let splits = DataConfig::load(&cfg.data, cfg.seed)?;
+    let load_s = started.elapsed().as_secs_f64();
+    let [c, h, _] = splits.train.image_shape();
+    (cfg.model.in_channels, cfg.model.image_size) = (c, h);
+    cfg.model.likelihood = if c == 1 { Likelihood::Bernoulli } else { Likelihood::Gaussian };
     let mut trainer = Trainer::new(cfg, device)?;
     let loader = Loader::new(&splits.train, device, trainer.cfg.batch_size);
     let mut report = BenchReport {
@@ -88,6 +97,8 @@ pub fn run(cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<Bench
         epoch_s: None,
         test_loss: None,
         peak_rss_mib: None,
+        load_s,
+        load_images_per_s: (splits.train.len() + splits.test.len()) as f64 / load_s,
         profile_ms: None,
     };
     if opts.full_epoch {

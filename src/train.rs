@@ -52,6 +52,9 @@ pub struct TrainConfig {
     /// Largest global gradient norm; larger gradients are scaled down to it.
     #[serde(default)]
     pub clip_grad: Option<f64>,
+    /// Random left-right flips of the training images.
+    #[serde(default)]
+    pub hflip: bool,
 }
 
 impl Default for TrainConfig {
@@ -71,6 +74,7 @@ impl Default for TrainConfig {
             kl_warmup_epochs: 0.0,
             free_bits: 0.0,
             clip_grad: None,
+            hflip: false,
         }
     }
 }
@@ -333,6 +337,9 @@ impl Trainer {
         // Noise of step s depends on (seed, s) only: a resumed run draws the same.
         seed_torch(self.cfg.seed, Stream::Step, self.step);
         let mut x = loader.gather(indices);
+        if self.cfg.hflip {
+            x = crate::data::random_hflip(&x);
+        }
         if self.cfg.binarize == Binarize::Dynamic {
             x = x.bernoulli();
         }

@@ -101,6 +101,8 @@ fn the_quick_benchmark_runs_both_implementations() {
         "cpu f32 batch 128",
         "cpu bf16 batch 128",
         "where a step's time goes",
+        "image-folder loader",
+        "second run, from cache",
         "full epoch",
     ] {
         assert!(text.contains(case), "no {case:?} in:\n{text}");

@@ -8,11 +8,25 @@ use tch::Tensor;
 
 /// `[channels, size, size]` u8 pixels of the file at `path`.
 pub fn load(path: &Path, channels: i64, size: i64) -> Result<Tensor> {
+    let decoded = decode(path, channels, size)?;
+    Ok(Tensor::from_slice(&decoded.pixels).view([channels, size, size]))
+}
+
+/// An image as the model reads it.
+pub struct Decoded {
+    /// `channels * size * size` bytes, channel-major.
+    pub pixels: Vec<u8>,
+    /// The shorter side was below `size`, so the image was enlarged.
+    pub upscaled: bool,
+}
+
+pub fn decode(path: &Path, channels: i64, size: i64) -> Result<Decoded> {
     ensure!(channels == 1 || channels == 3, "images must have 1 or 3 channels, found {channels}");
     let img = image::open(path).with_context(|| format!("{}: cannot read the image", path.display()))?;
     let (w, h) = (img.width(), img.height());
     ensure!(w > 0 && h > 0, "{}: the image is empty", path.display());
     let size = size as u32;
+    let upscaled = w.min(h) < size;
     // The shorter side becomes `size`; the longer keeps the aspect ratio.
     let scale = size as f64 / w.min(h) as f64;
     let (rw, rh) =
@@ -27,7 +41,7 @@ pub fn load(path: &Path, channels: i64, size: i64) -> Result<Tensor> {
         // HWC as the image crate stores it, to the CHW the model reads.
         (0..3).flat_map(|c| hwc.iter().skip(c).step_by(3).copied().collect::<Vec<u8>>()).collect()
     };
-    Ok(Tensor::from_slice(&pixels).view([channels, size as i64, size as i64]))
+    Ok(Decoded { pixels, upscaled })
 }
 
 #[cfg(test)]

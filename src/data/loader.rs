@@ -47,6 +47,13 @@ impl Loader {
     }
 }
 
+/// Each image of `[B, C, H, W]` mirrored left-right with probability 1/2, drawn from
+/// libtorch's generator (which the trainer seeds per step).
+pub fn random_hflip(x: &Tensor) -> Tensor {
+    let flip = Tensor::rand([x.size()[0], 1, 1, 1], (Kind::Float, x.device())).lt(0.5);
+    x.flip([3]).where_self(&flip, x)
+}
+
 /// u8 pixels to floats in [0, 1].
 pub fn to_unit_float(pixels: &Tensor) -> Tensor {
     pixels.to_kind(Kind::Float) / 255.0
@@ -71,5 +78,22 @@ mod tests {
         let expected: Vec<f32> = (0..10).map(|i| i as f32 / 255.0).collect();
         assert_eq!(seen, expected);
         assert_eq!(loader.sequential().count(), 3);
+    }
+
+    #[test]
+    fn hflip_mirrors_some_images_and_keeps_the_others() {
+        tch::manual_seed(4);
+        let x = Tensor::rand([64, 2, 3, 5], (Kind::Float, Device::Cpu));
+        let y = random_hflip(&x);
+        let (mut kept, mut flipped) = (0, 0);
+        for i in 0..64 {
+            if y.get(i).equal(&x.get(i)) {
+                kept += 1;
+            } else if y.get(i).equal(&x.get(i).flip([2])) {
+                flipped += 1;
+            }
+        }
+        assert_eq!(kept + flipped, 64, "every image is itself or its mirror");
+        assert!(kept > 16 && flipped > 16, "kept {kept}, flipped {flipped}");
     }
 }

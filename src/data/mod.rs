@@ -1,14 +1,16 @@
 //! Datasets: where images come from, held in memory as u8 `[N, C, H, W]` tensors.
 
+pub mod cifar;
+pub mod folder;
 pub mod idx;
 pub mod image_file;
 mod loader;
 pub mod shapes;
 
-pub use loader::{to_unit_float, Loader};
+pub use loader::{random_hflip, to_unit_float, Loader};
 
 use crate::rng::{SplitMix64, Stream};
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
@@ -29,6 +31,10 @@ pub enum DatasetKind {
     FashionMnist,
     /// MNIST digits in IDX format; same layout as Fashion-MNIST.
     Mnist,
+    /// CIFAR-10's binary batches (32x32 RGB, 50k train / 10k test).
+    Cifar10,
+    /// Every image below --data-dir, resized and centre-cropped to --image-size.
+    Folder,
 }
 
 /// What to load; saved in checkpoints so evaluation finds the same data.
@@ -37,13 +43,23 @@ pub struct DataConfig {
     pub kind: DatasetKind,
     /// Folder of the IDX files; `None` means the dataset's default location.
     pub data_dir: Option<PathBuf>,
-    /// Side of the generated images (shapes only).
+    /// Side of the generated images (shapes) or of the crops (folder).
     pub image_size: i64,
-    /// Channels of the generated images (shapes only): 1 or 3.
+    /// Channels of the generated (shapes) or decoded (folder) images: 1 or 3.
     pub channels: i64,
     /// Images of the train split to use: all of a file's, or this many generated shapes.
     pub train_size: Option<usize>,
     pub test_size: Option<usize>,
+    /// Share of a folder's files held out for testing, chosen by path hash.
+    #[serde(default = "default_test_fraction")]
+    pub test_fraction: f64,
+    /// Where decoded image folders are cached (`None`: decode every time).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+fn default_test_fraction() -> f64 {
+    0.05
 }
 
 impl Default for DataConfig {
@@ -55,6 +71,8 @@ impl Default for DataConfig {
             channels: 1,
             train_size: None,
             test_size: None,
+            test_fraction: default_test_fraction(),
+            cache_dir: None,
         }
     }
 }
@@ -65,6 +83,8 @@ impl DataConfig {
             DatasetKind::Shapes => "shapes",
             DatasetKind::FashionMnist => "fashion-mnist",
             DatasetKind::Mnist => "mnist",
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Folder => "folder",
         }
     }
 
@@ -110,6 +130,30 @@ impl DataConfig {
                 );
                 let train = read_idx_split(&dir, "train")?.truncated(self.train_size);
                 Ok(Splits { train, test: read_idx_split(&dir, "t10k")?.truncated(self.test_size) })
+            }
+            DatasetKind::Cifar10 => {
+                let dir = self.data_dir.as_deref().context("--dataset cifar10 needs --data-dir DIR")?;
+                ensure!(dir.is_dir(), "CIFAR-10 folder {} does not exist", dir.display());
+                let dir = cifar::locate(dir);
+                let train = cifar::read_split(&dir, &cifar::TRAIN_FILES)?.truncated(self.train_size);
+                Ok(Splits {
+                    train,
+                    test: cifar::read_split(&dir, &[cifar::TEST_FILE])?.truncated(self.test_size),
+                })
+            }
+            DatasetKind::Folder => {
+                let dir = self.data_dir.clone().context("--dataset folder needs --data-dir FOLDER")?;
+                let splits = folder::load(&folder::FolderOptions {
+                    dir,
+                    image_size: self.image_size,
+                    channels: self.channels,
+                    test_fraction: self.test_fraction,
+                    cache_dir: self.cache_dir.clone(),
+                })?;
+                Ok(Splits {
+                    train: splits.train.truncated(self.train_size),
+                    test: splits.test.truncated(self.test_size),
+                })
             }
         }
     }

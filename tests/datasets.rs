@@ -1,0 +1,167 @@
+//! CIFAR-10 files and image folders, generated here: training through the binary, the
+//! folder's stable split and cache, and each bad input's message.
+
+mod common;
+
+use common::{ok, stderr, stdout, vae, TINY_MODEL};
+use std::collections::HashSet;
+use std::path::Path;
+use vae::data::cifar;
+use vae::data::folder::{self, FolderOptions};
+
+fn train(data: &Path, run: &Path, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["train", "--epochs", "1", "--batch-size", "16", "--data-dir", data.to_str().unwrap()];
+    args.extend_from_slice(&["--out", run.to_str().unwrap()]);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(extra);
+    vae(&args)
+}
+
+/// A deterministic, distinct colour pattern per index.
+fn pattern(i: u32, w: u32, h: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([(i * 37 % 256) as u8, (x * 255 / w.max(1)) as u8, ((y + i) * 255 / h.max(1) % 256) as u8])
+    })
+}
+
+fn write_cifar(dir: &Path, per_file: usize) {
+    let record = |i: usize| -> [u8; 3072] { std::array::from_fn(|p| ((p * 7 + i * 13) % 251) as u8) };
+    for (f, name) in cifar::TRAIN_FILES.iter().chain([&cifar::TEST_FILE]).enumerate() {
+        let images: Vec<[u8; 3072]> = (0..per_file).map(|i| record(f * per_file + i)).collect();
+        let labels: Vec<u8> = (0..per_file).map(|i| (i % 10) as u8).collect();
+        std::fs::write(dir.join(name), cifar::encode(&images, &labels)).unwrap();
+    }
+}
+
+#[test]
+fn cifar10_trains_and_a_file_of_the_wrong_size_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cifar-10-batches-bin");
+    std::fs::create_dir(&data).unwrap();
+    write_cifar(&data, 20);
+    // The archive's own folder is found below the one given.
+    let out = ok(train(dir.path(), &dir.path().join("run"), &["--dataset", "cifar10", "--hflip"]));
+    assert!(
+        stdout(&out).contains("training on 100 images of 3x32x32 (cifar10), 20 test images"),
+        "{}",
+        stdout(&out)
+    );
+
+    std::fs::write(data.join("data_batch_3.bin"), vec![0u8; 3073 * 2 + 100]).unwrap();
+    let out = train(dir.path(), &dir.path().join("run2"), &["--dataset", "cifar10"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains("data_batch_3.bin: 6246 bytes is not a whole number of 3073-byte CIFAR-10 records"),
+        "{}",
+        stderr(&out)
+    );
+    let out = train(dir.path(), &dir.path().join("run3"), &["--dataset", "cifar10", "--image-size", "64"]);
+    assert!(
+        stderr(&out).contains("--image-size and --channels apply to shapes and folder only"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+/// 60 images of mixed sizes and formats in nested folders, a small one, a corrupt one and a
+/// hidden file.
+fn write_folder(dir: &Path) {
+    for i in 0..60u32 {
+        let sub = dir.join(format!("class{}", i % 3)).join(if i % 2 == 0 { "a" } else { "b" });
+        std::fs::create_dir_all(&sub).unwrap();
+        let img = pattern(i, 20 + i % 17, 24 + i % 11);
+        match i % 4 {
+            0 => img.save(sub.join(format!("{i}.png"))).unwrap(),
+            1 => img.save(sub.join(format!("{i}.jpg"))).unwrap(),
+            2 => image::DynamicImage::ImageRgb8(img).to_luma8().save(sub.join(format!("{i}.png"))).unwrap(),
+            _ => img.save(sub.join(format!("{i}.bmp"))).unwrap(),
+        }
+    }
+    pattern(99, 10, 12).save(dir.join("tiny.png")).unwrap();
+    std::fs::write(dir.join("broken.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    std::fs::write(dir.join(".DS_Store"), b"junk").unwrap();
+}
+
+#[test]
+fn an_image_folder_trains_warns_about_bad_files_and_is_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    write_folder(&data);
+    let cache = dir.path().join("cache");
+    let flags = ["--dataset", "folder", "--image-size", "16", "--test-fraction", "0.2", "--hflip"];
+    let mut args = flags.to_vec();
+    args.extend_from_slice(&["--cache-dir", cache.to_str().unwrap()]);
+    let out = ok(train(&data, &dir.path().join("run"), &args));
+    let err = stderr(&out);
+    assert!(err.contains("skipped 1 files of") && err.contains("broken.png"), "{err}");
+    assert!(err.contains("1 images of") && err.contains("smaller than 16 px and were enlarged"), "{err}");
+    assert!(stdout(&out).contains("images of 3x16x16 (folder)"), "{}", stdout(&out));
+    let cached: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+    assert_eq!(cached.len(), 1, "one cache file");
+
+    let out = ok(train(&data, &dir.path().join("run2"), &args));
+    assert!(stderr(&out).contains("decoded images from the cache"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("broken.png"), "the cache skips decoding: {}", stderr(&out));
+    // Grayscale, without a cache.
+    let mut gray = flags.to_vec();
+    gray.extend_from_slice(&["--channels", "1", "--no-cache"]);
+    let out = ok(train(&data, &dir.path().join("run3"), &gray));
+    assert!(stdout(&out).contains("images of 1x16x16 (folder)"), "{}", stdout(&out));
+}
+
+fn test_images(dir: &Path) -> HashSet<Vec<u8>> {
+    let opts = FolderOptions {
+        dir: dir.to_path_buf(),
+        image_size: 8,
+        channels: 3,
+        test_fraction: 0.2,
+        cache_dir: None,
+    };
+    let splits = folder::load(&opts).unwrap();
+    let pixels = Vec::<u8>::try_from(splits.test.images.flatten(0, -1)).unwrap();
+    pixels.chunks(3 * 8 * 8).map(<[u8]>::to_vec).collect()
+}
+
+#[test]
+fn adding_a_file_keeps_the_test_split() {
+    let dir = tempfile::tempdir().unwrap();
+    write_folder(dir.path());
+    let before = test_images(dir.path());
+    assert!(before.len() >= 5, "{} test images", before.len());
+    for i in 100..120 {
+        pattern(i, 30, 30).save(dir.path().join(format!("class0/new{i}.png"))).unwrap();
+    }
+    let after = test_images(dir.path());
+    assert!(before.is_subset(&after), "a test image moved to the train split");
+    assert!(after.len() > before.len() || after.len() == before.len());
+}
+
+#[test]
+fn bad_folders_get_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let junk = dir.path().join("junk");
+    std::fs::create_dir(&junk).unwrap();
+    for i in 0..4 {
+        std::fs::write(junk.join(format!("{i}.jpg")), b"no image").unwrap();
+    }
+    let images = dir.path().join("images");
+    write_folder(&images);
+    for (data, extra, message) in [
+        (dir.path().join("missing"), vec![], "image folder"),
+        (empty.clone(), vec![], "holds no files"),
+        (junk.clone(), vec![], "decodes as an image (4 tried, e.g. 0.jpg, 1.jpg, 2.jpg)"),
+        (images.clone(), vec!["--test-fraction", "0"], "--test-fraction must be between 0 and 1, found 0"),
+        (images.clone(), vec!["--channels", "2"], "1 or 3 channels, found 2"),
+    ] {
+        let mut args = vec!["--dataset", "folder", "--no-cache"];
+        args.extend_from_slice(&extra);
+        let out = train(&data, &dir.path().join("run"), &args);
+        assert!(!out.status.success(), "{data:?} {extra:?} accepted");
+        assert!(stderr(&out).contains(message), "{data:?}: {}", stderr(&out));
+    }
+    let out = vae(&["train", "--dataset", "folder"]);
+    assert!(stderr(&out).contains("--dataset folder needs --data-dir FOLDER"), "{}", stderr(&out));
+}
