@@ -125,6 +125,35 @@ fn decode_cache(path: &Path, opts: &FolderOptions) -> Option<Splits> {
     })
 }
 
+/// Bytes the kernel says can be allocated without swapping (`MemAvailable`).
+fn available_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// The decoded set lives in memory (and then on the device): refuse, before decoding for
+/// hours, a folder whose decoded size would take more than half of what is available.
+fn check_memory(files: usize, opts: &FolderOptions, available: Option<u64>) -> Result<()> {
+    let needed = files as u64 * (opts.channels * opts.image_size * opts.image_size) as u64;
+    if let Some(available) = available {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        ensure!(
+            needed <= available / 2,
+            "{} files of {}: decoded at {}x{s}x{s} they would take {:.1} GiB, more than half the {:.1} GiB \
+             of memory available; use a smaller --image-size or a subset of the folder (streaming from \
+             disk is not implemented)",
+            files,
+            opts.dir.display(),
+            opts.channels,
+            gib(needed),
+            gib(available),
+            s = opts.image_size
+        );
+    }
+    Ok(())
+}
+
 pub fn load(opts: &FolderOptions) -> Result<Splits> {
     let dir = &opts.dir;
     ensure!(dir.is_dir(), "image folder {} does not exist (pass --data-dir FOLDER)", dir.display());
@@ -145,6 +174,7 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
         return Ok(splits);
     }
 
+    check_memory(entries.len(), opts, available_memory())?;
     let progress = ProgressBar::new(entries.len() as u64);
     progress.set_style(
         ProgressStyle::with_template("decoding {pos}/{len} images [{bar:30}] {per_sec} eta {eta}")
@@ -228,6 +258,24 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_too_big_for_memory_is_refused_by_size() {
+        let opts = FolderOptions {
+            dir: PathBuf::from("/data/faces"),
+            image_size: 128,
+            channels: 3,
+            test_fraction: 0.05,
+            cache_dir: None,
+        };
+        assert!(check_memory(1000, &opts, Some(1 << 30)).is_ok());
+        let err = check_memory(200_000, &opts, Some(8 << 30)).unwrap_err().to_string();
+        assert!(
+            err.contains("200000 files of /data/faces: decoded at 3x128x128 they would take 9.2 GiB"),
+            "{err}"
+        );
+        assert!(err.contains("more than half the 8.0 GiB"), "{err}");
+    }
 
     #[test]
     fn the_split_depends_on_the_path_alone_and_has_the_asked_fraction() {
