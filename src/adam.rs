@@ -237,18 +237,22 @@ impl Adam {
         self.slots.iter().map(|s| s.param.grad()).filter(Tensor::defined).collect()
     }
 
-    /// Scales the gradients down so their global L2 norm is at most `max_norm`, as
-    /// `torch.nn.utils.clip_grad_norm_` does; the factor stays on the device (no sync).
-    pub fn clip_grad_norm(&self, max_norm: f64) {
+    /// The L2 norm of all the gradients together, on the device (a scalar; 0 without any).
+    pub fn grad_norm(&self) -> Tensor {
         let grads = self.gradients();
-        if grads.is_empty() {
-            return;
-        }
+        tch::no_grad(|| match grads.first() {
+            None => Tensor::zeros([], (Kind::Float, Device::Cpu)),
+            Some(_) => Tensor::stack(&grads.iter().map(|g| g.norm()).collect::<Vec<_>>(), 0).norm(),
+        })
+    }
+
+    /// Scales the gradients down so their global L2 norm (`norm`, from [`Adam::grad_norm`]) is
+    /// at most `max_norm`, as `torch.nn.utils.clip_grad_norm_` does; the factor stays on the
+    /// device (no sync).
+    pub fn clip_grad_norm(&self, norm: &Tensor, max_norm: f64) {
         tch::no_grad(|| {
-            let norms: Vec<Tensor> = grads.iter().map(|g| g.norm()).collect();
-            let total = Tensor::stack(&norms, 0).norm();
-            let factor = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-            for g in &grads {
+            let factor = ((norm + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+            for g in &self.gradients() {
                 let _ = g.shallow_clone().g_mul_(&factor);
             }
         });

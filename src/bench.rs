@@ -117,12 +117,16 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
             .collect();
         let mut sums = Tensor::zeros([3], (Kind::Float, device));
         for indices in &batches[..opts.warmup] {
-            sums += trainer.step(&loader, indices, None);
+            if let Some(means) = trainer.step(&loader, indices, None) {
+                sums += means;
+            }
         }
         sync(device);
         let start = Instant::now();
         for indices in &batches[opts.warmup..] {
-            sums += trainer.step(&loader, indices, None);
+            if let Some(means) = trainer.step(&loader, indices, None) {
+                sums += means;
+            }
         }
         sync(device);
         let seconds = start.elapsed().as_secs_f64();

@@ -333,6 +333,10 @@ struct TrainArgs {
     /// Write no TensorBoard event files.
     #[arg(long)]
     no_tensorboard: bool,
+    /// Stop as diverged after this many steps in a row with a non-finite loss or gradient
+    /// (each is skipped; the weights never see it).
+    #[arg(long, default_value_t = 20)]
+    max_bad_steps: u64,
 }
 
 impl TrainArgs {
@@ -524,6 +528,7 @@ fn set_threads(threads: Option<i32>) -> Result<()> {
 
 fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
     set_threads(args.threads)?;
+    ensure!(args.max_bad_steps >= 1, "--max-bad-steps must be at least 1, found {}", args.max_bad_steps);
     let device = vae::device::parse_device(&args.device)?;
     let (mut trainer, splits, out_dir) = match &args.resume {
         Some(from) => resumed_trainer(&args, matches, from, device)?,
@@ -546,6 +551,7 @@ fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         quiet: args.quiet,
         stop: Some(install_stop_handler()?),
         tensorboard: !args.no_tensorboard,
+        max_bad_steps: args.max_bad_steps,
     };
     let summary = train::run(&mut trainer, &splits, &opts)?;
     if summary.interrupted {

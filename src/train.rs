@@ -13,7 +13,7 @@ use crate::precision::{LossScale, Precision};
 use crate::rng::{seed_torch, Stream};
 use crate::schedule::{LrSchedule, Schedule};
 use crate::tensorboard::EventWriter;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -223,6 +223,10 @@ pub struct Trainer {
     pub best_test_loss: Option<f64>,
     /// Present when computing in float16.
     pub loss_scale: Option<LossScale>,
+    /// Steps in a row, up to now, whose loss or gradients were not finite (and were skipped).
+    pub bad_steps: u64,
+    /// Steps skipped so far by this process.
+    pub skipped_steps: u64,
 }
 
 impl Trainer {
@@ -240,7 +244,19 @@ impl Trainer {
         vs.set_device(device);
         let adam = Adam::new(&vs, cfg.adam);
         let loss_scale = (cfg.precision == Precision::F16).then(LossScale::default);
-        Ok(Self { cfg, device, vs, model, adam, epoch: 0, step: 0, best_test_loss: None, loss_scale })
+        Ok(Self {
+            cfg,
+            device,
+            vs,
+            model,
+            adam,
+            epoch: 0,
+            step: 0,
+            best_test_loss: None,
+            loss_scale,
+            bad_steps: 0,
+            skipped_steps: 0,
+        })
     }
 
     /// The model, optimizer and position a checkpoint holds, on `device`, continuing with
@@ -302,8 +318,10 @@ impl Trainer {
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
         for (i, indices) in batches.iter().enumerate().skip(done) {
             let batch = indices.size()[0] as usize;
-            sums += self.step(loader, indices, None) * batch as f64;
-            seen += batch;
+            if let Some(means) = self.step(loader, indices, None) {
+                sums += means * batch as f64;
+                seen += batch;
+            }
             progress.inc(batch as u64);
             let window = ((i + 1) % LOG_EVERY == 0).then(|| {
                 let window = Window {
@@ -324,10 +342,15 @@ impl Trainer {
     }
 
     /// One update on the images at `indices`; returns the batch's `[loss, reconstruction, kl]`
-    /// means, left on the device so the step never waits for it.
+    /// means, left on the device, or `None` when the step was skipped as non-finite.
     /// `times`, when given, collects where the step's time goes (and syncs the device to
     /// measure it, so leave it out of real training).
-    pub fn step(&mut self, loader: &Loader, indices: &Tensor, mut times: Option<&mut StepTimes>) -> Tensor {
+    pub fn step(
+        &mut self,
+        loader: &Loader,
+        indices: &Tensor,
+        mut times: Option<&mut StepTimes>,
+    ) -> Option<Tensor> {
         let mut mark = |phase: Phase| {
             if let Some(t) = times.as_deref_mut() {
                 t.mark(phase, self.device)
@@ -355,17 +378,28 @@ impl Trainer {
             Some(scaler) => (&elbo.loss * scaler.scale).backward(),
         }
         mark(Phase::Backward);
-        let finite = self.loss_scale.as_mut().is_none_or(|s| s.unscale(&self.adam.gradients()));
+        // A non-finite loss or gradient never reaches the weights: the step is skipped. The
+        // verdict costs one host sync per step, the price of that guarantee.
+        let unscaled = self.loss_scale.as_mut().is_none_or(|s| s.unscale(&self.adam.gradients()));
+        let norm = self.adam.grad_norm();
+        let finite = unscaled
+            && tch::no_grad(|| elbo.loss.isfinite().logical_and(&norm.isfinite().to_device(self.device)))
+                .int64_value(&[])
+                != 0;
         if finite {
             if let Some(max_norm) = self.cfg.clip_grad {
-                self.adam.clip_grad_norm(max_norm);
+                self.adam.clip_grad_norm(&norm, max_norm);
             }
             self.adam.cfg.lr = schedule.lr_at(self.step);
             self.adam.step();
+            self.bad_steps = 0;
+        } else {
+            self.bad_steps += 1;
+            self.skipped_steps += 1;
         }
         self.step += 1;
         mark(Phase::Optimizer);
-        elbo.stacked()
+        finite.then(|| elbo.stacked())
     }
 
     /// The bound on a split, with noise fixed per evaluation batch.
@@ -404,6 +438,8 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
     /// Write TensorBoard event files into the run folder.
     pub tensorboard: bool,
+    /// Consecutive non-finite steps after which the run stops as diverged.
+    pub max_bad_steps: u64,
 }
 
 /// What a run reports.
@@ -478,6 +514,7 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
                 .progress_chars("=> "),
         );
         progress.set_prefix(format!("{}/{}", trainer.epoch + 1, cfg.epochs));
+        let skipped_before = trainer.skipped_steps;
         let train = trainer.train_epoch(&loader, &progress, |t, window| {
             let step = t.step;
             if let (Some(tb), Some(w)) = (events.as_mut(), window) {
@@ -488,12 +525,31 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
                 tb.scalar("train/lr", step, t.adam.cfg.lr)?;
                 tb.scalar("train/beta", step, schedule.beta_at(step.saturating_sub(1)))?;
             }
+            if t.bad_steps >= opts.max_bad_steps {
+                bail!(
+                    "training diverged at step {step} (epoch {}): {} steps in a row gave a non-finite loss or \
+                     gradient and were skipped, so the weights are those of step {}. Lower --lr (now {}) or \
+                     pass --clip-grad; {} holds the last good checkpoint",
+                    t.epoch + 1,
+                    t.bad_steps,
+                    step - t.bad_steps,
+                    t.cfg.adam.lr,
+                    out.join(LAST).display()
+                );
+            }
             if opts.save_every_steps > 0 && step.is_multiple_of(opts.save_every_steps) {
                 opts.save_last(t)?;
             }
             Ok(if opts.stop_requested() { Flow::Stop } else { Flow::Continue })
         })?;
         progress.finish_and_clear();
+        if trainer.skipped_steps > skipped_before && !opts.quiet {
+            eprintln!(
+                "warning: skipped {} steps with a non-finite loss or gradient in epoch {}",
+                trainer.skipped_steps - skipped_before,
+                trainer.epoch
+            );
+        }
         let Some(train) = train else {
             opts.save_last(trainer)?;
             summary.interrupted = true;

@@ -1,0 +1,44 @@
+//! The divergence guard: non-finite steps are skipped, and a run that keeps producing them
+//! stops with a message, leaving its last good checkpoint.
+
+mod common;
+
+use common::{ok, stderr, stdout, vae, TINY_MODEL};
+use vae::checkpoint::Checkpoint;
+
+#[test]
+fn an_absurd_learning_rate_stops_the_run_and_keeps_a_finite_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "--quiet", "--epochs", "2", "--out", run.to_str().unwrap()];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(&["--train-size", "320", "--test-size", "32", "--batch-size", "32"]);
+    args.extend_from_slice(&["--lr", "1e6", "--max-bad-steps", "3", "--save-every-steps", "1"]);
+    let out = vae(&args);
+    assert!(!out.status.success(), "the run went on");
+    let err = stderr(&out);
+    assert!(err.contains("training diverged at step"), "{err}");
+    assert!(err.contains("3 steps in a row gave a non-finite loss or gradient"), "{err}");
+    assert!(err.contains("Lower --lr (now 1000000) or pass --clip-grad"), "{err}");
+
+    let last = Checkpoint::load(&run.join("last.safetensors")).expect("the last good checkpoint loads");
+    for (name, t) in &last.tensors {
+        let t = t.to_kind(tch::Kind::Double);
+        assert!(t.isfinite().all().int64_value(&[]) != 0, "{name} is not finite");
+    }
+    // The skipped steps still count as positions in the run; Adam counts only its updates.
+    let adam_steps = last.tensors["optimizer.step"].int64_value(&[]) as u64;
+    assert!(adam_steps < last.meta.step, "optimizer {adam_steps}, run {}", last.meta.step);
+
+    // A sane run never trips the guard, even at its strictest.
+    let sane = dir.path().join("sane");
+    let mut args = vec!["train", "--epochs", "1", "--max-bad-steps", "1", "--out", sane.to_str().unwrap()];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(&["--train-size", "320", "--test-size", "32"]);
+    let out = ok(vae(&args));
+    assert!(stdout(&out).contains("done: test loss"), "{}", stdout(&out));
+    assert!(!stderr(&out).contains("skipped"), "{}", stderr(&out));
+
+    let out = vae(&["train", "--max-bad-steps", "0", "--out", dir.path().join("x").to_str().unwrap()]);
+    assert!(stderr(&out).contains("--max-bad-steps must be at least 1, found 0"), "{}", stderr(&out));
+}
