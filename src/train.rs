@@ -342,7 +342,8 @@ impl Trainer {
     }
 
     /// One update on the images at `indices`; returns the batch's `[loss, reconstruction, kl]`
-    /// means, left on the device, or `None` when the step was skipped as non-finite.
+    /// means, left on the device, or `None` when the loss itself was not finite. (A float16
+    /// step whose gradients overflowed is skipped but still reports its finite loss.)
     /// `times`, when given, collects where the step's time goes (and syncs the device to
     /// measure it, so leave it out of real training).
     pub fn step(
@@ -382,10 +383,12 @@ impl Trainer {
         // verdict costs one host sync per step, the price of that guarantee.
         let unscaled = self.loss_scale.as_mut().is_none_or(|s| s.unscale(&self.adam.gradients()));
         let norm = self.adam.grad_norm();
-        let finite = unscaled
-            && tch::no_grad(|| elbo.loss.isfinite().logical_and(&norm.isfinite().to_device(self.device)))
-                .int64_value(&[])
-                != 0;
+        let verdict = tch::no_grad(|| {
+            let flags = [elbo.loss.isfinite(), norm.isfinite().to_device(self.device)];
+            Vec::<i64>::try_from(Tensor::stack(&flags, 0).to_kind(Kind::Int64)).expect("two flags")
+        });
+        let loss_finite = verdict[0] != 0;
+        let finite = unscaled && loss_finite && verdict[1] != 0;
         if finite {
             if let Some(max_norm) = self.cfg.clip_grad {
                 self.adam.clip_grad_norm(&norm, max_norm);
@@ -399,7 +402,7 @@ impl Trainer {
         }
         self.step += 1;
         mark(Phase::Optimizer);
-        finite.then(|| elbo.stacked())
+        loss_finite.then(|| elbo.stacked())
     }
 
     /// The bound on a split, with noise fixed per evaluation batch.
