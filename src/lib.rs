@@ -8,6 +8,7 @@ pub mod data;
 pub mod device;
 pub mod eval;
 pub mod export;
+pub mod fault;
 pub mod loss;
 pub mod metrics;
 pub mod model;

@@ -474,6 +474,15 @@ impl RunOptions {
 /// Checks that the run folder exists and takes files, before any training is spent.
 pub fn prepare_run_dir(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating run folder {}", dir.display()))?;
+    // A process killed mid-write leaves its temporary file behind (never a torn checkpoint).
+    // A run folder serves one run at a time, so any such file found now is stale.
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        if name.starts_with('.') && (name.contains(".tmp-") || name.starts_with(".write-test-")) {
+            std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+        }
+    }
     let probe = dir.join(format!(".write-test-{}", std::process::id()));
     std::fs::write(&probe, b"").with_context(|| format!("run folder {} is not writable", dir.display()))?;
     std::fs::remove_file(&probe).with_context(|| format!("cleaning up {}", probe.display()))
@@ -543,6 +552,7 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
             if opts.save_every_steps > 0 && step.is_multiple_of(opts.save_every_steps) {
                 opts.save_last(t)?;
             }
+            crate::fault::after_step(step);
             Ok(if opts.stop_requested() { Flow::Stop } else { Flow::Continue })
         })?;
         progress.finish_and_clear();

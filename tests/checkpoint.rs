@@ -96,6 +96,53 @@ fn patched(src: &Path, dst: &Path, from: &str, to: &str) {
     std::fs::write(dst, bytes).unwrap();
 }
 
+/// `vae train --resume` of `run` with a planned fault; it must die.
+fn resume_until_fault(run: &Path, fault: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(["train", "--resume", run.to_str().unwrap(), "--epochs", "3", "--threads", "1", "--quiet"])
+        .env("VAE_FAULT", fault)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{fault}: the run did not die");
+    assert!(stderr(&out).contains("VAE_FAULT: aborting"), "{fault}: {}", stderr(&out));
+}
+
+#[test]
+fn runs_killed_at_any_point_resume_to_the_straight_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    ok(train(&straight, "3", &["--save-every-steps", "3"]));
+
+    // Killed after step 7 (last saved at 6), then three times more: twice in the middle of a
+    // write (a checkpoint's or metrics.csv's), once after a step.
+    let killed = dir.path().join("killed");
+    let mut args = vec!["train", "--quiet", "--epochs", "3", "--save-every-steps", "3", "--out"];
+    args.push(killed.to_str().unwrap());
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_vae")).args(&args).env("VAE_FAULT", "step:7").output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(Checkpoint::load(&killed.join("last.safetensors")).unwrap().meta.step, 6);
+    for fault in ["write:2", "write:3", "step:25"] {
+        resume_until_fault(&killed, fault);
+        for entry in std::fs::read_dir(&killed).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                Checkpoint::load(&path).unwrap_or_else(|e| panic!("{fault}: {e:#}"));
+            }
+        }
+    }
+    ok(vae(&["train", "--resume", killed.to_str().unwrap(), "--epochs", "3", "--threads", "1", "--quiet"]));
+    assert_identical(&straight.join("last.safetensors"), &killed.join("last.safetensors"));
+    let stale: Vec<_> = std::fs::read_dir(&killed)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(stale.is_empty(), "temporary files left: {stale:?}");
+}
+
 #[test]
 fn bad_checkpoints_are_refused_with_a_message_and_left_untouched() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,49 @@
+//! Fault injection for the kill tests, so they can die at exact points instead of at random
+//! times: `VAE_FAULT=step:N` aborts the process right after training step N, and
+//! `VAE_FAULT=write:N` in the middle of its Nth atomic file write (half the bytes written).
+//! Abort stands in for `kill -9`: no destructor, flush or handler runs.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    AfterStep(u64),
+    InWrite(u64),
+}
+
+fn planned() -> Option<Fault> {
+    static PLAN: OnceLock<Option<Fault>> = OnceLock::new();
+    *PLAN.get_or_init(|| {
+        let spec = std::env::var("VAE_FAULT").ok()?;
+        let (kind, n) = spec.split_once(':')?;
+        let n = n.parse().ok()?;
+        match kind {
+            "step" => Some(Fault::AfterStep(n)),
+            "write" => Some(Fault::InWrite(n)),
+            _ => None,
+        }
+    })
+}
+
+/// Called after every training step.
+pub fn after_step(step: u64) {
+    if planned() == Some(Fault::AfterStep(step)) {
+        eprintln!("VAE_FAULT: aborting after step {step}");
+        std::process::abort();
+    }
+}
+
+/// Called by each atomic write with the file it is filling; aborts half-way through the
+/// planned one.
+pub fn in_write(file: &mut std::fs::File, bytes: &[u8]) {
+    static WRITES: AtomicU64 = AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, Ordering::SeqCst) + 1;
+    if planned() == Some(Fault::InWrite(n)) {
+        use std::io::Write;
+        let _ = file.write_all(&bytes[..bytes.len() / 2]);
+        let _ = file.sync_all();
+        eprintln!("VAE_FAULT: aborting in write {n}");
+        std::process::abort();
+    }
+}
