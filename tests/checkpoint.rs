@@ -1,4 +1,5 @@
-//! Checkpoints through the binary: exact resume, interrupts, bad files, Python interop.
+//! Checkpoints through the binary: exact resume, interrupts and kills, bad files, a full
+//! disk, Python interop.
 
 mod common;
 
@@ -276,4 +277,53 @@ fn pytorch_loads_the_checkpoint_and_computes_the_same_loss() {
     let json: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
     let theirs = json["loss"].as_f64().unwrap();
     assert!((ours - theirs).abs() <= 1e-4 * ours.abs(), "ours {ours}, PyTorch {theirs}");
+}
+
+/// A size-limited tmpfs, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &Path, size: &str) -> Option<Self> {
+        std::fs::create_dir_all(at).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at.to_str().unwrap()])
+            .stderr(Stdio::null())
+            .status()
+            .ok()?;
+        status.success().then(|| SmallDisk(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_stops_the_run_and_keeps_the_last_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    // One checkpoint of this model is about 675 kB: last and best fit, the third file does not.
+    let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "1700k") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)");
+        return;
+    };
+    let run = disk.0.join("run");
+    let mut args =
+        vec!["train", "--quiet", "--epochs", "3", "--no-tensorboard", "--out", run.to_str().unwrap()];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(&["--train-size", "320", "--test-size", "32", "--batch-size", "32"]);
+    let out = vae(&args);
+    assert!(!out.status.success(), "the run went on without saving");
+    let err = stderr(&out);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains("epoch-0001.safetensors"), "the failed file is named: {err}");
+    let last = Checkpoint::load(&run.join("last.safetensors")).expect("the previous checkpoint is intact");
+    assert_eq!((last.meta.epoch, last.meta.step), (1, 10));
+    let leftovers: Vec<_> = std::fs::read_dir(&run)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "the failed temporary file is removed: {leftovers:?}");
 }
