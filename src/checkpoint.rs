@@ -193,10 +193,25 @@ pub struct Checkpoint {
 impl Checkpoint {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).with_context(|| format!("reading checkpoint {}", path.display()))?;
-        let file = SafeTensors::deserialize(&bytes)
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// A checkpoint from a file's bytes; `path` names it in errors.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let file = SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
-        let (_, header) = SafeTensors::read_metadata(&bytes).expect("deserialize read it already");
+        let (_, header) = SafeTensors::read_metadata(bytes).expect("deserialize read it already");
         let meta = Metadata::from_map(path, header.metadata().as_ref())?;
+        // The config decides what gets allocated when the model is built: check it, and that
+        // the file is large enough to hold the parameters it describes, before anything else.
+        meta.config.validate().with_context(|| format!("{}: metadata field \"config\"", path.display()))?;
+        let params = meta.config.model.parameter_count();
+        ensure!(
+            params.saturating_mul(4) <= bytes.len() as u128,
+            "{}: its config describes {params} parameters, more than its {} bytes can hold",
+            path.display(),
+            bytes.len()
+        );
         let raw_metadata = header.metadata().clone().unwrap_or_default();
         let mut tensors = HashMap::new();
         for (name, view) in file.tensors() {

@@ -39,6 +39,25 @@ impl VaeConfig {
         self.image_size >> self.channels.len()
     }
 
+    /// Trainable parameters of the model this config builds, computed without building it
+    /// (in u128, so any config from a file can be sized safely).
+    pub fn parameter_count(&self) -> u128 {
+        let k = (KERNEL * KERNEL) as u128;
+        let mut chans = vec![self.in_channels.max(0) as u128];
+        chans.extend(self.channels.iter().map(|&c| c.max(0) as u128));
+        // Each conv and its mirrored transposed conv: weights, plus the bias of their outputs.
+        let convs: u128 = chans.windows(2).map(|w| 2 * w[0] * w[1] * k + w[0] + w[1]).sum();
+        let side = (self.image_size.max(0) >> self.channels.len().min(62)) as u128;
+        let flat = chans.last().copied().unwrap_or(0) * side * side;
+        let (hidden, latent) = (self.hidden.max(0) as u128, self.latent_dim.max(0) as u128);
+        let linear = |i: u128, o: u128| i * o + o;
+        convs
+            + linear(flat, hidden)
+            + linear(hidden, 2 * latent)
+            + linear(latent, hidden)
+            + linear(hidden, flat)
+    }
+
     pub fn validate(&self) -> Result<()> {
         ensure!(!self.channels.is_empty(), "--channels needs at least one conv stage");
         ensure!(
@@ -366,6 +385,8 @@ mod tests {
     #[test]
     fn tensor_names_follow_the_module_tree() {
         let (vs, _) = build(&VaeConfig::default());
+        let built: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+        assert_eq!(VaeConfig::default().parameter_count(), built as u128);
         let mut names: Vec<String> = vs.variables().into_keys().collect();
         names.sort();
         let expected = [

@@ -33,20 +33,26 @@ pub fn read_split(dir: &Path, files: &[&str]) -> Result<Dataset> {
                 path.display()
             )
         })?;
-        ensure!(
-            !bytes.is_empty() && bytes.len().is_multiple_of(RECORD),
-            "{}: {} bytes is not a whole number of {RECORD}-byte CIFAR-10 records (a label and 32x32x3 \
-             pixels; a full batch file is 30730000 bytes)",
-            path.display(),
-            bytes.len()
-        );
-        for record in bytes.chunks_exact(RECORD) {
-            ensure!(record[0] < 10, "{}: label {} is not a CIFAR-10 class (0-9)", path.display(), record[0]);
-            labels.push(record[0]);
-            pixels.extend_from_slice(&record[1..]);
-        }
+        append_records(&path, &bytes, &mut pixels, &mut labels)?;
     }
     Ok(Dataset::from_u8(&pixels, labels.len(), 3, SIDE, SIDE, Some(&labels)))
+}
+
+/// Checks one file's bytes and appends its images and labels.
+pub fn append_records(path: &Path, bytes: &[u8], pixels: &mut Vec<u8>, labels: &mut Vec<u8>) -> Result<()> {
+    ensure!(
+        !bytes.is_empty() && bytes.len().is_multiple_of(RECORD),
+        "{}: {} bytes is not a whole number of {RECORD}-byte CIFAR-10 records (a label and 32x32x3 \
+         pixels; a full batch file is 30730000 bytes)",
+        path.display(),
+        bytes.len()
+    );
+    for record in bytes.chunks_exact(RECORD) {
+        ensure!(record[0] < 10, "{}: label {} is not a CIFAR-10 class (0-9)", path.display(), record[0]);
+        labels.push(record[0]);
+        pixels.extend_from_slice(&record[1..]);
+    }
+    Ok(())
 }
 
 /// Writes records in the format, for tests and benchmarks.

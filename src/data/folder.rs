@@ -185,7 +185,10 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
         .par_iter()
         .enumerate()
         .map(|(i, e)| {
-            let d = image_file::decode(&e.path, opts.channels, opts.image_size);
+            // A decoder bug must cost one file, not the run.
+            let decode = || image_file::decode(&e.path, opts.channels, opts.image_size);
+            let d = std::panic::catch_unwind(decode)
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("{}: the image decoder panicked", e.path.display())));
             progress.inc(1);
             (i, d)
         })

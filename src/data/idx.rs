@@ -30,14 +30,25 @@ pub fn locate(dir: &Path, stem: &str) -> Result<PathBuf> {
     }
 }
 
+/// Largest decompressed IDX file accepted, so a hostile gzip stream cannot exhaust memory
+/// (Fashion-MNIST's train images are 47 MB).
+const MAX_DECOMPRESSED: u64 = 4 << 30;
+
 /// Reads a whole file, gunzipping it when it starts with the gzip magic.
 fn read_maybe_gz(path: &Path) -> Result<Vec<u8>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::with_capacity(bytes.len() * 4);
         GzDecoder::new(bytes.as_slice())
+            .take(MAX_DECOMPRESSED + 1)
             .read_to_end(&mut out)
             .with_context(|| format!("{}: corrupt gzip stream", path.display()))?;
+        ensure!(
+            out.len() as u64 <= MAX_DECOMPRESSED,
+            "{}: decompresses to more than {} GiB, too large for an IDX file",
+            path.display(),
+            MAX_DECOMPRESSED >> 30
+        );
         Ok(out)
     } else {
         Ok(bytes)
@@ -81,15 +92,22 @@ fn parse_header<'a>(
 }
 
 pub fn read_images(path: &Path) -> Result<IdxImages> {
-    let bytes = read_maybe_gz(path)?;
-    let (dims, body) = parse_header(path, &bytes, IMAGES_MAGIC, 3)?;
+    parse_images(path, &read_maybe_gz(path)?)
+}
+
+/// Images from the (decompressed) bytes of an IDX file; `path` names it in errors.
+pub fn parse_images(path: &Path, bytes: &[u8]) -> Result<IdxImages> {
+    let (dims, body) = parse_header(path, bytes, IMAGES_MAGIC, 3)?;
     ensure!(dims[1] > 0 && dims[2] > 0, "{}: images of size {}x{}", path.display(), dims[1], dims[2]);
     Ok(IdxImages { count: dims[0], rows: dims[1], cols: dims[2], pixels: body.to_vec() })
 }
 
 pub fn read_labels(path: &Path) -> Result<Vec<u8>> {
-    let bytes = read_maybe_gz(path)?;
-    let (_, body) = parse_header(path, &bytes, LABELS_MAGIC, 1)?;
+    parse_labels(path, &read_maybe_gz(path)?)
+}
+
+pub fn parse_labels(path: &Path, bytes: &[u8]) -> Result<Vec<u8>> {
+    let (_, body) = parse_header(path, bytes, LABELS_MAGIC, 1)?;
     Ok(body.to_vec())
 }
 

@@ -1,0 +1,126 @@
+//! The parsers of untrusted files take arbitrary bytes without panicking: valid files mutated
+//! (bytes flipped, length fields overwritten, cut, extended) and pure noise. A panic fails the
+//! test; errors are the expected outcome. `VAE_FUZZ_CASES` sets the cases per target
+//! (scripts/fuzz runs many more).
+
+use std::path::Path;
+use tch::{nn::VarStore, Device};
+use vae::adam::{Adam, AdamConfig};
+use vae::checkpoint::{self, Checkpoint, Metadata};
+use vae::data::{cifar, idx, image_file};
+use vae::model::{Vae, VaeConfig};
+use vae::rng::SplitMix64;
+use vae::train::TrainConfig;
+
+fn cases() -> u64 {
+    std::env::var("VAE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
+}
+
+/// One mutation of `seed`, or noise.
+fn mutate(rng: &mut SplitMix64, seed: &[u8]) -> Vec<u8> {
+    let mut bytes = seed.to_vec();
+    match rng.below(6) {
+        0 => (0..rng.below(512)).map(|_| rng.next_u64() as u8).collect(),
+        1 => {
+            bytes.truncate(rng.below(bytes.len() as u64 + 1) as usize);
+            bytes
+        }
+        2 => {
+            bytes.extend((0..rng.below(256)).map(|_| rng.next_u64() as u8));
+            bytes
+        }
+        3 if bytes.len() >= 4 => {
+            // A length or dimension field: overwrite an aligned word, often near the header.
+            let words = (bytes.len() / 4).min(if rng.below(2) == 0 { 16 } else { usize::MAX });
+            let at = 4 * rng.below(words as u64) as usize;
+            let value = [0u32, 1, u32::MAX, 0x7fff_ffff, rng.next_u64() as u32][rng.below(5) as usize];
+            bytes[at..at + 4].copy_from_slice(&value.to_be_bytes());
+            bytes
+        }
+        _ => {
+            for _ in 0..1 + rng.below(8) {
+                if !bytes.is_empty() {
+                    let at = rng.below(bytes.len() as u64) as usize;
+                    bytes[at] ^= 1 << rng.below(8);
+                }
+            }
+            bytes
+        }
+    }
+}
+
+fn fuzz(name: &str, seeds: &[Vec<u8>], mut parse: impl FnMut(&[u8])) {
+    let mut rng = SplitMix64::new(0xF022 ^ name.len() as u64);
+    for i in 0..cases() {
+        let seed = &seeds[i as usize % seeds.len()];
+        parse(&mutate(&mut rng, seed));
+    }
+    eprintln!("{name}: {} cases without a panic", cases());
+}
+
+#[test]
+fn idx_parsers_take_any_bytes() {
+    let images = idx::encode_images(3, 4, 5, &[9; 60]);
+    let labels = idx::encode_labels(&[1, 2, 3]);
+    let path = Path::new("fuzz.idx");
+    fuzz("idx", &[images, labels], |bytes| {
+        let _ = idx::parse_images(path, bytes);
+        let _ = idx::parse_labels(path, bytes);
+    });
+}
+
+#[test]
+fn the_cifar_reader_takes_any_bytes() {
+    let seed = cifar::encode(&[[5; 3072], [6; 3072]], &[1, 9]);
+    fuzz("cifar", &[seed], |bytes| {
+        let _ = cifar::append_records(Path::new("fuzz.bin"), bytes, &mut Vec::new(), &mut Vec::new());
+    });
+}
+
+#[test]
+fn the_checkpoint_loader_takes_any_bytes() {
+    let model =
+        VaeConfig { image_size: 4, channels: vec![2], hidden: 3, latent_dim: 2, ..VaeConfig::default() };
+    let cfg = TrainConfig { model: model.clone(), ..TrainConfig::default() };
+    let vs = VarStore::new(Device::Cpu);
+    let _vae = Vae::new(vs.root(), &model);
+    let adam = Adam::new(&vs, AdamConfig::default());
+    let meta = Metadata { config: cfg, epoch: 1, step: 3, best_test_loss: Some(1.5), loss_scale: None };
+    let seed = checkpoint::to_bytes(&vs, &adam, &meta).unwrap();
+    let path = Path::new("fuzz.safetensors");
+    assert!(Checkpoint::from_bytes(path, &seed).is_ok(), "the seed itself loads");
+    // A config promising more parameters than the file holds is refused before any model
+    // is built from it (which would try to allocate them).
+    let mut huge = meta.clone();
+    huge.config.model.hidden = 1 << 40;
+    let refused = Checkpoint::from_bytes(path, &checkpoint::to_bytes(&vs, &adam, &huge).unwrap());
+    let err = format!("{:#}", refused.err().expect("a config of 2^40 hidden units is refused"));
+    assert!(err.contains("parameters, more than its"), "{err}");
+    fuzz("checkpoint", &[seed], |bytes| {
+        if let Ok(ckpt) = Checkpoint::from_bytes(path, bytes) {
+            // A file that loads must also build its model or fail cleanly.
+            let _ = ckpt.model(Device::Cpu);
+        }
+    });
+}
+
+#[test]
+fn the_image_decoder_takes_any_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut seeds = Vec::new();
+    for (i, name) in ["a.png", "b.jpg", "c.bmp"].iter().enumerate() {
+        let path = dir.path().join(name);
+        image::RgbImage::from_fn(12, 9, |x, y| image::Rgb([x as u8 * 20, y as u8 * 25, i as u8 * 80]))
+            .save(&path)
+            .unwrap();
+        seeds.push(std::fs::read(&path).unwrap());
+    }
+    let file = dir.path().join("fuzz.img");
+    // Files cost a write each: a quarter of the cases of the in-memory targets.
+    let mut rng = SplitMix64::new(7);
+    for i in 0..cases() / 4 {
+        std::fs::write(&file, mutate(&mut rng, &seeds[i as usize % seeds.len()])).unwrap();
+        let _ = image_file::decode(&file, 3, 8);
+    }
+    eprintln!("image files: {} cases without a panic", cases() / 4);
+}
