@@ -59,10 +59,10 @@ impl VaeConfig {
     }
 
     pub fn validate(&self) -> Result<()> {
-        ensure!(!self.channels.is_empty(), "--channels needs at least one conv stage");
+        ensure!(!self.channels.is_empty(), "--conv-channels needs at least one conv stage");
         ensure!(
             self.channels.iter().all(|&c| c > 0),
-            "--channels must all be positive, found {:?}",
+            "--conv-channels must all be positive, found {:?}",
             self.channels
         );
         ensure!(self.hidden > 0, "--hidden must be positive, found {}", self.hidden);
@@ -72,11 +72,12 @@ impl VaeConfig {
             "images must have 1 or 3 channels, found {}",
             self.in_channels
         );
+        ensure!(self.image_size > 0, "--image-size must be positive, found {}", self.image_size);
         let stride = 1i64 << self.channels.len().min(62);
         ensure!(
-            self.image_size > 0 && self.image_size % stride == 0,
+            self.image_size % stride == 0,
             "image size {} is not divisible by 2^{} = {stride} (one halving per conv stage in \
-             --channels {:?})",
+             --conv-channels {:?})",
             self.image_size,
             self.channels.len(),
             self.channels

@@ -109,6 +109,15 @@ fn bad_settings_fail_before_any_work_with_a_message() {
         (&["--batch-size", "0"], "--batch-size must be positive"),
         (&["--channels", "2"], "1 or 3 channels"),
         (&["--device", "gpu"], "expected auto, cpu, cuda or cuda:N"),
+        (&["--dataset", "bogus"], "invalid value 'bogus' for '--dataset <DATASET>'"),
+        (&["--image-size", "0"], "--image-size must be positive, found 0"),
+        (&["--hidden", "0"], "--hidden must be positive, found 0"),
+        (&["--latent-dim", "-1"], "--latent-dim must be positive, found -1"),
+        (&["--conv-channels", "8,-1"], "--conv-channels must all be positive, found [8, -1]"),
+        (&["--epochs", "0"], "--epochs must be positive, found 0"),
+        (&["--train-size", "0"], "--train-size and --test-size must be positive"),
+        (&["--threads", "0"], "--threads must be at least 1, found 0"),
+        (&["--lr", "nan"], "--lr must be positive, found NaN"),
     ];
     for (flags, message) in cases {
         let mut args = vec!["train", "--out", out_arg];
