@@ -25,6 +25,26 @@ impl Default for AdamConfig {
     }
 }
 
+/// The L2 norm of all of `grads` together, a scalar on `device` (0 without any).
+pub fn global_norm(grads: &[Tensor], device: Device) -> Tensor {
+    tch::no_grad(|| match grads.first() {
+        None => Tensor::zeros([], (Kind::Float, device)),
+        Some(_) => Tensor::stack(&grads.iter().map(|g| g.norm()).collect::<Vec<_>>(), 0).norm(),
+    })
+}
+
+/// Scales `grads` down so their global L2 norm (`norm`, from [`global_norm`]) is at most
+/// `max_norm`, as `torch.nn.utils.clip_grad_norm_` does; the factor stays on the device (no
+/// sync).
+pub fn clip_grad_norm(grads: &[Tensor], norm: &Tensor, max_norm: f64) {
+    tch::no_grad(|| {
+        let factor = ((norm + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+        for g in grads {
+            let _ = g.shallow_clone().g_mul_(&factor);
+        }
+    });
+}
+
 /// The scalars of one update, as torch computes them (in double precision).
 struct Coefficients {
     beta1: f64,
@@ -235,27 +255,6 @@ impl Adam {
     /// The parameters' gradients, where backward produced one.
     pub fn gradients(&self) -> Vec<Tensor> {
         self.slots.iter().map(|s| s.param.grad()).filter(Tensor::defined).collect()
-    }
-
-    /// The L2 norm of all the gradients together, on the device (a scalar; 0 without any).
-    pub fn grad_norm(&self) -> Tensor {
-        let grads = self.gradients();
-        tch::no_grad(|| match grads.first() {
-            None => Tensor::zeros([], (Kind::Float, Device::Cpu)),
-            Some(_) => Tensor::stack(&grads.iter().map(|g| g.norm()).collect::<Vec<_>>(), 0).norm(),
-        })
-    }
-
-    /// Scales the gradients down so their global L2 norm (`norm`, from [`Adam::grad_norm`]) is
-    /// at most `max_norm`, as `torch.nn.utils.clip_grad_norm_` does; the factor stays on the
-    /// device (no sync).
-    pub fn clip_grad_norm(&self, norm: &Tensor, max_norm: f64) {
-        tch::no_grad(|| {
-            let factor = ((norm + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-            for g in &self.gradients() {
-                let _ = g.shallow_clone().g_mul_(&factor);
-            }
-        });
     }
 
     pub fn zero_grad(&mut self) {

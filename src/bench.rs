@@ -62,13 +62,6 @@ impl From<&StepTimes> for PhaseMs {
     }
 }
 
-/// Waits for the device's queued work, so a clock read after it covers that work.
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
-}
-
 /// The process's peak resident memory (VmHWM), as `getrusage`'s maxrss reports it to Python.
 pub fn peak_rss_mib() -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -105,7 +98,7 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
         trainer.train_epoch(&loader, &indicatif::ProgressBar::hidden(), |_, _| {
             Ok(crate::train::Flow::Continue)
         })?;
-        report.test_loss = Some(trainer.evaluate(&splits.test).loss);
+        report.test_loss = Some(trainer.evaluate(&splits.test).0.loss);
         report.epoch_s = Some(started.elapsed().as_secs_f64());
     } else {
         let batch = trainer.cfg.batch_size as i64;
@@ -121,14 +114,14 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
                 sums += means;
             }
         }
-        sync(device);
+        crate::device::synchronize(device);
         let start = Instant::now();
         for indices in &batches[opts.warmup..] {
             if let Some(means) = trainer.step(&loader, indices, None) {
                 sums += means;
             }
         }
-        sync(device);
+        crate::device::synchronize(device);
         let seconds = start.elapsed().as_secs_f64();
         report.images_per_s = Some((opts.steps as i64 * batch) as f64 / seconds);
         report.train_loss = Some(Stats::from_sums(&sums, batches.len()).loss);

@@ -28,6 +28,14 @@ pub fn parse_device(spec: &str) -> Result<Device> {
     }
 }
 
+/// Waits for the device's queued work, so a clock read after it covers that work (a no-op
+/// on the CPU, whose ops are synchronous).
+pub fn synchronize(device: Device) {
+    if let Device::Cuda(i) = device {
+        Cuda::synchronize(i as i64);
+    }
+}
+
 /// A short name for logs and metadata.
 pub fn describe(device: Device) -> String {
     match device {

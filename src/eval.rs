@@ -33,18 +33,21 @@ pub fn prepared(data: &Dataset, cfg: &TrainConfig) -> Dataset {
 const ELBO_BATCH: usize = 500;
 
 /// Means of the bound's terms over `data` (the loss as `weight` makes it: the ELBO for
-/// [`KlWeight::ELBO`]), with the reparameterization noise fixed per batch by the seed.
-pub fn elbo(model: &Vae, data: &Dataset, seed: u64, weight: KlWeight, device: Device) -> Stats {
+/// [`KlWeight::ELBO`]), with the reparameterization noise fixed per batch by the seed; and
+/// the posterior means of the images (`[N, D]`, on the device), which the same pass computes.
+pub fn elbo(model: &Vae, data: &Dataset, seed: u64, weight: KlWeight, device: Device) -> (Stats, Tensor) {
     let loader = Loader::new(data, device, ELBO_BATCH);
     let mut sums = Tensor::zeros([3], (Kind::Float, device));
+    let mut means = Vec::new();
     tch::no_grad(|| {
         for (i, x) in loader.sequential().enumerate() {
             seed_torch(seed, Stream::Eval, i as u64);
             let out = model.forward(&x);
             sums += Elbo::new(model.cfg.likelihood, &out, &x, weight).stacked() * x.size()[0] as f64;
+            means.push(out.posterior.mean);
         }
     });
-    Stats::from_sums(&sums, loader.len())
+    (Stats::from_sums(&sums, loader.len()), Tensor::cat(&means, 0))
 }
 
 /// log p(x|z) + log p(z) - log q(z|x) for each noise draw: `eps` is `[K, B, D]`, the result
@@ -114,7 +117,7 @@ pub fn evaluate(
     progress: &indicatif::ProgressBar,
 ) -> Report {
     let started = std::time::Instant::now();
-    let elbo = elbo(model, data, cfg.seed, KlWeight::ELBO, device);
+    let (elbo, _) = elbo(model, data, cfg.seed, KlWeight::ELBO, device);
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
     let iwae_nll = (iw_samples > 0).then(|| {

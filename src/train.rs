@@ -1,7 +1,7 @@
 //! The training loop: shuffled mini-batches, the bound, Adam, a test evaluation and a
 //! checkpoint per epoch.
 
-use crate::adam::{Adam, AdamConfig};
+use crate::adam::{self, Adam, AdamConfig};
 use crate::checkpoint::{self, Checkpoint, Metadata};
 use crate::data::{Binarize, DataConfig, Dataset, Loader, Splits};
 use crate::export::{self, GRID_COLS};
@@ -172,9 +172,7 @@ pub struct StepTimes {
 impl StepTimes {
     /// Ends `phase` (all phases but `Start`), once the device has finished its work.
     fn mark(&mut self, phase: Phase, device: Device) {
-        if let Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
+        crate::device::synchronize(device);
         let now = Instant::now();
         let seconds = self.last.map_or(0.0, |t| (now - t).as_secs_f64());
         self.last = Some(now);
@@ -381,17 +379,18 @@ impl Trainer {
         mark(Phase::Backward);
         // A non-finite loss or gradient never reaches the weights: the step is skipped. The
         // verdict costs one host sync per step, the price of that guarantee.
-        let unscaled = self.loss_scale.as_mut().is_none_or(|s| s.unscale(&self.adam.gradients()));
-        let norm = self.adam.grad_norm();
+        let grads = self.adam.gradients();
+        let unscaled = self.loss_scale.as_mut().is_none_or(|s| s.unscale(&grads));
+        let norm = adam::global_norm(&grads, self.device);
         let verdict = tch::no_grad(|| {
-            let flags = [elbo.loss.isfinite(), norm.isfinite().to_device(self.device)];
+            let flags = [elbo.loss.isfinite(), norm.isfinite()];
             Vec::<i64>::try_from(Tensor::stack(&flags, 0).to_kind(Kind::Int64)).expect("two flags")
         });
         let loss_finite = verdict[0] != 0;
         let finite = unscaled && loss_finite && verdict[1] != 0;
         if finite {
             if let Some(max_norm) = self.cfg.clip_grad {
-                self.adam.clip_grad_norm(&norm, max_norm);
+                adam::clip_grad_norm(&grads, &norm, max_norm);
             }
             self.adam.cfg.lr = schedule.lr_at(self.step);
             self.adam.step();
@@ -406,7 +405,8 @@ impl Trainer {
     }
 
     /// The bound on a split, with noise fixed per evaluation batch.
-    pub fn evaluate(&self, data: &Dataset) -> Stats {
+    /// The test statistics, and the posterior means of `data` (`[N, D]`) they came with.
+    pub fn evaluate(&self, data: &Dataset) -> (Stats, Tensor) {
         let weight = KlWeight { beta: self.cfg.beta, free_bits: 0.0 };
         crate::eval::elbo(&self.model, data, self.cfg.seed, weight, self.device)
     }
@@ -569,8 +569,7 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
             return Ok(summary);
         };
         let seconds = started.elapsed().as_secs_f64();
-        let test_stats = trainer.evaluate(&test);
-        let (test_means, _) = export::encode_all(&trainer.model, &test, trainer.device);
+        let (test_stats, test_means) = trainer.evaluate(&test);
         let active_dims = active_dimensions(&test_means);
         let images_per_s = loader.len() as f64 / seconds;
         metrics.append(&EpochRow {
