@@ -98,7 +98,7 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
         trainer.train_epoch(&loader, &indicatif::ProgressBar::hidden(), |_, _| {
             Ok(crate::train::Flow::Continue)
         })?;
-        report.test_loss = Some(trainer.evaluate(&splits.test).0.loss);
+        report.test_loss = Some(trainer.evaluate(&splits.test)?.0.loss);
         report.epoch_s = Some(started.elapsed().as_secs_f64());
     } else {
         let batch = trainer.cfg.batch_size as i64;
@@ -108,31 +108,41 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
             .filter(|b| b.size()[0] == batch)
             .take(opts.warmup + opts.steps)
             .collect();
-        let mut sums = Tensor::zeros([3], (Kind::Float, device));
-        for indices in &batches[..opts.warmup] {
-            if let Some(means) = trainer.step(&loader, indices, None) {
-                sums += means;
-            }
-        }
+        let (warmup, timed) = batches.split_at(opts.warmup);
+        let mut sums = steps(&mut trainer, &loader, warmup, None)?;
         crate::device::synchronize(device);
         let start = Instant::now();
-        for indices in &batches[opts.warmup..] {
-            if let Some(means) = trainer.step(&loader, indices, None) {
-                sums += means;
-            }
-        }
+        sums += steps(&mut trainer, &loader, timed, None)?;
         crate::device::synchronize(device);
         let seconds = start.elapsed().as_secs_f64();
         report.images_per_s = Some((opts.steps as i64 * batch) as f64 / seconds);
         report.train_loss = Some(Stats::from_sums(&sums, batches.len()).loss);
         if opts.profile {
             let mut times = StepTimes::default();
-            for indices in &batches[opts.warmup..] {
-                let _ = trainer.step(&loader, indices, Some(&mut times));
-            }
+            let _profiled = steps(&mut trainer, &loader, timed, Some(&mut times))?;
             report.profile_ms = Some(PhaseMs::from(&times));
         }
     }
     report.peak_rss_mib = peak_rss_mib();
     Ok(report)
+}
+
+/// Trains on `batches` as `train_epoch` does (each read ahead: streamed sets read on a
+/// background thread), summing the batch means.
+fn steps(
+    trainer: &mut Trainer,
+    loader: &Loader,
+    batches: &[Tensor],
+    mut times: Option<&mut StepTimes>,
+) -> Result<Tensor> {
+    let mut sums = Tensor::zeros([3], (Kind::Float, trainer.device));
+    for (i, indices) in batches.iter().enumerate() {
+        if let Some(next) = batches.get(i + 1) {
+            loader.prefetch(next);
+        }
+        if let Some(means) = trainer.step(loader, indices, times.as_deref_mut())? {
+            sums += means;
+        }
+    }
+    Ok(sums)
 }

@@ -155,25 +155,37 @@ pub fn to_bytes(vs: &VarStore, adam: &Adam, meta: &Metadata) -> Result<Vec<u8>> 
 /// Writes `bytes` to `path` so that `path` is always either the old file or the whole new one:
 /// temporary file in the same folder, fsync, rename over, fsync the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let tmp = temporary_path(path)?;
     let result = (|| -> Result<()> {
         let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         crate::fault::in_write(&mut file, bytes);
         file.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        // The rename is durable only once the folder entry is on disk.
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("syncing folder {}", dir.display()))
+        publish(&file, &tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Where [`write_atomic`] fills a file before renaming it to `path`: hidden, beside it, named
+/// after the process (so `prepare_run_dir` can tell a dead run's leftovers).
+pub fn temporary_path(path: &Path) -> Result<PathBuf> {
+    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    Ok(path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id())))
+}
+
+/// Makes the fully written `file` at `tmp` the file at `path`, durably: fsync, rename over,
+/// fsync the folder.
+pub fn publish(file: &std::fs::File, tmp: &Path, path: &Path) -> Result<()> {
+    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    // The rename is durable only once the folder entry is on disk.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing folder {}", dir.display()))
 }
 
 pub fn save(path: &Path, vs: &VarStore, adam: &Adam, meta: &Metadata) -> Result<()> {

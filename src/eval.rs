@@ -7,6 +7,7 @@ use crate::loss::{Elbo, KlWeight};
 use crate::model::{Posterior, Vae};
 use crate::rng::{seed_torch, Stream};
 use crate::train::{Stats, TrainConfig};
+use anyhow::Result;
 use serde::Serialize;
 use std::f64::consts::{LN_2, PI};
 use tch::{Device, Kind, Tensor};
@@ -21,10 +22,7 @@ const DECODES_PER_PASS: i64 = 5000;
 pub fn prepared(data: &Dataset, cfg: &TrainConfig) -> Dataset {
     match cfg.binarize {
         Binarize::Dynamic => data.binarized(cfg.seed),
-        Binarize::None => Dataset {
-            images: data.images.shallow_clone(),
-            labels: data.labels.as_ref().map(Tensor::shallow_clone),
-        },
+        Binarize::None => data.shallow_clone(),
     }
 }
 
@@ -35,19 +33,26 @@ const ELBO_BATCH: usize = 500;
 /// Means of the bound's terms over `data` (the loss as `weight` makes it: the ELBO for
 /// [`KlWeight::ELBO`]), with the reparameterization noise fixed per batch by the seed; and
 /// the posterior means of the images (`[N, D]`, on the device), which the same pass computes.
-pub fn elbo(model: &Vae, data: &Dataset, seed: u64, weight: KlWeight, device: Device) -> (Stats, Tensor) {
+pub fn elbo(
+    model: &Vae,
+    data: &Dataset,
+    seed: u64,
+    weight: KlWeight,
+    device: Device,
+) -> Result<(Stats, Tensor)> {
     let loader = Loader::new(data, device, ELBO_BATCH);
     let mut sums = Tensor::zeros([3], (Kind::Float, device));
     let mut means = Vec::new();
-    tch::no_grad(|| {
-        for (i, x) in loader.sequential().enumerate() {
-            seed_torch(seed, Stream::Eval, i as u64);
+    for (i, x) in loader.sequential().enumerate() {
+        let x = x?;
+        seed_torch(seed, Stream::Eval, i as u64);
+        tch::no_grad(|| {
             let out = model.forward(&x);
             sums += Elbo::new(model.cfg.likelihood, &out, &x, weight).stacked() * x.size()[0] as f64;
             means.push(out.posterior.mean);
-        }
-    });
-    (Stats::from_sums(&sums, loader.len()), Tensor::cat(&means, 0))
+        });
+    }
+    Ok((Stats::from_sums(&sums, loader.len()), Tensor::cat(&means, 0)))
 }
 
 /// log p(x|z) + log p(z) - log q(z|x) for each noise draw: `eps` is `[K, B, D]`, the result
@@ -115,25 +120,26 @@ pub fn evaluate(
     iw_samples: i64,
     device: Device,
     progress: &indicatif::ProgressBar,
-) -> Report {
+) -> Result<Report> {
     let started = std::time::Instant::now();
-    let (elbo, _) = elbo(model, data, cfg.seed, KlWeight::ELBO, device);
+    let (elbo, _) = elbo(model, data, cfg.seed, KlWeight::ELBO, device)?;
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
-    let iwae_nll = (iw_samples > 0).then(|| {
+    let iwae_nll = if iw_samples > 0 {
         let loader = Loader::new(data, device, IMAGES_PER_BATCH);
         let chunk = (DECODES_PER_PASS / IMAGES_PER_BATCH as i64).max(1);
         let mut sum = Tensor::zeros([], (Kind::Double, device));
-        tch::no_grad(|| {
-            for (i, x) in loader.sequential().enumerate() {
-                seed_torch(cfg.seed, Stream::Iwae, i as u64);
-                sum += iwae_nll(model, &x, iw_samples, chunk).to_kind(Kind::Double).sum(None);
-                progress.inc(x.size()[0] as u64);
-            }
-        });
-        sum.double_value(&[]) / data.len().max(1) as f64
-    });
-    Report {
+        for (i, x) in loader.sequential().enumerate() {
+            let x = x?;
+            seed_torch(cfg.seed, Stream::Iwae, i as u64);
+            sum += tch::no_grad(|| iwae_nll(model, &x, iw_samples, chunk)).to_kind(Kind::Double).sum(None);
+            progress.inc(x.size()[0] as u64);
+        }
+        Some(sum.double_value(&[]) / data.len().max(1) as f64)
+    } else {
+        None
+    };
+    Ok(Report {
         split: split.to_string(),
         images: data.len(),
         dimensions,
@@ -145,5 +151,5 @@ pub fn evaluate(
         iwae_nll,
         iwae_bits_per_dim: iwae_nll.map(|n| bits_per_dim(n, dimensions)),
         seconds: started.elapsed().as_secs_f64(),
-    }
+    })
 }

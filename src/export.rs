@@ -85,11 +85,19 @@ pub fn traversal_grid(model: &Vae, image: &Tensor, dims: &[i64], steps: i64, ran
 }
 
 /// Posterior means and log-variances of every image of `data`, `[N, D]` each, on the CPU.
-pub fn encode_all(model: &Vae, data: &Dataset, device: tch::Device) -> (Tensor, Tensor) {
+pub fn encode_all(model: &Vae, data: &Dataset, device: tch::Device) -> Result<(Tensor, Tensor)> {
     let loader = Loader::new(data, device, 500);
-    let (means, logvars): (Vec<Tensor>, Vec<Tensor>) =
-        tch::no_grad(|| loader.sequential().map(|x| model.encode(&x)).map(|q| (q.mean, q.logvar)).unzip());
-    (Tensor::cat(&means, 0).to_device(tch::Device::Cpu), Tensor::cat(&logvars, 0).to_device(tch::Device::Cpu))
+    let (mut means, mut logvars) = (Vec::new(), Vec::new());
+    for x in loader.sequential() {
+        let x = x?;
+        let q = tch::no_grad(|| model.encode(&x));
+        means.push(q.mean);
+        logvars.push(q.logvar);
+    }
+    Ok((
+        Tensor::cat(&means, 0).to_device(tch::Device::Cpu),
+        Tensor::cat(&logvars, 0).to_device(tch::Device::Cpu),
+    ))
 }
 
 /// Average KL(q(z_d|x) || N(0, 1)) of each latent dimension over the posteriors given: the
@@ -100,8 +108,8 @@ pub fn kl_per_dimension(mean: &Tensor, logvar: &Tensor) -> Vec<f64> {
 }
 
 /// The first `count` images of `data` as floats in [0, 1], on `device`.
-pub fn first_images(data: &Dataset, count: usize, device: tch::Device) -> Tensor {
-    to_unit_float(&data.images.narrow(0, 0, count.min(data.len()) as i64)).to_device(device)
+pub fn first_images(data: &Dataset, count: usize, device: tch::Device) -> Result<Tensor> {
+    Ok(to_unit_float(&data.images(0, count)?).to_device(device))
 }
 
 /// Pixels of background between tiles and around the grid.

@@ -18,6 +18,9 @@ pub enum Stream {
     Iwae = 6,
 }
 
+/// SplitMix64's increment (the golden ratio in 64 bits).
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
 /// SplitMix64: tiny, fast, and statistically fine for shuffling and procedural data.
 #[derive(Debug, Clone)]
 pub struct SplitMix64(u64);
@@ -33,8 +36,14 @@ impl SplitMix64 {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        self.0 = self.0.wrapping_add(GAMMA);
         mix(self.0)
+    }
+
+    /// Moves `n` draws ahead in O(1): the state is a counter, so any slice of a stream can be
+    /// drawn without the draws before it.
+    pub fn skip(&mut self, n: u64) {
+        self.0 = self.0.wrapping_add(n.wrapping_mul(GAMMA));
     }
 
     /// Uniform in [0, 1) with 53 random bits.
@@ -92,6 +101,17 @@ mod tests {
         assert_eq!(p, SplitMix64::derived(7, Stream::Shuffle, 3).permutation(1000));
         assert_ne!(p, SplitMix64::derived(7, Stream::Shuffle, 4).permutation(1000));
         assert_ne!(p, SplitMix64::derived(8, Stream::Shuffle, 3).permutation(1000));
+    }
+
+    #[test]
+    fn skipping_equals_drawing() {
+        let mut drawn = SplitMix64::new(9);
+        for _ in 0..1234 {
+            drawn.next_u64();
+        }
+        let mut skipped = SplitMix64::new(9);
+        skipped.skip(1234);
+        assert_eq!(drawn.next_u64(), skipped.next_u64());
     }
 
     #[test]

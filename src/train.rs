@@ -316,7 +316,10 @@ impl Trainer {
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
         for (i, indices) in batches.iter().enumerate().skip(done) {
             let batch = indices.size()[0] as usize;
-            if let Some(means) = self.step(loader, indices, None) {
+            if let Some(next) = batches.get(i + 1) {
+                loader.prefetch(next);
+            }
+            if let Some(means) = self.step(loader, indices, None)? {
                 sums += means * batch as f64;
                 seen += batch;
             }
@@ -349,7 +352,7 @@ impl Trainer {
         loader: &Loader,
         indices: &Tensor,
         mut times: Option<&mut StepTimes>,
-    ) -> Option<Tensor> {
+    ) -> Result<Option<Tensor>> {
         let mut mark = |phase: Phase| {
             if let Some(t) = times.as_deref_mut() {
                 t.mark(phase, self.device)
@@ -358,7 +361,7 @@ impl Trainer {
         mark(Phase::Start);
         // Noise of step s depends on (seed, s) only: a resumed run draws the same.
         seed_torch(self.cfg.seed, Stream::Step, self.step);
-        let mut x = loader.gather(indices);
+        let mut x = loader.gather(indices)?;
         if self.cfg.hflip {
             x = crate::data::random_hflip(&x);
         }
@@ -401,19 +404,19 @@ impl Trainer {
         }
         self.step += 1;
         mark(Phase::Optimizer);
-        loss_finite.then(|| elbo.stacked())
+        Ok(loss_finite.then(|| elbo.stacked()))
     }
 
     /// The bound on a split, with noise fixed per evaluation batch.
     /// The test statistics, and the posterior means of `data` (`[N, D]`) they came with.
-    pub fn evaluate(&self, data: &Dataset) -> (Stats, Tensor) {
+    pub fn evaluate(&self, data: &Dataset) -> Result<(Stats, Tensor)> {
         let weight = KlWeight { beta: self.cfg.beta, free_bits: 0.0 };
         crate::eval::elbo(&self.model, data, self.cfg.seed, weight, self.device)
     }
 
     /// Test images (rows of `GRID_COLS`) each above its reconstruction from the posterior mean.
     pub fn save_reconstructions(&self, data: &Dataset, path: &Path, count: usize) -> Result<()> {
-        let x = export::first_images(data, count, self.device);
+        let x = export::first_images(data, count, self.device)?;
         let cols = GRID_COLS.min(x.size()[0] as usize);
         export::save_grid(path, &export::reconstruction_grid(&self.model, &x, cols), cols)
     }
@@ -509,9 +512,10 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
     let mut events = if opts.tensorboard { Some(EventWriter::create(out)?) } else { None };
     if !opts.quiet {
         println!(
-            "training on {} images of {c}x{h}x{w} ({}), {} test images, on {}; run folder {}",
+            "training on {} images of {c}x{h}x{w} ({}{}), {} test images, on {}; run folder {}",
             loader.len(),
             cfg.data.name(),
+            if splits.train.is_streamed() { ", streamed from disk" } else { "" },
             test.len(),
             crate::device::describe(trainer.device),
             out.display()
@@ -569,7 +573,7 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
             return Ok(summary);
         };
         let seconds = started.elapsed().as_secs_f64();
-        let (test_stats, test_means) = trainer.evaluate(&test);
+        let (test_stats, test_means) = trainer.evaluate(&test)?;
         let active_dims = active_dimensions(&test_means);
         let images_per_s = loader.len() as f64 / seconds;
         metrics.append(&EpochRow {

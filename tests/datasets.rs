@@ -6,6 +6,7 @@ mod common;
 use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::collections::HashSet;
 use std::path::Path;
+use tch::Tensor;
 use vae::data::cifar;
 use vae::data::folder::{self, FolderOptions};
 
@@ -110,6 +111,67 @@ fn an_image_folder_trains_warns_about_bad_files_and_is_cached() {
     assert!(stdout(&out).contains("images of 1x16x16 (folder)"), "{}", stdout(&out));
 }
 
+/// Every tensor (weights and Adam's state) of two checkpoints equal, bit for bit.
+fn same_tensors(a: &Path, b: &Path) -> bool {
+    let read = |p: &Path| {
+        let mut named = Tensor::read_safetensors(p.join("last.safetensors")).unwrap();
+        named.sort_by(|x, y| x.0.cmp(&y.0));
+        named
+    };
+    let (a, b) = (read(a), read(b));
+    a.len() == b.len() && a.iter().zip(&b).all(|((n, x), (m, y))| n == m && x.equal(y))
+}
+
+#[test]
+fn a_folder_larger_than_memory_streams_from_the_cache_and_trains_to_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    write_folder(&data);
+    let run = |name: &str, cache: &str, extra: &[&str]| {
+        let (out, cache) = (dir.path().join(name), dir.path().join(cache));
+        let mut args = vec!["train", "--dataset", "folder", "--image-size", "16", "--test-fraction", "0.2"];
+        args.extend_from_slice(&["--hflip", "--batch-size", "8", "--data-dir", data.to_str().unwrap()]);
+        args.extend_from_slice(&["--cache-dir", cache.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        args.extend_from_slice(TINY_MODEL);
+        args.extend_from_slice(extra);
+        (vae(&args), out)
+    };
+    let (_, resident) = run("resident", "cache", &["--epochs", "2"]);
+    let (out, streamed) = run("streamed", "cache", &["--epochs", "2", "--max-memory", "1K"]);
+    let out = ok(out);
+    assert!(stdout(&out).contains("images of 3x16x16 (folder, streamed from disk)"), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("streaming from the cache"), "{err}");
+    assert!(
+        err.contains("more than --max-memory 1.0 KiB: reading them from disk a batch at a time"),
+        "{err}"
+    );
+    assert!(same_tensors(&resident, &streamed), "streamed training differs from resident training");
+
+    // Decoded straight into a new cache, one epoch, then resumed streaming.
+    let (out, fresh) = run("fresh", "cache2", &["--epochs", "1", "--max-memory", "1K"]);
+    let err = stderr(&ok(out));
+    assert!(err.contains("decoding them into the cache") && err.contains("streaming from it"), "{err}");
+    assert!(err.contains("skipped 1 files of"), "{err}");
+    assert!(!same_tensors(&resident, &fresh), "one epoch cannot equal two");
+    let fresh = fresh.to_str().unwrap();
+    let (out, _) = run("fresh", "cache2", &["--epochs", "2", "--max-memory", "1K", "--resume", fresh]);
+    ok(out);
+    assert!(same_tensors(&resident, Path::new(fresh)), "a resumed streamed run differs");
+
+    let (out, _) = run("uncached", "cache3", &["--epochs", "1", "--max-memory", "1K", "--no-cache"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("streaming them from disk needs the cache file: drop --no-cache"),
+        "{}",
+        stderr(&out)
+    );
+    let out = vae(&["train", "--max-memory", "1G", "--epochs", "1"]);
+    assert!(stderr(&out).contains("--max-memory applies to --dataset folder only"), "{}", stderr(&out));
+    let out = vae(&["train", "--dataset", "folder", "--max-memory", "lots"]);
+    assert!(stderr(&out).contains("\"lots\" is not a size such as 512M or 8G"), "{}", stderr(&out));
+}
+
 fn test_images(dir: &Path) -> HashSet<Vec<u8>> {
     let opts = FolderOptions {
         dir: dir.to_path_buf(),
@@ -117,9 +179,11 @@ fn test_images(dir: &Path) -> HashSet<Vec<u8>> {
         channels: 3,
         test_fraction: 0.2,
         cache_dir: None,
+        max_memory: None,
     };
     let splits = folder::load(&opts).unwrap();
-    let pixels = Vec::<u8>::try_from(splits.test.images.flatten(0, -1)).unwrap();
+    let pixels =
+        Vec::<u8>::try_from(splits.test.images(0, splits.test.len()).unwrap().flatten(0, -1)).unwrap();
     pixels.chunks(3 * 8 * 8).map(<[u8]>::to_vec).collect()
 }
 

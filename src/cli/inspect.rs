@@ -86,7 +86,7 @@ pub fn eval(args: &ModelArgs, split: Split, iw_samples: i64, json: bool) -> Resu
         iw_samples,
         loaded.device,
         &progress,
-    );
+    )?;
     progress.finish_and_clear();
     if json {
         println!("{}", serde_json::to_string(&report)?);
@@ -116,7 +116,7 @@ pub fn reconstruct(args: &ModelArgs, n: usize, input: &[PathBuf], out: &Option<P
     ensure!(n > 0, "--n must be positive");
     let loaded = args.load()?;
     let x = if input.is_empty() {
-        vae::export::first_images(&loaded.split(args, Split::Test)?, n, loaded.device)
+        vae::export::first_images(&loaded.split(args, Split::Test)?, n, loaded.device)?
     } else {
         let m = &loaded.config().model;
         let images = input
@@ -170,7 +170,7 @@ pub fn interpolate(
         2 * pairs,
         test.len()
     );
-    let x = vae::export::first_images(&test, 2 * pairs, loaded.device);
+    let x = vae::export::first_images(&test, 2 * pairs, loaded.device)?;
     let (first, second) = (x.narrow(0, 0, pairs as i64), x.narrow(0, pairs as i64, pairs as i64));
     let grid = vae::export::interpolation_grid(&loaded.model, &first, &second, steps, slerp);
     let path = loaded.output(out, "interpolate.png");
@@ -195,7 +195,7 @@ pub fn traverse(
     let test = loaded.split(args, Split::Test)?;
     ensure!(index < test.len(), "--index {index} is past the test split's {} images", test.len());
     let dims = if dims.is_empty() {
-        let (mean, logvar) = vae::export::encode_all(&loaded.model, &test, loaded.device);
+        let (mean, logvar) = vae::export::encode_all(&loaded.model, &test, loaded.device)?;
         let kl = vae::export::kl_per_dimension(&mean, &logvar);
         let mut order: Vec<i64> = (0..latent).collect();
         order.sort_by(|&a, &b| kl[b as usize].total_cmp(&kl[a as usize]));
@@ -203,7 +203,7 @@ pub fn traverse(
     } else {
         dims.to_vec()
     };
-    let image = vae::data::to_unit_float(&test.images.narrow(0, index as i64, 1)).to_device(loaded.device);
+    let image = vae::data::to_unit_float(&test.images(index, 1)?).to_device(loaded.device);
     let grid = vae::export::traversal_grid(&loaded.model, &image, &dims, steps, 3.0);
     let path = loaded.output(out, "traverse.png");
     vae::export::save_grid(&path, &grid, steps as usize)?;
@@ -214,7 +214,7 @@ pub fn traverse(
 pub fn encode(args: &ModelArgs, split: Split, out: &Path) -> Result<()> {
     let loaded = args.load()?;
     let data = loaded.split(args, split)?;
-    let (mean, logvar) = vae::export::encode_all(&loaded.model, &data, loaded.device);
+    let (mean, logvar) = vae::export::encode_all(&loaded.model, &data, loaded.device)?;
     let mut named = vec![("mean", mean), ("logvar", logvar)];
     if let Some(labels) = &data.labels {
         named.push(("labels", labels.shallow_clone()));

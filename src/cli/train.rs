@@ -42,6 +42,11 @@ pub struct TrainArgs {
     /// Decode an image folder every time instead.
     #[arg(long)]
     no_cache: bool,
+    /// Memory a folder's decoded images may take (bytes, or with K, M, G, T: 512M, 8G); a
+    /// larger set streams from its cache file, the next batch read while one trains
+    /// [default: half the memory available].
+    #[arg(long, value_parser = super::parse_size)]
+    max_memory: Option<u64>,
     /// Flip each training image left-right with probability 1/2 each time it is seen.
     #[arg(long)]
     hflip: bool,
@@ -143,6 +148,7 @@ impl TrainArgs {
             channels: self.channels.unwrap_or(if self.dataset == DatasetKind::Folder { 3 } else { 1 }),
             test_fraction: self.test_fraction,
             cache_dir: (!self.no_cache).then(|| self.cache_dir.clone()),
+            max_memory: self.max_memory,
             train_size: self.train_size,
             test_size: self.test_size,
         };
@@ -218,6 +224,11 @@ fn fresh_trainer(args: &TrainArgs, device: tch::Device) -> Result<(Trainer, vae:
             cfg.data.name()
         );
     }
+    ensure!(
+        args.max_memory.is_none() || cfg.data.kind == DatasetKind::Folder,
+        "--max-memory applies to --dataset folder only; {} is always held in memory",
+        cfg.data.name()
+    );
     // Validate what the flags alone decide before loading any data.
     cfg.model.image_size = cfg.data.image_size;
     cfg.model.in_channels = cfg.data.channels;
@@ -274,6 +285,7 @@ fn resumed_trainer(
     if explicit("data_dir") {
         cfg.data.data_dir = args.data_dir.clone();
     }
+    cfg.data.max_memory = args.max_memory;
     let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let out_dir = args.out.clone().unwrap_or(folder);
     // Continuing an older checkpoint in place would overwrite a newer last.safetensors.

@@ -74,8 +74,9 @@ mod tests {
         let ds = read_split(dir.path(), &["a.bin"]).unwrap();
         assert_eq!(ds.len(), 2);
         assert_eq!(ds.image_shape(), [3, 32, 32]);
-        assert_eq!(ds.images.int64_value(&[0, 0, 0, 0]), 200);
-        assert_eq!(ds.images.int64_value(&[0, 1, 0, 1]), 100);
+        let images = ds.images(0, 2).unwrap();
+        assert_eq!(images.int64_value(&[0, 0, 0, 0]), 200);
+        assert_eq!(images.int64_value(&[0, 1, 0, 1]), 100);
         assert_eq!(Vec::<i64>::try_from(ds.labels.unwrap()).unwrap(), vec![3, 9]);
 
         std::fs::write(dir.path().join("short.bin"), vec![0u8; RECORD + 5]).unwrap();

@@ -5,12 +5,16 @@
 //! the transform, so the next run with the same files starts at once.
 
 use super::image_file;
-use super::{Dataset, Splits};
-use crate::checkpoint::write_atomic;
+use super::{Dataset, Records, Splits};
+use crate::checkpoint;
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
 /// How the folder becomes a dataset.
@@ -22,6 +26,9 @@ pub struct FolderOptions {
     pub test_fraction: f64,
     /// Where decoded sets are cached; `None` decodes every time.
     pub cache_dir: Option<PathBuf>,
+    /// Bytes the decoded set may take in memory (`None`: half of what is available); a
+    /// larger set streams from the cache file.
+    pub max_memory: Option<u64>,
 }
 
 /// One file of the listing.
@@ -89,40 +96,120 @@ fn cache_key(entries: &[Entry], opts: &FolderOptions) -> String {
     format!("folder-{:016x}.bin", stable_hash(text.as_bytes()))
 }
 
-/// The decoded splits in the cache's layout: magic, four little-endian u32 (train count,
-/// test count, channels, side), then the train images and the test images.
-fn encode_cache(splits: &[Vec<u8>; 2], counts: [usize; 2], opts: &FolderOptions) -> Vec<u8> {
-    let mut out = CACHE_MAGIC.to_vec();
-    for v in [counts[0], counts[1], opts.channels as usize, opts.image_size as usize] {
-        out.extend_from_slice(&(v as u32).to_le_bytes());
-    }
-    out.extend_from_slice(&splits[0]);
-    out.extend_from_slice(&splits[1]);
-    out
+/// Bytes of the cache's header: magic, then four little-endian u32 (train count, test
+/// count, channels, side). The train images follow, then the test images.
+const HEADER: usize = 24;
+
+/// A cache file that matches the transform, opened.
+struct CacheFile {
+    file: File,
+    path: PathBuf,
+    counts: [usize; 2],
 }
 
-/// Reads a cache file back; `None` when it is absent or not what this transform expects
-/// (then the folder is decoded again).
-fn decode_cache(path: &Path, opts: &FolderOptions) -> Option<Splits> {
-    let bytes = std::fs::read(path).ok()?;
-    let word = |i: usize| -> Option<usize> {
-        Some(u32::from_le_bytes(bytes.get(8 + 4 * i..12 + 4 * i)?.try_into().ok()?) as usize)
-    };
-    let (train, test, channels, side) = (word(0)?, word(1)?, word(2)?, word(3)?);
-    let image = channels * side * side;
-    let fits = bytes.starts_with(CACHE_MAGIC)
-        && channels as i64 == opts.channels
-        && side as i64 == opts.image_size
-        && bytes.len() == 24 + (train + test) * image;
-    if !fits {
-        return None;
+impl CacheFile {
+    /// `None` when the file is absent or not what this transform expects (then the folder is
+    /// decoded again).
+    fn open(path: &Path, opts: &FolderOptions) -> Option<Self> {
+        let file = File::open(path).ok()?;
+        let mut header = [0u8; HEADER];
+        file.read_exact_at(&mut header, 0).ok()?;
+        let word = |i: usize| u32::from_le_bytes(header[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as u64;
+        let (train, test) = (word(0), word(1));
+        let fits = header.starts_with(CACHE_MAGIC)
+            && word(2) as i64 == opts.channels
+            && word(3) as i64 == opts.image_size
+            && file.metadata().ok()?.len() == HEADER as u64 + (train + test) * image_bytes(opts);
+        fits.then(|| Self { file, path: path.to_path_buf(), counts: [train as usize, test as usize] })
     }
-    let body = &bytes[24..];
-    let (c, s) = (channels, side);
-    Some(Splits {
-        train: Dataset::from_u8(&body[..train * image], train, c, s, s, None),
-        test: Dataset::from_u8(&body[train * image..], test, c, s, s, None),
-    })
+
+    /// Both splits read into memory, or, with `stream`, left in the file.
+    fn splits(self, opts: &FolderOptions, stream: bool) -> Result<Splits> {
+        let (c, s) = (opts.channels, opts.image_size);
+        let image = image_bytes(opts) as usize;
+        let [train, test] = self.counts;
+        if stream {
+            let file = Arc::new(self.file);
+            let records = |offset: usize, count| {
+                Records::new(file.clone(), &self.path, offset as u64, count, [c, s, s])
+            };
+            return Ok(Splits {
+                train: Dataset::streamed(records(HEADER, train)),
+                test: Dataset::streamed(records(HEADER + train * image, test)),
+            });
+        }
+        let mut body = vec![0u8; (train + test) * image];
+        self.file
+            .read_exact_at(&mut body, HEADER as u64)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        let (c, s) = (c as usize, s as usize);
+        Ok(Splits {
+            train: Dataset::from_u8(&body[..train * image], train, c, s, s, None),
+            test: Dataset::from_u8(&body[train * image..], test, c, s, s, None),
+        })
+    }
+}
+
+/// A cache file being written: images appended as they decode, the header last, then
+/// published atomically (an interrupted run leaves only a temporary file).
+struct CacheWriter {
+    out: BufWriter<File>,
+    tmp: PathBuf,
+    path: PathBuf,
+}
+
+impl CacheWriter {
+    fn create(path: &Path) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the cache folder {}", dir.display()))?;
+        remove_dead_temporaries(dir);
+        let tmp = checkpoint::temporary_path(path)?;
+        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let mut writer = Self { out: BufWriter::new(file), tmp, path: path.to_path_buf() };
+        writer.append(&[0; HEADER])?;
+        Ok(writer)
+    }
+
+    fn append(&mut self, bytes: &[u8]) -> Result<()> {
+        self.out.write_all(bytes).with_context(|| format!("writing {}", self.tmp.display()))
+    }
+
+    fn finish(mut self, counts: [usize; 2], opts: &FolderOptions) -> Result<()> {
+        let mut header = CACHE_MAGIC.to_vec();
+        for v in [counts[0], counts[1], opts.channels as usize, opts.image_size as usize] {
+            header.extend_from_slice(&(v as u32).to_le_bytes());
+        }
+        self.out.flush().with_context(|| format!("writing {}", self.tmp.display()))?;
+        let file = self.out.get_ref();
+        file.write_all_at(&header, 0).with_context(|| format!("writing {}", self.tmp.display()))?;
+        checkpoint::publish(file, &self.tmp, &self.path)
+    }
+}
+
+impl Drop for CacheWriter {
+    fn drop(&mut self) {
+        // Published, the temporary is gone; otherwise it is a partial file nobody will read.
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Deletes temporary cache files of processes that no longer run (killed while decoding):
+/// each can be as large as the decoded folder.
+fn remove_dead_temporaries(dir: &Path) {
+    let Ok(listing) = std::fs::read_dir(dir) else { return };
+    for entry in listing.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let pid =
+            name.strip_prefix(".folder-").and_then(|rest| rest.rsplit_once(".tmp-")).map(|(_, pid)| pid);
+        if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+fn image_bytes(opts: &FolderOptions) -> u64 {
+    (opts.channels * opts.image_size * opts.image_size) as u64
 }
 
 /// Bytes the kernel says can be allocated without swapping (`MemAvailable`).
@@ -132,27 +219,89 @@ fn available_memory() -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
-/// The decoded set lives in memory (and then on the device): refuse, before decoding for
-/// hours, a folder whose decoded size would take more than half of what is available.
-fn check_memory(files: usize, opts: &FolderOptions, available: Option<u64>) -> Result<()> {
-    let needed = files as u64 * (opts.channels * opts.image_size * opts.image_size) as u64;
-    if let Some(available) = available {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        ensure!(
-            needed <= available / 2,
-            "{} files of {}: decoded at {}x{s}x{s} they would take {:.1} GiB, more than half the {:.1} GiB \
-             of memory available; use a smaller --image-size or a subset of the folder (streaming from \
-             disk is not implemented)",
-            files,
+/// Why `images` decoded images should stream from disk: they would take more than
+/// `--max-memory`, or than half the memory available. `None` when they fit.
+fn too_big(images: usize, opts: &FolderOptions, available: Option<u64>) -> Option<String> {
+    let needed = images as u64 * image_bytes(opts);
+    let (budget, what) = match opts.max_memory {
+        Some(max) => (max, format!("--max-memory {}", format_bytes(max))),
+        None => (available? / 2, format!("half the {} of memory available", format_bytes(available?))),
+    };
+    (needed > budget).then(|| {
+        format!(
+            "{images} images of {}, decoded at {}x{s}x{s}, take {}, more than {what}",
             opts.dir.display(),
             opts.channels,
-            gib(needed),
-            gib(available),
+            format_bytes(needed),
             s = opts.image_size
-        );
-    }
-    Ok(())
+        )
+    })
 }
+
+fn format_bytes(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let exp = ((64 - bytes.leading_zeros()).saturating_sub(1) / 10).min(4);
+    if exp == 0 {
+        return format!("{bytes} B");
+    }
+    format!("{:.1} {}", bytes as f64 / (1u64 << (10 * exp)) as f64, units[exp as usize])
+}
+
+/// What decoding a listing found, besides the pixels.
+#[derive(Default)]
+struct Report {
+    counts: [usize; 2],
+    failed: Vec<String>,
+    upscaled: usize,
+}
+
+/// Decodes `split[0]` (train) then `split[1]` (test) on every core, a chunk at a time so
+/// memory stays bounded, handing each image's pixels to `sink` in listing order.
+fn decode(
+    splits: [&[&Entry]; 2],
+    opts: &FolderOptions,
+    mut sink: impl FnMut(usize, &[u8]) -> Result<()>,
+) -> Result<Report> {
+    let progress = ProgressBar::new((splits[0].len() + splits[1].len()) as u64);
+    progress.set_style(
+        ProgressStyle::with_template("decoding {pos}/{len} images [{bar:30}] {per_sec} eta {eta}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let chunk = (DECODE_CHUNK_BYTES / image_bytes(opts) as usize).max(rayon::current_num_threads());
+    let mut report = Report::default();
+    for (side, entries) in splits.iter().enumerate() {
+        for entries in entries.chunks(chunk) {
+            let decoded: Vec<Result<image_file::Decoded>> = entries
+                .par_iter()
+                .map(|e| {
+                    // A decoder bug must cost one file, not the run.
+                    let decode = || image_file::decode(&e.path, opts.channels, opts.image_size);
+                    let d = std::panic::catch_unwind(decode).unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!("{}: the image decoder panicked", e.path.display()))
+                    });
+                    progress.inc(1);
+                    d
+                })
+                .collect();
+            for (entry, result) in entries.iter().zip(decoded) {
+                match result {
+                    Ok(img) => {
+                        sink(side, &img.pixels)?;
+                        report.counts[side] += 1;
+                        report.upscaled += img.upscaled as usize;
+                    }
+                    Err(_) => report.failed.push(entry.relative.clone()),
+                }
+            }
+        }
+    }
+    progress.finish_and_clear();
+    Ok(report)
+}
+
+/// Decoded pixels held at once while decoding (the rest is in memory or the cache file).
+const DECODE_CHUNK_BYTES: usize = 64 << 20;
 
 pub fn load(opts: &FolderOptions) -> Result<Splits> {
     let dir = &opts.dir;
@@ -165,49 +314,51 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
     let entries = list(dir)?;
     ensure!(!entries.is_empty(), "image folder {} holds no files", dir.display());
     let cache = opts.cache_dir.as_ref().map(|d| d.join(cache_key(&entries, opts)));
-    if let Some(splits) = cache.as_deref().and_then(|c| decode_cache(c, opts)) {
-        eprintln!(
-            "{}: decoded images from the cache {}",
-            dir.display(),
-            cache.as_deref().unwrap_or(dir).display()
-        );
-        return Ok(splits);
-    }
-
-    check_memory(entries.len(), opts, available_memory())?;
-    let progress = ProgressBar::new(entries.len() as u64);
-    progress.set_style(
-        ProgressStyle::with_template("decoding {pos}/{len} images [{bar:30}] {per_sec} eta {eta}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    let decoded: Vec<(usize, Result<image_file::Decoded>)> = entries
-        .par_iter()
-        .enumerate()
-        .map(|(i, e)| {
-            // A decoder bug must cost one file, not the run.
-            let decode = || image_file::decode(&e.path, opts.channels, opts.image_size);
-            let d = std::panic::catch_unwind(decode)
-                .unwrap_or_else(|_| Err(anyhow::anyhow!("{}: the image decoder panicked", e.path.display())));
-            progress.inc(1);
-            (i, d)
-        })
-        .collect();
-    progress.finish_and_clear();
-
-    let mut splits: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
-    let (mut counts, mut failed, mut upscaled) = ([0usize; 2], Vec::new(), 0usize);
-    for (i, result) in decoded {
-        match result {
-            Ok(img) => {
-                let side = is_test(&entries[i].relative, opts.test_fraction) as usize;
-                splits[side].extend_from_slice(&img.pixels);
-                counts[side] += 1;
-                upscaled += img.upscaled as usize;
-            }
-            Err(_) => failed.push(entries[i].relative.as_str()),
+    if let Some(found) = cache.as_deref().and_then(|c| CacheFile::open(c, opts)) {
+        let reason = too_big(found.counts[0] + found.counts[1], opts, available_memory());
+        let how = if reason.is_some() { "streaming" } else { "decoded images" };
+        eprintln!("{}: {how} from the cache {}", dir.display(), found.path.display());
+        if let Some(reason) = &reason {
+            eprintln!("{reason}: reading them from disk a batch at a time");
         }
+        return found.splits(opts, reason.is_some());
     }
+
+    let stream = too_big(entries.len(), opts, available_memory());
+    if let Some(reason) = &stream {
+        let path = cache.as_deref().with_context(|| {
+            format!("{reason}; streaming them from disk needs the cache file: drop --no-cache")
+        })?;
+        eprintln!("{reason}: decoding them into the cache {} and streaming from it", path.display());
+    }
+    // Streaming needs the cache file; a resident set only loses the next run's head start.
+    let mut writer = match cache.as_deref().map(CacheWriter::create).transpose() {
+        Err(e) if stream.is_none() => {
+            eprintln!("warning: images will not be cached: {e:#}");
+            None
+        }
+        created => created?,
+    };
+    let (test, train): (Vec<&Entry>, Vec<&Entry>) =
+        entries.iter().partition(|e| is_test(&e.relative, opts.test_fraction));
+    let mut memory: Option<[Vec<u8>; 2]> = stream.is_none().then(Default::default);
+    let report = decode([&train, &test], opts, |side, pixels| {
+        if let Some(memory) = memory.as_mut() {
+            memory[side].extend_from_slice(pixels);
+        }
+        if let Some(w) = writer.as_mut() {
+            if let Err(e) = w.append(pixels) {
+                if stream.is_some() {
+                    return Err(e);
+                }
+                eprintln!("warning: images will not be cached: {e:#}");
+                writer = None;
+            }
+        }
+        Ok(())
+    })?;
+
+    let Report { counts, failed, upscaled } = report;
     if counts[0] + counts[1] == 0 {
         bail!(
             "no file in {} decodes as an image ({} tried, e.g. {})",
@@ -242,19 +393,23 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
         counts[0],
         counts[1]
     );
-    if let Some(cache) = &cache {
-        let bytes = encode_cache(&splits, counts, opts);
-        let written = std::fs::create_dir_all(cache.parent().unwrap_or(Path::new(".")))
-            .map_err(anyhow::Error::from)
-            .and_then(|_| write_atomic(cache, &bytes));
-        if let Err(e) = written {
-            eprintln!("warning: could not cache the decoded images in {}: {e:#}", cache.display());
+    if let Some(w) = writer {
+        match w.finish(counts, opts) {
+            Err(e) if stream.is_none() => eprintln!("warning: images will not be cached: {e:#}"),
+            finished => finished?,
         }
     }
+    let Some([train, test]) = memory else {
+        let path = cache.as_deref().expect("a streamed set has a cache file (checked above)");
+        let written = CacheFile::open(path, opts);
+        return written
+            .with_context(|| format!("reopening {}, just written", path.display()))?
+            .splits(opts, true);
+    };
     let (c, s) = (opts.channels as usize, opts.image_size as usize);
     Ok(Splits {
-        train: Dataset::from_u8(&splits[0], counts[0], c, s, s, None),
-        test: Dataset::from_u8(&splits[1], counts[1], c, s, s, None),
+        train: Dataset::from_u8(&train, counts[0], c, s, s, None),
+        test: Dataset::from_u8(&test, counts[1], c, s, s, None),
     })
 }
 
@@ -263,21 +418,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_folder_too_big_for_memory_is_refused_by_size() {
-        let opts = FolderOptions {
+    fn a_folder_too_big_for_memory_is_told_by_size() {
+        let mut opts = FolderOptions {
             dir: PathBuf::from("/data/faces"),
             image_size: 128,
             channels: 3,
             test_fraction: 0.05,
             cache_dir: None,
+            max_memory: None,
         };
-        assert!(check_memory(1000, &opts, Some(1 << 30)).is_ok());
-        let err = check_memory(200_000, &opts, Some(8 << 30)).unwrap_err().to_string();
-        assert!(
-            err.contains("200000 files of /data/faces: decoded at 3x128x128 they would take 9.2 GiB"),
-            "{err}"
+        assert_eq!(too_big(1000, &opts, Some(1 << 30)), None);
+        assert_eq!(too_big(200_000, &opts, None), None, "no bound known, no streaming");
+        let why = too_big(200_000, &opts, Some(8 << 30)).unwrap();
+        assert_eq!(
+            why,
+            "200000 images of /data/faces, decoded at 3x128x128, take 9.2 GiB, more than half the 8.0 GiB \
+             of memory available"
         );
-        assert!(err.contains("more than half the 8.0 GiB"), "{err}");
+        opts.max_memory = Some(1 << 30);
+        let why = too_big(100_000, &opts, Some(64 << 30)).unwrap();
+        assert!(why.ends_with("take 4.6 GiB, more than --max-memory 1.0 GiB"), "{why}");
+        assert_eq!(too_big(1000, &opts, None), None);
+        assert_eq!(format_bytes(1023), "1023 B");
+        assert_eq!(format_bytes(1536), "1.5 KiB");
     }
 
     #[test]

@@ -1,23 +1,44 @@
-//! Mini-batches gathered on the training device from a split that lives there as u8.
+//! Mini-batches gathered on the training device from a split that lives there as u8, or,
+//! for a split streamed from disk, read by a background thread one batch ahead.
 
-use super::Dataset;
+use super::{Dataset, Pixels, Records};
 use crate::rng::{SplitMix64, Stream};
+use anyhow::{Context, Result};
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
 use tch::{Device, Kind, Tensor};
 
-/// Holds one split on the device, so a step costs one gather and one conversion there and
-/// no host-to-device copy.
 pub struct Loader {
-    images: Tensor,
+    source: Source,
+    device: Device,
     batch_size: i64,
+}
+
+enum Source {
+    /// The split on the device: a step costs one gather and one conversion there and no
+    /// host-to-device copy.
+    Resident(Tensor),
+    /// The split on disk: each batch is read (ideally ahead, see [`Loader::prefetch`]) and
+    /// copied to the device.
+    Streamed(Prefetcher),
 }
 
 impl Loader {
     pub fn new(data: &Dataset, device: Device, batch_size: usize) -> Self {
-        Self { images: data.images.to_device(device), batch_size: batch_size as i64 }
+        let source = match &data.pixels {
+            Pixels::Resident(images) => Source::Resident(images.to_device(device)),
+            Pixels::Streamed(records) => Source::Streamed(Prefetcher::spawn(records.clone())),
+        };
+        Self { source, device, batch_size: batch_size as i64 }
     }
 
     pub fn len(&self) -> usize {
-        self.images.size()[0] as usize
+        match &self.source {
+            Source::Resident(images) => images.size()[0] as usize,
+            Source::Streamed(prefetcher) => prefetcher.records.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -28,22 +49,123 @@ impl Loader {
         self.batch_size as usize
     }
 
+    /// Where index tensors live: beside a resident split, on the host for a streamed one.
+    fn index_device(&self) -> Device {
+        match self.source {
+            Source::Resident(_) => self.device,
+            Source::Streamed(_) => Device::Cpu,
+        }
+    }
+
     /// Index tensors of one epoch's batches, shuffled by (seed, epoch) alone; the last batch
     /// holds the remainder.
     pub fn shuffled_batches(&self, seed: u64, epoch: u64) -> Vec<Tensor> {
         let order = SplitMix64::derived(seed, Stream::Shuffle, epoch).permutation(self.len());
-        let order = Tensor::from_slice(&order).to_device(self.images.device());
-        order.split(self.batch_size, 0)
+        Tensor::from_slice(&order).to_device(self.index_device()).split(self.batch_size, 0)
+    }
+
+    /// Starts reading the images at `indices` in the background, for a `gather` that follows
+    /// soon; a resident split needs nothing.
+    pub fn prefetch(&self, indices: &Tensor) {
+        if let Source::Streamed(prefetcher) = &self.source {
+            prefetcher.request(index_vec(indices));
+        }
     }
 
     /// Images `[B, C, H, W]` in [0, 1] at the given indices.
-    pub fn gather(&self, indices: &Tensor) -> Tensor {
-        to_unit_float(&self.images.index_select(0, indices))
+    pub fn gather(&self, indices: &Tensor) -> Result<Tensor> {
+        let pixels = match &self.source {
+            Source::Resident(images) => images.index_select(0, indices),
+            Source::Streamed(prefetcher) => {
+                let indices = index_vec(indices);
+                let [c, h, w] = prefetcher.records.shape();
+                let bytes = prefetcher.take(&indices)?;
+                Tensor::from_slice(&bytes).view([indices.len() as i64, c, h, w]).to_device(self.device)
+            }
+        };
+        Ok(to_unit_float(&pixels))
     }
 
-    /// The split in order, batch by batch, as floats in [0, 1].
-    pub fn sequential(&self) -> impl Iterator<Item = Tensor> + '_ {
-        self.images.split(self.batch_size, 0).into_iter().map(|b| to_unit_float(&b))
+    /// The split in order, batch by batch, as floats in [0, 1], each batch read while the one
+    /// before it is used.
+    pub fn sequential(&self) -> impl Iterator<Item = Result<Tensor>> + '_ {
+        let all = Tensor::arange(self.len() as i64, (Kind::Int64, self.index_device()));
+        let batches = all.split(self.batch_size, 0);
+        (0..batches.len()).map(move |i| {
+            if let Some(next) = batches.get(i + 1) {
+                self.prefetch(next);
+            }
+            self.gather(&batches[i])
+        })
+    }
+}
+
+fn index_vec(indices: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(indices).expect("int64 indices on the host")
+}
+
+/// Batches that `prefetch` may queue before the oldest unused one is dropped.
+const MAX_PENDING: usize = 2;
+
+/// A thread that reads requested batches in order; `take` hands back the one asked for, or
+/// reads it on the spot when it was not requested (the first batch, a resume).
+struct Prefetcher {
+    records: Records,
+    requests: Option<mpsc::Sender<Vec<i64>>>,
+    replies: mpsc::Receiver<Result<Vec<u8>>>,
+    /// Requests sent whose replies have not been taken, oldest first.
+    pending: RefCell<VecDeque<Vec<i64>>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl Prefetcher {
+    fn spawn(records: Records) -> Self {
+        let (requests, inbox) = mpsc::channel::<Vec<i64>>();
+        let (outbox, replies) = mpsc::channel();
+        let reader = records.clone();
+        let worker = std::thread::spawn(move || {
+            for indices in inbox {
+                if outbox.send(reader.read(&indices)).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { records, requests: Some(requests), replies, pending: RefCell::default(), worker: Some(worker) }
+    }
+
+    fn request(&self, indices: Vec<i64>) {
+        let mut pending = self.pending.borrow_mut();
+        if pending.len() >= MAX_PENDING {
+            pending.pop_front();
+            let _unused = self.replies.recv();
+        }
+        if self.requests.as_ref().is_some_and(|r| r.send(indices.clone()).is_ok()) {
+            pending.push_back(indices);
+        }
+    }
+
+    fn take(&self, indices: &[i64]) -> Result<Vec<u8>> {
+        let mut pending = self.pending.borrow_mut();
+        if pending.iter().any(|p| p == indices) {
+            // Replies come in request order; those before the wanted one are stale.
+            while let Some(requested) = pending.pop_front() {
+                let reply = self.replies.recv().context("the prefetching thread stopped")?;
+                if requested == indices {
+                    return reply;
+                }
+            }
+        }
+        self.records.read(indices)
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread once its current read is done.
+        self.requests = None;
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
     }
 }
 
@@ -72,12 +194,46 @@ mod tests {
         assert_eq!(batches.iter().map(|b| b.size()[0]).collect::<Vec<_>>(), vec![4, 4, 2]);
         let mut seen: Vec<f32> = batches
             .iter()
-            .flat_map(|b| Vec::<f32>::try_from(loader.gather(b).flatten(0, -1)).unwrap())
+            .flat_map(|b| Vec::<f32>::try_from(loader.gather(b).unwrap().flatten(0, -1)).unwrap())
             .collect();
         seen.sort_by(f32::total_cmp);
         let expected: Vec<f32> = (0..10).map(|i| i as f32 / 255.0).collect();
         assert_eq!(seen, expected);
         assert_eq!(loader.sequential().count(), 3);
+    }
+
+    fn floats(x: Result<Tensor>) -> Vec<f32> {
+        Vec::<f32>::try_from(x.unwrap().flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn a_streamed_split_gives_the_resident_batches_whatever_was_prefetched() {
+        let pixels: Vec<u8> = (0..50 * 2 * 3 * 3).map(|i| (i * 7 % 251) as u8).collect();
+        let (resident, streamed) = super::super::tests::resident_and_streamed(&pixels, 50, [2, 3, 3]);
+        let (resident, streamed) =
+            (Loader::new(&resident, Device::Cpu, 8), Loader::new(&streamed, Device::Cpu, 8));
+        let (a, b) = (resident.shuffled_batches(3, 1), streamed.shuffled_batches(3, 1));
+        assert_eq!(b.len(), 7);
+        // In training order, each batch read ahead; then out of order, skipping a prefetched
+        // batch, prefetching more than is taken, and taking one never prefetched.
+        for i in 0..b.len() {
+            if let Some(next) = b.get(i + 1) {
+                streamed.prefetch(next);
+            }
+            assert_eq!(floats(streamed.gather(&b[i])), floats(resident.gather(&a[i])), "batch {i}");
+        }
+        for i in [0, 1, 2] {
+            streamed.prefetch(&b[i]);
+        }
+        assert_eq!(floats(streamed.gather(&b[2])), floats(resident.gather(&a[2])));
+        assert_eq!(floats(streamed.gather(&b[0])), floats(resident.gather(&a[0])));
+        streamed.prefetch(&b[5]);
+        streamed.prefetch(&b[6]);
+        streamed.prefetch(&b[4]);
+        assert_eq!(floats(streamed.gather(&b[4])), floats(resident.gather(&a[4])));
+        let all = |l: &Loader| l.sequential().flat_map(floats).collect::<Vec<f32>>();
+        assert_eq!(all(&streamed), all(&resident));
+        assert_eq!(all(&streamed).len(), pixels.len());
     }
 
     #[test]
