@@ -134,6 +134,9 @@ struct BenchArgs {
     /// Where a folder's decoded images are cached (none: decode every time).
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// Memory a folder's decoded images may take before they stream from the cache file.
+    #[arg(long, value_parser = cli::parse_size)]
+    max_memory: Option<u64>,
     #[arg(long, default_value = "auto")]
     device: String,
     #[arg(long, value_enum, default_value = "f32")]
@@ -181,6 +184,7 @@ fn bench(args: BenchArgs) -> Result<()> {
             image_size: args.image_size,
             channels: 3,
             cache_dir: args.cache_dir,
+            max_memory: args.max_memory,
             ..DataConfig::default()
         },
         batch_size: args.batch_size,

@@ -2,7 +2,8 @@
 //! order, each resized (shorter side) and centre-cropped to a square. The test split is
 //! chosen by a hash of each file's relative path, so adding files never reshuffles it.
 //! Decoding runs on every core; the decoded set is cached, keyed by the folder's listing and
-//! the transform, so the next run with the same files starts at once.
+//! the transform, so the next run with the same files starts at once. A set larger than the
+//! memory budget is decoded a chunk at a time into that file and streamed from it.
 
 use super::image_file;
 use super::{Dataset, Records, Splits};

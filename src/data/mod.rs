@@ -1,4 +1,5 @@
-//! Datasets: where images come from, held in memory as u8 `[N, C, H, W]` tensors.
+//! Datasets: where images come from, held in memory as u8 `[N, C, H, W]` tensors, or, for an
+//! image folder larger than memory, read from its cache file a batch at a time.
 
 pub mod cifar;
 pub mod folder;
