@@ -256,11 +256,12 @@ struct Report {
     upscaled: usize,
 }
 
-/// Decodes `split[0]` (train) then `split[1]` (test) on every core, a chunk at a time so
-/// memory stays bounded, handing each image's pixels to `sink` in listing order.
+/// Decodes `split[0]` (train) then `split[1]` (test) on every core, `chunk` files at a time
+/// so memory stays bounded, handing each image's pixels to `sink` in listing order.
 fn decode(
     splits: [&[&Entry]; 2],
     opts: &FolderOptions,
+    chunk: usize,
     mut sink: impl FnMut(usize, &[u8]) -> Result<()>,
 ) -> Result<Report> {
     let progress = ProgressBar::new((splits[0].len() + splits[1].len()) as u64);
@@ -269,7 +270,6 @@ fn decode(
             .expect("valid template")
             .progress_chars("=> "),
     );
-    let chunk = (DECODE_CHUNK_BYTES / image_bytes(opts) as usize).max(rayon::current_num_threads());
     let mut report = Report::default();
     for (side, entries) in splits.iter().enumerate() {
         for entries in entries.chunks(chunk) {
@@ -343,7 +343,8 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
     let (test, train): (Vec<&Entry>, Vec<&Entry>) =
         entries.iter().partition(|e| is_test(&e.relative, opts.test_fraction));
     let mut memory: Option<[Vec<u8>; 2]> = stream.is_none().then(Default::default);
-    let report = decode([&train, &test], opts, |side, pixels| {
+    let chunk = (DECODE_CHUNK_BYTES / image_bytes(opts) as usize).max(rayon::current_num_threads());
+    let report = decode([&train, &test], opts, chunk, |side, pixels| {
         if let Some(memory) = memory.as_mut() {
             memory[side].extend_from_slice(pixels);
         }
@@ -442,6 +443,57 @@ mod tests {
         assert_eq!(too_big(1000, &opts, None), None);
         assert_eq!(format_bytes(1023), "1023 B");
         assert_eq!(format_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn decoding_in_chunks_keeps_the_listing_order_and_names_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..9u8 {
+            let img = image::GrayImage::from_fn(5 + i as u32, 6, |x, _| image::Luma([i * 20 + x as u8]));
+            img.save(dir.path().join(format!("{i}.png"))).unwrap();
+        }
+        std::fs::write(dir.path().join("4b.png"), b"broken").unwrap();
+        let opts = FolderOptions {
+            dir: dir.path().to_path_buf(),
+            image_size: 4,
+            channels: 1,
+            test_fraction: 0.3,
+            cache_dir: None,
+            max_memory: None,
+        };
+        let entries = list(dir.path()).unwrap();
+        let (test, train): (Vec<&Entry>, Vec<&Entry>) =
+            entries.iter().partition(|e| is_test(&e.relative, opts.test_fraction));
+        let decoded = |chunk| {
+            let mut seen = Vec::new();
+            let report = decode([&train, &test], &opts, chunk, |side, px| {
+                seen.push((side, px.to_vec()));
+                Ok(())
+            })
+            .unwrap();
+            (seen, report.counts, report.failed)
+        };
+        let whole = decoded(100);
+        assert_eq!(whole, decoded(2));
+        assert_eq!(whole, decoded(1));
+        assert_eq!(whole.1[0] + whole.1[1], 9);
+        assert_eq!(whole.2, vec!["4b.png".to_string()]);
+        let sides: Vec<usize> = whole.0.iter().map(|(side, _)| *side).collect();
+        assert!(sides.contains(&0) && sides.contains(&1), "{sides:?}");
+        assert!(sides.windows(2).all(|w| w[0] <= w[1]), "train images first, then test: {sides:?}");
+    }
+
+    #[test]
+    fn temporaries_of_dead_processes_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join(".folder-0123.bin.tmp-4000000000");
+        let live = dir.path().join(format!(".folder-0123.bin.tmp-{}", std::process::id()));
+        let other = dir.path().join("folder-0123.bin");
+        for path in [&dead, &live, &other] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        remove_dead_temporaries(dir.path());
+        assert!(!dead.exists() && live.exists() && other.exists());
     }
 
     #[test]
