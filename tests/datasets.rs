@@ -6,7 +6,9 @@ mod common;
 use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::collections::HashSet;
 use std::path::Path;
+use std::process::Command;
 use tch::Tensor;
+use vae::checkpoint::Checkpoint;
 use vae::data::cifar;
 use vae::data::folder::{self, FolderOptions};
 
@@ -127,17 +129,19 @@ fn a_folder_larger_than_memory_streams_from_the_cache_and_trains_to_the_same_bit
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("images");
     write_folder(&data);
-    let run = |name: &str, cache: &str, extra: &[&str]| {
+    let run = |name: &str, cache: &str, fault: &str, extra: &[&str]| {
         let (out, cache) = (dir.path().join(name), dir.path().join(cache));
         let mut args = vec!["train", "--dataset", "folder", "--image-size", "16", "--test-fraction", "0.2"];
         args.extend_from_slice(&["--hflip", "--batch-size", "8", "--data-dir", data.to_str().unwrap()]);
         args.extend_from_slice(&["--cache-dir", cache.to_str().unwrap(), "--out", out.to_str().unwrap()]);
         args.extend_from_slice(TINY_MODEL);
         args.extend_from_slice(extra);
-        (vae(&args), out)
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vae"));
+        (command.args(&args).env("VAE_FAULT", fault).output().unwrap(), out)
     };
-    let (_, resident) = run("resident", "cache", &["--epochs", "2"]);
-    let (out, streamed) = run("streamed", "cache", &["--epochs", "2", "--max-memory", "1K"]);
+    let (out, resident) = run("resident", "cache", "", &["--epochs", "2"]);
+    ok(out);
+    let (out, streamed) = run("streamed", "cache", "", &["--epochs", "2", "--max-memory", "1K"]);
     let out = ok(out);
     assert!(stdout(&out).contains("images of 3x16x16 (folder, streamed from disk)"), "{}", stdout(&out));
     let err = stderr(&out);
@@ -148,18 +152,27 @@ fn a_folder_larger_than_memory_streams_from_the_cache_and_trains_to_the_same_bit
     );
     assert!(same_tensors(&resident, &streamed), "streamed training differs from resident training");
 
-    // Decoded straight into a new cache, one epoch, then resumed streaming.
-    let (out, fresh) = run("fresh", "cache2", &["--epochs", "1", "--max-memory", "1K"]);
-    let err = stderr(&ok(out));
+    // Decoded straight into a new cache and streamed; killed after step 9 (saved at 8, in the
+    // second epoch), then resumed streaming.
+    let (out, killed) = run(
+        "killed",
+        "cache2",
+        "step:9",
+        &["--epochs", "2", "--max-memory", "1K", "--save-every-steps", "2"],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
     assert!(err.contains("decoding them into the cache") && err.contains("streaming from it"), "{err}");
     assert!(err.contains("skipped 1 files of"), "{err}");
-    assert!(!same_tensors(&resident, &fresh), "one epoch cannot equal two");
-    let fresh = fresh.to_str().unwrap();
-    let (out, _) = run("fresh", "cache2", &["--epochs", "2", "--max-memory", "1K", "--resume", fresh]);
+    let saved = Checkpoint::load(&killed.join("last.safetensors")).unwrap().meta;
+    assert_eq!((saved.epoch, saved.step), (1, 8), "saved in the middle of the second epoch");
+    assert!(!same_tensors(&resident, &killed), "step 8 cannot equal the end of the run");
+    let killed = killed.to_str().unwrap();
+    let (out, _) = run("killed", "cache2", "", &["--epochs", "2", "--max-memory", "1K", "--resume", killed]);
     ok(out);
-    assert!(same_tensors(&resident, Path::new(fresh)), "a resumed streamed run differs");
+    assert!(same_tensors(&resident, Path::new(killed)), "a resumed streamed run differs");
 
-    let (out, _) = run("uncached", "cache3", &["--epochs", "1", "--max-memory", "1K", "--no-cache"]);
+    let (out, _) = run("uncached", "cache3", "", &["--epochs", "1", "--max-memory", "1K", "--no-cache"]);
     assert!(!out.status.success());
     assert!(
         stderr(&out).contains("streaming them from disk needs the cache file: drop --no-cache"),
