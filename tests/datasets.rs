@@ -172,6 +172,33 @@ fn a_folder_larger_than_memory_streams_from_the_cache_and_trains_to_the_same_bit
     ok(out);
     assert!(same_tensors(&resident, Path::new(killed)), "a resumed streamed run differs");
 
+    // Evaluation streams the same pixels, binarized the same way.
+    let (out, gray) =
+        run("gray", "cache", "", &["--epochs", "1", "--channels", "1", "--binarize", "dynamic"]);
+    ok(out);
+    let eval = |extra: &[&str]| {
+        let mut args =
+            vec!["eval", gray.to_str().unwrap(), "--split", "train", "--iw-samples", "5", "--json"];
+        args.extend_from_slice(extra);
+        let out = ok(vae(&args));
+        let mut json: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        json.as_object_mut().unwrap().remove("seconds");
+        (json, stderr(&out))
+    };
+    let ((resident, _), (streamed, err)) = (eval(&[]), eval(&["--max-memory", "1K"]));
+    assert!(err.contains("streaming from the cache"), "{err}");
+    assert_eq!(resident, streamed);
+    let picture = dir.path().join("reconstruct.png");
+    ok(vae(&[
+        "reconstruct",
+        gray.to_str().unwrap(),
+        "--max-memory",
+        "1K",
+        "--out",
+        picture.to_str().unwrap(),
+    ]));
+    assert!(picture.is_file());
+
     let (out, _) = run("uncached", "cache3", "", &["--epochs", "1", "--max-memory", "1K", "--no-cache"]);
     assert!(!out.status.success());
     assert!(

@@ -17,6 +17,10 @@ pub struct ModelArgs {
     /// Where the dataset's files are, if not where the run found them.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Memory an image folder's decoded images may take before they stream from the cache
+    /// file (e.g. 8G) [default: half the memory available].
+    #[arg(long, value_parser = super::parse_size)]
+    max_memory: Option<u64>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -53,6 +57,7 @@ impl Loaded {
         if args.data_dir.is_some() {
             data.data_dir = args.data_dir.clone();
         }
+        data.max_memory = args.max_memory;
         let splits = data.load(self.config().seed)?;
         let raw = if split == Split::Train { splits.train } else { splits.test };
         Ok(vae::eval::prepared(&raw, self.config()))

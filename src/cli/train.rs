@@ -224,11 +224,6 @@ fn fresh_trainer(args: &TrainArgs, device: tch::Device) -> Result<(Trainer, vae:
             cfg.data.name()
         );
     }
-    ensure!(
-        args.max_memory.is_none() || cfg.data.kind == DatasetKind::Folder,
-        "--max-memory applies to --dataset folder only; {} is always held in memory",
-        cfg.data.name()
-    );
     // Validate what the flags alone decide before loading any data.
     cfg.model.image_size = cfg.data.image_size;
     cfg.model.in_channels = cfg.data.channels;

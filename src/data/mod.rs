@@ -110,6 +110,11 @@ impl DataConfig {
             self.train_size != Some(0) && self.test_size != Some(0),
             "--train-size and --test-size must be positive"
         );
+        ensure!(
+            self.max_memory.is_none() || self.kind == DatasetKind::Folder,
+            "--max-memory applies to --dataset folder only; {} is always held in memory",
+            self.name()
+        );
         match self.kind {
             DatasetKind::Shapes => {
                 ensure!(
