@@ -2,8 +2,11 @@
 //! disk, Python interop.
 
 mod common;
+#[path = "common/disk.rs"]
+mod disk;
 
 use common::{ok, stderr, stdout, vae, TINY_MODEL};
+use disk::SmallDisk;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -277,27 +280,6 @@ fn pytorch_loads_the_checkpoint_and_computes_the_same_loss() {
     let json: serde_json::Value = serde_json::from_slice(&ok(out).stdout).unwrap();
     let theirs = json["loss"].as_f64().unwrap();
     assert!((ours - theirs).abs() <= 1e-4 * ours.abs(), "ours {ours}, PyTorch {theirs}");
-}
-
-/// A size-limited tmpfs, unmounted when dropped.
-struct SmallDisk(PathBuf);
-
-impl SmallDisk {
-    fn mount(at: &Path, size: &str) -> Option<Self> {
-        std::fs::create_dir_all(at).unwrap();
-        let status = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at.to_str().unwrap()])
-            .stderr(Stdio::null())
-            .status()
-            .ok()?;
-        status.success().then(|| SmallDisk(at.to_path_buf()))
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
 }
 
 #[test]

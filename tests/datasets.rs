@@ -2,8 +2,11 @@
 //! folder's stable split and cache, and each bad input's message.
 
 mod common;
+#[path = "common/disk.rs"]
+mod disk;
 
 use common::{ok, stderr, stdout, vae, TINY_MODEL};
+use disk::SmallDisk;
 use std::collections::HashSet;
 use std::path::Path;
 use std::process::Command;
@@ -210,6 +213,33 @@ fn a_folder_larger_than_memory_streams_from_the_cache_and_trains_to_the_same_bit
     assert!(stderr(&out).contains("--max-memory applies to --dataset folder only"), "{}", stderr(&out));
     let out = vae(&["train", "--dataset", "folder", "--max-memory", "lots"]);
     assert!(stderr(&out).contains("\"lots\" is not a size such as 512M or 8G"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_full_cache_disk_fails_a_streamed_run_and_only_warns_a_resident_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    write_folder(&data);
+    // The decoded set (61 images of 3x16x16) is 47 kB.
+    let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "24k") else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)");
+        return;
+    };
+    let cache = disk.0.to_str().unwrap();
+    let flags = ["--dataset", "folder", "--image-size", "16", "--test-fraction", "0.2", "--cache-dir", cache];
+    let leftovers = || std::fs::read_dir(&disk.0).unwrap().count();
+    let mut streamed = flags.to_vec();
+    streamed.extend_from_slice(&["--max-memory", "1K"]);
+    let out = train(&data, &dir.path().join("streamed"), &streamed);
+    assert!(!out.status.success(), "streamed without its file");
+    let err = stderr(&out);
+    assert!(err.contains("No space left on device") && err.contains(".tmp-"), "{err}");
+    assert_eq!(leftovers(), 0, "the partial cache file is removed");
+
+    let out = ok(train(&data, &dir.path().join("resident"), &flags));
+    let err = stderr(&out);
+    assert!(err.contains("warning: images will not be cached") && err.contains("No space left"), "{err}");
+    assert_eq!(leftovers(), 0, "the partial cache file is removed");
 }
 
 fn test_images(dir: &Path) -> HashSet<Vec<u8>> {
