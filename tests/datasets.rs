@@ -109,11 +109,18 @@ fn an_image_folder_trains_warns_about_bad_files_and_is_cached() {
     let out = ok(train(&data, &dir.path().join("run2"), &args));
     assert!(stderr(&out).contains("decoded images from the cache"), "{}", stderr(&out));
     assert!(!stderr(&out).contains("broken.png"), "the cache skips decoding: {}", stderr(&out));
-    // Grayscale, without a cache.
-    let mut gray = flags.to_vec();
-    gray.extend_from_slice(&["--channels", "1", "--no-cache"]);
+    // Grayscale: another transform, another cache file.
+    let mut gray = args.clone();
+    gray.extend_from_slice(&["--channels", "1"]);
     let out = ok(train(&data, &dir.path().join("run3"), &gray));
     assert!(stdout(&out).contains("images of 1x16x16 (folder)"), "{}", stdout(&out));
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2);
+    // A new file: decoded again, and the folder's outdated RGB cache replaced, not kept.
+    pattern(7, 30, 30).save(data.join("class1/new.png")).unwrap();
+    let out = ok(train(&data, &dir.path().join("run4"), &args));
+    let err = stderr(&out);
+    assert!(!err.contains("from the cache") && err.contains("removed the outdated cache"), "{err}");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2, "the gray cache is kept");
 }
 
 /// Every tensor (weights and Adam's state) of two checkpoints equal, bit for bit.

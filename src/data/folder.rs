@@ -88,13 +88,36 @@ fn list(dir: &Path) -> Result<Vec<Entry>> {
     Ok(entries)
 }
 
-/// The cache file for this listing and transform.
-fn cache_key(entries: &[Entry], opts: &FolderOptions) -> String {
-    let mut text = format!("{}x{} test {}\n", opts.channels, opts.image_size, opts.test_fraction);
+/// The cache file for this listing and transform, named `folder-<F>-<L>.bin`: F stands for the
+/// folder and the transform, L for the listing too, so a changed folder's new file can
+/// replace its old one.
+fn cache_name(entries: &[Entry], opts: &FolderOptions) -> String {
+    let transform = format!("{}x{} test {}\n", opts.channels, opts.image_size, opts.test_fraction);
+    let folder = opts.dir.canonicalize().unwrap_or_else(|_| opts.dir.clone());
+    let mut listing = transform.clone();
     for e in entries {
-        text.push_str(&format!("{}\t{}\t{}\n", e.relative, e.len, e.modified_ns));
+        listing.push_str(&format!("{}\t{}\t{}\n", e.relative, e.len, e.modified_ns));
     }
-    format!("folder-{:016x}.bin", stable_hash(text.as_bytes()))
+    let folder = stable_hash(format!("{}\n{transform}", folder.display()).as_bytes());
+    format!("folder-{folder:016x}-{:016x}.bin", stable_hash(listing.as_bytes()))
+}
+
+/// Deletes the caches of earlier listings of the same folder and transform (`folder-<F>-*`
+/// beside `path`): each is as large as the decoded set, and a folder that changes would
+/// otherwise leave one behind per change. A run reading one keeps its open file.
+fn remove_outdated_caches(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return };
+    let Some((prefix, _)) = name.rsplit_once('-') else { return };
+    let Ok(listing) = std::fs::read_dir(dir) else { return };
+    for entry in listing.flatten() {
+        let other = entry.file_name().to_string_lossy().into_owned();
+        let outdated = other != name
+            && other.ends_with(".bin")
+            && other.rsplit_once('-').is_some_and(|(p, _)| p == prefix);
+        if outdated && std::fs::remove_file(entry.path()).is_ok() {
+            eprintln!("removed the outdated cache {} (the folder's files changed)", entry.path().display());
+        }
+    }
 }
 
 /// Bytes of the cache's header: magic, then four little-endian u32 (train count, test
@@ -314,7 +337,7 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
     );
     let entries = list(dir)?;
     ensure!(!entries.is_empty(), "image folder {} holds no files", dir.display());
-    let cache = opts.cache_dir.as_ref().map(|d| d.join(cache_key(&entries, opts)));
+    let cache = opts.cache_dir.as_ref().map(|d| d.join(cache_name(&entries, opts)));
     if let Some(found) = cache.as_deref().and_then(|c| CacheFile::open(c, opts)) {
         let reason = too_big(found.counts[0] + found.counts[1], opts, available_memory());
         let how = if reason.is_some() { "streaming" } else { "decoded images" };
@@ -398,7 +421,10 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
     if let Some(w) = writer {
         match w.finish(counts, opts) {
             Err(e) if stream.is_none() => eprintln!("warning: images will not be cached: {e:#}"),
-            finished => finished?,
+            finished => {
+                finished?;
+                remove_outdated_caches(cache.as_deref().expect("a writer has a path"));
+            }
         }
     }
     let Some([train, test]) = memory else {
