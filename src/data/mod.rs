@@ -216,6 +216,11 @@ impl Dataset {
         Self { pixels: Pixels::Resident(images), labels }
     }
 
+    /// A split of u8 `[N, C, H, W]` images without labels.
+    pub fn from_images(images: Tensor) -> Self {
+        Self { pixels: Pixels::Resident(images), labels: None }
+    }
+
     pub fn streamed(records: Records) -> Self {
         Self { pixels: Pixels::Streamed(records), labels: None }
     }
