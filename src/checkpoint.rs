@@ -239,7 +239,7 @@ impl Checkpoint {
     /// A checkpoint file, or a run folder's `last.safetensors`.
     pub fn resolve(path: &Path) -> Result<PathBuf> {
         if path.is_dir() {
-            let last = path.join(crate::train::LAST);
+            let last = path.join(crate::run::LAST);
             ensure!(last.is_file(), "no checkpoint in {}: {} does not exist", path.display(), last.display());
             Ok(last)
         } else {

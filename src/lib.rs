@@ -1,5 +1,6 @@
 //! Convolutional variational auto-encoders on libtorch. The modules read as the pipeline:
-//! data -> model -> loss -> adam -> train -> checkpoint -> export.
+//! data -> model -> loss -> adam -> train (a step, an epoch) -> run (the run folder) ->
+//! checkpoint -> export and eval.
 
 pub mod adam;
 pub mod bench;
@@ -15,6 +16,7 @@ pub mod model;
 pub mod plot;
 pub mod precision;
 pub mod rng;
+pub mod run;
 pub mod schedule;
 pub mod tensorboard;
 pub mod train;

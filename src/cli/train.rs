@@ -12,8 +12,9 @@ use vae::data::{Binarize, DataConfig, DatasetKind};
 use vae::loss::Likelihood;
 use vae::model::VaeConfig;
 use vae::precision::Precision;
+use vae::run::{self, RunOptions};
 use vae::schedule::LrSchedule;
-use vae::train::{self, RunOptions, TrainConfig, Trainer};
+use vae::train::{TrainConfig, Trainer};
 
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
@@ -235,7 +236,7 @@ fn fresh_trainer(args: &TrainArgs, device: tch::Device) -> Result<(Trainer, vae:
     cfg.model.likelihood =
         args.likelihood.unwrap_or(if c == 1 { Likelihood::Bernoulli } else { Likelihood::Gaussian });
     let out_dir = args.out.clone().unwrap_or_else(|| fresh_run_dir(cfg.data.name()));
-    let last = out_dir.join(train::LAST);
+    let last = out_dir.join(run::LAST);
     if last.exists() {
         bail!(
             "{} already holds a checkpoint ({}); continue it with --resume {0} or choose another --out",
@@ -284,7 +285,7 @@ fn resumed_trainer(
     let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let out_dir = args.out.clone().unwrap_or(folder);
     // Continuing an older checkpoint in place would overwrite a newer last.safetensors.
-    let last = out_dir.join(train::LAST);
+    let last = out_dir.join(run::LAST);
     if last.is_file() && !same_file(&last, &path) {
         let newer = Checkpoint::load(&last).map(|l| l.meta.step > ckpt.meta.step).unwrap_or(true);
         ensure!(
@@ -347,11 +348,11 @@ pub fn train(args: TrainArgs, matches: &ArgMatches) -> Result<()> {
         tensorboard: !args.no_tensorboard,
         max_bad_steps: args.max_bad_steps,
     };
-    let summary = train::run(&mut trainer, &splits, &opts)?;
+    let summary = run::run(&mut trainer, &splits, &opts)?;
     if summary.interrupted {
         eprintln!(
             "interrupted: saved {} at epoch {}, step {}\nresume with: vae train --resume {}",
-            out_dir.join(train::LAST).display(),
+            out_dir.join(run::LAST).display(),
             trainer.epoch,
             trainer.step,
             out_dir.display()
