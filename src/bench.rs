@@ -137,9 +137,7 @@ fn steps(
 ) -> Result<Tensor> {
     let mut sums = Tensor::zeros([3], (Kind::Float, trainer.device));
     for (i, indices) in batches.iter().enumerate() {
-        if let Some(next) = batches.get(i + 1) {
-            loader.prefetch(next);
-        }
+        loader.prefetch_next(batches, i);
         if let Some(means) = trainer.step(loader, indices, times.as_deref_mut())? {
             sums += means;
         }

@@ -311,9 +311,7 @@ impl Trainer {
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
         for (i, indices) in batches.iter().enumerate().skip(done) {
             let batch = indices.size()[0] as usize;
-            if let Some(next) = batches.get(i + 1) {
-                loader.prefetch(next);
-            }
+            loader.prefetch_next(&batches, i);
             if let Some(means) = self.step(loader, indices, None)? {
                 sums += means * batch as f64;
                 seen += batch;

@@ -35,6 +35,13 @@ fn train(out: &Path, epochs: &str, extra: &[&str]) -> Output {
     vae(&args)
 }
 
+/// Names of the temporary files of atomic writes left in `dir`.
+fn temporaries(dir: &Path) -> Vec<String> {
+    let names =
+        std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned());
+    names.filter(|n| n.contains(".tmp-")).collect()
+}
+
 /// Every tensor equal bit for bit, and the same position in the run.
 fn assert_identical(a: &Path, b: &Path) {
     let (a, b) = (Checkpoint::load(a).unwrap(), Checkpoint::load(b).unwrap());
@@ -139,11 +146,7 @@ fn runs_killed_at_any_point_resume_to_the_straight_result() {
     }
     ok(vae(&["train", "--resume", killed.to_str().unwrap(), "--epochs", "3", "--threads", "1", "--quiet"]));
     assert_identical(&straight.join("last.safetensors"), &killed.join("last.safetensors"));
-    let stale: Vec<_> = std::fs::read_dir(&killed)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp-"))
-        .collect();
+    let stale = temporaries(&killed);
     assert!(stale.is_empty(), "temporary files left: {stale:?}");
 }
 
@@ -302,10 +305,6 @@ fn a_full_disk_stops_the_run_and_keeps_the_last_checkpoint() {
     assert!(err.contains("epoch-0001.safetensors"), "the failed file is named: {err}");
     let last = Checkpoint::load(&run.join("last.safetensors")).expect("the previous checkpoint is intact");
     assert_eq!((last.meta.epoch, last.meta.step), (1, 10));
-    let leftovers: Vec<_> = std::fs::read_dir(&run)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains(".tmp-"))
-        .collect();
+    let leftovers = temporaries(&run);
     assert!(leftovers.is_empty(), "the failed temporary file is removed: {leftovers:?}");
 }

@@ -447,7 +447,7 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
             }
         }
     }
-    let Some([train, test]) = memory else {
+    let Some([train_images, test_images]) = memory else {
         let path = cache.as_deref().expect("a streamed set has a cache file (checked above)");
         let written = CacheFile::open(path, opts);
         return written
@@ -455,8 +455,8 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
             .splits(opts, true);
     };
     Ok(Splits {
-        train: Dataset::from_images(train.narrow(0, 0, counts[0] as i64)),
-        test: Dataset::from_images(test.narrow(0, 0, counts[1] as i64)),
+        train: Dataset::from_images(train_images.narrow(0, 0, counts[0] as i64)),
+        test: Dataset::from_images(test_images.narrow(0, 0, counts[1] as i64)),
     })
 }
 

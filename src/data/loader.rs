@@ -72,16 +72,19 @@ impl Loader {
         }
     }
 
+    /// Prefetches `batches[i + 1]`, if there is one: called as batch `i` starts, so the next
+    /// is read while this one is used.
+    pub fn prefetch_next(&self, batches: &[Tensor], i: usize) {
+        if let Some(next) = batches.get(i + 1) {
+            self.prefetch(next);
+        }
+    }
+
     /// Images `[B, C, H, W]` in [0, 1] at the given indices.
     pub fn gather(&self, indices: &Tensor) -> Result<Tensor> {
         let pixels = match &self.source {
             Source::Resident(images) => images.index_select(0, indices),
-            Source::Streamed(prefetcher) => {
-                let indices = index_vec(indices);
-                let [c, h, w] = prefetcher.records.shape();
-                let bytes = prefetcher.take(&indices)?;
-                Tensor::from_slice(&bytes).view([indices.len() as i64, c, h, w]).to_device(self.device)
-            }
+            Source::Streamed(prefetcher) => prefetcher.take(&index_vec(indices))?.to_device(self.device),
         };
         Ok(to_unit_float(&pixels))
     }
@@ -92,9 +95,7 @@ impl Loader {
         let all = Tensor::arange(self.len() as i64, (Kind::Int64, self.index_device()));
         let batches = all.split(self.batch_size, 0);
         (0..batches.len()).map(move |i| {
-            if let Some(next) = batches.get(i + 1) {
-                self.prefetch(next);
-            }
+            self.prefetch_next(&batches, i);
             self.gather(&batches[i])
         })
     }
@@ -107,12 +108,13 @@ fn index_vec(indices: &Tensor) -> Vec<i64> {
 /// Batches that `prefetch` may queue before the oldest unused one is dropped.
 const MAX_PENDING: usize = 2;
 
-/// A thread that reads requested batches in order; `take` hands back the one asked for, or
-/// reads it on the spot when it was not requested (the first batch, a resume).
+/// A thread that reads requested batches in order, into tensors ready to move to the device;
+/// `take` hands back the one asked for, or reads it on the spot when it was not requested
+/// (the first batch, a resume).
 struct Prefetcher {
     records: Records,
     requests: Option<mpsc::Sender<Vec<i64>>>,
-    replies: mpsc::Receiver<Result<Vec<u8>>>,
+    replies: mpsc::Receiver<Result<Tensor>>,
     /// Requests sent whose replies have not been taken, oldest first.
     pending: RefCell<VecDeque<Vec<i64>>>,
     worker: Option<JoinHandle<()>>,
@@ -144,7 +146,7 @@ impl Prefetcher {
         }
     }
 
-    fn take(&self, indices: &[i64]) -> Result<Vec<u8>> {
+    fn take(&self, indices: &[i64]) -> Result<Tensor> {
         let mut pending = self.pending.borrow_mut();
         if pending.iter().any(|p| p == indices) {
             // Replies come in request order; those before the wanted one are stale.

@@ -268,11 +268,7 @@ impl Dataset {
         let start = start.min(end);
         Ok(match &self.pixels {
             Pixels::Resident(images) => images.narrow(0, start as i64, (end - start) as i64),
-            Pixels::Streamed(records) => {
-                let indices: Vec<i64> = (start as i64..end as i64).collect();
-                let [c, h, w] = records.shape();
-                Tensor::from_slice(&records.read(&indices)?).view([indices.len() as i64, c, h, w])
-            }
+            Pixels::Streamed(records) => records.read(&(start as i64..end as i64).collect::<Vec<_>>())?,
         })
     }
 

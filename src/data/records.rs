@@ -7,6 +7,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use tch::Tensor;
 
 /// `count` images of `shape` stored back to back from byte `offset` of a file.
 #[derive(Debug, Clone)]
@@ -53,8 +54,8 @@ impl Records {
         Self { binarize: Some(seed), ..self.clone() }
     }
 
-    /// The images at `indices`, concatenated.
-    pub fn read(&self, indices: &[i64]) -> Result<Vec<u8>> {
+    /// The images at `indices` as u8 `[n, C, H, W]` on the CPU.
+    pub fn read(&self, indices: &[i64]) -> Result<Tensor> {
         let size = self.record_bytes();
         let mut out = vec![0u8; indices.len() * size];
         for (image, &i) in out.chunks_exact_mut(size).zip(indices) {
@@ -72,6 +73,7 @@ impl Records {
                 binarize(image, seed, i as u64 * size as u64);
             }
         }
-        Ok(out)
+        let [c, h, w] = self.shape;
+        Ok(Tensor::from_slice(&out).view([indices.len() as i64, c, h, w]))
     }
 }
