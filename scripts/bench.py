@@ -16,7 +16,6 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,23 +26,26 @@ def write_idx(path, images):
     n, h, w = images.shape
     header = (0x803).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, h, w))
     with gzip.open(path, "wb", compresslevel=1) as f:
-        f.write(header + images.tobytes())
+        f.write(header + bytes(images.contiguous().view(-1).tolist()))
     labels = path.replace("images-idx3", "labels-idx1")
     with gzip.open(labels, "wb", compresslevel=1) as f:
         f.write((0x801).to_bytes(4, "big") + n.to_bytes(4, "big") + bytes(n))
 
 
 def generated_data(folder, train, test):
-    """Blurry random 28x28 images in Fashion-MNIST's file layout."""
-    rng = np.random.default_rng(0)
+    """Blurry random 28x28 images in Fashion-MNIST's file layout (torch alone: the GPU
+    machines carry torch without numpy)."""
+    g = torch.Generator().manual_seed(0)
     for name, n in (("train", train), ("t10k", test)):
-        coarse = rng.integers(0, 256, size=(n, 7, 7), dtype=np.uint8)
-        write_idx(os.path.join(folder, f"{name}-images-idx3-ubyte.gz"), coarse.repeat(4, 1).repeat(4, 2))
+        coarse = torch.randint(0, 256, (n, 7, 7), generator=g, dtype=torch.uint8)
+        write_idx(os.path.join(folder, f"{name}-images-idx3-ubyte.gz"),
+                  coarse.repeat_interleave(4, 1).repeat_interleave(4, 2))
     return folder
 
 
 def generated_jpegs(folder, count, side=128):
     """Smooth random colour fields as JPEGs, in 10 subfolders."""
+    import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(1)
@@ -136,11 +138,13 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--vae-bin", default=os.environ.get("VAE_BIN", os.path.join(ROOT, "target/release/vae")))
     p.add_argument("--json", help="also write every figure to this file")
+    p.add_argument("--cuda-only", action="store_true",
+                   help="only the CUDA cases (scripts/gpu-check): no CPU cases, no loader section")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.steps, args.warmup = 1, 5, 2
 
-    cases = [("cpu", "f32", 32), ("cpu", "f32", 128), ("cpu", "bf16", 128)]
+    cases = [] if args.cuda_only else [("cpu", "f32", 32), ("cpu", "f32", 128), ("cpu", "bf16", 128)]
     if torch.cuda.is_available():
         cases += [("cuda", prec, b) for prec in ("f32", "bf16") for b in (128, 1024)]
 
@@ -184,7 +188,8 @@ def main():
                 print(f"{label(case):<20} {impl:<8} {ms['data']:>6.2f} {ms['forward']:>8.2f}"
                       f" {ms['backward']:>9.2f} {ms['optimizer']:>10.2f}", flush=True)
 
-        results["loader"] = loader_section(args.vae_bin, args, tmp)
+        if not args.cuda_only:
+            results["loader"] = loader_section(args.vae_bin, args, tmp)
 
         e = measure(args.vae_bin, epoch_case, args, data_dir, full_epoch=True)
         results["full epoch " + " ".join(map(str, epoch_case))] = e

@@ -2,9 +2,10 @@
 //! (`scripts/bench_reference.py`): the real training step, timed after a warm-up between two
 //! device syncs, and optionally a whole epoch with data loading and the test evaluation.
 
+use crate::config::TrainConfig;
 use crate::data::{DataConfig, Loader};
-use crate::loss::Likelihood;
-use crate::train::{Stats, StepTimes, TrainConfig, Trainer};
+use crate::loss::Stats;
+use crate::train::{StepTimes, Trainer};
 use anyhow::{ensure, Result};
 use serde::Serialize;
 use std::time::Instant;
@@ -75,8 +76,7 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
     let splits = DataConfig::load(&cfg.data, cfg.seed)?;
     let load_s = started.elapsed().as_secs_f64();
     let [c, h, _] = splits.train.image_shape();
-    (cfg.model.in_channels, cfg.model.image_size) = (c, h);
-    cfg.model.likelihood = if c == 1 { Likelihood::Bernoulli } else { Likelihood::Gaussian };
+    cfg.model.set_image_shape(c, h);
     let mut trainer = Trainer::new(cfg, device)?;
     let loader = Loader::new(&splits.train, device, trainer.cfg.batch_size);
     let mut report = BenchReport {

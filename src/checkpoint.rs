@@ -1,14 +1,17 @@
 //! Checkpoints: one ordinary safetensors file holding the weights under `state_dict` names,
-//! the Adam state under `optimizer.`, and string metadata that makes the file self-describing.
+//! the Adam state under `optimizer.`, and string metadata that makes the file self-describing:
+//! the config, where the run stands, which run it is and what was changed on its resumes,
+//! and a CRC-32 of every tensor, verified on load.
 
 use crate::adam::{Adam, STATE_PREFIX};
-use crate::model::{Compute, Vae};
+use crate::config::{Change, TrainConfig};
+use crate::models::{Compute, Model, ModelConfig};
 use crate::precision::LossScale;
-use crate::train::TrainConfig;
+use crate::train::Trainer;
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
-use std::collections::HashMap;
-use std::io::Write;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -26,6 +29,47 @@ pub struct Metadata {
     pub best_test_loss: Option<f64>,
     /// The float16 loss scale's state, in runs that have one.
     pub loss_scale: Option<LossScale>,
+    /// Which run this is: drawn when a run starts, kept by its resumes in place, redrawn for a
+    /// continuation in another folder. A run folder only takes checkpoints of its own run.
+    pub run_id: String,
+    /// The resumes that changed a setting or moved the run, oldest first.
+    pub history: Vec<Resume>,
+}
+
+/// A resume that made the run differ from an uninterrupted one, or moved it to a new folder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Where the run stood when it was resumed.
+    pub epoch: u64,
+    pub step: u64,
+    /// The run it continued, when it continued in a new folder (a new run id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_run: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changes: Vec<Change>,
+}
+
+impl Metadata {
+    /// Where `trainer` stands, in the run `run_id` with its `history`.
+    pub fn of(trainer: &Trainer, run_id: &str, history: &[Resume]) -> Self {
+        Self {
+            config: trainer.cfg.clone(),
+            epoch: trainer.epoch,
+            step: trainer.step,
+            best_test_loss: trainer.best_test_loss,
+            loss_scale: trainer.loss_scale.clone(),
+            run_id: run_id.to_string(),
+            history: history.to_vec(),
+        }
+    }
+}
+
+/// A fresh run id: 16 hex digits from the clock, the process and the seed.
+pub fn new_run_id(seed: u64) -> String {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mixed = (nanos as u64) ^ ((nanos >> 64) as u64) ^ ((std::process::id() as u64) << 32) ^ seed;
+    format!("{:016x}", crate::rng::SplitMix64::new(mixed).next_u64())
 }
 
 const KEY_FORMAT: &str = "format";
@@ -50,6 +94,8 @@ impl Metadata {
             put("loss_scale", scaler.scale.to_string());
             put("loss_scale_good_steps", scaler.good_steps.to_string());
         }
+        put("run_id", self.run_id.clone());
+        put("history", serde_json::to_string(&self.history)?);
         Ok(map)
     }
 
@@ -74,9 +120,25 @@ impl Metadata {
                 .parse()
                 .with_context(|| format!("{}: metadata field \"{k}\" is not a number", path.display()))
         };
-        let config = serde_json::from_str(field("config")?).with_context(|| {
-            format!("{}: metadata field \"config\" is not a valid training config", path.display())
-        })?;
+        let not_config =
+            || format!("{}: metadata field \"config\" is not a valid training config", path.display());
+        let mut config: serde_json::Value =
+            serde_json::from_str(field("config")?).with_context(not_config)?;
+        if let Some(model) = config.get_mut("model") {
+            ModelConfig::upgrade_json(model);
+        }
+        let config: TrainConfig = serde_json::from_value(config).with_context(not_config)?;
+        // Files from before run ids: the config stands for the run.
+        let run_id = match map.get("run_id") {
+            Some(id) => id.clone(),
+            None => format!("config-{:08x}", crc32fast::hash(field("config")?.as_bytes())),
+        };
+        let history = match map.get("history") {
+            Some(h) => serde_json::from_str(h).with_context(|| {
+                format!("{}: metadata field \"history\" is not a list of resumes", path.display())
+            })?,
+            None => Vec::new(),
+        };
         let best_test_loss = match field("best_test_loss")?.as_str() {
             "none" => None,
             s => Some(s.parse().with_context(|| {
@@ -92,7 +154,15 @@ impl Metadata {
                 good_steps: number("loss_scale_good_steps")?,
             }),
         };
-        Ok(Self { config, epoch: number("epoch")?, step: number("step")?, best_test_loss, loss_scale })
+        Ok(Self {
+            config,
+            epoch: number("epoch")?,
+            step: number("step")?,
+            best_test_loss,
+            loss_scale,
+            run_id,
+            history,
+        })
     }
 }
 
@@ -149,48 +219,49 @@ pub fn to_bytes(vs: &VarStore, adam: &Adam, meta: &Metadata) -> Result<Vec<u8>> 
         .iter()
         .map(|(name, h)| Ok((name.as_str(), TensorView::new(h.dtype, h.shape.clone(), &h.bytes)?)))
         .collect::<Result<Vec<_>>>()?;
-    Ok(safetensors::serialize(views, Some(meta.to_map()?))?)
+    let sums: BTreeMap<&str, String> =
+        host.iter().map(|(name, h)| (name.as_str(), format!("{:08x}", crc32fast::hash(&h.bytes)))).collect();
+    let mut map = meta.to_map()?;
+    map.insert(KEY_CHECKSUMS.into(), serde_json::to_string(&sums)?);
+    Ok(safetensors::serialize(views, Some(map))?)
 }
 
-/// Writes `bytes` to `path` so that `path` is always either the old file or the whole new one:
-/// temporary file in the same folder, fsync, rename over, fsync the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = temporary_path(path)?;
-    let result = (|| -> Result<()> {
-        let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        crate::fault::in_write(&mut file, bytes);
-        file.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        publish(&file, &tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// Metadata field holding `{tensor name: CRC-32 of its bytes}`.
+const KEY_CHECKSUMS: &str = "tensor_crc32";
+
+/// Checks each tensor's bytes against the CRC-32 written with it (files written before
+/// checksums have none to check).
+fn verify_checksums(path: &Path, file: &SafeTensors, map: &HashMap<String, String>) -> Result<()> {
+    let Some(text) = map.get(KEY_CHECKSUMS) else { return Ok(()) };
+    let sums: BTreeMap<String, String> = serde_json::from_str(text).with_context(|| {
+        format!("{}: metadata field \"{KEY_CHECKSUMS}\" is not a map of checksums", path.display())
+    })?;
+    let mut names = file.names();
+    names.sort();
+    for name in names {
+        let data = file.tensor(name)?;
+        let expected = sums.get(name).with_context(|| {
+            format!(
+                "{}: tensor {name} has no checksum: the file was altered after it was written",
+                path.display()
+            )
+        })?;
+        let found = format!("{:08x}", crc32fast::hash(data.data()));
+        ensure!(
+            &found == expected,
+            "{}: tensor {name} fails its checksum (crc32 {found}, written as {expected}): the file is \
+             corrupt; use another checkpoint of the run (best.safetensors, epoch-NNNN.safetensors)",
+            path.display()
+        );
     }
-    result
-}
-
-/// Where [`write_atomic`] fills a file before renaming it to `path`: hidden, beside it, named
-/// after the process (so `prepare_run_dir` can tell a dead run's leftovers).
-pub fn temporary_path(path: &Path) -> Result<PathBuf> {
-    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-    Ok(path.with_file_name(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id())))
-}
-
-/// Makes the fully written `file` at `tmp` the file at `path`, durably: fsync, rename over,
-/// fsync the folder.
-pub fn publish(file: &std::fs::File, tmp: &Path, path: &Path) -> Result<()> {
-    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-    std::fs::rename(tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    // The rename is durable only once the folder entry is on disk.
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing folder {}", dir.display()))
-}
-
-pub fn save(path: &Path, vs: &VarStore, adam: &Adam, meta: &Metadata) -> Result<()> {
-    write_atomic(path, &to_bytes(vs, adam, meta)?)
-        .with_context(|| format!("saving checkpoint {}", path.display()))
+    ensure!(
+        sums.len() == file.len(),
+        "{}: {} checksums for {} tensors: the file was altered after it was written",
+        path.display(),
+        sums.len(),
+        file.len()
+    );
+    Ok(())
 }
 
 /// A checkpoint read back: its metadata and its tensors (on the CPU).
@@ -214,6 +285,7 @@ impl Checkpoint {
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
         let (_, header) = SafeTensors::read_metadata(bytes).expect("deserialize read it already");
         let meta = Metadata::from_map(path, header.metadata().as_ref())?;
+        verify_checksums(path, &file, header.metadata().as_ref().expect("from_map found metadata"))?;
         // The config decides what gets allocated when the model is built: check it, and that
         // the file is large enough to hold the parameters it describes, before anything else.
         meta.config.validate().with_context(|| format!("{}: metadata field \"config\"", path.display()))?;
@@ -236,16 +308,22 @@ impl Checkpoint {
         Ok(Self { path: path.to_path_buf(), meta, raw_metadata, tensors })
     }
 
-    /// A checkpoint file, or a run folder's `last.safetensors`.
-    pub fn resolve(path: &Path) -> Result<PathBuf> {
-        if path.is_dir() {
-            let last = path.join(crate::run::LAST);
-            ensure!(last.is_file(), "no checkpoint in {}: {} does not exist", path.display(), last.display());
-            Ok(last)
-        } else {
-            ensure!(path.exists(), "checkpoint {} does not exist", path.display());
-            Ok(path.to_path_buf())
+    /// Refuses weights or optimizer state holding NaN or infinity, naming the first such
+    /// tensor: nothing good comes of evaluating or training them.
+    pub fn check_finite(&self) -> Result<()> {
+        let mut names: Vec<&String> = self.tensors.keys().collect();
+        names.sort();
+        for name in names {
+            let t = &self.tensors[name];
+            if t.is_floating_point() && t.isfinite().all().int64_value(&[]) == 0 {
+                bail!(
+                    "{}: tensor {name} holds NaN or infinity (the run diverged before this was saved); \
+                     use an earlier checkpoint of the run (best.safetensors, epoch-NNNN.safetensors)",
+                    self.path.display()
+                );
+            }
         }
+        Ok(())
     }
 
     /// Parameters of the model, not counting optimizer state.
@@ -277,6 +355,21 @@ impl Checkpoint {
         )?;
         let best = m.best_test_loss.map_or("none yet".to_string(), |l| format!("{l:.4} nats/image"));
         writeln!(s, "best test loss {best}")?;
+        writeln!(s, "run {}", m.run_id)?;
+        for r in &m.history {
+            let from = r
+                .from_run
+                .as_ref()
+                .map_or(String::new(), |id| format!(" continuing run {id} in a new folder"));
+            let changes = r.changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
+            writeln!(
+                s,
+                "resumed at epoch {}, step {}{from}{}{changes}",
+                r.epoch,
+                r.step,
+                if changes.is_empty() { "" } else { ": " }
+            )?;
+        }
         writeln!(s, "parameters {}", self.parameter_count())?;
         writeln!(s, "config {}", serde_json::to_string_pretty(&m.config)?)?;
         let mut names: Vec<&String> = self.tensors.keys().collect();
@@ -319,40 +412,41 @@ impl Checkpoint {
     }
 
     /// The model alone with its weights, in float32 on `device`: for evaluation and export.
-    pub fn model(&self, device: Device) -> Result<(VarStore, Vae)> {
+    pub fn model(&self, device: Device) -> Result<(VarStore, Box<dyn Model>)> {
+        self.check_finite()?;
         let mut vs = VarStore::new(Device::Cpu);
-        let mut model = Vae::new(vs.root(), &self.meta.config.model);
+        let mut model = self.meta.config.model.build(vs.root());
         self.load_weights(&vs)?;
         vs.set_device(device);
-        model.compute = Compute::for_device(Kind::Float, device);
+        model.set_compute(Compute::for_device(Kind::Float, device));
         Ok((vs, model))
+    }
+
+    /// The model, optimizer and position this checkpoint holds, on `device`, continuing with
+    /// `cfg`: the checkpoint's config, or one that differs only in what a resume may change.
+    pub fn trainer(&self, cfg: TrainConfig, device: Device) -> Result<Trainer> {
+        self.check_finite()?;
+        let mut trainer = Trainer::new(cfg, device)?;
+        self.load_weights(&trainer.vs)?;
+        self.load_optimizer(&mut trainer.adam)?;
+        ensure!(
+            trainer.adam.step_count() <= self.meta.step,
+            "{}: optimizer step {} is beyond the metadata's training step {}",
+            self.path.display(),
+            trainer.adam.step_count(),
+            self.meta.step
+        );
+        trainer.epoch = self.meta.epoch;
+        trainer.step = self.meta.step;
+        if trainer.loss_scale.is_some() {
+            trainer.loss_scale = Some(self.meta.loss_scale.clone().unwrap_or_default());
+        }
+        trainer.best_test_loss = self.meta.best_test_loss;
+        Ok(trainer)
     }
 
     pub fn load_optimizer(&self, adam: &mut Adam) -> Result<()> {
         adam.load_state(|name| self.tensors.get(name).map(Tensor::shallow_clone))
             .with_context(|| format!("{}: optimizer state", self.path.display()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_failed_temporary_write_leaves_the_previous_file_intact() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("last.safetensors");
-        write_atomic(&path, b"old checkpoint").unwrap();
-        // Occupy the temporary file's name with a folder, so creating it fails.
-        let tmp = dir.path().join(format!(".last.safetensors.tmp-{}", std::process::id()));
-        std::fs::create_dir(&tmp).unwrap();
-        let err = format!("{:#}", write_atomic(&path, b"new checkpoint").unwrap_err());
-        assert!(err.contains("creating") && err.contains(".last.safetensors.tmp-"), "{err}");
-        assert_eq!(std::fs::read(&path).unwrap(), b"old checkpoint");
-        std::fs::remove_dir(&tmp).unwrap();
-        write_atomic(&path, b"new checkpoint").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"new checkpoint");
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
-        assert_eq!(leftovers.len(), 1, "temporary files left behind");
     }
 }

@@ -1,7 +1,30 @@
-//! `--device auto|cpu|cuda|cuda:N`, checked against what libtorch actually sees.
+//! `--device auto|cpu|cuda|cuda:N`, checked against what libtorch actually sees, and
+//! `--threads`.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tch::{Cuda, Device};
+
+/// Where a command computes; every command that runs a model takes these.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// auto, cpu, cuda or cuda:N; auto takes the first GPU when there is one.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// libtorch's intra-op threads [default: libtorch's choice, one per core].
+    #[arg(long)]
+    pub threads: Option<i32>,
+}
+
+impl DeviceArgs {
+    /// Sets the thread count and returns the device, checked.
+    pub fn init(&self) -> Result<Device> {
+        if let Some(threads) = self.threads {
+            ensure!(threads >= 1, "--threads must be at least 1, found {threads}");
+            tch::set_num_threads(threads);
+        }
+        parse_device(&self.device)
+    }
+}
 
 pub fn parse_device(spec: &str) -> Result<Device> {
     let cuda_count = || if Cuda::is_available() { Cuda::device_count() as usize } else { 0 };

@@ -2,11 +2,11 @@
 //! importance-weighted bound (IWAE, Burda et al. 2016), a tighter estimate of -log p(x):
 //! log p(x) >= E[log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)], z_k ~ q(z|x).
 
+use crate::config::TrainConfig;
 use crate::data::{Binarize, Dataset, Loader};
-use crate::loss::{Elbo, KlWeight};
-use crate::model::{Posterior, Vae};
+use crate::loss::{Elbo, KlWeight, Stats};
+use crate::models::{Model, Posterior};
 use crate::rng::{seed_torch, Stream};
-use crate::train::{Stats, TrainConfig};
 use anyhow::Result;
 use serde::Serialize;
 use std::f64::consts::{LN_2, PI};
@@ -34,7 +34,7 @@ const ELBO_BATCH: usize = 500;
 /// [`KlWeight::ELBO`]), with the reparameterization noise fixed per batch by the seed; and
 /// the posterior means of the images (`[N, D]`, on the device), which the same pass computes.
 pub fn elbo(
-    model: &Vae,
+    model: &dyn Model,
     data: &Dataset,
     seed: u64,
     weight: KlWeight,
@@ -48,7 +48,7 @@ pub fn elbo(
         seed_torch(seed, Stream::Eval, i as u64);
         tch::no_grad(|| {
             let out = model.forward(&x);
-            sums += Elbo::new(model.cfg.likelihood, &out, &x, weight).stacked() * x.size()[0] as f64;
+            sums += Elbo::new(model.likelihood(), &out, &x, weight).stacked() * x.size()[0] as f64;
             means.push(out.posterior.mean);
         });
     }
@@ -57,14 +57,14 @@ pub fn elbo(
 
 /// log p(x|z) + log p(z) - log q(z|x) for each noise draw: `eps` is `[K, B, D]`, the result
 /// `[K, B]`. Since z = mean + std * eps, (z - mean) / std is eps itself.
-pub fn log_weights(model: &Vae, x: &Tensor, posterior: &Posterior, eps: &Tensor) -> Tensor {
+pub fn log_weights(model: &dyn Model, x: &Tensor, posterior: &Posterior, eps: &Tensor) -> Tensor {
     let [k, b, _]: [i64; 3] = eps.size().try_into().expect("eps is [K, B, D]");
     let z = &posterior.mean + (&posterior.logvar * 0.5).exp() * eps;
     let params = model.decode(&z.flatten(0, 1));
     let mut shape = vec![k];
     shape.extend(x.size());
     let targets = x.unsqueeze(0).expand(shape.as_slice(), false).flatten(0, 1);
-    let log_px = -model.cfg.likelihood.reconstruction_nll(&params, &targets).view([k, b]);
+    let log_px = -model.likelihood().reconstruction_nll(&params, &targets).view([k, b]);
     let log_2pi = (2.0 * PI).ln();
     let log_pz = (z.square() + log_2pi).sum_dim_intlist(-1, false, None) * -0.5;
     let log_qz = (eps.square() + &posterior.logvar + log_2pi).sum_dim_intlist(-1, false, None) * -0.5;
@@ -73,7 +73,7 @@ pub fn log_weights(model: &Vae, x: &Tensor, posterior: &Posterior, eps: &Tensor)
 
 /// -log p(x) estimated with `k` importance samples, one value per image of `x`; the samples
 /// are drawn from libtorch's generator `chunk` at a time.
-pub fn iwae_nll(model: &Vae, x: &Tensor, k: i64, chunk: i64) -> Tensor {
+pub fn iwae_nll(model: &dyn Model, x: &Tensor, k: i64, chunk: i64) -> Tensor {
     let posterior = model.encode(x);
     let [b, d]: [i64; 2] = posterior.mean.size().try_into().expect("mean is [B, D]");
     let mut total: Option<Tensor> = None;
@@ -113,7 +113,7 @@ pub fn bits_per_dim(nats: f64, dimensions: i64) -> f64 {
 /// The negative ELBO (noise fixed per batch by the seed, as in training's evaluation), then
 /// the IWAE bound with `iw_samples` samples when it is above 0.
 pub fn evaluate(
-    model: &Vae,
+    model: &dyn Model,
     cfg: &TrainConfig,
     data: &Dataset,
     split: &str,

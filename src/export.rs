@@ -2,7 +2,7 @@
 //! interpolations and latent traversals, drawn as PNG grids; and latents as tensors.
 
 use crate::data::{to_unit_float, Dataset, Loader};
-use crate::model::{Posterior, Vae};
+use crate::models::{Model, Posterior};
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -12,7 +12,7 @@ pub const GRID_COLS: usize = 12;
 
 /// Originals (`[N, C, H, W]` in [0, 1]) in rows of `cols`, each row followed by the
 /// reconstructions, decoded from the posterior means. N is cut to whole rows.
-pub fn reconstruction_grid(model: &Vae, x: &Tensor, cols: usize) -> Tensor {
+pub fn reconstruction_grid(model: &dyn Model, x: &Tensor, cols: usize) -> Tensor {
     let n = x.size()[0] as usize;
     let cols = cols.min(n).max(1);
     let x = x.narrow(0, 0, ((n / cols).max(1) * cols) as i64);
@@ -27,8 +27,8 @@ pub fn reconstruction_grid(model: &Vae, x: &Tensor, cols: usize) -> Tensor {
 }
 
 /// Decoded draws z ~ N(0, temperature^2 I) from libtorch's generator.
-pub fn samples(model: &Vae, count: i64, temperature: f64, device: tch::Device) -> Tensor {
-    let z = Tensor::randn([count, model.cfg.latent_dim], (Kind::Float, device)) * temperature;
+pub fn samples(model: &dyn Model, count: i64, temperature: f64, device: tch::Device) -> Tensor {
+    let z = Tensor::randn([count, model.latent_dim()], (Kind::Float, device)) * temperature;
     tch::no_grad(|| model.decode_mean(&z))
 }
 
@@ -53,7 +53,13 @@ fn latent_path(a: &Tensor, b: &Tensor, steps: i64, slerp: bool) -> Tensor {
 
 /// One row per pair: the first image, `steps` decodings along the path between the two
 /// posterior means, the second image.
-pub fn interpolation_grid(model: &Vae, first: &Tensor, second: &Tensor, steps: i64, slerp: bool) -> Tensor {
+pub fn interpolation_grid(
+    model: &dyn Model,
+    first: &Tensor,
+    second: &Tensor,
+    steps: i64,
+    slerp: bool,
+) -> Tensor {
     tch::no_grad(|| {
         let (za, zb) = (model.encode(first).mean, model.encode(second).mean);
         let rows: Vec<Tensor> = (0..first.size()[0])
@@ -68,7 +74,7 @@ pub fn interpolation_grid(model: &Vae, first: &Tensor, second: &Tensor, steps: i
 
 /// One row per latent dimension in `dims`: the image's posterior mean decoded with that
 /// dimension swept over `steps` values in [-range, range].
-pub fn traversal_grid(model: &Vae, image: &Tensor, dims: &[i64], steps: i64, range: f64) -> Tensor {
+pub fn traversal_grid(model: &dyn Model, image: &Tensor, dims: &[i64], steps: i64, range: f64) -> Tensor {
     tch::no_grad(|| {
         let mean = model.encode(image).mean.get(0);
         let values = Tensor::linspace(-range, range, steps, (Kind::Float, mean.device()));
@@ -85,7 +91,7 @@ pub fn traversal_grid(model: &Vae, image: &Tensor, dims: &[i64], steps: i64, ran
 }
 
 /// Posterior means and log-variances of every image of `data`, `[N, D]` each, on the CPU.
-pub fn encode_all(model: &Vae, data: &Dataset, device: tch::Device) -> Result<(Tensor, Tensor)> {
+pub fn encode_all(model: &dyn Model, data: &Dataset, device: tch::Device) -> Result<(Tensor, Tensor)> {
     let loader = Loader::new(data, device, 500);
     let (mut means, mut logvars) = (Vec::new(), Vec::new());
     for x in loader.sequential() {

@@ -1,22 +1,38 @@
-//! Convolutional variational auto-encoders on libtorch. The modules read as the pipeline:
-//! data -> model -> loss -> adam -> train (a step, an epoch) -> run (the run folder) ->
-//! checkpoint -> export and eval.
+//! Convolutional variational auto-encoders on libtorch. The modules form layers, and every
+//! import points to a lower one (tests/layers.rs checks it):
+//!
+//! 1. support: `fault`, `rng`, `fsio` (atomic writes), `run_dir` (the run folder's layout and
+//!    lock), `device`, `precision`, `plot`, `tensorboard`
+//! 2. `data`: datasets, the image-folder cache, the loader
+//! 3. `models`: the model interface and its families
+//! 4. `loss`: the bound and its statistics
+//! 5. `adam`, `schedule`: the optimizer and its curves
+//! 6. `config`: every training setting, declared once
+//! 7. `eval`, `export`: what a model computes on a split, as numbers and pictures
+//! 8. `train`: a step and an epoch
+//! 9. `checkpoint`: a trainer to and from a file
+//! 10. `metrics`: the run's learning curves
+//! 11. `run`: the run loop in a run folder
+//! 12. `bench`: throughput
 
 pub mod adam;
 pub mod bench;
 pub mod checkpoint;
+pub mod config;
 pub mod data;
 pub mod device;
 pub mod eval;
 pub mod export;
 pub mod fault;
+pub mod fsio;
 pub mod loss;
 pub mod metrics;
-pub mod model;
+pub mod models;
 pub mod plot;
 pub mod precision;
 pub mod rng;
 pub mod run;
+pub mod run_dir;
 pub mod schedule;
 pub mod tensorboard;
 pub mod train;

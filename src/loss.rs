@@ -1,40 +1,8 @@
-//! The negative ELBO: reconstruction term summed over pixels plus beta * KL, per batch.
+//! The negative ELBO: reconstruction term summed over pixels plus beta * KL, per batch; and
+//! the statistics it fills over an epoch or a split.
 
-use crate::model::{Forward, Posterior};
-use serde::{Deserialize, Serialize};
-use tch::{Reduction, Tensor};
-
-/// The decoder's distribution p(x|z) over each pixel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Likelihood {
-    /// Bernoulli with logits: binary cross-entropy, exact in nats for binary data.
-    Bernoulli,
-    /// Gaussian in its mean-squared-error form: sum of (x - mean)^2, i.e. -log N(x; mean, 1/2)
-    /// less the constant (D/2) log(pi).
-    Gaussian,
-}
-
-impl Likelihood {
-    /// -log p(x|z) summed over pixels: one value per example.
-    pub fn reconstruction_nll(&self, params: &Tensor, x: &Tensor) -> Tensor {
-        let per_pixel = match self {
-            Likelihood::Bernoulli => {
-                params.binary_cross_entropy_with_logits::<Tensor>(x, None, None, Reduction::None)
-            }
-            Likelihood::Gaussian => (params - x).square(),
-        };
-        per_pixel.flatten(1, -1).sum_dim_intlist(-1, false, None)
-    }
-
-    /// E[x|z] in [0, 1] from the decoder's output, for pictures.
-    pub fn mean(&self, params: &Tensor) -> Tensor {
-        match self {
-            Likelihood::Bernoulli => params.sigmoid(),
-            Likelihood::Gaussian => params.clamp(0.0, 1.0),
-        }
-    }
-}
+use crate::models::{Forward, Likelihood, Posterior};
+use tch::{Device, Kind, Tensor};
 
 /// How the KL term enters the minimised loss; the reported KL is always the true one.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,10 +50,32 @@ impl Elbo {
     }
 }
 
+/// Means over an epoch or a split, in nats per image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub loss: f64,
+    pub reconstruction: f64,
+    pub kl: f64,
+}
+
+impl Stats {
+    /// From a device tensor of `[loss, reconstruction, kl]` sums over `count` images.
+    pub fn from_sums(sums: &Tensor, count: usize) -> Self {
+        let v = Vec::<f64>::try_from(sums.to_kind(Kind::Double).to_device(Device::Cpu)).expect("three sums");
+        let n = count.max(1) as f64;
+        Self { loss: v[0] / n, reconstruction: v[1] / n, kl: v[2] / n }
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2} (recon {:.2}, kl {:.2})", self.loss, self.reconstruction, self.kl)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{Device, Kind};
 
     #[test]
     fn bernoulli_nll_is_the_summed_cross_entropy() {

@@ -1,12 +1,11 @@
 //! The run's learning curves: `metrics.csv` in the run folder, one row per epoch, appended as
 //! epochs finish so an interrupted or resumed run keeps one continuous file.
 
+use crate::loss::Stats;
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
-
-pub const METRICS: &str = "metrics.csv";
 
 const HEADER: &str = "epoch,step,train_loss,train_reconstruction,train_kl,test_loss,test_reconstruction,\
 test_kl,active_dims,lr,images_per_s,seconds";
@@ -29,8 +28,8 @@ pub fn active_dimensions(mean: &Tensor) -> i64 {
 pub struct EpochRow {
     pub epoch: u64,
     pub step: u64,
-    pub train: crate::train::Stats,
-    pub test: crate::train::Stats,
+    pub train: Stats,
+    pub test: Stats,
     pub active_dims: i64,
     pub lr: f64,
     pub images_per_s: f64,
@@ -42,8 +41,9 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    pub fn new(run_dir: &Path) -> Self {
-        Self { path: run_dir.join(METRICS) }
+    /// The log at `path` (a run folder's `metrics.csv`).
+    pub fn new(path: &Path) -> Self {
+        Self { path: path.to_path_buf() }
     }
 
     /// Appends a row, writing the header first into a new file. Rows of epochs at or after
@@ -82,7 +82,7 @@ impl MetricsLog {
                 text.push('\n');
             }
             text.push_str(&line);
-            crate::checkpoint::write_atomic(&self.path, text.as_bytes()).with_context(context)
+            crate::fsio::write_atomic(&self.path, text.as_bytes()).with_context(context)
         } else {
             let mut file = std::fs::OpenOptions::new().append(true).open(&self.path).with_context(context)?;
             file.write_all(line.as_bytes()).with_context(context)
@@ -113,7 +113,6 @@ impl MetricsLog {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::train::Stats;
 
     fn row(epoch: u64) -> EpochRow {
         let stats = Stats { loss: 3.0, reconstruction: 2.0, kl: 1.0 };
@@ -132,7 +131,7 @@ mod tests {
     #[test]
     fn rows_append_and_a_rerun_epoch_replaces_the_later_rows() {
         let dir = tempfile::tempdir().unwrap();
-        let log = MetricsLog::new(dir.path());
+        let log = MetricsLog::new(&dir.path().join("metrics.csv"));
         for e in 1..=3 {
             log.append(&row(e)).unwrap();
         }

@@ -88,6 +88,13 @@ pub fn seed_torch(seed: u64, stream: Stream, counter: u64) {
     tch::manual_seed((derive_seed(seed, stream, counter) >> 1) as i64);
 }
 
+/// FNV-1a, then SplitMix's finaliser: a stable 64-bit hash (std's is randomised per process),
+/// for names and splits that must not change between runs.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    SplitMix64::new(h).next_u64()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

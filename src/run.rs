@@ -1,38 +1,91 @@
 //! A run: epochs of training in a run folder, with a test evaluation, checkpoints, pictures,
 //! metrics and TensorBoard logs after each, and stops on request or divergence.
 
-use crate::checkpoint;
-use crate::data::{Loader, Splits};
-use crate::export::GRID_COLS;
+use crate::checkpoint::{self, Metadata, Resume};
+use crate::data::{Dataset, Loader, Splits};
+use crate::export::{self, GRID_COLS};
+use crate::fsio::write_atomic;
+use crate::loss::Stats;
 use crate::metrics::{active_dimensions, EpochRow, MetricsLog};
-use crate::plot::{self, Series, LOSS_PLOT};
+use crate::plot::{self, Series};
+use crate::run_dir::{self, RunDir, BEST, LOSS_PLOT, METRICS, RECONSTRUCTIONS, SAMPLES};
+use crate::schedule::Schedule;
 use crate::tensorboard::EventWriter;
-use crate::train::{Flow, Stats, Trainer};
+use crate::train::{Flow, Trainer, Window};
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Where a run writes and how it reports.
-#[derive(Debug, Clone, Default)]
+/// Where a run writes, how it saves and reports: options of this process, not of the run
+/// (a resumed run takes them anew).
+#[derive(clap::Args, Debug, Clone)]
 pub struct RunOptions {
-    pub out_dir: PathBuf,
-    /// Periodic `epoch-NNNN.safetensors` are written every this many epochs (0: never).
+    /// Run folder [default: checkpoints/<dataset>-<n>, the first n not taken].
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Continue the run of this checkpoint or run folder with its saved config; knobs such as
+    /// --lr, --epochs or --clip-grad may change, and --out writes the continuation elsewhere.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Write epoch-NNNN.safetensors every this many epochs (0: never).
+    #[arg(long, default_value_t = 1)]
     pub save_every: u64,
-    /// `last.safetensors` is also rewritten every this many steps (0: only per epoch), so an
-    /// interruption loses at most that much work.
+    /// Also rewrite last.safetensors every this many steps (0: once per epoch).
+    #[arg(long, default_value_t = 0)]
     pub save_every_steps: u64,
-    /// How many periodic checkpoints to keep.
+    /// Periodic checkpoints to keep.
+    #[arg(long, default_value_t = 3)]
     pub keep: usize,
+    /// Print nothing but errors.
+    #[arg(long)]
     pub quiet: bool,
-    /// Set (by a signal handler) to stop after the current step with a checkpoint.
-    pub stop: Option<Arc<AtomicBool>>,
-    /// Write TensorBoard event files into the run folder.
-    pub tensorboard: bool,
-    /// Consecutive non-finite steps after which the run stops as diverged.
+    /// Write no TensorBoard event files.
+    #[arg(long)]
+    pub no_tensorboard: bool,
+    /// Stop as diverged after this many steps in a row with a non-finite loss or gradient
+    /// (each is skipped; the weights never see it).
+    #[arg(long, default_value_t = 20)]
     pub max_bad_steps: u64,
+    /// Set (by a signal handler) to stop after the current step with a checkpoint.
+    #[arg(skip)]
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        Self {
+            out: None,
+            resume: None,
+            save_every: 1,
+            save_every_steps: 0,
+            keep: 3,
+            quiet: false,
+            no_tensorboard: false,
+            max_bad_steps: 20,
+            stop: None,
+        }
+    }
+}
+
+impl RunOptions {
+    pub fn validate(&self) -> Result<()> {
+        ensure!(self.max_bad_steps >= 1, "--max-bad-steps must be at least 1, found {}", self.max_bad_steps);
+        Ok(())
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+}
+
+/// Which run the checkpoints belong to, and the resumes that shaped it.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    pub run_id: String,
+    pub history: Vec<Resume>,
 }
 
 /// What a run reports.
@@ -44,60 +97,206 @@ pub struct RunSummary {
     pub interrupted: bool,
 }
 
-pub const LAST: &str = "last.safetensors";
-pub const BEST: &str = "best.safetensors";
-pub const RECONSTRUCTIONS: &str = "reconstructions.png";
-pub const SAMPLES: &str = "samples.png";
+/// The run folder's writers: checkpoints, metrics, events and pictures, in one place.
+struct Outputs<'a> {
+    folder: &'a RunDir,
+    lineage: &'a Lineage,
+    metrics: MetricsLog,
+    events: Option<EventWriter>,
+}
 
-impl RunOptions {
-    fn stop_requested(&self) -> bool {
-        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+impl Outputs<'_> {
+    fn checkpoint_bytes(&self, trainer: &Trainer) -> Result<Vec<u8>> {
+        let meta = Metadata::of(trainer, &self.lineage.run_id, &self.lineage.history);
+        checkpoint::to_bytes(&trainer.vs, &trainer.adam, &meta)
     }
 
     fn save_last(&self, trainer: &Trainer) -> Result<Vec<u8>> {
-        let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, &trainer.metadata())?;
-        checkpoint::write_atomic(&self.out_dir.join(LAST), &bytes)?;
+        let bytes = self.checkpoint_bytes(trainer)?;
+        write_atomic(&self.folder.last(), &bytes)?;
         Ok(bytes)
     }
-}
 
-/// Checks that the run folder exists and takes files, before any training is spent.
-pub fn prepare_run_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating run folder {}", dir.display()))?;
-    // A process killed mid-write leaves its temporary file behind (never a torn checkpoint).
-    // A run folder serves one run at a time, so any such file found now is stale.
-    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        if name.starts_with('.') && (name.contains(".tmp-") || name.starts_with(".write-test-")) {
-            std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
-        }
+    /// Per step, every `LOG_EVERY` steps: the training window's scalars.
+    fn log_window(&mut self, trainer: &Trainer, window: &Window, schedule: &Schedule) -> Result<()> {
+        let Some(tb) = self.events.as_mut() else { return Ok(()) };
+        let step = trainer.step;
+        tb.scalar("train/loss", step, window.stats.loss)?;
+        tb.scalar("train/reconstruction", step, window.stats.reconstruction)?;
+        tb.scalar("train/kl", step, window.stats.kl)?;
+        tb.scalar("train/images_per_s", step, window.images_per_s)?;
+        tb.scalar("train/lr", step, trainer.adam.cfg.lr)?;
+        tb.scalar("train/beta", step, schedule.beta_at(step.saturating_sub(1)))
     }
-    let probe = dir.join(format!(".write-test-{}", std::process::id()));
-    std::fs::write(&probe, b"").with_context(|| format!("run folder {} is not writable", dir.display()))?;
-    std::fs::remove_file(&probe).with_context(|| format!("cleaning up {}", probe.display()))
+
+    /// At the end of an epoch: `last`, `best` when the test loss improved, and the periodic
+    /// checkpoint.
+    fn save_checkpoints(&self, trainer: &Trainer, improved: bool, opts: &RunOptions) -> Result<()> {
+        let bytes = self.save_last(trainer)?;
+        if improved {
+            write_atomic(&self.folder.file(BEST), &bytes)?;
+        }
+        if opts.save_every > 0 && trainer.epoch.is_multiple_of(opts.save_every) {
+            write_atomic(&self.folder.file(&run_dir::periodic_name(trainer.epoch)), &bytes)?;
+            self.folder.prune_periodic(opts.keep)?;
+        }
+        Ok(())
+    }
+
+    /// Test images above their reconstructions, and draws from the prior fixed by the seed.
+    fn draw_pictures(&self, trainer: &Trainer, test: &Dataset) -> Result<()> {
+        let model = trainer.model.as_ref();
+        let x = export::first_images(test, 2 * GRID_COLS, trainer.device)?;
+        let cols = GRID_COLS.min(x.size()[0] as usize);
+        let path = self.folder.file(RECONSTRUCTIONS);
+        export::save_grid(&path, &export::reconstruction_grid(model, &x, cols), cols)?;
+        crate::rng::seed_torch(trainer.cfg.seed, crate::rng::Stream::Eval, u64::MAX);
+        let images = export::samples(model, 4 * GRID_COLS as i64, 1.0, trainer.device);
+        export::save_grid(&self.folder.file(SAMPLES), &images, GRID_COLS)
+    }
+
+    /// The epoch's scalars and pictures, for TensorBoard.
+    fn log_epoch(&mut self, row: &EpochRow) -> Result<()> {
+        let Some(tb) = self.events.as_mut() else { return Ok(()) };
+        let step = row.step;
+        for (tag, value) in [
+            ("epoch/train_loss", row.train.loss),
+            ("test/loss", row.test.loss),
+            ("test/reconstruction", row.test.reconstruction),
+            ("test/kl", row.test.kl),
+            ("test/active_dims", row.active_dims as f64),
+        ] {
+            tb.scalar(tag, step, value)?;
+        }
+        for (tag, file) in [("reconstructions", RECONSTRUCTIONS), ("samples", SAMPLES)] {
+            let path = self.folder.file(file);
+            let png = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let (w, h) = image::image_dimensions(&path)?;
+            tb.image(tag, step, &png, w, h)?;
+        }
+        tb.flush()
+    }
+
+    /// `loss.png` from the whole of `metrics.csv`, earlier invocations of a resumed run included.
+    fn plot_losses(&self) -> Result<()> {
+        let rows = self.metrics.read()?;
+        let column = |name: &str| -> Vec<(f64, f64)> {
+            rows.iter()
+                .filter_map(|r| {
+                    let get = |k: &str| r.iter().find(|(h, _)| h == k).map(|(_, v)| *v);
+                    Some((get("epoch")?, get(name)?))
+                })
+                .collect()
+        };
+        let series = [
+            Series { label: "train", color: plot::TRAIN_COLOR, points: column("train_loss") },
+            Series { label: "test", color: plot::TEST_COLOR, points: column("test_loss") },
+        ];
+        plot::save_lines(&self.folder.file(LOSS_PLOT), &series, "epoch", "loss (nats per image)")
+    }
 }
 
-/// Trains until `trainer.cfg.epochs`, writing checkpoints and pictures into the run folder.
-pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<RunSummary> {
-    let out = &opts.out_dir;
-    prepare_run_dir(out)?;
-    let cfg = trainer.cfg.clone();
-    let [c, h, w] = splits.train.image_shape();
+/// The divergence guard: too many non-finite steps in a row stop the run, naming the way out.
+fn guard(trainer: &Trainer, opts: &RunOptions, folder: &RunDir) -> Result<()> {
+    if trainer.bad_steps >= opts.max_bad_steps {
+        bail!(
+            "training diverged at step {} (epoch {}): {} steps in a row gave a non-finite loss or \
+             gradient and were skipped, so the weights are those of step {}. Lower --lr (now {}) or \
+             pass --clip-grad; {} holds the last good checkpoint",
+            trainer.step,
+            trainer.epoch + 1,
+            trainer.bad_steps,
+            trainer.step - trainer.bad_steps,
+            trainer.cfg.adam.lr,
+            folder.last().display()
+        );
+    }
+    Ok(())
+}
+
+fn progress_bar(quiet: bool, len: usize, epoch: u64, epochs: u64) -> ProgressBar {
+    let progress = if quiet { ProgressBar::hidden() } else { ProgressBar::new(len as u64) };
+    progress.set_style(
+        ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    progress.set_prefix(format!("{}/{}", epoch + 1, epochs));
+    progress
+}
+
+/// One epoch, and after each step: log, guard, periodic save, interrupt. `None` when a stop
+/// was asked for before the epoch's end.
+fn train_epoch(
+    trainer: &mut Trainer,
+    loader: &Loader,
+    out: &mut Outputs,
+    schedule: &Schedule,
+    opts: &RunOptions,
+) -> Result<Option<Stats>> {
+    let progress = progress_bar(opts.quiet, loader.len(), trainer.epoch, trainer.cfg.epochs);
+    let skipped_before = trainer.skipped_steps;
+    let train = trainer.train_epoch(loader, &progress, |t, window| {
+        if let Some(window) = window {
+            out.log_window(t, window, schedule)?;
+        }
+        guard(t, opts, out.folder)?;
+        if opts.save_every_steps > 0 && t.step.is_multiple_of(opts.save_every_steps) {
+            out.save_last(t)?;
+        }
+        crate::fault::after_step(t.step);
+        Ok(if opts.stop_requested() { Flow::Stop } else { Flow::Continue })
+    })?;
+    progress.finish_and_clear();
+    let skipped = trainer.skipped_steps - skipped_before;
+    if skipped > 0 && !opts.quiet {
+        eprintln!(
+            "warning: skipped {skipped} steps with a non-finite loss or gradient in epoch {}",
+            trainer.epoch
+        );
+    }
+    Ok(train)
+}
+
+/// The test split's statistics and active dimensions; a test loss that is not finite ends
+/// the run before anything is saved.
+fn evaluate(trainer: &Trainer, test: &Dataset, folder: &RunDir) -> Result<(Stats, i64)> {
+    let (stats, means) = trainer.evaluate(test)?;
     ensure!(
-        c == cfg.model.in_channels && h == cfg.model.image_size && w == cfg.model.image_size,
-        "the {} data has images of {c}x{h}x{w} but the model expects {}x{s}x{s}",
+        stats.loss.is_finite(),
+        "epoch {}: the test loss is not finite ({}); the run has diverged, and {} keeps the last \
+         checkpoint with a finite one",
+        trainer.epoch,
+        stats.loss,
+        folder.last().display()
+    );
+    Ok((stats, active_dimensions(&means)))
+}
+
+/// Trains until `trainer.cfg.epochs` in `folder` (held by this process), writing checkpoints
+/// of the run `lineage` names, and pictures.
+pub fn run(
+    trainer: &mut Trainer,
+    splits: &Splits,
+    folder: &RunDir,
+    lineage: &Lineage,
+    opts: &RunOptions,
+) -> Result<RunSummary> {
+    let cfg = trainer.cfg.clone();
+    let shape = splits.train.image_shape();
+    let expected = cfg.model.image_shape();
+    ensure!(
+        shape == expected,
+        "the {} data has images of {shape:?} (channels, height, width) but the model expects {expected:?}",
         cfg.data.name(),
-        cfg.model.in_channels,
-        s = cfg.model.image_size
     );
     let test = crate::eval::prepared(&splits.test, &cfg);
     let loader = Loader::new(&splits.train, trainer.device, cfg.batch_size);
-    let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
-    let metrics = MetricsLog::new(out);
     let schedule = cfg.schedule(loader.len());
-    let mut events = if opts.tensorboard { Some(EventWriter::create(out)?) } else { None };
+    let events = if opts.no_tensorboard { None } else { Some(EventWriter::create(folder.path())?) };
+    let mut out = Outputs { folder, lineage, metrics: MetricsLog::new(&folder.file(METRICS)), events };
     if !opts.quiet {
+        let [c, h, w] = shape;
         println!(
             "training on {} images of {c}x{h}x{w} ({}{}), {} test images, on {}; run folder {}",
             loader.len(),
@@ -105,152 +304,52 @@ pub fn run(trainer: &mut Trainer, splits: &Splits, opts: &RunOptions) -> Result<
             if splits.train.is_streamed() { ", streamed from disk" } else { "" },
             test.len(),
             crate::device::describe(trainer.device),
-            out.display()
+            folder.path().display()
         );
     }
+    let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
     while trainer.epoch < cfg.epochs {
         let started = Instant::now();
-        let progress = if opts.quiet { ProgressBar::hidden() } else { ProgressBar::new(loader.len() as u64) };
-        progress.set_style(
-            ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg}")
-                .expect("valid template")
-                .progress_chars("=> "),
-        );
-        progress.set_prefix(format!("{}/{}", trainer.epoch + 1, cfg.epochs));
-        let skipped_before = trainer.skipped_steps;
-        let train = trainer.train_epoch(&loader, &progress, |t, window| {
-            let step = t.step;
-            if let (Some(tb), Some(w)) = (events.as_mut(), window) {
-                tb.scalar("train/loss", step, w.stats.loss)?;
-                tb.scalar("train/reconstruction", step, w.stats.reconstruction)?;
-                tb.scalar("train/kl", step, w.stats.kl)?;
-                tb.scalar("train/images_per_s", step, w.images_per_s)?;
-                tb.scalar("train/lr", step, t.adam.cfg.lr)?;
-                tb.scalar("train/beta", step, schedule.beta_at(step.saturating_sub(1)))?;
-            }
-            if t.bad_steps >= opts.max_bad_steps {
-                bail!(
-                    "training diverged at step {step} (epoch {}): {} steps in a row gave a non-finite loss or \
-                     gradient and were skipped, so the weights are those of step {}. Lower --lr (now {}) or \
-                     pass --clip-grad; {} holds the last good checkpoint",
-                    t.epoch + 1,
-                    t.bad_steps,
-                    step - t.bad_steps,
-                    t.cfg.adam.lr,
-                    out.join(LAST).display()
-                );
-            }
-            if opts.save_every_steps > 0 && step.is_multiple_of(opts.save_every_steps) {
-                opts.save_last(t)?;
-            }
-            crate::fault::after_step(step);
-            Ok(if opts.stop_requested() { Flow::Stop } else { Flow::Continue })
-        })?;
-        progress.finish_and_clear();
-        if trainer.skipped_steps > skipped_before && !opts.quiet {
-            eprintln!(
-                "warning: skipped {} steps with a non-finite loss or gradient in epoch {}",
-                trainer.skipped_steps - skipped_before,
-                trainer.epoch
-            );
-        }
-        let Some(train) = train else {
-            opts.save_last(trainer)?;
+        let Some(train) = train_epoch(trainer, &loader, &mut out, &schedule, opts)? else {
+            out.save_last(trainer)?;
             summary.interrupted = true;
             return Ok(summary);
         };
         let seconds = started.elapsed().as_secs_f64();
-        let (test_stats, test_means) = trainer.evaluate(&test)?;
-        let active_dims = active_dimensions(&test_means);
-        let images_per_s = loader.len() as f64 / seconds;
-        metrics.append(&EpochRow {
+        let (test_stats, active_dims) = evaluate(trainer, &test, folder)?;
+        let row = EpochRow {
             epoch: trainer.epoch,
             step: trainer.step,
             train,
             test: test_stats,
             active_dims,
             lr: schedule.lr_at(trainer.step.saturating_sub(1)),
-            images_per_s,
+            images_per_s: loader.len() as f64 / seconds,
             seconds,
-        })?;
+        };
         let improved = trainer.best_test_loss.is_none_or(|best| test_stats.loss < best);
         if improved {
             trainer.best_test_loss = Some(test_stats.loss);
         }
-        let bytes = opts.save_last(trainer)?;
-        if improved {
-            checkpoint::write_atomic(&out.join(BEST), &bytes)?;
-        }
-        if opts.save_every > 0 && trainer.epoch.is_multiple_of(opts.save_every) {
-            checkpoint::write_atomic(&out.join(format!("epoch-{:04}.safetensors", trainer.epoch)), &bytes)?;
-            prune_periodic(out, opts.keep)?;
-        }
-        trainer.save_reconstructions(&splits.test, &out.join(RECONSTRUCTIONS), 2 * GRID_COLS)?;
-        trainer.save_samples(&out.join(SAMPLES), 4 * GRID_COLS)?;
-        if let Some(tb) = events.as_mut() {
-            let step = trainer.step;
-            for (tag, value) in [
-                ("epoch/train_loss", train.loss),
-                ("test/loss", test_stats.loss),
-                ("test/reconstruction", test_stats.reconstruction),
-                ("test/kl", test_stats.kl),
-                ("test/active_dims", active_dims as f64),
-            ] {
-                tb.scalar(tag, step, value)?;
-            }
-            for (tag, file) in [("reconstructions", RECONSTRUCTIONS), ("samples", SAMPLES)] {
-                let png = std::fs::read(out.join(file)).with_context(|| format!("reading {file}"))?;
-                let (w, h) = image::image_dimensions(out.join(file))?;
-                tb.image(tag, step, &png, w, h)?;
-            }
-            tb.flush()?;
-        }
+        out.metrics.append(&row)?;
+        out.save_checkpoints(trainer, improved, opts)?;
+        out.draw_pictures(trainer, &splits.test)?;
+        out.log_epoch(&row)?;
+        out.plot_losses()?;
         if !opts.quiet {
             println!(
-                "epoch {}/{}  train {train}  test {test_stats}  {images_per_s:.0} img/s  {seconds:.1}s  \
-                 active dims {active_dims}/{}",
-                trainer.epoch, cfg.epochs, cfg.model.latent_dim
+                "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}",
+                row.epoch,
+                cfg.epochs,
+                row.images_per_s,
+                cfg.model.latent_dim()
             );
         }
         summary.epochs.push((train, test_stats));
-        plot_losses(&metrics, &out.join(LOSS_PLOT))?;
         if trainer.epoch < cfg.epochs && opts.stop_requested() {
             summary.interrupted = true;
             return Ok(summary);
         }
     }
     Ok(summary)
-}
-
-/// `loss.png` from the whole of `metrics.csv`, earlier invocations of a resumed run included.
-fn plot_losses(metrics: &MetricsLog, path: &Path) -> Result<()> {
-    let rows = metrics.read()?;
-    let column = |name: &str| -> Vec<(f64, f64)> {
-        rows.iter()
-            .filter_map(|r| {
-                let get = |k: &str| r.iter().find(|(h, _)| h == k).map(|(_, v)| *v);
-                Some((get("epoch")?, get(name)?))
-            })
-            .collect()
-    };
-    let train = Series { color: plot::TRAIN_COLOR, points: column("train_loss") };
-    plot::save_lines(path, &[train, Series { color: plot::TEST_COLOR, points: column("test_loss") }])
-}
-
-/// Keeps the newest `keep` periodic checkpoints.
-fn prune_periodic(dir: &Path, keep: usize) -> Result<()> {
-    let mut periodic: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("listing {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name.starts_with("epoch-") && name.ends_with(".safetensors")
-        })
-        .collect();
-    periodic.sort();
-    let excess = periodic.len().saturating_sub(keep);
-    for old in &periodic[..excess] {
-        std::fs::remove_file(old).with_context(|| format!("removing old checkpoint {}", old.display()))?;
-    }
-    Ok(())
 }

@@ -1,144 +1,18 @@
-//! Training: the run config, and the Trainer that takes a step (a batch through the bound,
-//! the divergence guard and Adam) and an epoch of shuffled mini-batches.
+//! Training: the Trainer takes a step (a batch through the bound, the divergence guard and
+//! Adam) and an epoch of shuffled mini-batches. It knows nothing of files: checkpoints
+//! save and restore it.
 
-use crate::adam::{self, Adam, AdamConfig};
-use crate::checkpoint::{Checkpoint, Metadata};
-use crate::data::{Binarize, DataConfig, Dataset, Loader};
-use crate::export::{self, GRID_COLS};
-use crate::loss::{Elbo, KlWeight};
-use crate::model::{Compute, Vae, VaeConfig};
+use crate::adam::{self, Adam};
+use crate::config::TrainConfig;
+use crate::data::{Binarize, Dataset, Loader};
+use crate::loss::{Elbo, KlWeight, Stats};
+use crate::models::{Compute, Model};
 use crate::precision::{LossScale, Precision};
 use crate::rng::{seed_torch, Stream};
-use crate::schedule::{LrSchedule, Schedule};
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
-use serde::{Deserialize, Serialize};
-use std::path::Path;
 use std::time::Instant;
 use tch::{nn::VarStore, Device, Kind, Tensor};
-
-/// Everything that determines a run's numbers; saved in each checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainConfig {
-    pub model: VaeConfig,
-    pub data: DataConfig,
-    pub adam: AdamConfig,
-    /// Total epochs of the run (a resumed run continues up to this).
-    pub epochs: u64,
-    pub batch_size: usize,
-    /// Weight of the KL term; 1 is the ELBO.
-    pub beta: f64,
-    pub seed: u64,
-    pub binarize: Binarize,
-    /// What the convs and matmuls compute in; may change when a run is resumed.
-    #[serde(default)]
-    pub precision: Precision,
-    #[serde(default)]
-    pub lr_schedule: LrSchedule,
-    /// Steps of linear learning-rate warm-up.
-    #[serde(default)]
-    pub warmup_steps: u64,
-    /// Epochs over which the KL weight rises linearly from 0 to beta.
-    #[serde(default)]
-    pub kl_warmup_epochs: f64,
-    /// Free bits: nats per latent dimension not penalised.
-    #[serde(default)]
-    pub free_bits: f64,
-    /// Largest global gradient norm; larger gradients are scaled down to it.
-    #[serde(default)]
-    pub clip_grad: Option<f64>,
-    /// Random left-right flips of the training images.
-    #[serde(default)]
-    pub hflip: bool,
-}
-
-impl Default for TrainConfig {
-    fn default() -> Self {
-        Self {
-            model: VaeConfig::default(),
-            data: DataConfig::default(),
-            adam: AdamConfig::default(),
-            epochs: 10,
-            batch_size: 128,
-            beta: 1.0,
-            seed: 0,
-            binarize: Binarize::None,
-            precision: Precision::F32,
-            lr_schedule: LrSchedule::Constant,
-            warmup_steps: 0,
-            kl_warmup_epochs: 0.0,
-            free_bits: 0.0,
-            clip_grad: None,
-            hflip: false,
-        }
-    }
-}
-
-impl TrainConfig {
-    pub fn validate(&self) -> Result<()> {
-        self.model.validate()?;
-        ensure!(self.batch_size > 0, "--batch-size must be positive, found {}", self.batch_size);
-        ensure!(self.epochs > 0, "--epochs must be positive, found {}", self.epochs);
-        ensure!(
-            self.adam.lr > 0.0 && self.adam.lr.is_finite(),
-            "--lr must be positive, found {}",
-            self.adam.lr
-        );
-        ensure!(self.beta >= 0.0 && self.beta.is_finite(), "--beta must be >= 0, found {}", self.beta);
-        ensure!(
-            self.kl_warmup_epochs >= 0.0 && self.kl_warmup_epochs.is_finite(),
-            "--kl-warmup-epochs must be >= 0, found {}",
-            self.kl_warmup_epochs
-        );
-        ensure!(
-            self.free_bits >= 0.0 && self.free_bits.is_finite(),
-            "--free-bits must be >= 0, found {}",
-            self.free_bits
-        );
-        if let Some(clip) = self.clip_grad {
-            ensure!(clip > 0.0 && clip.is_finite(), "--clip-grad must be positive, found {clip}");
-        }
-        let wd = self.adam.weight_decay;
-        ensure!(wd >= 0.0 && wd.is_finite(), "--weight-decay must be >= 0, found {wd}");
-        Ok(())
-    }
-
-    /// The learning-rate and KL-weight curves for a split of `train_images` images.
-    pub fn schedule(&self, train_images: usize) -> Schedule {
-        let steps_per_epoch = train_images.div_ceil(self.batch_size.max(1)) as u64;
-        Schedule {
-            lr: self.adam.lr,
-            lr_schedule: self.lr_schedule,
-            warmup_steps: self.warmup_steps,
-            total_steps: self.epochs * steps_per_epoch,
-            beta: self.beta,
-            kl_warmup_steps: (self.kl_warmup_epochs * steps_per_epoch as f64).round() as u64,
-        }
-    }
-}
-
-/// Means over an epoch or a split, in nats per image.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Stats {
-    pub loss: f64,
-    pub reconstruction: f64,
-    pub kl: f64,
-}
-
-impl Stats {
-    /// From a device tensor of `[loss, reconstruction, kl]` sums over `count` images.
-    pub(crate) fn from_sums(sums: &Tensor, count: usize) -> Self {
-        let v = Vec::<f64>::try_from(sums.to_kind(Kind::Double).to_device(Device::Cpu)).expect("three sums");
-        let n = count.max(1) as f64;
-        Self { loss: v[0] / n, reconstruction: v[1] / n, kl: v[2] / n }
-    }
-}
-
-impl std::fmt::Display for Stats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.2} (recon {:.2}, kl {:.2})", self.loss, self.reconstruction, self.kl)
-    }
-}
 
 /// The parts of a training step, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,7 +80,7 @@ pub struct Trainer {
     pub cfg: TrainConfig,
     pub device: Device,
     pub vs: VarStore,
-    pub model: Vae,
+    pub model: Box<dyn Model>,
     pub adam: Adam,
     /// Epochs completed.
     pub epoch: u64,
@@ -232,8 +106,8 @@ impl Trainer {
             tch::Cuda::cudnn_set_benchmark(true);
         }
         let mut vs = VarStore::new(Device::Cpu);
-        let mut model = Vae::new(vs.root(), &cfg.model);
-        model.compute = Compute::for_device(cfg.precision.compute_kind(), device);
+        let mut model = cfg.model.build(vs.root());
+        model.set_compute(Compute::for_device(cfg.precision.compute_kind(), device));
         vs.set_device(device);
         let adam = Adam::new(&vs, cfg.adam);
         let loss_scale = (cfg.precision == Precision::F16).then(LossScale::default);
@@ -250,38 +124,6 @@ impl Trainer {
             bad_steps: 0,
             skipped_steps: 0,
         })
-    }
-
-    /// The model, optimizer and position a checkpoint holds, on `device`, continuing with
-    /// `cfg`: the checkpoint's config, or one that differs only in what a resume may change.
-    pub fn from_checkpoint(ckpt: &Checkpoint, cfg: TrainConfig, device: Device) -> Result<Self> {
-        let mut trainer = Self::new(cfg, device)?;
-        ckpt.load_weights(&trainer.vs)?;
-        ckpt.load_optimizer(&mut trainer.adam)?;
-        ensure!(
-            trainer.adam.step_count() <= ckpt.meta.step,
-            "{}: optimizer step {} is beyond the metadata's training step {}",
-            ckpt.path.display(),
-            trainer.adam.step_count(),
-            ckpt.meta.step
-        );
-        trainer.epoch = ckpt.meta.epoch;
-        trainer.step = ckpt.meta.step;
-        if trainer.loss_scale.is_some() {
-            trainer.loss_scale = Some(ckpt.meta.loss_scale.clone().unwrap_or_default());
-        }
-        trainer.best_test_loss = ckpt.meta.best_test_loss;
-        Ok(trainer)
-    }
-
-    pub fn metadata(&self) -> Metadata {
-        Metadata {
-            config: self.cfg.clone(),
-            epoch: self.epoch,
-            step: self.step,
-            best_test_loss: self.best_test_loss,
-            loss_scale: self.loss_scale.clone(),
-        }
     }
 
     /// Trains the rest of the current epoch, from the batch the step count says it is at, so a
@@ -331,6 +173,13 @@ impl Trainer {
                 return Ok(None);
             }
         }
+        if seen == 0 {
+            bail!(
+                "epoch {} had no step with a finite loss: every batch was skipped, so it trained on \
+                 nothing (lower --lr, or pass --clip-grad)",
+                self.epoch + 1
+            );
+        }
         self.epoch += 1;
         Ok(Some(Stats::from_sums(&sums, seen)))
     }
@@ -365,7 +214,7 @@ impl Trainer {
         let schedule = self.cfg.schedule(loader.len());
         let out = self.model.forward(&x);
         let weight = KlWeight { beta: schedule.beta_at(self.step), free_bits: self.cfg.free_bits };
-        let elbo = Elbo::new(self.cfg.model.likelihood, &out, &x, weight);
+        let elbo = Elbo::new(self.model.likelihood(), &out, &x, weight);
         mark(Phase::Forward);
         self.adam.zero_grad();
         match &self.loss_scale {
@@ -404,19 +253,6 @@ impl Trainer {
     /// The test statistics, and the posterior means of `data` (`[N, D]`) they came with.
     pub fn evaluate(&self, data: &Dataset) -> Result<(Stats, Tensor)> {
         let weight = KlWeight { beta: self.cfg.beta, free_bits: 0.0 };
-        crate::eval::elbo(&self.model, data, self.cfg.seed, weight, self.device)
-    }
-
-    /// Test images (rows of `GRID_COLS`) each above its reconstruction from the posterior mean.
-    pub fn save_reconstructions(&self, data: &Dataset, path: &Path, count: usize) -> Result<()> {
-        let x = export::first_images(data, count, self.device)?;
-        let cols = GRID_COLS.min(x.size()[0] as usize);
-        export::save_grid(path, &export::reconstruction_grid(&self.model, &x, cols), cols)
-    }
-    /// Decodes draws from the prior, fixed by the seed.
-    pub fn save_samples(&self, path: &Path, count: usize) -> Result<()> {
-        seed_torch(self.cfg.seed, Stream::Eval, u64::MAX);
-        let images = export::samples(&self.model, count as i64, 1.0, self.device);
-        export::save_grid(path, &images, GRID_COLS.min(count))
+        crate::eval::elbo(self.model.as_ref(), data, self.cfg.seed, weight, self.device)
     }
 }

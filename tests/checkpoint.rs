@@ -252,7 +252,7 @@ fn info_describes_the_checkpoint() {
 fn pytorch_loads_the_checkpoint_and_computes_the_same_loss() {
     use tch::{Device, Kind};
     use vae::loss::{Elbo, KlWeight};
-    use vae::model::Forward;
+    use vae::models::Forward;
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv/bin/python");
     assert!(python.exists(), "{} missing: run scripts/setup", python.display());
@@ -260,7 +260,7 @@ fn pytorch_loads_the_checkpoint_and_computes_the_same_loss() {
     let run = dir.path().join("run");
     ok(train(&run, "1", &[]));
     let ckpt = Checkpoint::load(&run.join("last.safetensors")).unwrap();
-    let trainer = vae::train::Trainer::from_checkpoint(&ckpt, ckpt.meta.config.clone(), Device::Cpu).unwrap();
+    let trainer = ckpt.trainer(ckpt.meta.config.clone(), Device::Cpu).unwrap();
     tch::manual_seed(3);
     let x = Tensor::rand([16, 1, 28, 28], (Kind::Float, Device::Cpu)).round();
     let eps = Tensor::randn([16, 4], (Kind::Float, Device::Cpu));
@@ -268,7 +268,7 @@ fn pytorch_loads_the_checkpoint_and_computes_the_same_loss() {
         let posterior = trainer.model.encode(&x);
         let z = posterior.sample_with_noise(&eps);
         let out = Forward { likelihood_params: trainer.model.decode(&z), posterior };
-        Elbo::new(trainer.cfg.model.likelihood, &out, &x, KlWeight { beta: trainer.cfg.beta, free_bits: 0.0 })
+        Elbo::new(trainer.model.likelihood(), &out, &x, KlWeight { beta: trainer.cfg.beta, free_bits: 0.0 })
             .loss
             .double_value(&[])
     });

@@ -7,7 +7,7 @@ use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::path::Path;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 use vae::eval::iwae_nll;
-use vae::model::{Vae, VaeConfig};
+use vae::models::{ConvConfig, ConvVae, Model};
 
 const DATA: &[&str] =
     &["--train-size", "640", "--test-size", "120", "--batch-size", "32", "--binarize", "dynamic"];
@@ -37,9 +37,9 @@ fn values(t: &Tensor) -> Vec<f64> {
 #[test]
 fn iwae_equals_a_brute_force_sum_over_the_same_samples() {
     let cfg =
-        VaeConfig { image_size: 8, channels: vec![4], hidden: 8, latent_dim: 3, ..VaeConfig::default() };
+        ConvConfig { image_size: 8, channels: vec![4], hidden: 8, latent_dim: 3, ..ConvConfig::default() };
     let vs = VarStore::new(Device::Cpu);
-    let model = Vae::new(vs.root(), &cfg);
+    let model = ConvVae::new(vs.root(), &cfg);
     tch::manual_seed(11);
     let x = Tensor::rand([3, 1, 8, 8], (Kind::Float, Device::Cpu)).round();
     let (k, chunk) = (7, 2);

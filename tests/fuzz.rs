@@ -7,10 +7,10 @@ use std::path::Path;
 use tch::{nn::VarStore, Device};
 use vae::adam::{Adam, AdamConfig};
 use vae::checkpoint::{self, Checkpoint, Metadata};
+use vae::config::TrainConfig;
 use vae::data::{cifar, idx, image_file};
-use vae::model::{Vae, VaeConfig};
+use vae::models::{ConvConfig, ConvVae, ModelConfig};
 use vae::rng::SplitMix64;
-use vae::train::TrainConfig;
 
 fn cases() -> u64 {
     std::env::var("VAE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
@@ -80,19 +80,28 @@ fn the_cifar_reader_takes_any_bytes() {
 #[test]
 fn the_checkpoint_loader_takes_any_bytes() {
     let model =
-        VaeConfig { image_size: 4, channels: vec![2], hidden: 3, latent_dim: 2, ..VaeConfig::default() };
-    let cfg = TrainConfig { model: model.clone(), ..TrainConfig::default() };
+        ConvConfig { image_size: 4, channels: vec![2], hidden: 3, latent_dim: 2, ..ConvConfig::default() };
+    let cfg = TrainConfig { model: ModelConfig::Conv(model.clone()), ..TrainConfig::default() };
     let vs = VarStore::new(Device::Cpu);
-    let _vae = Vae::new(vs.root(), &model);
+    let _vae = ConvVae::new(vs.root(), &model);
     let adam = Adam::new(&vs, AdamConfig::default());
-    let meta = Metadata { config: cfg, epoch: 1, step: 3, best_test_loss: Some(1.5), loss_scale: None };
+    let meta = Metadata {
+        config: cfg,
+        epoch: 1,
+        step: 3,
+        best_test_loss: Some(1.5),
+        loss_scale: None,
+        run_id: "fuzz".into(),
+        history: Vec::new(),
+    };
     let seed = checkpoint::to_bytes(&vs, &adam, &meta).unwrap();
     let path = Path::new("fuzz.safetensors");
     assert!(Checkpoint::from_bytes(path, &seed).is_ok(), "the seed itself loads");
     // A config promising more parameters than the file holds is refused before any model
     // is built from it (which would try to allocate them).
     let mut huge = meta.clone();
-    huge.config.model.hidden = 1 << 40;
+    let ModelConfig::Conv(conv) = &mut huge.config.model;
+    conv.hidden = 1 << 40;
     let refused = Checkpoint::from_bytes(path, &checkpoint::to_bytes(&vs, &adam, &huge).unwrap());
     let err = format!("{:#}", refused.err().expect("a config of 2^40 hidden units is refused"));
     assert!(err.contains("parameters, more than its"), "{err}");

@@ -61,7 +61,7 @@ fn a_run_logs_metrics_a_plot_and_tensorboard_events() {
     let run = dir.path().join("run");
     ok(train(&run, KNOBS));
 
-    let metrics = vae::metrics::MetricsLog::new(&run).read().unwrap();
+    let metrics = vae::metrics::MetricsLog::new(&run.join("metrics.csv")).read().unwrap();
     assert_eq!(metrics.len(), 2);
     let get = |row: usize, k: &str| metrics[row].iter().find(|(h, _)| h == k).unwrap().1;
     assert_eq!((get(0, "epoch"), get(0, "step"), get(1, "step")), (1.0, 40.0, 80.0));
@@ -101,10 +101,20 @@ fn a_run_logs_metrics_a_plot_and_tensorboard_events() {
         .collect();
     assert!(!names.iter().any(|n| n.starts_with("events.out.tfevents")), "{names:?}");
 
-    // The knobs are part of the run's config: a resume may not change them.
-    let out = vae(&["train", "--resume", run.to_str().unwrap(), "--epochs", "3", "--free-bits", "0.5"]);
+    // The knobs are part of the run's config; a resume may change them, says so, and the
+    // checkpoint keeps the change. The seed may not change.
+    let out = vae(&["train", "--resume", run.to_str().unwrap(), "--epochs", "3", "--seed", "9"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("--free-bits 0.5 conflicts with the checkpoint"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("--seed 9 conflicts with the checkpoint"), "{}", stderr(&out));
+    let out = ok(vae(&["train", "--resume", run.to_str().unwrap(), "--epochs", "3", "--free-bits", "0.5"]));
+    assert!(
+        stderr(&out).contains("changed settings: --epochs 2 -> 3, --free-bits 0.1 -> 0.5"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(stderr(&out).contains("no longer bitwise"), "{}", stderr(&out));
+    let info = stdout(&ok(vae(&["info", run.to_str().unwrap()])));
+    assert!(info.contains("resumed at epoch 2, step 80: --epochs 2 -> 3, --free-bits 0.1 -> 0.5"), "{info}");
 }
 
 #[test]

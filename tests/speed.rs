@@ -8,10 +8,11 @@ use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::path::Path;
 use tch::Device;
 use vae::checkpoint::{self, Checkpoint};
+use vae::config::TrainConfig;
 use vae::data::{DataConfig, Loader};
-use vae::model::VaeConfig;
+use vae::models::{ConvConfig, ModelConfig};
 use vae::precision::Precision;
-use vae::train::{Flow, TrainConfig, Trainer};
+use vae::train::{Flow, Trainer};
 
 const DATA: &[&str] = &["--train-size", "512", "--test-size", "64", "--batch-size", "32"];
 
@@ -53,7 +54,12 @@ fn float32_and_bfloat16_train_through_the_binary_and_f16_needs_cuda() {
 #[test]
 fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
     let cfg = TrainConfig {
-        model: VaeConfig { channels: vec![8, 16], hidden: 32, latent_dim: 4, ..VaeConfig::default() },
+        model: ModelConfig::Conv(ConvConfig {
+            channels: vec![8, 16],
+            hidden: 32,
+            latent_dim: 4,
+            ..ConvConfig::default()
+        }),
         data: DataConfig { train_size: Some(256), test_size: Some(32), ..DataConfig::default() },
         batch_size: 32,
         precision: Precision::F16,
@@ -75,11 +81,12 @@ fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f16.safetensors");
-    let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, &trainer.metadata()).unwrap();
-    checkpoint::write_atomic(&path, &bytes).unwrap();
+    let meta = checkpoint::Metadata::of(&trainer, "f16", &[]);
+    let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, &meta).unwrap();
+    vae::fsio::write_atomic(&path, &bytes).unwrap();
     let ckpt = Checkpoint::load(&path).unwrap();
     assert_eq!(ckpt.meta.loss_scale, Some(scaler.clone()));
-    let resumed = Trainer::from_checkpoint(&ckpt, ckpt.meta.config.clone(), Device::Cpu).unwrap();
+    let resumed = ckpt.trainer(ckpt.meta.config.clone(), Device::Cpu).unwrap();
     assert_eq!((resumed.step, resumed.loss_scale), (24, Some(scaler)));
 }
 

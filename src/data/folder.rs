@@ -5,17 +5,13 @@
 //! the transform, so the next run with the same files starts at once. A set larger than the
 //! memory budget is decoded a chunk at a time into that file and streamed from it.
 
+use super::cache::{self, CacheFile, CacheWriter};
 use super::image_file;
-use super::{Dataset, Records, Splits};
-use crate::checkpoint;
+use super::{Dataset, Splits};
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 use tch::{Device, Kind, Tensor};
 
@@ -44,17 +40,10 @@ struct Entry {
 
 /// Files named in a warning about undecodable ones.
 const NAMED_FAILURES: usize = 3;
-const CACHE_MAGIC: &[u8; 8] = b"VAEFOLD1";
-
-/// FNV-1a, then SplitMix's finaliser: a stable 64-bit hash (std's is randomised per process).
-fn stable_hash(bytes: &[u8]) -> u64 {
-    let h = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
-    crate::rng::SplitMix64::new(h).next_u64()
-}
 
 /// Whether a file belongs to the test split: a pure function of its relative path.
 pub fn is_test(relative: &str, fraction: f64) -> bool {
-    (stable_hash(relative.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64 <= fraction
+    (crate::rng::stable_hash(relative.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64 <= fraction
 }
 
 /// Every file below `dir` (hidden ones skipped), sorted by relative path.
@@ -89,160 +78,22 @@ fn list(dir: &Path) -> Result<Vec<Entry>> {
     Ok(entries)
 }
 
-/// The cache file for this listing and transform, named `folder-<F>-<L>.bin`: F stands for the
-/// folder and the transform, L for the listing too, so a changed folder's new file can
-/// replace its old one.
-fn cache_name(entries: &[Entry], opts: &FolderOptions) -> String {
-    let transform = format!("{}x{} test {}\n", opts.channels, opts.image_size, opts.test_fraction);
-    let folder = opts.dir.canonicalize().unwrap_or_else(|_| opts.dir.clone());
-    let mut listing = transform.clone();
-    for e in entries {
-        listing.push_str(&format!("{}\t{}\t{}\n", e.relative, e.len, e.modified_ns));
-    }
-    let folder = stable_hash(format!("{}\n{transform}", folder.display()).as_bytes());
-    format!("folder-{folder:016x}-{:016x}.bin", stable_hash(listing.as_bytes()))
-}
-
-/// Deletes the caches of earlier listings of the same folder and transform (`folder-<F>-*`
-/// beside `path`): each is as large as the decoded set, and a folder that changes would
-/// otherwise leave one behind per change. A run reading one keeps its open file.
-fn remove_outdated_caches(path: &Path) {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else { return };
-    let Some((prefix, _)) = name.rsplit_once('-') else { return };
-    let Ok(listing) = std::fs::read_dir(dir) else { return };
-    for entry in listing.flatten() {
-        let other = entry.file_name().to_string_lossy().into_owned();
-        let outdated = other != name
-            && other.ends_with(".bin")
-            && other.rsplit_once('-').is_some_and(|(p, _)| p == prefix);
-        if outdated && std::fs::remove_file(entry.path()).is_ok() {
-            eprintln!("removed the outdated cache {} (the folder's files changed)", entry.path().display());
-        }
-    }
-}
-
-/// Bytes of the cache's header: magic, then four little-endian u32 (train count, test
-/// count, channels, side). The train images follow, then the test images.
-const HEADER: usize = 24;
-
-/// A cache file that matches the transform, opened.
-struct CacheFile {
-    file: File,
-    path: PathBuf,
-    counts: [usize; 2],
-}
-
-impl CacheFile {
-    /// `None` when the file is absent or not what this transform expects (then the folder is
-    /// decoded again).
-    fn open(path: &Path, opts: &FolderOptions) -> Option<Self> {
-        let file = File::open(path).ok()?;
-        let mut header = [0u8; HEADER];
-        file.read_exact_at(&mut header, 0).ok()?;
-        let word = |i: usize| u32::from_le_bytes(header[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as u64;
-        let (train, test) = (word(0), word(1));
-        let fits = header.starts_with(CACHE_MAGIC)
-            && word(2) as i64 == opts.channels
-            && word(3) as i64 == opts.image_size
-            && file.metadata().ok()?.len() == HEADER as u64 + (train + test) * image_bytes(opts);
-        fits.then(|| Self { file, path: path.to_path_buf(), counts: [train as usize, test as usize] })
-    }
-
-    /// Both splits read into memory, or, with `stream`, left in the file.
-    fn splits(self, opts: &FolderOptions, stream: bool) -> Result<Splits> {
-        let (c, s) = (opts.channels, opts.image_size);
-        let image = image_bytes(opts) as usize;
-        let [train, test] = self.counts;
-        if stream {
-            let file = Arc::new(self.file);
-            let records = |offset: usize, count| {
-                Records::new(file.clone(), &self.path, offset as u64, count, [c, s, s])
-            };
-            return Ok(Splits {
-                train: Dataset::streamed(records(HEADER, train)),
-                test: Dataset::streamed(records(HEADER + train * image, test)),
-            });
-        }
-        // Read a chunk at a time into the tensor, so the set is in memory once.
-        let images = Tensor::empty([(train + test) as i64, c, s, s], (Kind::Uint8, Device::Cpu));
-        let per_chunk = (READ_CHUNK_BYTES / image).max(1);
-        let mut buffer = vec![0u8; per_chunk * image];
-        for start in (0..train + test).step_by(per_chunk) {
-            let n = per_chunk.min(train + test - start);
-            let chunk = &mut buffer[..n * image];
-            self.file
-                .read_exact_at(chunk, (HEADER + start * image) as u64)
-                .with_context(|| format!("reading {}", self.path.display()))?;
-            let chunk = Tensor::from_slice(chunk).view([n as i64, c, s, s]);
-            images.narrow(0, start as i64, n as i64).copy_(&chunk);
-        }
-        Ok(Splits {
-            train: Dataset::from_images(images.narrow(0, 0, train as i64)),
-            test: Dataset::from_images(images.narrow(0, train as i64, test as i64)),
-        })
-    }
-}
-
-/// A cache file being written: images appended as they decode, the header last, then
-/// published atomically (an interrupted run leaves only a temporary file).
-struct CacheWriter {
-    out: BufWriter<File>,
-    tmp: PathBuf,
-    path: PathBuf,
-}
-
-impl CacheWriter {
-    fn create(path: &Path) -> Result<Self> {
-        let dir = path.parent().unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("creating the cache folder {}", dir.display()))?;
-        remove_dead_temporaries(dir);
-        let tmp = checkpoint::temporary_path(path)?;
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut writer = Self { out: BufWriter::new(file), tmp, path: path.to_path_buf() };
-        writer.append(&[0; HEADER])?;
-        Ok(writer)
-    }
-
-    fn append(&mut self, bytes: &[u8]) -> Result<()> {
-        self.out.write_all(bytes).with_context(|| format!("writing {}", self.tmp.display()))
-    }
-
-    fn finish(mut self, counts: [usize; 2], opts: &FolderOptions) -> Result<()> {
-        let mut header = CACHE_MAGIC.to_vec();
-        for v in [counts[0], counts[1], opts.channels as usize, opts.image_size as usize] {
-            header.extend_from_slice(&(v as u32).to_le_bytes());
-        }
-        self.out.flush().with_context(|| format!("writing {}", self.tmp.display()))?;
-        let file = self.out.get_ref();
-        file.write_all_at(&header, 0).with_context(|| format!("writing {}", self.tmp.display()))?;
-        checkpoint::publish(file, &self.tmp, &self.path)
-    }
-}
-
-impl Drop for CacheWriter {
-    fn drop(&mut self) {
-        // Published, the temporary is gone; otherwise it is a partial file nobody will read.
-        let _ = std::fs::remove_file(&self.tmp);
-    }
-}
-
-/// Deletes temporary cache files of processes that no longer run (killed while decoding):
-/// each can be as large as the decoded folder.
-fn remove_dead_temporaries(dir: &Path) {
-    let Ok(listing) = std::fs::read_dir(dir) else { return };
-    for entry in listing.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let pid =
-            name.strip_prefix(".folder-").and_then(|rest| rest.rsplit_once(".tmp-")).map(|(_, pid)| pid);
-        if pid.is_some_and(|pid| !Path::new("/proc").join(pid).exists()) {
-            let _ = std::fs::remove_file(entry.path());
-        }
-    }
+/// `[C, S, S]` of the images the options make.
+fn shape(opts: &FolderOptions) -> [i64; 3] {
+    [opts.channels, opts.image_size, opts.image_size]
 }
 
 fn image_bytes(opts: &FolderOptions) -> u64 {
-    (opts.channels * opts.image_size * opts.image_size) as u64
+    cache::image_bytes(shape(opts)) as u64
+}
+
+/// The cache file's name for this listing and transform.
+fn cache_name(entries: &[Entry], opts: &FolderOptions) -> String {
+    let transform = format!("{}x{} test {}\n", opts.channels, opts.image_size, opts.test_fraction);
+    let folder = opts.dir.canonicalize().unwrap_or_else(|_| opts.dir.clone());
+    let listing: String =
+        entries.iter().map(|e| format!("{}\t{}\t{}\n", e.relative, e.len, e.modified_ns)).collect();
+    cache::name(&folder, &transform, &listing)
 }
 
 /// Bytes the kernel says can be allocated without swapping (`MemAvailable`).
@@ -337,10 +188,8 @@ fn decode(
 /// every core decoding, little next to the set.
 const CHUNK_BYTES: usize = 16 << 20;
 
-/// Bytes of a cache file read at once into memory: small, since larger blocks, freed and
-/// reallocated, measurably fragment the heap (16 MiB reads peaked 90 MiB higher).
-const READ_CHUNK_BYTES: usize = 1 << 20;
-
+/// The folder's splits: from its cache file when one matches the listing and transform,
+/// else decoded (and cached for the next run).
 pub fn load(opts: &FolderOptions) -> Result<Splits> {
     let dir = &opts.dir;
     ensure!(dir.is_dir(), "image folder {} does not exist (pass --data-dir FOLDER)", dir.display());
@@ -352,25 +201,36 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
     let entries = list(dir)?;
     ensure!(!entries.is_empty(), "image folder {} holds no files", dir.display());
     let cache = opts.cache_dir.as_ref().map(|d| d.join(cache_name(&entries, opts)));
-    if let Some(found) = cache.as_deref().and_then(|c| CacheFile::open(c, opts)) {
-        let reason = too_big(found.counts[0] + found.counts[1], opts, available_memory());
-        let how = if reason.is_some() { "streaming" } else { "decoded images" };
-        eprintln!("{}: {how} from the cache {}", dir.display(), found.path.display());
-        if let Some(reason) = &reason {
-            eprintln!("{reason}: reading them from disk a batch at a time");
-        }
-        return found.splits(opts, reason.is_some());
+    match cache.as_deref().and_then(|c| CacheFile::open(c, shape(opts))) {
+        Some(found) => from_cache(found, opts),
+        None => decode_fresh(&entries, cache.as_deref(), opts),
     }
+}
 
+/// A matching cache file, held in memory or streamed from as the memory budget says.
+fn from_cache(found: CacheFile, opts: &FolderOptions) -> Result<Splits> {
+    let reason = too_big(found.counts[0] + found.counts[1], opts, available_memory());
+    let how = if reason.is_some() { "streaming" } else { "decoded images" };
+    eprintln!("{}: {how} from the cache {}", opts.dir.display(), found.path.display());
+    if let Some(reason) = &reason {
+        eprintln!("{reason}: reading them from disk a batch at a time");
+    }
+    found.splits(reason.is_some())
+}
+
+/// Decodes every file of the listing into memory, or, for a set above the memory budget,
+/// into the cache file to stream from; writes the cache at `cache` when given.
+fn decode_fresh(entries: &[Entry], cache: Option<&Path>, opts: &FolderOptions) -> Result<Splits> {
+    let dir = &opts.dir;
     let stream = too_big(entries.len(), opts, available_memory());
     if let Some(reason) = &stream {
-        let path = cache.as_deref().with_context(|| {
+        let path = cache.with_context(|| {
             format!("{reason}; streaming them from disk needs the cache file: drop --no-cache")
         })?;
         eprintln!("{reason}: decoding them into the cache {} and streaming from it", path.display());
     }
     // Streaming needs the cache file; a resident set only loses the next run's head start.
-    let mut writer = match cache.as_deref().map(CacheWriter::create).transpose() {
+    let mut writer = match cache.map(|c| CacheWriter::create(c, shape(opts))).transpose() {
         Err(e) if stream.is_none() => {
             eprintln!("warning: images will not be cached: {e:#}");
             None
@@ -439,20 +299,18 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
         counts[1]
     );
     if let Some(w) = writer {
-        match w.finish(counts, opts) {
+        match w.finish(counts) {
             Err(e) if stream.is_none() => eprintln!("warning: images will not be cached: {e:#}"),
             finished => {
                 finished?;
-                remove_outdated_caches(cache.as_deref().expect("a writer has a path"));
+                cache::remove_outdated(cache.expect("a writer has a path"));
             }
         }
     }
     let Some([train_images, test_images]) = memory else {
-        let path = cache.as_deref().expect("a streamed set has a cache file (checked above)");
-        let written = CacheFile::open(path, opts);
-        return written
-            .with_context(|| format!("reopening {}, just written", path.display()))?
-            .splits(opts, true);
+        let path = cache.expect("a streamed set has a cache file (checked above)");
+        let written = CacheFile::open(path, shape(opts));
+        return written.with_context(|| format!("reopening {}, just written", path.display()))?.splits(true);
     };
     Ok(Splits {
         train: Dataset::from_images(train_images.narrow(0, 0, counts[0] as i64)),
@@ -526,19 +384,6 @@ mod tests {
         let sides: Vec<usize> = whole.0.iter().map(|(side, _)| *side).collect();
         assert!(sides.contains(&0) && sides.contains(&1), "{sides:?}");
         assert!(sides.windows(2).all(|w| w[0] <= w[1]), "train images first, then test: {sides:?}");
-    }
-
-    #[test]
-    fn temporaries_of_dead_processes_are_removed_and_live_ones_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let dead = dir.path().join(".folder-0123.bin.tmp-4000000000");
-        let live = dir.path().join(format!(".folder-0123.bin.tmp-{}", std::process::id()));
-        let other = dir.path().join("folder-0123.bin");
-        for path in [&dead, &live, &other] {
-            std::fs::write(path, b"x").unwrap();
-        }
-        remove_dead_temporaries(dir.path());
-        assert!(!dead.exists() && live.exists() && other.exists());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Mini-batches gathered on the training device from a split that lives there as u8, or,
 //! for a split streamed from disk, read by a background thread one batch ahead.
 
-use super::{Dataset, Pixels, Records};
+use super::dataset::Pixels;
+use super::{Dataset, Records};
 use crate::rng::{SplitMix64, Stream};
 use anyhow::{Context, Result};
 use std::cell::RefCell;
@@ -211,7 +212,8 @@ mod tests {
     #[test]
     fn a_streamed_split_gives_the_resident_batches_whatever_was_prefetched() {
         let pixels: Vec<u8> = (0..50 * 2 * 3 * 3).map(|i| (i * 7 % 251) as u8).collect();
-        let (resident, streamed) = super::super::tests::resident_and_streamed(&pixels, 50, [2, 3, 3]);
+        let (resident, streamed) =
+            super::super::dataset::tests::resident_and_streamed(&pixels, 50, [2, 3, 3]);
         let (resident, streamed) =
             (Loader::new(&resident, Device::Cpu, 8), Loader::new(&streamed, Device::Cpu, 8));
         let (a, b) = (resident.shuffled_batches(3, 1), streamed.shuffled_batches(3, 1));

@@ -1,7 +1,9 @@
 //! Datasets: where images come from, held in memory as u8 `[N, C, H, W]` tensors, or, for an
 //! image folder larger than memory, read from its cache file a batch at a time.
 
+mod cache;
 pub mod cifar;
+mod dataset;
 pub mod folder;
 pub mod idx;
 pub mod image_file;
@@ -9,6 +11,7 @@ mod loader;
 pub mod records;
 pub mod shapes;
 
+pub use dataset::{Binarize, Dataset, Splits};
 pub use loader::{random_hflip, to_unit_float, Loader};
 pub use records::Records;
 
@@ -16,7 +19,6 @@ use crate::rng::{SplitMix64, Stream};
 use anyhow::{ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
-use tch::{Kind, Tensor};
 
 /// Default sizes of the generated shapes splits: about a minute of training per epoch budget.
 const SHAPES_TRAIN: usize = 16_000;
@@ -38,6 +40,75 @@ pub enum DatasetKind {
     Cifar10,
     /// Every image below --data-dir, resized and centre-cropped to --image-size.
     Folder,
+}
+
+impl DatasetKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DatasetKind::Shapes => "shapes",
+            DatasetKind::FashionMnist => "fashion-mnist",
+            DatasetKind::Mnist => "mnist",
+            DatasetKind::Cifar10 => "cifar10",
+            DatasetKind::Folder => "folder",
+        }
+    }
+
+    /// Side of the images when the flags do not say.
+    pub fn default_side(self) -> i64 {
+        match self {
+            DatasetKind::Shapes | DatasetKind::FashionMnist | DatasetKind::Mnist => 28,
+            DatasetKind::Cifar10 => 32,
+            DatasetKind::Folder => 64,
+        }
+    }
+
+    pub fn default_channels(self) -> i64 {
+        match self {
+            DatasetKind::Shapes | DatasetKind::FashionMnist | DatasetKind::Mnist => 1,
+            DatasetKind::Cifar10 | DatasetKind::Folder => 3,
+        }
+    }
+
+    /// Whether `--image-size` and `--channels` apply: generated and decoded images only.
+    pub fn sized(self) -> bool {
+        matches!(self, DatasetKind::Shapes | DatasetKind::Folder)
+    }
+}
+
+/// Where a dataset is on this machine and how much of it memory holds: facts of the
+/// machine, not of the run, so every command that reads data takes them again.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct DataLocation {
+    /// Folder of the dataset's files [default: the dataset's usual place, e.g.
+    /// /usr/share/datasets/fashion-mnist; where the run found them, for a checkpoint].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Memory an image folder's decoded images may take (bytes, or with K, M, G, T: 512M,
+    /// 8G); a larger set streams from its cache file, the next batch read while one trains
+    /// [default: half the memory available].
+    #[arg(long, value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+}
+
+/// A byte count as users write it: `4096`, `512K`, `1.5G`, `8GiB` (powers of 1024).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let digits = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(digits);
+    let value: f64 = number.parse().map_err(|_| format!("{text:?} is not a size such as 512M or 8G"))?;
+    let shift = match unit.trim().to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use K, M, G or T")),
+    };
+    let bytes = value * (1u64 << shift) as f64;
+    if !(1.0..1.8e19).contains(&bytes) {
+        return Err(format!("{text:?} is not a size of at least 1 byte"));
+    }
+    Ok(bytes as u64)
 }
 
 /// What to load; saved in checkpoints so evaluation finds the same data.
@@ -87,14 +158,18 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
-    pub fn name(&self) -> &'static str {
-        match self.kind {
-            DatasetKind::Shapes => "shapes",
-            DatasetKind::FashionMnist => "fashion-mnist",
-            DatasetKind::Mnist => "mnist",
-            DatasetKind::Cifar10 => "cifar10",
-            DatasetKind::Folder => "folder",
+    /// Looks for the data where `location` says, when it says.
+    pub fn relocated(&self, location: &DataLocation) -> Self {
+        let mut data = self.clone();
+        if location.data_dir.is_some() {
+            data.data_dir = location.data_dir.clone();
         }
+        data.max_memory = location.max_memory;
+        data
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.kind.name()
     }
 
     fn idx_dir(&self) -> PathBuf {
@@ -192,142 +267,23 @@ fn read_idx_split(dir: &Path, prefix: &str) -> Result<Dataset> {
     Ok(Dataset::from_u8(&images.pixels, images.count, 1, images.rows, images.cols, Some(&labels)))
 }
 
-/// One split's images, u8 `[N, C, H, W]` (compact: the float conversion happens per batch on
-/// the training device), and optional class labels.
-#[derive(Debug)]
-pub struct Dataset {
-    pixels: Pixels,
-    pub labels: Option<Tensor>,
-}
-
-/// Where a split's pixels are.
-#[derive(Debug)]
-enum Pixels {
-    /// In memory, as one tensor.
-    Resident(Tensor),
-    /// In a file, read a batch at a time: for sets larger than memory.
-    Streamed(Records),
-}
-
-impl Dataset {
-    pub fn from_u8(pixels: &[u8], n: usize, c: usize, h: usize, w: usize, labels: Option<&[u8]>) -> Self {
-        let images = Tensor::from_slice(pixels).view([n as i64, c as i64, h as i64, w as i64]);
-        let labels = labels.map(|l| Tensor::from_slice(l).to_kind(Kind::Int64));
-        Self { pixels: Pixels::Resident(images), labels }
-    }
-
-    /// A split of u8 `[N, C, H, W]` images without labels.
-    pub fn from_images(images: Tensor) -> Self {
-        Self { pixels: Pixels::Resident(images), labels: None }
-    }
-
-    pub fn streamed(records: Records) -> Self {
-        Self { pixels: Pixels::Streamed(records), labels: None }
-    }
-
-    /// Whether the images are read from disk batch by batch.
-    pub fn is_streamed(&self) -> bool {
-        matches!(self.pixels, Pixels::Streamed(_))
-    }
-
-    pub fn len(&self) -> usize {
-        match &self.pixels {
-            Pixels::Resident(images) => images.size()[0] as usize,
-            Pixels::Streamed(records) => records.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// The first `limit` images (all when `None`).
-    fn truncated(self, limit: Option<usize>) -> Self {
-        let Some(n) = limit.filter(|&n| n < self.len()) else { return self };
-        let pixels = match self.pixels {
-            Pixels::Resident(images) => Pixels::Resident(images.narrow(0, 0, n as i64)),
-            Pixels::Streamed(records) => Pixels::Streamed(records.truncated(n)),
-        };
-        Self { pixels, labels: self.labels.map(|l| l.narrow(0, 0, n as i64)) }
-    }
-
-    /// `[C, H, W]` of one image.
-    pub fn image_shape(&self) -> [i64; 3] {
-        match &self.pixels {
-            Pixels::Resident(images) => {
-                let s = images.size();
-                [s[1], s[2], s[3]]
-            }
-            Pixels::Streamed(records) => records.shape(),
-        }
-    }
-
-    /// Images `start..start + count` (clamped to the split) as u8 `[n, C, H, W]` on the CPU.
-    pub fn images(&self, start: usize, count: usize) -> Result<Tensor> {
-        let end = (start + count).min(self.len());
-        let start = start.min(end);
-        Ok(match &self.pixels {
-            Pixels::Resident(images) => images.narrow(0, start as i64, (end - start) as i64),
-            Pixels::Streamed(records) => records.read(&(start as i64..end as i64).collect::<Vec<_>>())?,
-        })
-    }
-
-    /// A copy with every pixel drawn once as 0 or 255 with probability intensity/255: the
-    /// fixed binarization used to evaluate a model trained with `--binarize dynamic`. A
-    /// streamed split is binarized as it is read, to the same pixels.
-    pub fn binarized(&self, seed: u64) -> Self {
-        let pixels = match &self.pixels {
-            Pixels::Resident(images) => {
-                let mut pixels = Vec::<u8>::try_from(images.flatten(0, -1)).expect("u8 images");
-                binarize(&mut pixels, seed, 0);
-                Pixels::Resident(Tensor::from_slice(&pixels).view(images.size().as_slice()))
-            }
-            Pixels::Streamed(records) => Pixels::Streamed(records.binarized(seed)),
-        };
-        Self { pixels, labels: self.labels.as_ref().map(|l| l.shallow_clone()) }
-    }
-
-    /// The same images and labels, sharing their storage.
-    pub fn shallow_clone(&self) -> Self {
-        let pixels = match &self.pixels {
-            Pixels::Resident(images) => Pixels::Resident(images.shallow_clone()),
-            Pixels::Streamed(records) => Pixels::Streamed(records.clone()),
-        };
-        Self { pixels, labels: self.labels.as_ref().map(Tensor::shallow_clone) }
-    }
-}
-
-/// Pixel k of a split binarized with `seed` takes draw k of the seed's evaluation stream, so
-/// a slice starting at pixel `first` binarizes as it would within the whole split.
-fn binarize(pixels: &mut [u8], seed: u64, first: u64) {
-    let mut rng = SplitMix64::derived(seed, Stream::Eval, 0);
-    rng.skip(first);
-    for p in pixels {
-        *p = if rng.next_f64() * 255.0 < *p as f64 { 255 } else { 0 };
-    }
-}
-
-/// The train and test splits of a dataset.
-#[derive(Debug)]
-pub struct Splits {
-    pub train: Dataset,
-    pub test: Dataset,
-}
-
-/// How pixel intensities become likelihood targets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum Binarize {
-    /// Intensities in [0, 1] are the targets.
-    None,
-    /// Each time an image is seen, every pixel is redrawn as 0/1 with its intensity as the
-    /// probability (the standard dynamically binarized benchmark).
-    Dynamic,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units_and_nonsense_is_named() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1K"), Ok(1024));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5G"), Ok(3 << 29));
+        assert_eq!(parse_size("8GiB"), Ok(8 << 30));
+        assert_eq!(parse_size("2 tb"), Ok(2 << 40));
+        assert!(parse_size("lots").unwrap_err().contains("not a size"));
+        assert!(parse_size("3X").unwrap_err().contains("unknown unit"));
+        assert!(parse_size("0").unwrap_err().contains("at least 1 byte"));
+        assert!(parse_size("").is_err());
+    }
 
     #[test]
     fn idx_splits_load_and_mismatched_counts_fail() {
@@ -350,47 +306,5 @@ mod tests {
         assert_eq!(splits.test.image_shape(), [1, 2, 2]);
         let missing = DataConfig { data_dir: Some(dir.path().join("nope")), ..cfg };
         assert!(format!("{:#}", missing.load(0).unwrap_err()).contains("does not exist"));
-    }
-
-    fn bytes(ds: &Dataset) -> Vec<u8> {
-        Vec::<u8>::try_from(ds.images(0, ds.len()).unwrap().flatten(0, -1)).unwrap()
-    }
-
-    /// `pixels` as a resident split and as the same split streamed from a file of records.
-    pub(super) fn resident_and_streamed(pixels: &[u8], n: usize, shape: [usize; 3]) -> (Dataset, Dataset) {
-        let [c, h, w] = shape;
-        let file = tempfile::tempfile().unwrap();
-        std::os::unix::fs::FileExt::write_all_at(&file, pixels, 5).unwrap();
-        let records =
-            Records::new(std::sync::Arc::new(file), Path::new("records"), 5, n, [c, h, w].map(|d| d as i64));
-        (Dataset::from_u8(pixels, n, c, h, w, None), Dataset::streamed(records))
-    }
-
-    #[test]
-    fn a_streamed_split_reads_and_binarizes_as_the_resident_one() {
-        let pixels: Vec<u8> = (0..7 * 3 * 4 * 5).map(|i| (i * 37 % 256) as u8).collect();
-        let (resident, streamed) = resident_and_streamed(&pixels, 7, [3, 4, 5]);
-        assert!(streamed.is_streamed() && !resident.is_streamed());
-        assert_eq!((streamed.len(), streamed.image_shape()), (7, [3, 4, 5]));
-        assert_eq!(bytes(&streamed), pixels);
-        assert_eq!(bytes(&streamed.binarized(11)), bytes(&resident.binarized(11)));
-        let slice = |ds: &Dataset| {
-            Vec::<u8>::try_from(ds.binarized(11).images(2, 3).unwrap().flatten(0, -1)).unwrap()
-        };
-        assert_eq!(slice(&streamed), slice(&resident));
-        assert_eq!(streamed.images(5, 10).unwrap().size(), vec![2, 3, 4, 5], "clamped to the split");
-        assert_eq!(streamed.truncated(Some(4)).len(), 4);
-    }
-
-    #[test]
-    fn binarization_is_fixed_by_the_seed_and_follows_intensity() {
-        let pixels: Vec<u8> = (0..4000).map(|i| if i % 2 == 0 { 0 } else { 191 }).collect();
-        let ds = Dataset::from_u8(&pixels, 10, 1, 20, 20, None);
-        let a = bytes(&ds.binarized(3));
-        let b = bytes(&ds.binarized(3));
-        assert_eq!(a, b);
-        assert!(a.iter().step_by(2).all(|&p| p == 0));
-        let on = a.iter().skip(1).step_by(2).filter(|&&p| p == 255).count() as f64 / 2000.0;
-        assert!((on - 0.75).abs() < 0.04, "fraction on {on}");
     }
 }

@@ -1,7 +1,7 @@
 //! A split kept on disk as fixed-size u8 records (the folder cache's layout), read by index:
 //! how a set larger than memory is trained on.
 
-use super::binarize;
+use super::dataset::binarize;
 use anyhow::{ensure, Context, Result};
 use std::fs::File;
 use std::os::unix::fs::FileExt;

@@ -1,7 +1,7 @@
-//! The convolutional VAE: a strided-conv encoder giving q(z|x), a transposed-conv decoder
-//! giving p(x|z)'s parameters.
+//! The convolutional VAE (`--arch conv`): a strided-conv encoder and a dense bottleneck
+//! giving q(z|x) over a latent vector, a transposed-conv decoder giving p(x|z)'s parameters.
 
-use crate::loss::Likelihood;
+use super::{cast, Compute, Likelihood, Model, Posterior};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn;
@@ -9,7 +9,7 @@ use tch::{Kind, Tensor};
 
 /// Architecture; stored in every checkpoint so a model can be rebuilt from its file alone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct VaeConfig {
+pub struct ConvConfig {
     /// Side of the square input image, in pixels.
     pub image_size: i64,
     pub in_channels: i64,
@@ -20,7 +20,7 @@ pub struct VaeConfig {
     pub likelihood: Likelihood,
 }
 
-impl Default for VaeConfig {
+impl Default for ConvConfig {
     fn default() -> Self {
         Self {
             image_size: 28,
@@ -33,7 +33,7 @@ impl Default for VaeConfig {
     }
 }
 
-impl VaeConfig {
+impl ConvConfig {
     /// Side of the feature map after the conv stack.
     pub fn bottleneck_side(&self) -> i64 {
         self.image_size >> self.channels.len()
@@ -100,47 +100,6 @@ fn deconv_config() -> nn::ConvTransposeConfig {
     nn::ConvTransposeConfig { stride: STRIDE, padding: PADDING, ..Default::default() }
 }
 
-/// How the layers compute: neither field changes the function, only speed and rounding.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Compute {
-    /// The dtype of the convs and matmuls (see [`crate::precision`]).
-    pub kind: Kind,
-    /// Feature maps laid out NHWC in memory (still indexed NCHW): oneDNN's convs run much
-    /// faster on it on the CPU.
-    pub channels_last: bool,
-}
-
-impl Default for Compute {
-    fn default() -> Self {
-        Self { kind: Kind::Float, channels_last: false }
-    }
-}
-
-impl Compute {
-    /// `kind`, in the layout that measured fastest on `device`: channels-last on the CPU;
-    /// on CUDA the standard layout, as eager PyTorch uses (not measured here yet).
-    pub fn for_device(kind: Kind, device: tch::Device) -> Self {
-        Self { kind, channels_last: device == tch::Device::Cpu }
-    }
-
-    /// A feature map `[N, C, H, W]` in this dtype and layout.
-    fn feature_map(&self, x: &Tensor) -> Tensor {
-        let x = cast(x, self.kind);
-        if self.channels_last {
-            x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
-        } else {
-            x
-        }
-    }
-}
-
-// The layers run in `kind` on weights cast from their float32 masters. The cast is part of
-// the graph, so gradients reach the float32 weights; for float32 it is a no-op.
-
-fn cast(t: &Tensor, kind: Kind) -> Tensor {
-    t.to_kind(kind)
-}
-
 fn linear(layer: &nn::Linear, x: &Tensor, kind: Kind) -> Tensor {
     x.linear(&cast(&layer.ws, kind), layer.bs.as_ref().map(|b| cast(b, kind)))
 }
@@ -155,37 +114,6 @@ fn deconv(layer: &nn::ConvTranspose2D, x: &Tensor, kind: Kind) -> Tensor {
     x.conv_transpose2d(&cast(&layer.ws, kind), bias, [STRIDE; 2], [PADDING; 2], [0; 2], 1, [1; 2])
 }
 
-/// The diagonal Gaussian q(z|x).
-#[derive(Debug)]
-pub struct Posterior {
-    pub mean: Tensor,
-    pub logvar: Tensor,
-}
-
-impl Posterior {
-    /// z = mean + exp(logvar / 2) * eps: the noise is drawn apart from the parameters, so the
-    /// sample stays differentiable in mean and logvar (the reparameterization trick).
-    pub fn sample(&self) -> Tensor {
-        self.sample_with_noise(&self.mean.randn_like())
-    }
-
-    /// The sample for given standard-normal noise `eps`, shaped like `mean`.
-    pub fn sample_with_noise(&self, eps: &Tensor) -> Tensor {
-        &self.mean + (&self.logvar * 0.5).exp() * eps
-    }
-
-    /// KL(q(z|x) || N(0, I)) in closed form, one value per example:
-    /// 0.5 * sum(mean^2 + exp(logvar) - 1 - logvar).
-    pub fn kl_to_standard_normal(&self) -> Tensor {
-        self.kl_per_dimension().sum_dim_intlist(-1, false, None)
-    }
-
-    /// The KL's terms, `[B, D]`: what each latent dimension costs for each example.
-    pub fn kl_per_dimension(&self) -> Tensor {
-        (self.mean.square() + self.logvar.exp() - 1.0 - &self.logvar) * 0.5
-    }
-}
-
 pub struct Encoder {
     convs: Vec<nn::Conv2D>,
     fc: nn::Linear,
@@ -193,7 +121,7 @@ pub struct Encoder {
 }
 
 impl Encoder {
-    pub fn new(vs: nn::Path, cfg: &VaeConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &ConvConfig) -> Self {
         let mut in_ch = cfg.in_channels;
         let convs = cfg
             .channels
@@ -231,7 +159,7 @@ pub struct Decoder {
 }
 
 impl Decoder {
-    pub fn new(vs: nn::Path, cfg: &VaeConfig) -> Self {
+    pub fn new(vs: nn::Path, cfg: &ConvConfig) -> Self {
         let side = cfg.bottleneck_side();
         let top = *cfg.channels.last().expect("validated: at least one stage");
         let fc = nn::linear(&vs / "fc", cfg.latent_dim, cfg.hidden, Default::default());
@@ -269,25 +197,18 @@ impl Decoder {
     }
 }
 
-/// What one pass of the model produces for a batch.
-pub struct Forward {
-    pub posterior: Posterior,
-    /// Parameters of p(x|z) at the sampled z.
-    pub likelihood_params: Tensor,
-}
-
-pub struct Vae {
+/// The conv VAE; its layers live under `encoder.` and `decoder.`, the names a PyTorch
+/// `state_dict` of the same module tree would use.
+pub struct ConvVae {
     pub encoder: Encoder,
     pub decoder: Decoder,
-    pub cfg: VaeConfig,
+    pub cfg: ConvConfig,
     /// Float32 and the standard layout unless the trainer picks otherwise.
     pub compute: Compute,
 }
 
-impl Vae {
-    /// Layers live under `encoder.` and `decoder.`, the names a PyTorch `state_dict` of the
-    /// same module tree would use.
-    pub fn new(vs: nn::Path, cfg: &VaeConfig) -> Self {
+impl ConvVae {
+    pub fn new(vs: nn::Path, cfg: &ConvConfig) -> Self {
         Self {
             encoder: Encoder::new(&vs / "encoder", cfg),
             decoder: Decoder::new(&vs / "decoder", cfg),
@@ -295,28 +216,27 @@ impl Vae {
             compute: Compute::default(),
         }
     }
+}
 
-    pub fn encode(&self, x: &Tensor) -> Posterior {
+impl Model for ConvVae {
+    fn encode(&self, x: &Tensor) -> Posterior {
         self.encoder.forward(x, self.compute)
     }
 
-    pub fn reparameterize(&self, posterior: &Posterior) -> Tensor {
-        posterior.sample()
-    }
-
-    pub fn decode(&self, z: &Tensor) -> Tensor {
+    fn decode(&self, z: &Tensor) -> Tensor {
         self.decoder.forward(z, self.compute)
     }
 
-    pub fn forward(&self, x: &Tensor) -> Forward {
-        let posterior = self.encode(x);
-        let z = self.reparameterize(&posterior);
-        Forward { likelihood_params: self.decode(&z), posterior }
+    fn likelihood(&self) -> Likelihood {
+        self.cfg.likelihood
     }
 
-    /// Images in [0, 1] that the decoder expects at `z` (its mean, not a sample).
-    pub fn decode_mean(&self, z: &Tensor) -> Tensor {
-        self.cfg.likelihood.mean(&self.decode(z))
+    fn latent_dim(&self) -> i64 {
+        self.cfg.latent_dim
+    }
+
+    fn set_compute(&mut self, compute: Compute) {
+        self.compute = compute;
     }
 }
 
@@ -325,17 +245,17 @@ mod tests {
     use super::*;
     use tch::{nn::VarStore, Device};
 
-    fn build(cfg: &VaeConfig) -> (VarStore, Vae) {
+    fn build(cfg: &ConvConfig) -> (VarStore, ConvVae) {
         let vs = VarStore::new(Device::Cpu);
-        let vae = Vae::new(vs.root(), cfg);
+        let vae = ConvVae::new(vs.root(), cfg);
         (vs, vae)
     }
 
     #[test]
     fn shapes_for_grayscale_28_and_rgb_64() {
         let cases = [
-            VaeConfig::default(),
-            VaeConfig {
+            ConvConfig::default(),
+            ConvConfig {
                 image_size: 64,
                 in_channels: 3,
                 channels: vec![32, 32, 64, 64],
@@ -358,12 +278,12 @@ mod tests {
 
     #[test]
     fn channels_last_and_bf16_compute_the_same_function() {
-        let cfg = VaeConfig::default();
+        let cfg = ConvConfig::default();
         let (vs, mut vae) = build(&cfg);
         tch::manual_seed(3);
         let x = Tensor::rand([8, 1, 28, 28], (Kind::Float, Device::Cpu));
         let eps = Tensor::randn([8, cfg.latent_dim], (Kind::Float, Device::Cpu));
-        let run = |vae: &Vae| {
+        let run = |vae: &ConvVae| {
             let params = vae.decode(&vae.encode(&x).sample_with_noise(&eps));
             assert_eq!(params.kind(), Kind::Float, "outputs are float32 whatever the compute");
             params
@@ -385,9 +305,9 @@ mod tests {
 
     #[test]
     fn tensor_names_follow_the_module_tree() {
-        let (vs, _) = build(&VaeConfig::default());
+        let (vs, _) = build(&ConvConfig::default());
         let built: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
-        assert_eq!(VaeConfig::default().parameter_count(), built as u128);
+        assert_eq!(ConvConfig::default().parameter_count(), built as u128);
         let mut names: Vec<String> = vs.variables().into_keys().collect();
         names.sort();
         let expected = [
@@ -414,38 +334,8 @@ mod tests {
 
     #[test]
     fn sizes_that_do_not_halve_cleanly_are_rejected() {
-        let cfg = VaeConfig { image_size: 30, channels: vec![8, 8, 8], ..Default::default() };
+        let cfg = ConvConfig { image_size: 30, channels: vec![8, 8, 8], ..Default::default() };
         let err = cfg.validate().unwrap_err().to_string();
         assert!(err.contains("30 is not divisible by 2^3 = 8"), "{err}");
-    }
-
-    #[test]
-    fn kl_closed_form_matches_monte_carlo() {
-        tch::manual_seed(0);
-        let mean = Tensor::from_slice(&[0.5f32, -1.0, 0.0]).view([1, 3]);
-        let logvar = Tensor::from_slice(&[0.0f32, -1.0, 0.7]).view([1, 3]);
-        let q = Posterior { mean: mean.repeat([200_000, 1]), logvar: logvar.repeat([200_000, 1]) };
-        let z = q.sample();
-        // log q(z) - log p(z) per sample; the 2*pi terms cancel.
-        let log_q = -((&z - &q.mean).square() / q.logvar.exp() + &q.logvar) * 0.5;
-        let log_p = -z.square() * 0.5;
-        let mc = (log_q - log_p).sum_dim_intlist(-1, false, None).mean(None).double_value(&[]);
-        let closed = Posterior { mean, logvar }.kl_to_standard_normal().double_value(&[0]);
-        assert!((mc - closed).abs() < 0.02, "Monte Carlo {mc} vs closed form {closed}");
-    }
-
-    #[test]
-    fn gradients_flow_through_the_sample_to_mean_and_logvar() {
-        let mean = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let logvar = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let q = Posterior { mean: mean.shallow_clone(), logvar: logvar.shallow_clone() };
-        tch::manual_seed(1);
-        let z = q.sample();
-        z.sum(None).backward();
-        // d(sum z)/d mean = 1, d(sum z)/d logvar = eps * exp(logvar/2) / 2 = eps / 2.
-        assert!(mean.grad().allclose(&Tensor::ones([4, 3], (Kind::Float, Device::Cpu)), 1e-6, 1e-6, false));
-        let eps = z.detach();
-        assert!(logvar.grad().allclose(&(eps / 2.0), 1e-6, 1e-6, false));
-        assert!(logvar.grad().abs().sum(None).double_value(&[]) > 0.0);
     }
 }

@@ -1,0 +1,438 @@
+//! Every training setting, declared once: its flag, default and help ([`TrainArgs`]), what it
+//! sets in the run's config and what a resumed run may do with it ([`SETTINGS`]), and the
+//! checks on the config ([`TrainConfig::validate`]). The config is what a checkpoint keeps.
+
+use crate::adam::AdamConfig;
+use crate::data::{Binarize, DataConfig, DataLocation, DatasetKind};
+use crate::device::DeviceArgs;
+use crate::models::{ConvConfig, Likelihood, ModelConfig};
+use crate::precision::Precision;
+use crate::schedule::{LrSchedule, Schedule};
+use anyhow::{bail, ensure, Result};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// Everything that determines a run's numbers; saved in each checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub model: ModelConfig,
+    pub data: DataConfig,
+    pub adam: AdamConfig,
+    /// Total epochs of the run (a resumed run continues up to this).
+    pub epochs: u64,
+    pub batch_size: usize,
+    /// Weight of the KL term; 1 is the ELBO.
+    pub beta: f64,
+    pub seed: u64,
+    pub binarize: Binarize,
+    /// What the convs and matmuls compute in.
+    #[serde(default)]
+    pub precision: Precision,
+    #[serde(default)]
+    pub lr_schedule: LrSchedule,
+    /// Steps of linear learning-rate warm-up.
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Epochs over which the KL weight rises linearly from 0 to beta.
+    #[serde(default)]
+    pub kl_warmup_epochs: f64,
+    /// Free bits: nats per latent dimension not penalised.
+    #[serde(default)]
+    pub free_bits: f64,
+    /// Largest global gradient norm; larger gradients are scaled down to it.
+    #[serde(default)]
+    pub clip_grad: Option<f64>,
+    /// Random left-right flips of the training images.
+    #[serde(default)]
+    pub hflip: bool,
+}
+
+/// The flags' defaults, for the dataset's usual shape.
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainArgs::defaults().config()
+    }
+}
+
+/// The flags that make a run's config (`vae train` and `vae bench` take them all).
+#[derive(Args, Debug, Clone)]
+#[command(allow_negative_numbers = true)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub device: DeviceArgs,
+    /// Dataset to train on.
+    #[arg(long, value_enum, default_value = "shapes")]
+    pub dataset: DatasetKind,
+    #[command(flatten)]
+    pub location: DataLocation,
+    /// Side of the generated shapes or of a folder's crops [default: 28 for shapes, 64 for
+    /// folder].
+    #[arg(long)]
+    pub image_size: Option<i64>,
+    /// Channels of the generated shapes or of a folder's images, 1 or 3 [default: 1 for
+    /// shapes, 3 for folder].
+    #[arg(long)]
+    pub channels: Option<i64>,
+    /// Share of a folder's files held out as the test split, chosen by a hash of each path.
+    #[arg(long, default_value_t = 0.05)]
+    pub test_fraction: f64,
+    /// Where decoded image folders are cached, keyed by the listing and the transform.
+    #[arg(long, default_value = "checkpoints/.cache")]
+    pub cache_dir: PathBuf,
+    /// Decode an image folder every time instead.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Flip each training image left-right with probability 1/2 each time it is seen.
+    #[arg(long)]
+    pub hflip: bool,
+    /// Train images to use (shapes: how many to generate) [default: all; shapes 16000].
+    #[arg(long)]
+    pub train_size: Option<usize>,
+    /// Test images to use (shapes: how many to generate) [default: all; shapes 2000].
+    #[arg(long)]
+    pub test_size: Option<usize>,
+    /// How pixel intensities become targets.
+    #[arg(long, value_enum, default_value = "none")]
+    pub binarize: Binarize,
+    /// Decoder distribution [default: bernoulli for 1 channel, gaussian for 3].
+    #[arg(long, value_enum)]
+    pub likelihood: Option<Likelihood>,
+    /// Output channels of each stride-2 conv stage of the encoder.
+    #[arg(long, value_delimiter = ',', default_value = "32,64")]
+    pub conv_channels: Vec<i64>,
+    /// Width of the hidden linear layer.
+    #[arg(long, default_value_t = 256)]
+    pub hidden: i64,
+    /// Dimension of the latent space.
+    #[arg(long, default_value_t = 16)]
+    pub latent_dim: i64,
+    /// Total epochs of the run; a resumed run may raise it.
+    #[arg(long, default_value_t = 10)]
+    pub epochs: u64,
+    #[arg(long, default_value_t = 128)]
+    pub batch_size: usize,
+    /// Adam's learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// Weight of the KL term (1 gives the ELBO).
+    #[arg(long, default_value_t = 1.0)]
+    pub beta: f64,
+    /// Epochs over which the KL weight rises linearly from 0 to --beta (fractions allowed).
+    #[arg(long, default_value_t = 0.0)]
+    pub kl_warmup_epochs: f64,
+    /// Nats per latent dimension (batch-averaged) that the KL term does not penalise.
+    #[arg(long, default_value_t = 0.0)]
+    pub free_bits: f64,
+    /// Largest global L2 norm of the gradients; larger ones are scaled down to it.
+    #[arg(long)]
+    pub clip_grad: Option<f64>,
+    #[arg(long, value_enum, default_value = "constant")]
+    pub lr_schedule: LrSchedule,
+    /// Steps of linear learning-rate warm-up from 0.
+    #[arg(long, default_value_t = 0)]
+    pub warmup_steps: u64,
+    /// L2 penalty added to the gradients, as torch.optim.Adam's weight_decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Seed of every random draw: initialisation, shuffling, noise, generated data.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// What the convs and matmuls compute in (weights and Adam stay float32); f16 needs CUDA.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+}
+
+/// What a resumed run may do with a setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnResume {
+    /// What the checkpoint is: architecture, data, seed, batch size. A different value is
+    /// refused, naming the flag.
+    Fixed,
+    /// A training knob people change mid-run (rate, schedule, clipping, KL weight, length):
+    /// applied, printed, and kept in the checkpoint's history; the run is then no longer
+    /// bitwise an uninterrupted one.
+    Changeable,
+    /// Where this process finds things and how it runs and reports: taken as given.
+    Process,
+}
+
+/// One flag of `vae train`.
+pub struct Setting {
+    /// clap's id: the field name in [`TrainArgs`] (or the run options).
+    pub id: &'static str,
+    pub on_resume: OnResume,
+    /// Writes the flag's value into a config; settings of this process only write nothing.
+    apply: fn(&TrainArgs, &mut TrainConfig),
+}
+
+impl Setting {
+    /// `--flag-name`.
+    pub fn flag(&self) -> String {
+        format!("--{}", self.id.replace('_', "-"))
+    }
+}
+
+use OnResume::{Changeable, Fixed, Process};
+
+const fn setting(id: &'static str, on_resume: OnResume, apply: fn(&TrainArgs, &mut TrainConfig)) -> Setting {
+    Setting { id, on_resume, apply }
+}
+
+fn nothing(_: &TrainArgs, _: &mut TrainConfig) {}
+
+fn conv(c: &mut TrainConfig) -> &mut ConvConfig {
+    match &mut c.model {
+        ModelConfig::Conv(conv) => conv,
+    }
+}
+
+/// Every flag of [`TrainArgs`], in `--help` order. `vae train`'s run options (folder,
+/// saving, logging, the guard) are all [`OnResume::Process`].
+pub const SETTINGS: &[Setting] = &[
+    setting("device", Process, nothing),
+    setting("threads", Process, nothing),
+    setting("dataset", Fixed, |a, c| c.data.kind = a.dataset),
+    setting("data_dir", Process, |a, c| c.data.data_dir = a.location.data_dir.clone()),
+    setting("max_memory", Process, |a, c| c.data.max_memory = a.location.max_memory),
+    setting("image_size", Fixed, |a, c| c.data.image_size = a.image_size.unwrap_or(a.dataset.default_side())),
+    setting("channels", Fixed, |a, c| c.data.channels = a.channels.unwrap_or(a.dataset.default_channels())),
+    setting("test_fraction", Fixed, |a, c| c.data.test_fraction = a.test_fraction),
+    setting("cache_dir", Process, |a, c| c.data.cache_dir = (!a.no_cache).then(|| a.cache_dir.clone())),
+    setting("no_cache", Process, |a, c| c.data.cache_dir = (!a.no_cache).then(|| a.cache_dir.clone())),
+    setting("hflip", Fixed, |a, c| c.hflip = a.hflip),
+    setting("train_size", Fixed, |a, c| c.data.train_size = a.train_size),
+    setting("test_size", Fixed, |a, c| c.data.test_size = a.test_size),
+    setting("binarize", Fixed, |a, c| c.binarize = a.binarize),
+    setting("likelihood", Fixed, |a, c| {
+        let channels = a.channels.unwrap_or(a.dataset.default_channels());
+        c.model.set_likelihood(a.likelihood.unwrap_or(Likelihood::default_for(channels)))
+    }),
+    setting("conv_channels", Fixed, |a, c| conv(c).channels = a.conv_channels.clone()),
+    setting("hidden", Fixed, |a, c| conv(c).hidden = a.hidden),
+    setting("latent_dim", Fixed, |a, c| conv(c).latent_dim = a.latent_dim),
+    setting("epochs", Changeable, |a, c| c.epochs = a.epochs),
+    setting("batch_size", Fixed, |a, c| c.batch_size = a.batch_size),
+    setting("lr", Changeable, |a, c| c.adam.lr = a.lr),
+    setting("beta", Changeable, |a, c| c.beta = a.beta),
+    setting("kl_warmup_epochs", Changeable, |a, c| c.kl_warmup_epochs = a.kl_warmup_epochs),
+    setting("free_bits", Changeable, |a, c| c.free_bits = a.free_bits),
+    setting("clip_grad", Changeable, |a, c| c.clip_grad = a.clip_grad),
+    setting("lr_schedule", Changeable, |a, c| c.lr_schedule = a.lr_schedule),
+    setting("warmup_steps", Changeable, |a, c| c.warmup_steps = a.warmup_steps),
+    setting("weight_decay", Changeable, |a, c| c.adam.weight_decay = a.weight_decay),
+    setting("seed", Fixed, |a, c| c.seed = a.seed),
+    setting("precision", Changeable, |a, c| c.precision = a.precision),
+];
+
+/// A setting a resumed run changed: the flag, and the config's values before and after.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Change {
+    pub flag: String,
+    pub was: String,
+    pub now: String,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {} -> {}", self.flag, self.was, self.now)
+    }
+}
+
+impl TrainArgs {
+    /// Every flag at its default.
+    pub fn defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            args: TrainArgs,
+        }
+        <Defaults as clap::Parser>::parse_from(["vae"]).args
+    }
+
+    /// The config these flags make for a new run. The image shape is the flags' (shapes,
+    /// folder) or the dataset's usual one until the data is loaded.
+    pub fn config(&self) -> TrainConfig {
+        let mut cfg = TrainConfig {
+            model: ModelConfig::Conv(ConvConfig::default()),
+            data: DataConfig::default(),
+            adam: AdamConfig::default(),
+            epochs: 0,
+            batch_size: 0,
+            beta: 0.0,
+            seed: 0,
+            binarize: Binarize::None,
+            precision: Precision::F32,
+            lr_schedule: LrSchedule::Constant,
+            warmup_steps: 0,
+            kl_warmup_epochs: 0.0,
+            free_bits: 0.0,
+            clip_grad: None,
+            hflip: false,
+        };
+        for s in SETTINGS {
+            (s.apply)(self, &mut cfg);
+        }
+        cfg.model.set_image_shape(cfg.data.channels, cfg.data.image_size);
+        cfg
+    }
+
+    /// The config a resumed run continues with: the checkpoint's `saved` one, with the flags
+    /// given on the command line (`matches`) applied where a resume may change them. A flag
+    /// that would change a fixed setting is an error naming it; the changed knobs are
+    /// returned, to print and to keep in the checkpoint's history.
+    pub fn resumed(
+        &self,
+        saved: &TrainConfig,
+        matches: &ArgMatches,
+        checkpoint: &std::path::Path,
+    ) -> Result<(TrainConfig, Vec<Change>)> {
+        let mut cfg = saved.clone();
+        let mut changes = Vec::new();
+        for s in SETTINGS.iter().filter(|s| matches.value_source(s.id) == Some(ValueSource::CommandLine)) {
+            let before = serde_json::to_value(&cfg)?;
+            (s.apply)(self, &mut cfg);
+            let diffs = leaf_diffs(&before, &serde_json::to_value(&cfg)?);
+            if diffs.is_empty() {
+                continue;
+            }
+            let was = diffs.iter().map(|(was, _)| was.as_str()).collect::<Vec<_>>().join(", ");
+            let now = diffs.iter().map(|(_, now)| now.as_str()).collect::<Vec<_>>().join(", ");
+            match s.on_resume {
+                Fixed => bail!(
+                    "{} {} conflicts with the checkpoint {}, trained with {was}; a resumed run keeps its \
+                     architecture, data, seed and batch size (start a new run to change them)",
+                    s.flag(),
+                    raw_value(matches, s.id),
+                    checkpoint.display()
+                ),
+                Changeable => changes.push(Change { flag: s.flag(), was, now }),
+                Process => {}
+            }
+        }
+        Ok((cfg, changes))
+    }
+}
+
+/// What the user typed for flag `id`.
+fn raw_value(matches: &ArgMatches, id: &str) -> String {
+    let values = matches.get_raw(id).map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>());
+    values.unwrap_or_default().join(",")
+}
+
+/// The leaves (numbers, strings, lists) that differ between two JSON trees, as text.
+fn leaf_diffs(a: &serde_json::Value, b: &serde_json::Value) -> Vec<(String, String)> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            let null = Value::Null;
+            keys.into_iter()
+                .flat_map(|k| leaf_diffs(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null)))
+                .collect()
+        }
+        _ if a == b => Vec::new(),
+        _ => vec![(leaf_text(a), leaf_text(b))],
+    }
+}
+
+fn leaf_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "none".into(),
+        other => other.to_string(),
+    }
+}
+
+impl TrainConfig {
+    /// Checks every setting, naming the flag of any that makes no sense. Configs read from
+    /// checkpoints pass through here too, before anything is allocated from them.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        ensure!(self.batch_size > 0, "--batch-size must be positive, found {}", self.batch_size);
+        ensure!(self.epochs > 0, "--epochs must be positive, found {}", self.epochs);
+        ensure!(
+            self.adam.lr > 0.0 && self.adam.lr.is_finite(),
+            "--lr must be positive, found {}",
+            self.adam.lr
+        );
+        ensure!(self.beta >= 0.0 && self.beta.is_finite(), "--beta must be >= 0, found {}", self.beta);
+        ensure!(
+            self.kl_warmup_epochs >= 0.0 && self.kl_warmup_epochs.is_finite(),
+            "--kl-warmup-epochs must be >= 0, found {}",
+            self.kl_warmup_epochs
+        );
+        ensure!(
+            self.free_bits >= 0.0 && self.free_bits.is_finite(),
+            "--free-bits must be >= 0, found {}",
+            self.free_bits
+        );
+        if let Some(clip) = self.clip_grad {
+            ensure!(clip > 0.0 && clip.is_finite(), "--clip-grad must be positive, found {clip}");
+        }
+        let wd = self.adam.weight_decay;
+        ensure!(wd >= 0.0 && wd.is_finite(), "--weight-decay must be >= 0, found {wd}");
+        Ok(())
+    }
+
+    /// The learning-rate and KL-weight curves for a split of `train_images` images.
+    pub fn schedule(&self, train_images: usize) -> Schedule {
+        let steps_per_epoch = train_images.div_ceil(self.batch_size.max(1)) as u64;
+        Schedule {
+            lr: self.adam.lr,
+            lr_schedule: self.lr_schedule,
+            warmup_steps: self.warmup_steps,
+            total_steps: self.epochs * steps_per_epoch,
+            beta: self.beta,
+            kl_warmup_steps: (self.kl_warmup_epochs * steps_per_epoch as f64).round() as u64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, FromArgMatches, Parser};
+
+    #[derive(Parser)]
+    struct Cmd {
+        #[command(flatten)]
+        args: TrainArgs,
+    }
+
+    fn parse(argv: &[&str]) -> (TrainArgs, ArgMatches) {
+        let matches = Cmd::command().get_matches_from(std::iter::once("vae").chain(argv.iter().copied()));
+        (Cmd::from_arg_matches(&matches).unwrap().args, matches)
+    }
+
+    #[test]
+    fn every_flag_has_exactly_one_setting() {
+        let ids: Vec<String> = Cmd::command().get_arguments().map(|a| a.get_id().to_string()).collect();
+        let declared: Vec<&str> = SETTINGS.iter().map(|s| s.id).collect();
+        assert_eq!(ids, declared, "flags and SETTINGS differ: declare each flag in both, once, in order");
+    }
+
+    #[test]
+    fn a_resume_applies_knobs_refuses_fixed_settings_and_takes_locations() {
+        let saved = TrainArgs::defaults().config();
+        let path = std::path::Path::new("run/last.safetensors");
+        let (args, m) =
+            parse(&["--lr", "0.0001", "--clip-grad", "5", "--cache-dir", "/tmp/c", "--seed", "0"]);
+        let (cfg, changes) = args.resumed(&saved, &m, path).unwrap();
+        assert_eq!(cfg.adam.lr, 1e-4);
+        assert_eq!(cfg.data.cache_dir, Some(PathBuf::from("/tmp/c")));
+        let shown: Vec<String> = changes.iter().map(|c| c.to_string()).collect();
+        assert_eq!(shown, ["--lr 0.001 -> 0.0001", "--clip-grad none -> 5.0"]);
+        let (args, m) = parse(&["--latent-dim", "8"]);
+        let err = args.resumed(&saved, &m, path).unwrap_err().to_string();
+        assert!(
+            err.starts_with(
+                "--latent-dim 8 conflicts with the checkpoint run/last.safetensors, trained with 16"
+            ),
+            "{err}"
+        );
+        let (args, m) = parse(&["--no-cache"]);
+        assert_eq!(args.resumed(&saved, &m, path).unwrap().0.data.cache_dir, None);
+    }
+}

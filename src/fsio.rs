@@ -1,0 +1,102 @@
+//! Files that are never seen half-written: every checkpoint, cache and metrics rewrite goes
+//! through a temporary file beside its target, an fsync and a rename. The bottom layer: it
+//! knows files, not what is in them.
+
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Writes `bytes` to `path` so that `path` is always either the old file or the whole new one:
+/// temporary file in the same folder, fsync, rename over, fsync the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = temporary_path(path)?;
+    let result = (|| -> Result<()> {
+        let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        crate::fault::in_write(&mut file, bytes);
+        file.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        publish(&file, &tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Where a file is filled before it is renamed to `path`: hidden, beside it, named after the
+/// process, so [`remove_dead_temporaries`] can tell a dead process's leftovers.
+pub fn temporary_path(path: &Path) -> Result<PathBuf> {
+    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
+    Ok(path.with_file_name(format!(".{}{TMP_MARK}{}", name.to_string_lossy(), std::process::id())))
+}
+
+const TMP_MARK: &str = ".tmp-";
+
+/// Makes the fully written `file` at `tmp` the file at `path`, durably: fsync, rename over,
+/// fsync the folder.
+pub fn publish(file: &std::fs::File, tmp: &Path, path: &Path) -> Result<()> {
+    file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    // The rename is durable only once the folder entry is on disk.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing folder {}", dir.display()))
+}
+
+/// Whether process `pid` is alive (Linux: its /proc entry exists).
+pub fn process_alive(pid: u32) -> bool {
+    Path::new("/proc").join(pid.to_string()).exists()
+}
+
+/// Deletes the temporary files in `dir` of processes that no longer run (killed mid-write):
+/// a cache's can be as large as a decoded dataset. Returns how many went.
+pub fn remove_dead_temporaries(dir: &Path) -> Result<usize> {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let pid = name.strip_prefix('.').and_then(|n| n.rsplit_once(TMP_MARK)).map(|(_, pid)| pid);
+        if pid.and_then(|p| p.parse().ok()).is_some_and(|p| !process_alive(p)) {
+            std::fs::remove_file(&path).with_context(|| format!("removing stale {}", path.display()))?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_temporary_write_leaves_the_previous_file_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        write_atomic(&path, b"old checkpoint").unwrap();
+        // Occupy the temporary file's name with a folder, so creating it fails.
+        let tmp = dir.path().join(format!(".last.safetensors.tmp-{}", std::process::id()));
+        std::fs::create_dir(&tmp).unwrap();
+        let err = format!("{:#}", write_atomic(&path, b"new checkpoint").unwrap_err());
+        assert!(err.contains("creating") && err.contains(".last.safetensors.tmp-"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"old checkpoint");
+        std::fs::remove_dir(&tmp).unwrap();
+        write_atomic(&path, b"new checkpoint").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"new checkpoint");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "temporary files left behind");
+    }
+
+    #[test]
+    fn temporaries_of_dead_processes_are_removed_and_live_ones_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let dead = dir.path().join(".folder-0123.bin.tmp-4000000000");
+        let live = dir.path().join(format!(".folder-0123.bin.tmp-{}", std::process::id()));
+        let other = dir.path().join("folder-0123.bin");
+        for path in [&dead, &live, &other] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        assert_eq!(remove_dead_temporaries(dir.path()).unwrap(), 1);
+        assert!(!dead.exists() && live.exists() && other.exists());
+    }
+}

@@ -1,0 +1,269 @@
+//! Model families behind one interface. Training, evaluation, export and checkpoints see a
+//! [`ModelConfig`] (what to build, stored in every checkpoint) and a [`Model`] (encode to a
+//! posterior, decode to the likelihood's parameters); a new family is a file here and a
+//! variant of `ModelConfig`. Parameters are created under the `VarStore` path given to
+//! `build`, so tensor names are the `state_dict` names of the same PyTorch module tree.
+
+pub mod conv;
+
+pub use conv::{ConvConfig, ConvVae};
+
+use anyhow::Result;
+use serde::{Deserialize, Serialize};
+use tch::{nn, Kind, Reduction, Tensor};
+
+/// The decoder's distribution p(x|z) over each pixel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum Likelihood {
+    /// Bernoulli with logits: binary cross-entropy, exact in nats for binary data.
+    Bernoulli,
+    /// Gaussian in its mean-squared-error form: sum of (x - mean)^2, i.e. -log N(x; mean, 1/2)
+    /// less the constant (D/2) log(pi).
+    Gaussian,
+}
+
+impl Likelihood {
+    /// The usual choice for images of `channels` channels: Bernoulli for grayscale.
+    pub fn default_for(channels: i64) -> Self {
+        if channels == 1 {
+            Likelihood::Bernoulli
+        } else {
+            Likelihood::Gaussian
+        }
+    }
+
+    /// -log p(x|z) summed over pixels: one value per example.
+    pub fn reconstruction_nll(&self, params: &Tensor, x: &Tensor) -> Tensor {
+        let per_pixel = match self {
+            Likelihood::Bernoulli => {
+                params.binary_cross_entropy_with_logits::<Tensor>(x, None, None, Reduction::None)
+            }
+            Likelihood::Gaussian => (params - x).square(),
+        };
+        per_pixel.flatten(1, -1).sum_dim_intlist(-1, false, None)
+    }
+
+    /// E[x|z] in [0, 1] from the decoder's output, for pictures.
+    pub fn mean(&self, params: &Tensor) -> Tensor {
+        match self {
+            Likelihood::Bernoulli => params.sigmoid(),
+            Likelihood::Gaussian => params.clamp(0.0, 1.0),
+        }
+    }
+}
+
+/// The diagonal Gaussian q(z|x).
+#[derive(Debug)]
+pub struct Posterior {
+    pub mean: Tensor,
+    pub logvar: Tensor,
+}
+
+impl Posterior {
+    /// z = mean + exp(logvar / 2) * eps: the noise is drawn apart from the parameters, so the
+    /// sample stays differentiable in mean and logvar (the reparameterization trick).
+    pub fn sample(&self) -> Tensor {
+        self.sample_with_noise(&self.mean.randn_like())
+    }
+
+    /// The sample for given standard-normal noise `eps`, shaped like `mean`.
+    pub fn sample_with_noise(&self, eps: &Tensor) -> Tensor {
+        &self.mean + (&self.logvar * 0.5).exp() * eps
+    }
+
+    /// KL(q(z|x) || N(0, I)) in closed form, one value per example:
+    /// 0.5 * sum(mean^2 + exp(logvar) - 1 - logvar).
+    pub fn kl_to_standard_normal(&self) -> Tensor {
+        self.kl_per_dimension().sum_dim_intlist(-1, false, None)
+    }
+
+    /// The KL's terms, `[B, D]`: what each latent dimension costs for each example.
+    pub fn kl_per_dimension(&self) -> Tensor {
+        (self.mean.square() + self.logvar.exp() - 1.0 - &self.logvar) * 0.5
+    }
+}
+
+/// What one pass of the model produces for a batch.
+pub struct Forward {
+    pub posterior: Posterior,
+    /// Parameters of p(x|z) at the sampled z.
+    pub likelihood_params: Tensor,
+}
+
+/// How the layers compute: neither field changes the function, only speed and rounding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Compute {
+    /// The dtype of the convs and matmuls (see [`crate::precision`]).
+    pub kind: Kind,
+    /// Feature maps laid out NHWC in memory (still indexed NCHW): oneDNN's convs run much
+    /// faster on it on the CPU.
+    pub channels_last: bool,
+}
+
+impl Default for Compute {
+    fn default() -> Self {
+        Self { kind: Kind::Float, channels_last: false }
+    }
+}
+
+impl Compute {
+    /// `kind`, in the layout that measured fastest on `device`: channels-last on the CPU;
+    /// on CUDA the standard layout, as eager PyTorch uses (not measured here yet).
+    pub fn for_device(kind: Kind, device: tch::Device) -> Self {
+        Self { kind, channels_last: device == tch::Device::Cpu }
+    }
+
+    /// A feature map `[N, C, H, W]` in this dtype and layout.
+    pub fn feature_map(&self, x: &Tensor) -> Tensor {
+        let x = cast(x, self.kind);
+        if self.channels_last {
+            x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+        } else {
+            x
+        }
+    }
+}
+
+/// Layers run in the compute dtype on weights cast from their float32 masters. The cast is
+/// part of the graph, so gradients reach the float32 weights; for float32 it is a no-op.
+pub fn cast(t: &Tensor, kind: Kind) -> Tensor {
+    t.to_kind(kind)
+}
+
+/// What the rest of the crate needs of a model: the two halves of the VAE.
+pub trait Model {
+    /// q(z|x)'s parameters, in float32 whatever dtype the layers ran in.
+    fn encode(&self, x: &Tensor) -> Posterior;
+    /// p(x|z)'s parameters for each pixel (logits or means), in float32.
+    fn decode(&self, z: &Tensor) -> Tensor;
+    fn likelihood(&self) -> Likelihood;
+    /// Dimensions of the latent vector z.
+    fn latent_dim(&self) -> i64;
+    /// Set once by the trainer for the device and precision; the function is unchanged.
+    fn set_compute(&mut self, compute: Compute);
+
+    /// Encode, draw z with the reparameterization trick, decode.
+    fn forward(&self, x: &Tensor) -> Forward {
+        let posterior = self.encode(x);
+        let z = posterior.sample();
+        Forward { likelihood_params: self.decode(&z), posterior }
+    }
+
+    /// Images in [0, 1] that the decoder expects at `z` (its mean, not a sample).
+    fn decode_mean(&self, z: &Tensor) -> Tensor {
+        self.likelihood().mean(&self.decode(z))
+    }
+}
+
+/// The architecture, one variant per family; stored in every checkpoint (as the family's
+/// fields plus `"arch"`) so a model can be rebuilt from its file alone.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "arch", rename_all = "kebab-case")]
+pub enum ModelConfig {
+    Conv(ConvConfig),
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig::Conv(ConvConfig::default())
+    }
+}
+
+impl ModelConfig {
+    /// The model, its parameters created under `vs`.
+    pub fn build(&self, vs: nn::Path) -> Box<dyn Model> {
+        match self {
+            ModelConfig::Conv(c) => Box::new(ConvVae::new(vs, c)),
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        match self {
+            ModelConfig::Conv(c) => c.validate(),
+        }
+    }
+
+    /// Trainable parameters, computed without building the model (in u128, so any config from
+    /// a file can be sized safely).
+    pub fn parameter_count(&self) -> u128 {
+        match self {
+            ModelConfig::Conv(c) => c.parameter_count(),
+        }
+    }
+
+    /// `[C, H, W]` of the images the model takes.
+    pub fn image_shape(&self) -> [i64; 3] {
+        match self {
+            ModelConfig::Conv(c) => [c.in_channels, c.image_size, c.image_size],
+        }
+    }
+
+    /// Sets the image shape the data decides.
+    pub fn set_image_shape(&mut self, channels: i64, side: i64) {
+        match self {
+            ModelConfig::Conv(c) => (c.in_channels, c.image_size) = (channels, side),
+        }
+    }
+
+    pub fn likelihood(&self) -> Likelihood {
+        match self {
+            ModelConfig::Conv(c) => c.likelihood,
+        }
+    }
+
+    pub fn set_likelihood(&mut self, likelihood: Likelihood) {
+        match self {
+            ModelConfig::Conv(c) => c.likelihood = likelihood,
+        }
+    }
+
+    pub fn latent_dim(&self) -> i64 {
+        match self {
+            ModelConfig::Conv(c) => c.latent_dim,
+        }
+    }
+
+    /// Reads a config written before `"arch"` existed: those are all conv models.
+    pub fn upgrade_json(model: &mut serde_json::Value) {
+        if let Some(fields) = model.as_object_mut() {
+            fields.entry("arch").or_insert_with(|| "conv".into());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn kl_closed_form_matches_monte_carlo() {
+        tch::manual_seed(0);
+        let mean = Tensor::from_slice(&[0.5f32, -1.0, 0.0]).view([1, 3]);
+        let logvar = Tensor::from_slice(&[0.0f32, -1.0, 0.7]).view([1, 3]);
+        let q = Posterior { mean: mean.repeat([200_000, 1]), logvar: logvar.repeat([200_000, 1]) };
+        let z = q.sample();
+        // log q(z) - log p(z) per sample; the 2*pi terms cancel.
+        let log_q = -((&z - &q.mean).square() / q.logvar.exp() + &q.logvar) * 0.5;
+        let log_p = -z.square() * 0.5;
+        let mc = (log_q - log_p).sum_dim_intlist(-1, false, None).mean(None).double_value(&[]);
+        let closed = Posterior { mean, logvar }.kl_to_standard_normal().double_value(&[0]);
+        assert!((mc - closed).abs() < 0.02, "Monte Carlo {mc} vs closed form {closed}");
+    }
+
+    #[test]
+    fn gradients_flow_through_the_sample_to_mean_and_logvar() {
+        let mean = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let logvar = Tensor::zeros([4, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let q = Posterior { mean: mean.shallow_clone(), logvar: logvar.shallow_clone() };
+        tch::manual_seed(1);
+        let z = q.sample();
+        z.sum(None).backward();
+        // d(sum z)/d mean = 1, d(sum z)/d logvar = eps * exp(logvar/2) / 2 = eps / 2.
+        assert!(mean.grad().allclose(&Tensor::ones([4, 3], (Kind::Float, Device::Cpu)), 1e-6, 1e-6, false));
+        let eps = z.detach();
+        assert!(logvar.grad().allclose(&(eps / 2.0), 1e-6, 1e-6, false));
+        assert!(logvar.grad().abs().sum(None).double_value(&[]) > 0.0);
+    }
+}
