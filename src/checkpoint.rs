@@ -450,3 +450,33 @@ impl Checkpoint {
             .with_context(|| format!("{}: optimizer state", self.path.display()))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_of_earlier_versions_reads_with_defaults() {
+        let meta = Metadata {
+            config: TrainConfig::default(),
+            epoch: 2,
+            step: 50,
+            best_test_loss: None,
+            loss_scale: None,
+            run_id: "0123456789abcdef".into(),
+            history: vec![Resume { epoch: 1, step: 25, from_run: None, changes: Vec::new() }],
+        };
+        let path = Path::new("old.safetensors");
+        let mut map = meta.to_map().unwrap();
+        assert_eq!(Metadata::from_map(path, Some(&map)).unwrap(), meta);
+        // Before run ids, histories and model families: a conv model, its config its run.
+        map.remove("run_id");
+        map.remove("history");
+        let config = map["config"].replace("\"arch\":\"conv\",", "");
+        assert!(!config.contains("arch"), "{config}");
+        map.insert("config".into(), config);
+        let old = Metadata::from_map(path, Some(&map)).unwrap();
+        assert_eq!(old.config, meta.config);
+        assert!(old.run_id.starts_with("config-") && old.history.is_empty(), "{old:?}");
+    }
+}

@@ -1,6 +1,7 @@
-//! Every training setting, declared once: its flag, default and help ([`TrainArgs`]), what it
-//! sets in the run's config and what a resumed run may do with it ([`SETTINGS`]), and the
-//! checks on the config ([`TrainConfig::validate`]). The config is what a checkpoint keeps.
+//! Every training setting, declared once: its flag, default and help ([`TrainArgs`]; the
+//! architecture's and Adam's defaults come from their own configs), what it sets in the run's
+//! config and what a resumed run may do with it ([`SETTINGS`]), and the checks on the config
+//! ([`TrainConfig::validate`]). The config is what a checkpoint keeps.
 
 use crate::adam::AdamConfig;
 use crate::data::{Binarize, DataConfig, DataLocation, DatasetKind};
@@ -76,7 +77,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub channels: Option<i64>,
     /// Share of a folder's files held out as the test split, chosen by a hash of each path.
-    #[arg(long, default_value_t = 0.05)]
+    #[arg(long, default_value_t = DataConfig::default().test_fraction)]
     pub test_fraction: f64,
     /// Where decoded image folders are cached, keyed by the listing and the transform.
     #[arg(long, default_value = "checkpoints/.cache")]
@@ -103,10 +104,10 @@ pub struct TrainArgs {
     #[arg(long, value_delimiter = ',', default_value = "32,64")]
     pub conv_channels: Vec<i64>,
     /// Width of the hidden linear layer.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = ConvConfig::default().hidden)]
     pub hidden: i64,
     /// Dimension of the latent space.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = ConvConfig::default().latent_dim)]
     pub latent_dim: i64,
     /// Total epochs of the run; a resumed run may raise it.
     #[arg(long, default_value_t = 10)]
@@ -114,7 +115,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
     /// Adam's learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = AdamConfig::default().lr)]
     pub lr: f64,
     /// Weight of the KL term (1 gives the ELBO).
     #[arg(long, default_value_t = 1.0)]
@@ -134,7 +135,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: u64,
     /// L2 penalty added to the gradients, as torch.optim.Adam's weight_decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = AdamConfig::default().weight_decay)]
     pub weight_decay: f64,
     /// Seed of every random draw: initialisation, shuffling, noise, generated data.
     #[arg(long, default_value_t = 0)]
@@ -411,6 +412,14 @@ mod tests {
         let ids: Vec<String> = Cmd::command().get_arguments().map(|a| a.get_id().to_string()).collect();
         let declared: Vec<&str> = SETTINGS.iter().map(|s| s.id).collect();
         assert_eq!(ids, declared, "flags and SETTINGS differ: declare each flag in both, once, in order");
+    }
+
+    #[test]
+    fn the_flags_defaults_are_the_configs_defaults() {
+        let cfg = TrainConfig::default();
+        assert_eq!(cfg.model, ModelConfig::Conv(ConvConfig::default()));
+        assert_eq!(cfg.adam, AdamConfig::default());
+        assert_eq!(cfg.data, DataConfig { cache_dir: cfg.data.cache_dir.clone(), ..DataConfig::default() });
     }
 
     #[test]

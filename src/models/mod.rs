@@ -164,12 +164,6 @@ pub enum ModelConfig {
     Conv(ConvConfig),
 }
 
-impl Default for ModelConfig {
-    fn default() -> Self {
-        ModelConfig::Conv(ConvConfig::default())
-    }
-}
-
 impl ModelConfig {
     /// The model, its parameters created under `vs`.
     pub fn build(&self, vs: nn::Path) -> Box<dyn Model> {
@@ -203,12 +197,6 @@ impl ModelConfig {
     pub fn set_image_shape(&mut self, channels: i64, side: i64) {
         match self {
             ModelConfig::Conv(c) => (c.in_channels, c.image_size) = (channels, side),
-        }
-    }
-
-    pub fn likelihood(&self) -> Likelihood {
-        match self {
-            ModelConfig::Conv(c) => c.likelihood,
         }
     }
 
