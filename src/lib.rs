@@ -2,7 +2,7 @@
 //! import points to a lower one (tests/layers.rs checks it):
 //!
 //! 1. support: `fault`, `rng`, `fsio` (atomic writes), `run_dir` (the run folder's layout and
-//!    lock), `device`, `precision`, `plot`, `tensorboard`
+//!    lock), `device`, `dist` (c10d process groups), `precision`, `plot`, `tensorboard`
 //! 2. `data`: datasets, the image-folder cache, the loader
 //! 3. `models`: the model interface and its families
 //! 4. `loss`: the bound and its statistics
@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod eval;
 pub mod export;
 pub mod fault;

@@ -249,8 +249,8 @@ impl Trainer {
         Ok(loss_finite.then(|| elbo.stacked()))
     }
 
-    /// The bound on a split, with noise fixed per evaluation batch.
-    /// The test statistics, and the posterior means of `data` (`[N, D]`) they came with.
+    /// The bound on a split (noise fixed per evaluation batch by the seed), and the posterior
+    /// means of `data` (`[N, D]`) the same pass computed.
     pub fn evaluate(&self, data: &Dataset) -> Result<(Stats, Tensor)> {
         let weight = KlWeight { beta: self.cfg.beta, free_bits: 0.0 };
         crate::eval::elbo(self.model.as_ref(), data, self.cfg.seed, weight, self.device)

@@ -1,0 +1,109 @@
+// The c10d pieces vae uses, behind a C ABI for Rust: a TCPStore rendezvous and a Gloo process
+// group, with all-reduce, broadcast and barrier on tensors that tch owns (`at::Tensor*`).
+// Every call catches C++ exceptions and returns their message instead.
+#include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+void set_error(char* err, size_t len, const char* what) {
+  if (err != nullptr && len > 0) {
+    std::strncpy(err, what, len - 1);
+    err[len - 1] = '\0';
+  }
+}
+
+std::vector<at::Tensor> gather(at::Tensor** tensors, size_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    out.push_back(*tensors[i]);
+  }
+  return out;
+}
+
+}  // namespace
+
+struct vae_pg {
+  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
+};
+
+extern "C" {
+
+// Joins (rank 0 with `serve` set: hosts) the store at host:port, then forms the group of
+// `world` ranks. `port` 0 with `serve` picks a free port, written back into `*port`.
+vae_pg* vae_pg_new(const char* host, int* port, int serve, int rank, int world, int timeout_ms,
+                   char* err, size_t errlen) {
+  try {
+    c10d::TCPStoreOptions opts;
+    opts.port = static_cast<uint16_t>(*port);
+    opts.isServer = serve != 0;
+    opts.numWorkers = world;
+    opts.waitWorkers = false;
+    opts.timeout = std::chrono::milliseconds(timeout_ms);
+    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+    *port = store->getPort();
+    auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
+    const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+    std::string address(host);
+    if (ifname != nullptr && *ifname != '\0') {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(ifname));
+    } else if (address == "127.0.0.1" || address == "localhost") {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+    } else {
+      options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+    }
+    auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    return new vae_pg{store, group};
+  } catch (const std::exception& e) {
+    set_error(err, errlen, e.what());
+    return nullptr;
+  }
+}
+
+// Sums each tensor over the ranks, in place.
+int vae_pg_allreduce_sum(vae_pg* pg, at::Tensor** tensors, size_t n, char* err, size_t errlen) {
+  try {
+    auto list = gather(tensors, n);
+    pg->group->allreduce(list)->wait();
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, errlen, e.what());
+    return 1;
+  }
+}
+
+// Copies rank `root`'s tensors into every rank's, in place.
+int vae_pg_broadcast(vae_pg* pg, at::Tensor** tensors, size_t n, int root, char* err, size_t errlen) {
+  try {
+    auto list = gather(tensors, n);
+    c10d::BroadcastOptions opts;
+    opts.rootRank = root;
+    pg->group->broadcast(list, opts)->wait();
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, errlen, e.what());
+    return 1;
+  }
+}
+
+int vae_pg_barrier(vae_pg* pg, char* err, size_t errlen) {
+  try {
+    pg->group->barrier()->wait();
+    return 0;
+  } catch (const std::exception& e) {
+    set_error(err, errlen, e.what());
+    return 1;
+  }
+}
+
+void vae_pg_free(vae_pg* pg) { delete pg; }
+
+}  // extern "C"
