@@ -34,6 +34,8 @@ pub struct Metadata {
     pub run_id: String,
     /// The resumes that changed a setting or moved the run, oldest first.
     pub history: Vec<Resume>,
+    /// Ranks of the data-parallel run that wrote it (1: one process).
+    pub world_size: usize,
 }
 
 /// A resume that made the run differ from an uninterrupted one, or moved it to a new folder.
@@ -60,6 +62,7 @@ impl Metadata {
             loss_scale: trainer.loss_scale.clone(),
             run_id: run_id.to_string(),
             history: history.to_vec(),
+            world_size: trainer.group.as_ref().map_or(1, |g| g.world),
         }
     }
 }
@@ -96,6 +99,7 @@ impl Metadata {
         }
         put("run_id", self.run_id.clone());
         put("history", serde_json::to_string(&self.history)?);
+        put("world_size", self.world_size.to_string());
         Ok(map)
     }
 
@@ -162,6 +166,10 @@ impl Metadata {
             loss_scale,
             run_id,
             history,
+            world_size: match map.get("world_size") {
+                Some(_) => number("world_size")? as usize,
+                None => 1,
+            },
         })
     }
 }
@@ -355,7 +363,7 @@ impl Checkpoint {
         )?;
         let best = m.best_test_loss.map_or("none yet".to_string(), |l| format!("{l:.4} nats/image"));
         writeln!(s, "best test loss {best}")?;
-        writeln!(s, "run {}", m.run_id)?;
+        writeln!(s, "run {}, trained by {} rank(s)", m.run_id, m.world_size)?;
         for r in &m.history {
             let from = r
                 .from_run
@@ -465,6 +473,7 @@ mod tests {
             loss_scale: None,
             run_id: "0123456789abcdef".into(),
             history: vec![Resume { epoch: 1, step: 25, from_run: None, changes: Vec::new() }],
+            world_size: 2,
         };
         let path = Path::new("old.safetensors");
         let mut map = meta.to_map().unwrap();
@@ -472,11 +481,13 @@ mod tests {
         // Before run ids, histories and model families: a conv model, its config its run.
         map.remove("run_id");
         map.remove("history");
+        map.remove("world_size");
         let config = map["config"].replace("\"arch\":\"conv\",", "");
         assert!(!config.contains("arch"), "{config}");
         map.insert("config".into(), config);
         let old = Metadata::from_map(path, Some(&map)).unwrap();
         assert_eq!(old.config, meta.config);
         assert!(old.run_id.starts_with("config-") && old.history.is_empty(), "{old:?}");
+        assert_eq!(old.world_size, 1);
     }
 }

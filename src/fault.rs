@@ -1,7 +1,8 @@
 //! Fault injection for the kill tests, so they can die at exact points instead of at random
 //! times: `VAE_FAULT=step:N` aborts the process right after training step N, and
 //! `VAE_FAULT=write:N` in the middle of its Nth atomic file write (half the bytes written).
-//! Abort stands in for `kill -9`: no destructor, flush or handler runs.
+//! Abort stands in for `kill -9`: no destructor, flush or handler runs. With
+//! `VAE_FAULT_RANK=R`, only rank R of a data-parallel run (its `RANK`) dies.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -16,6 +17,11 @@ fn planned() -> Option<Fault> {
     static PLAN: OnceLock<Option<Fault>> = OnceLock::new();
     *PLAN.get_or_init(|| {
         let spec = std::env::var("VAE_FAULT").ok()?;
+        if let Ok(rank) = std::env::var("VAE_FAULT_RANK") {
+            if std::env::var("RANK").ok()? != rank {
+                return None;
+            }
+        }
         let (kind, n) = spec.split_once(':')?;
         let n = n.parse().ok()?;
         match kind {

@@ -49,6 +49,14 @@ pub struct RunOptions {
     /// (each is skipped; the weights never see it).
     #[arg(long, default_value_t = 20)]
     pub max_bad_steps: u64,
+    /// Start this many local ranks of a data-parallel run on torch.distributed (Gloo on the
+    /// CPU); `--batch-size` stays the global batch. torchrun sets the ranks itself.
+    #[arg(long, default_value_t = 1)]
+    pub nproc: usize,
+    /// Seconds a rank waits for the others, at the start and at each exchange, before it
+    /// stops with an error.
+    #[arg(long, default_value_t = 600)]
+    pub dist_timeout: u64,
     /// Set (by a signal handler) to stop after the current step with a checkpoint.
     #[arg(skip)]
     pub stop: Option<Arc<AtomicBool>>,
@@ -65,6 +73,8 @@ impl Default for RunOptions {
             quiet: false,
             no_tensorboard: false,
             max_bad_steps: 20,
+            nproc: 1,
+            dist_timeout: 600,
             stop: None,
         }
     }
@@ -73,6 +83,12 @@ impl Default for RunOptions {
 impl RunOptions {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.max_bad_steps >= 1, "--max-bad-steps must be at least 1, found {}", self.max_bad_steps);
+        ensure!(self.nproc >= 1, "--nproc must be at least 1, found {}", self.nproc);
+        ensure!(
+            self.dist_timeout >= 1,
+            "--dist-timeout must be at least 1 second, found {}",
+            self.dist_timeout
+        );
         Ok(())
     }
 
@@ -197,7 +213,7 @@ impl Outputs<'_> {
 }
 
 /// The divergence guard: too many non-finite steps in a row stop the run, naming the way out.
-fn guard(trainer: &Trainer, opts: &RunOptions, folder: &RunDir) -> Result<()> {
+fn guard(trainer: &Trainer, opts: &RunOptions, folder: Option<&RunDir>) -> Result<()> {
     if trainer.bad_steps >= opts.max_bad_steps {
         bail!(
             "training diverged at step {} (epoch {}): {} steps in a row gave a non-finite loss or \
@@ -208,7 +224,7 @@ fn guard(trainer: &Trainer, opts: &RunOptions, folder: &RunDir) -> Result<()> {
             trainer.bad_steps,
             trainer.step - trainer.bad_steps,
             trainer.cfg.adam.lr,
-            folder.last().display()
+            folder.map_or("rank 0's run folder".into(), |f| f.last().display().to_string())
         );
     }
     Ok(())
@@ -230,22 +246,25 @@ fn progress_bar(quiet: bool, len: usize, epoch: u64, epochs: u64) -> ProgressBar
 fn train_epoch(
     trainer: &mut Trainer,
     loader: &Loader,
-    out: &mut Outputs,
+    mut out: Option<&mut Outputs>,
     schedule: &Schedule,
     opts: &RunOptions,
 ) -> Result<Option<Stats>> {
     let progress = progress_bar(opts.quiet, loader.len(), trainer.epoch, trainer.cfg.epochs);
     let skipped_before = trainer.skipped_steps;
     let train = trainer.train_epoch(loader, &progress, |t, window| {
-        if let Some(window) = window {
+        if let (Some(out), Some(window)) = (out.as_deref_mut(), window) {
             out.log_window(t, window, schedule)?;
         }
-        guard(t, opts, out.folder)?;
-        if opts.save_every_steps > 0 && t.step.is_multiple_of(opts.save_every_steps) {
-            out.save_last(t)?;
+        guard(t, opts, out.as_deref().map(|o| o.folder))?;
+        if let Some(out) = out.as_deref() {
+            if opts.save_every_steps > 0 && t.step.is_multiple_of(opts.save_every_steps) {
+                out.save_last(t)?;
+            }
         }
         crate::fault::after_step(t.step);
-        Ok(if opts.stop_requested() { Flow::Stop } else { Flow::Continue })
+        // Every rank stops at the same step, whichever was told.
+        Ok(if t.any_rank(opts.stop_requested())? { Flow::Stop } else { Flow::Continue })
     })?;
     progress.finish_and_clear();
     let skipped = trainer.skipped_steps - skipped_before;
@@ -274,11 +293,12 @@ fn evaluate(trainer: &Trainer, test: &Dataset, folder: &RunDir) -> Result<(Stats
 }
 
 /// Trains until `trainer.cfg.epochs` in `folder` (held by this process), writing checkpoints
-/// of the run `lineage` names, and pictures.
+/// of the run `lineage` names, and pictures. Without a folder (the ranks of a data-parallel
+/// run but rank 0), it trains alongside and writes nothing.
 pub fn run(
     trainer: &mut Trainer,
     splits: &Splits,
-    folder: &RunDir,
+    folder: Option<&RunDir>,
     lineage: &Lineage,
     opts: &RunOptions,
 ) -> Result<RunSummary> {
@@ -293,9 +313,14 @@ pub fn run(
     let test = crate::eval::prepared(&splits.test, &cfg);
     let loader = Loader::new(&splits.train, trainer.device, cfg.batch_size);
     let schedule = cfg.schedule(loader.len());
-    let events = if opts.no_tensorboard { None } else { Some(EventWriter::create(folder.path())?) };
-    let mut out = Outputs { folder, lineage, metrics: MetricsLog::new(&folder.file(METRICS)), events };
-    if !opts.quiet {
+    let mut out = match folder {
+        Some(folder) => {
+            let events = if opts.no_tensorboard { None } else { Some(EventWriter::create(folder.path())?) };
+            Some(Outputs { folder, lineage, metrics: MetricsLog::new(&folder.file(METRICS)), events })
+        }
+        None => None,
+    };
+    if let (false, Some(folder)) = (opts.quiet, folder) {
         let [c, h, w] = shape;
         println!(
             "training on {} images of {c}x{h}x{w} ({}{}), {} test images, on {}; run folder {}",
@@ -310,43 +335,48 @@ pub fn run(
     let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
     while trainer.epoch < cfg.epochs {
         let started = Instant::now();
-        let Some(train) = train_epoch(trainer, &loader, &mut out, &schedule, opts)? else {
-            out.save_last(trainer)?;
+        let Some(train) = train_epoch(trainer, &loader, out.as_mut(), &schedule, opts)? else {
+            if let Some(out) = &out {
+                out.save_last(trainer)?;
+            }
             summary.interrupted = true;
             return Ok(summary);
         };
         let seconds = started.elapsed().as_secs_f64();
-        let (test_stats, active_dims) = evaluate(trainer, &test, folder)?;
-        let row = EpochRow {
-            epoch: trainer.epoch,
-            step: trainer.step,
-            train,
-            test: test_stats,
-            active_dims,
-            lr: schedule.lr_at(trainer.step.saturating_sub(1)),
-            images_per_s: loader.len() as f64 / seconds,
-            seconds,
-        };
-        let improved = trainer.best_test_loss.is_none_or(|best| test_stats.loss < best);
-        if improved {
-            trainer.best_test_loss = Some(test_stats.loss);
+        // The other ranks go on to the next epoch and wait for this one at its first step.
+        if let Some(out) = out.as_mut() {
+            let (test_stats, active_dims) = evaluate(trainer, &test, out.folder)?;
+            let row = EpochRow {
+                epoch: trainer.epoch,
+                step: trainer.step,
+                train,
+                test: test_stats,
+                active_dims,
+                lr: schedule.lr_at(trainer.step.saturating_sub(1)),
+                images_per_s: loader.len() as f64 / seconds,
+                seconds,
+            };
+            let improved = trainer.best_test_loss.is_none_or(|best| test_stats.loss < best);
+            if improved {
+                trainer.best_test_loss = Some(test_stats.loss);
+            }
+            out.metrics.append(&row)?;
+            out.save_checkpoints(trainer, improved, opts)?;
+            out.draw_pictures(trainer, &splits.test)?;
+            out.log_epoch(&row)?;
+            out.plot_losses()?;
+            if !opts.quiet {
+                println!(
+                    "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}",
+                    row.epoch,
+                    cfg.epochs,
+                    row.images_per_s,
+                    cfg.model.latent_dim()
+                );
+            }
+            summary.epochs.push((train, test_stats));
         }
-        out.metrics.append(&row)?;
-        out.save_checkpoints(trainer, improved, opts)?;
-        out.draw_pictures(trainer, &splits.test)?;
-        out.log_epoch(&row)?;
-        out.plot_losses()?;
-        if !opts.quiet {
-            println!(
-                "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}",
-                row.epoch,
-                cfg.epochs,
-                row.images_per_s,
-                cfg.model.latent_dim()
-            );
-        }
-        summary.epochs.push((train, test_stats));
-        if trainer.epoch < cfg.epochs && opts.stop_requested() {
+        if trainer.epoch < cfg.epochs && trainer.any_rank(opts.stop_requested())? {
             summary.interrupted = true;
             return Ok(summary);
         }

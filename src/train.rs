@@ -5,6 +5,7 @@
 use crate::adam::{self, Adam};
 use crate::config::TrainConfig;
 use crate::data::{Binarize, Dataset, Loader};
+use crate::dist::ProcessGroup;
 use crate::loss::{Elbo, KlWeight, Stats};
 use crate::models::{Compute, Model};
 use crate::precision::{LossScale, Precision};
@@ -94,6 +95,9 @@ pub struct Trainer {
     pub bad_steps: u64,
     /// Steps skipped so far by this process.
     pub skipped_steps: u64,
+    /// The other ranks of a data-parallel run: each step trains on this rank's share of the
+    /// global batch and averages the gradients with them.
+    pub group: Option<ProcessGroup>,
 }
 
 impl Trainer {
@@ -123,6 +127,7 @@ impl Trainer {
             loss_scale,
             bad_steps: 0,
             skipped_steps: 0,
+            group: None,
         })
     }
 
@@ -201,8 +206,11 @@ impl Trainer {
             }
         };
         mark(Phase::Start);
-        // Noise of step s depends on (seed, s) only: a resumed run draws the same.
+        // Noise of step s depends on (seed, s) only: a resumed run draws the same. Every
+        // draw is made for the whole global batch, in the same order whatever the number of
+        // ranks, and each rank keeps its rows: a W-rank run sees the 1-process run's draws.
         seed_torch(self.cfg.seed, Stream::Step, self.step);
+        let global = indices.size()[0];
         let mut x = loader.gather(indices)?;
         if self.cfg.hflip {
             x = crate::data::random_hflip(&x);
@@ -210,25 +218,40 @@ impl Trainer {
         if self.cfg.binarize == Binarize::Dynamic {
             x = x.bernoulli();
         }
+        let eps = Tensor::randn([global, self.model.latent_dim()], (Kind::Float, self.device));
+        let (first, rows) = self.share(global);
+        let (x, eps) =
+            if rows < global { (x.narrow(0, first, rows), eps.narrow(0, first, rows)) } else { (x, eps) };
         mark(Phase::Data);
         let schedule = self.cfg.schedule(loader.len());
-        let out = self.model.forward(&x);
+        let out = self.model.forward_with_noise(&x, &eps);
         let weight = KlWeight { beta: schedule.beta_at(self.step), free_bits: self.cfg.free_bits };
         let elbo = Elbo::new(self.model.likelihood(), &out, &x, weight);
         mark(Phase::Forward);
         self.adam.zero_grad();
+        // A rank's loss is the mean over its rows; weighted by its share, the sum over ranks
+        // is the global batch's mean.
+        let loss = if rows < global {
+            &elbo.loss * (rows as f64 / global as f64)
+        } else {
+            elbo.loss.shallow_clone()
+        };
         match &self.loss_scale {
-            None => elbo.loss.backward(),
-            Some(scaler) => (&elbo.loss * scaler.scale).backward(),
+            None => loss.backward(),
+            Some(scaler) => (&loss * scaler.scale).backward(),
         }
         mark(Phase::Backward);
+        let grads = self.adam.gradients();
+        let means = match &self.group {
+            None => elbo.stacked(),
+            Some(group) => all_reduce_step(group, &grads, &elbo.stacked(), rows as f64 / global as f64)?,
+        };
         // A non-finite loss or gradient never reaches the weights: the step is skipped. The
         // verdict costs one host sync per step, the price of that guarantee.
-        let grads = self.adam.gradients();
         let unscaled = self.loss_scale.as_mut().is_none_or(|s| s.unscale(&grads));
         let norm = adam::global_norm(&grads, self.device);
         let verdict = tch::no_grad(|| {
-            let flags = [elbo.loss.isfinite(), norm.isfinite()];
+            let flags = [means.get(0).isfinite(), norm.isfinite()];
             Vec::<i64>::try_from(Tensor::stack(&flags, 0).to_kind(Kind::Int64)).expect("two flags")
         });
         let loss_finite = verdict[0] != 0;
@@ -246,7 +269,46 @@ impl Trainer {
         }
         self.step += 1;
         mark(Phase::Optimizer);
-        Ok(loss_finite.then(|| elbo.stacked()))
+        Ok(loss_finite.then_some(means))
+    }
+
+    /// This rank's rows of a global batch of `global`: `(first, count)`; all of them alone.
+    fn share(&self, global: i64) -> (i64, i64) {
+        match &self.group {
+            None => (0, global),
+            Some(g) => {
+                let (rank, world) = (g.rank as i64, g.world as i64);
+                let first = global * rank / world;
+                (first, global * (rank + 1) / world - first)
+            }
+        }
+    }
+
+    /// Whether any rank says yes (one small all-reduce); this rank's word alone otherwise.
+    pub fn any_rank(&self, yes: bool) -> Result<bool> {
+        let Some(group) = &self.group else { return Ok(yes) };
+        let mut flag = Tensor::from_slice(&[yes as i64]);
+        group.all_reduce_sum(&mut flag)?;
+        Ok(flag.int64_value(&[0]) > 0)
+    }
+
+    /// Gives every rank rank 0's weights (all start from the seed alike; this makes sure).
+    pub fn share_weights(&mut self) -> Result<()> {
+        let Some(group) = &self.group else { return Ok(()) };
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.sort_by(|a, b| a.0.cmp(&b.0));
+        tch::no_grad(|| {
+            let parts: Vec<Tensor> = named.iter().map(|(_, t)| t.flatten(0, -1)).collect();
+            let mut flat = Tensor::cat(&parts, 0).to_device(Device::Cpu);
+            group.broadcast(&mut flat, 0)?;
+            let mut offset = 0;
+            for (_, var) in &named {
+                let n = var.numel() as i64;
+                var.shallow_clone().copy_(&flat.narrow(0, offset, n).view_as(var));
+                offset += n;
+            }
+            Ok(())
+        })
     }
 
     /// The bound on a split (noise fixed per evaluation batch by the seed), and the posterior
@@ -255,4 +317,24 @@ impl Trainer {
         let weight = KlWeight { beta: self.cfg.beta, free_bits: 0.0 };
         crate::eval::elbo(self.model.as_ref(), data, self.cfg.seed, weight, self.device)
     }
+}
+
+/// Sums the ranks' gradients, each weighted already by its rank's share of the batch, and
+/// their batch statistics (`[loss, reconstruction, kl]` means over `share` of the batch), in
+/// one flat all-reduce; writes the summed gradients back and returns the global means.
+fn all_reduce_step(group: &ProcessGroup, grads: &[Tensor], means: &Tensor, share: f64) -> Result<Tensor> {
+    tch::no_grad(|| {
+        let mut parts: Vec<Tensor> = grads.iter().map(|g| g.flatten(0, -1)).collect();
+        parts.push(means * share);
+        let mut flat = Tensor::cat(&parts, 0).to_device(Device::Cpu);
+        group.all_reduce_sum(&mut flat)?;
+        let flat = flat.to_device(means.device());
+        let mut offset = 0;
+        for g in grads {
+            let n = g.numel() as i64;
+            g.shallow_clone().copy_(&flat.narrow(0, offset, n).view_as(g));
+            offset += n;
+        }
+        Ok(flat.narrow(0, offset, 3))
+    })
 }

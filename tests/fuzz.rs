@@ -93,6 +93,7 @@ fn the_checkpoint_loader_takes_any_bytes() {
         loss_scale: None,
         run_id: "fuzz".into(),
         history: Vec::new(),
+        world_size: 1,
     };
     let seed = checkpoint::to_bytes(&vs, &adam, &meta).unwrap();
     let path = Path::new("fuzz.safetensors");

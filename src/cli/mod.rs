@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod info;
 pub mod inspect;
+pub mod launch;
 pub mod train;
 
 /// Keeps glibc from returning large freed blocks to the kernel: libtorch frees and

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use vae::checkpoint::{self, Checkpoint, Resume};
 use vae::config::{Change, TrainArgs, TrainConfig};
 use vae::data::Splits;
+use vae::dist::{DistEnv, ProcessGroup};
 use vae::run::{self, Lineage, RunOptions};
 use vae::run_dir::{self, RunDir};
 use vae::schedule::LrSchedule;
@@ -23,54 +24,73 @@ pub struct TrainCommand {
     pub run: RunOptions,
 }
 
-/// What a run starts from, and where it goes.
+/// What a run starts from, and where it goes (rank 0's folder; the other ranks write nothing).
 struct Start {
     trainer: Trainer,
     splits: Splits,
-    folder: RunDir,
+    folder: Option<RunDir>,
     lineage: Lineage,
 }
 
 impl TrainCommand {
     pub fn run(mut self, matches: &ArgMatches) -> Result<()> {
-        let device = self.settings.device.init()?;
         self.run.validate()?;
+        let env = DistEnv::from_vars(|name| std::env::var(name).ok())?;
+        if env.is_none() && self.run.nproc > 1 {
+            return super::launch::ranks(self.run.nproc);
+        }
+        let mut device = self.settings.device.init()?;
+        if let (Some(env), tch::Device::Cuda(_)) = (&env, device) {
+            // One GPU per local rank, unless --device named one.
+            if !self.settings.device.device.starts_with("cuda:") {
+                device = vae::device::parse_device(&format!("cuda:{}", env.local_rank))?;
+            }
+        }
+        let timeout = std::time::Duration::from_secs(self.run.dist_timeout);
+        let group = match env {
+            Some(env) => Some(ProcessGroup::connect(&env, timeout)?),
+            None => None,
+        };
+        let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
+        // One rank reports; all of them see the same numbers.
+        self.run.quiet |= rank > 0;
         let start = match &self.run.resume {
-            Some(from) => match self.resumed(matches, from, device)? {
+            Some(from) => match self.resumed(matches, from, device, (rank, world))? {
                 Some(start) => start,
                 None => return Ok(()),
             },
-            None => self.fresh(device)?,
+            None => self.fresh(device, rank)?,
         };
         let Start { mut trainer, splits, folder, lineage } = start;
+        trainer.group = group;
+        trainer.share_weights()?;
         self.run.stop = Some(install_stop_handler()?);
-        let summary = run::run(&mut trainer, &splits, &folder, &lineage, &self.run)?;
-        let out_dir = folder.path();
+        let summary = run::run(&mut trainer, &splits, folder.as_ref(), &lineage, &self.run)?;
         if summary.interrupted {
-            eprintln!(
-                "interrupted: saved {} at epoch {}, step {}\nresume with: vae train --resume {}",
-                folder.last().display(),
-                trainer.epoch,
-                trainer.step,
-                out_dir.display()
-            );
+            if let Some(folder) = &folder {
+                eprintln!(
+                    "interrupted: saved {} at epoch {}, step {}\nresume with: vae train --resume {}",
+                    folder.last().display(),
+                    trainer.epoch,
+                    trainer.step,
+                    folder.path().display()
+                );
+            }
             drop(folder);
             std::process::exit(INTERRUPTED);
         }
-        if !self.run.quiet {
-            if let Some((_, test)) = summary.epochs.last() {
-                println!(
-                    "done: test loss {:.2} nats/image; checkpoints and pictures in {}",
-                    test.loss,
-                    out_dir.display()
-                );
-            }
+        if let (false, Some(folder), Some((_, test))) = (self.run.quiet, &folder, summary.epochs.last()) {
+            println!(
+                "done: test loss {:.2} nats/image; checkpoints and pictures in {}",
+                test.loss,
+                folder.path().display()
+            );
         }
         Ok(())
     }
 
-    /// A new run: settings checked, data loaded, then a run folder of its own.
-    fn fresh(&self, device: tch::Device) -> Result<Start> {
+    /// A new run: settings checked, data loaded, then a run folder of its own (rank 0's).
+    fn fresh(&self, device: tch::Device, rank: usize) -> Result<Start> {
         let args = &self.settings;
         let given = args.image_size.is_some() || args.channels.is_some();
         if given && !args.dataset.sized() {
@@ -86,6 +106,10 @@ impl TrainCommand {
         let [c, h, _] = splits.train.image_shape();
         cfg.model.set_image_shape(c, h);
         let trainer = Trainer::new(cfg, device)?;
+        let lineage = Lineage { run_id: checkpoint::new_run_id(trainer.cfg.seed), history: Vec::new() };
+        if rank > 0 {
+            return Ok(Start { trainer, splits, folder: None, lineage });
+        }
         let folder = match &self.run.out {
             Some(dir) => RunDir::open(dir)?,
             None => RunDir::open_new(Path::new("checkpoints"), trainer.cfg.data.name())?,
@@ -97,13 +121,19 @@ impl TrainCommand {
             folder.path().display(),
             last.display()
         );
-        let lineage = Lineage { run_id: checkpoint::new_run_id(trainer.cfg.seed), history: Vec::new() };
+        let folder = Some(folder);
         Ok(Start { trainer, splits, folder, lineage })
     }
 
     /// A checkpoint's run continued, with the knobs the command line changes; `None` when it
     /// has already completed its epochs.
-    fn resumed(&self, matches: &ArgMatches, from: &Path, device: tch::Device) -> Result<Option<Start>> {
+    fn resumed(
+        &self,
+        matches: &ArgMatches,
+        from: &Path,
+        device: tch::Device,
+        (rank, world): (usize, usize),
+    ) -> Result<Option<Start>> {
         let path = run_dir::resolve(from)?;
         let ckpt = Checkpoint::load(&path)?;
         let (cfg, changes) = self.settings.resumed(&ckpt.meta.config, matches, &path)?;
@@ -129,10 +159,14 @@ impl TrainCommand {
             return Ok(None);
         }
         let splits = trainer.cfg.data.load(trainer.cfg.seed)?;
+        let lineage = Lineage { run_id: ckpt.meta.run_id.clone(), history: ckpt.meta.history.clone() };
+        if rank > 0 {
+            return Ok(Some(Start { trainer, splits, folder: None, lineage }));
+        }
         let folder = RunDir::open(&out_dir)?;
         check_folder_takes(&folder, &ckpt)?;
         let moved = !same_file(folder.path(), &home);
-        let mut lineage = Lineage { run_id: ckpt.meta.run_id.clone(), history: ckpt.meta.history.clone() };
+        let mut lineage = lineage;
         if moved || !changes.is_empty() {
             let from_run = moved.then(|| ckpt.meta.run_id.clone());
             if moved {
@@ -147,8 +181,15 @@ impl TrainCommand {
         }
         if !self.run.quiet {
             report_changes(&changes, &trainer.cfg);
+            if ckpt.meta.world_size != world {
+                eprintln!(
+                    "resuming a run of {} rank(s) on {world}: the gradients are summed in another order, so the \
+                     run is no longer bitwise the same as an uninterrupted one",
+                    ckpt.meta.world_size
+                );
+            }
         }
-        Ok(Some(Start { trainer, splits, folder, lineage }))
+        Ok(Some(Start { trainer, splits, folder: Some(folder), lineage }))
     }
 }
 
@@ -216,7 +257,7 @@ fn install_stop_handler() -> Result<Arc<AtomicBool>> {
 }
 
 /// Exit code of an interrupted run, as a shell reports death by SIGINT.
-const INTERRUPTED: i32 = 130;
+pub const INTERRUPTED: i32 = 130;
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,14 @@ pub struct ProcessGroup {
 }
 
 impl ProcessGroup {
-    pub fn connect_at(host: &str, port: u16, rank: usize, world: usize, _timeout: Duration) -> Result<Self> {
+    pub fn connect_at(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        _: bool,
+        _: Duration,
+    ) -> Result<Self> {
         bail!(
             "rank {rank} of {world} cannot join {host}:{port}: this vae was built without torch.distributed \
              support, as Gloo's headers were missing at build time; install Debian's libgloo-dev \
@@ -21,11 +28,11 @@ impl ProcessGroup {
         )
     }
 
-    pub fn all_reduce_sum(&self, _: &mut [Tensor]) -> Result<()> {
+    pub fn all_reduce_sum(&self, _: &mut Tensor) -> Result<()> {
         match self.never {}
     }
 
-    pub fn broadcast(&self, _: &mut [Tensor], _: usize) -> Result<()> {
+    pub fn broadcast(&self, _: &mut Tensor, _: usize) -> Result<()> {
         match self.never {}
     }
 

@@ -63,9 +63,16 @@ pub struct ProcessGroup {
 unsafe impl Send for ProcessGroup {}
 
 impl ProcessGroup {
-    /// Joins the store at host:port (rank 0 hosts it; port 0 there picks a free one) and forms
-    /// the group, waiting up to `timeout` for the other ranks.
-    pub fn connect_at(host: &str, port: u16, rank: usize, world: usize, timeout: Duration) -> Result<Self> {
+    /// Joins the store at host:port (hosting it when `serve`; port 0 there picks a free one)
+    /// and forms the group, waiting up to `timeout` for the other ranks.
+    pub fn connect_at(
+        host: &str,
+        port: u16,
+        rank: usize,
+        world: usize,
+        serve: bool,
+        timeout: Duration,
+    ) -> Result<Self> {
         let c_host = std::ffi::CString::new(host).context("MASTER_ADDR holds a NUL byte")?;
         let mut c_port = port as c_int;
         let mut err = [0u8; ERR_LEN];
@@ -75,7 +82,7 @@ impl ProcessGroup {
             vae_pg_new(
                 c_host.as_ptr(),
                 &mut c_port,
-                (rank == 0) as c_int,
+                serve as c_int,
                 rank as c_int,
                 world as c_int,
                 timeout_ms,
@@ -92,19 +99,20 @@ impl ProcessGroup {
         Ok(Self { ptr, rank, world, port: c_port as u16 })
     }
 
-    /// Sums each tensor over the ranks, in place (dense CPU tensors, for Gloo).
-    pub fn all_reduce_sum(&self, tensors: &mut [Tensor]) -> Result<()> {
+    /// Sums `tensor` over the ranks, in place (a dense tensor: c10d reads a list as one
+    /// tensor per device, so several tensors go as one flat buffer).
+    pub fn all_reduce_sum(&self, tensor: &mut Tensor) -> Result<()> {
         // SAFETY: `t` holds `n` live tensors for the duration of the call.
-        self.call("all-reduce", tensors, |pg, t, n, err| unsafe {
+        self.call("all-reduce", tensor, |pg, t, n, err| unsafe {
             vae_pg_allreduce_sum(pg, t, n, err, ERR_LEN)
         })
     }
 
-    /// Copies rank `root`'s tensors into every rank's, in place.
-    pub fn broadcast(&self, tensors: &mut [Tensor], root: usize) -> Result<()> {
+    /// Copies rank `root`'s `tensor` into every rank's, in place.
+    pub fn broadcast(&self, tensor: &mut Tensor, root: usize) -> Result<()> {
         let root = root as c_int;
         // SAFETY: as in all_reduce_sum.
-        self.call("broadcast", tensors, |pg, t, n, err| unsafe {
+        self.call("broadcast", tensor, |pg, t, n, err| unsafe {
             vae_pg_broadcast(pg, t, n, root, err, ERR_LEN)
         })
     }
@@ -112,18 +120,19 @@ impl ProcessGroup {
     /// Returns once every rank has called it.
     pub fn barrier(&self) -> Result<()> {
         // SAFETY: the group is live.
-        self.call("barrier", &mut [], |pg, _, _, err| unsafe { vae_pg_barrier(pg, err, ERR_LEN) })
+        let mut nothing = Tensor::new();
+        self.call("barrier", &mut nothing, |pg, _, _, err| unsafe { vae_pg_barrier(pg, err, ERR_LEN) })
     }
 
     fn call(
         &self,
         what: &str,
-        tensors: &mut [Tensor],
+        tensor: &mut Tensor,
         f: impl FnOnce(*mut VaePg, *mut *mut C_tensor, usize, *mut c_char) -> c_int,
     ) -> Result<()> {
-        let mut ptrs: Vec<*mut C_tensor> = tensors.iter_mut().map(|t| t.as_mut_ptr()).collect();
+        let mut ptr = tensor.as_mut_ptr();
         let mut err = [0u8; ERR_LEN];
-        let status = f(self.ptr.as_ptr(), ptrs.as_mut_ptr(), ptrs.len(), err.as_mut_ptr().cast());
+        let status = f(self.ptr.as_ptr(), &mut ptr, 1, err.as_mut_ptr().cast());
         ensure!(status == 0, "{what} on rank {} of {} failed: {}", self.rank, self.world, message(&err));
         Ok(())
     }

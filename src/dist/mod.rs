@@ -14,27 +14,44 @@ pub struct DistEnv {
     pub local_rank: usize,
     pub master_addr: String,
     pub master_port: u16,
+    /// torchrun's elastic agent already serves the store (`TORCHELASTIC_USE_AGENT_STORE`):
+    /// every rank connects to it as a client.
+    pub agent_store: bool,
 }
 
 impl DistEnv {
     /// From torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
-    /// `MASTER_PORT`), read through `var`; `None` when no launcher set them.
+    /// `MASTER_PORT`), or under `srun` from SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`,
+    /// `SLURM_LOCALID`, with `MASTER_ADDR` and `MASTER_PORT` from the job script), read
+    /// through `var`; `None` when no launcher set them.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
-        let Some(world) = var("WORLD_SIZE") else { return Ok(None) };
+        let names = if var("WORLD_SIZE").is_some() {
+            ["WORLD_SIZE", "RANK", "LOCAL_RANK"]
+        } else if var("SLURM_NTASKS").is_some() && var("SLURM_PROCID").is_some() {
+            ["SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"]
+        } else {
+            return Ok(None);
+        };
+        let [world_name, rank_name, local_name] = names;
         let number = |name: &str, text: String| -> Result<usize> {
             text.trim().parse().with_context(|| format!("{name}={text:?} is not a number"))
         };
-        let world = number("WORLD_SIZE", world)?;
-        let required = |name: &str| var(name).with_context(|| format!("WORLD_SIZE is set but {name} is not"));
-        let rank = number("RANK", required("RANK")?)?;
-        let local_rank = var("LOCAL_RANK").map(|t| number("LOCAL_RANK", t)).transpose()?.unwrap_or(0);
-        ensure!(world >= 1, "WORLD_SIZE must be at least 1, found {world}");
-        ensure!(rank < world, "RANK {rank} is not below WORLD_SIZE {world}");
+        let required =
+            |name: &str| var(name).with_context(|| format!("{world_name} is set but {name} is not"));
+        let world = number(world_name, required(world_name)?)?;
+        let rank = number(rank_name, required(rank_name)?)?;
+        let local_rank = var(local_name).map(|t| number(local_name, t)).transpose()?.unwrap_or(0);
+        ensure!(world >= 1, "{world_name} must be at least 1, found {world}");
+        ensure!(rank < world, "{rank_name} {rank} is not below {world_name} {world}");
+        if world == 1 {
+            return Ok(None);
+        }
         let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
         let port = required("MASTER_PORT")?;
         let master_port =
             port.trim().parse().with_context(|| format!("MASTER_PORT={port:?} is not a port"))?;
-        Ok(Some(Self { rank, world, local_rank, master_addr, master_port }))
+        let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        Ok(Some(Self { rank, world, local_rank, master_addr, master_port, agent_store }))
     }
 }
 
@@ -54,7 +71,8 @@ pub use gloo::ProcessGroup;
 impl ProcessGroup {
     /// Joins the run at `env` (rank 0 hosts the store), waiting up to `timeout` for the others.
     pub fn connect(env: &DistEnv, timeout: Duration) -> Result<Self> {
-        Self::connect_at(&env.master_addr, env.master_port, env.rank, env.world, timeout)
+        let serve = env.rank == 0 && !env.agent_store;
+        Self::connect_at(&env.master_addr, env.master_port, env.rank, env.world, serve, timeout)
     }
 }
 
@@ -78,6 +96,20 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((env.rank, env.world, env.local_rank, env.master_port), (3, 4, 1, 29500));
+        assert!(!env.agent_store);
+        let slurm = DistEnv::from_vars(vars(&[
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_PROCID", "5"),
+            ("SLURM_LOCALID", "1"),
+            ("MASTER_PORT", "7"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(
+            (slurm.rank, slurm.world, slurm.local_rank, slurm.master_addr.as_str()),
+            (5, 8, 1, "127.0.0.1")
+        );
+        assert_eq!(DistEnv::from_vars(vars(&[("WORLD_SIZE", "1"), ("RANK", "0")])).unwrap(), None);
         let err = |pairs| DistEnv::from_vars(vars(pairs)).unwrap_err().to_string();
         assert!(err(&[("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("RANK is not"));
         assert!(

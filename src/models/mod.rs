@@ -150,6 +150,13 @@ pub trait Model {
         Forward { likelihood_params: self.decode(&z), posterior }
     }
 
+    /// As [`forward`](Model::forward), with the standard-normal noise given (`[B, D]`).
+    fn forward_with_noise(&self, x: &Tensor, eps: &Tensor) -> Forward {
+        let posterior = self.encode(x);
+        let z = posterior.sample_with_noise(eps);
+        Forward { likelihood_params: self.decode(&z), posterior }
+    }
+
     /// Images in [0, 1] that the decoder expects at `z` (its mean, not a sample).
     fn decode_mean(&self, z: &Tensor) -> Tensor {
         self.likelihood().mean(&self.decode(z))

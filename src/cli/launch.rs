@@ -1,0 +1,79 @@
+//! `vae train --nproc N`: starts N local ranks of the same command with torchrun's variables
+//! (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and waits for them. When one
+//! fails, the others are told to stop; Ctrl-C reaches every rank from the terminal, and a
+//! SIGTERM sent to the launcher is passed on to them.
+
+use anyhow::{bail, Context, Result};
+use std::process::{Command, ExitStatus};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+/// How often the launcher looks for a SIGTERM to pass on while it waits.
+const POLL: Duration = Duration::from_millis(200);
+
+pub fn ranks(nproc: usize) -> Result<()> {
+    if !vae::dist::AVAILABLE {
+        // The same message every rank would print.
+        vae::dist::ProcessGroup::connect_at("127.0.0.1", 0, 0, nproc, true, Duration::ZERO)?;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port for the ranks' rendezvous")?
+        .port();
+    let exe = std::env::current_exe().context("finding the vae binary to start the ranks")?;
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    // The ranks get the terminal's Ctrl-C themselves: the launcher only keeps waiting.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted))?;
+    let terminated = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&terminated))?;
+    let (done_tx, done_rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
+    let mut pids = Vec::new();
+    for rank in 0..nproc {
+        let mut child = Command::new(&exe)
+            .args(&args)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", nproc.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {rank} of {nproc}"))?;
+        pids.push(child.id() as libc::pid_t);
+        let done = done_tx.clone();
+        std::thread::spawn(move || done.send((rank, child.wait())));
+    }
+    let signal_all = |signal| {
+        for &pid in &pids {
+            // SAFETY: kill only sends a signal to a child we started.
+            unsafe { libc::kill(pid, signal) };
+        }
+    };
+    let (mut finished, mut failed, mut forwarded) = (0, None, false);
+    while finished < nproc {
+        if terminated.load(Ordering::SeqCst) && !forwarded {
+            signal_all(libc::SIGTERM);
+            forwarded = true;
+        }
+        let Ok((rank, status)) = done_rx.recv_timeout(POLL) else { continue };
+        finished += 1;
+        let status = status.with_context(|| format!("waiting for rank {rank}"))?;
+        if !status.success() && failed.is_none() {
+            failed = Some((rank, status));
+            // The others cannot go on without it: stop them rather than wait for a timeout.
+            if status.code() != Some(super::train::INTERRUPTED) {
+                signal_all(libc::SIGTERM);
+            }
+        }
+    }
+    match failed {
+        None => Ok(()),
+        Some((_, status)) if status.code() == Some(super::train::INTERRUPTED) => {
+            std::process::exit(super::train::INTERRUPTED)
+        }
+        Some((rank, status)) => {
+            bail!("rank {rank} of {nproc} failed ({status}); the other ranks were stopped")
+        }
+    }
+}
