@@ -77,6 +77,27 @@ def loader_section(vae_bin, args, tmp):
     return {"first": first, "cached": cached, "streamed": streamed}
 
 
+def data_parallel_section(vae_bin, nproc, data_dir, tmp):
+    """`vae train` for one epoch as N ranks of 1 thread and as 1 process of N threads."""
+    import re
+    common = [vae_bin, "train", "--dataset", "fashion-mnist", "--data-dir", data_dir, "--epochs", "1",
+              "--device", "cpu", "--no-tensorboard"]
+    runs = {}
+    for name, extra in ((f"{nproc} ranks x 1 thread", ["--nproc", str(nproc), "--threads", "1"]),
+                        (f"1 process x {nproc} threads", ["--threads", str(nproc)])):
+        out = subprocess.run(common + extra + ["--out", os.path.join(tmp, name.replace(" ", "_"))],
+                             check=True, capture_output=True, text=True).stdout
+        line = next(l for l in out.splitlines() if l.startswith("epoch 1/1"))
+        share = re.search(r"all-reduce (\d+)%", line)
+        runs[name] = {"images_per_s": float(re.search(r"(\d+) img/s", line).group(1)),
+                      "all_reduce_percent": float(share.group(1)) if share else None}
+    print(f"\ndata-parallel training, one epoch (torch.distributed, Gloo):")
+    for name, r in runs.items():
+        share = f"  all-reduce {r['all_reduce_percent']:.0f}% of the epoch" if r["all_reduce_percent"] is not None else ""
+        print(f"  {name:<24} {r['images_per_s']:7.0f} img/s{share}")
+    return runs
+
+
 def run_json(cmd, env):
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -138,6 +159,8 @@ def main():
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--vae-bin", default=os.environ.get("VAE_BIN", os.path.join(ROOT, "target/release/vae")))
     p.add_argument("--json", help="also write every figure to this file")
+    p.add_argument("--nproc", type=int, default=0,
+                   help="also train one epoch as N ranks of 1 thread against 1 process of N threads")
     p.add_argument("--cuda-only", action="store_true",
                    help="only the CUDA cases (scripts/gpu-check): no CPU cases, no loader section")
     args = p.parse_args()
@@ -190,6 +213,8 @@ def main():
 
         if not args.cuda_only:
             results["loader"] = loader_section(args.vae_bin, args, tmp)
+        if args.nproc > 1:
+            results["data parallel"] = data_parallel_section(args.vae_bin, args.nproc, data_dir, tmp)
 
         e = measure(args.vae_bin, epoch_case, args, data_dir, full_epoch=True)
         results["full epoch " + " ".join(map(str, epoch_case))] = e

@@ -335,6 +335,7 @@ pub fn run(
     let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
     while trainer.epoch < cfg.epochs {
         let started = Instant::now();
+        let all_reduce_before = trainer.all_reduce_seconds;
         let Some(train) = train_epoch(trainer, &loader, out.as_mut(), &schedule, opts)? else {
             if let Some(out) = &out {
                 out.save_last(trainer)?;
@@ -366,8 +367,16 @@ pub fn run(
             out.log_epoch(&row)?;
             out.plot_losses()?;
             if !opts.quiet {
+                let all_reduce = match &trainer.group {
+                    Some(g) => format!(
+                        "  {} ranks, all-reduce {:.0}% of the epoch",
+                        g.world,
+                        100.0 * (trainer.all_reduce_seconds - all_reduce_before) / seconds
+                    ),
+                    None => String::new(),
+                };
                 println!(
-                    "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}",
+                    "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}",
                     row.epoch,
                     cfg.epochs,
                     row.images_per_s,

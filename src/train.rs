@@ -98,6 +98,8 @@ pub struct Trainer {
     /// The other ranks of a data-parallel run: each step trains on this rank's share of the
     /// global batch and averages the gradients with them.
     pub group: Option<ProcessGroup>,
+    /// Seconds this process spent in the steps' all-reduce (waiting for the others included).
+    pub all_reduce_seconds: f64,
 }
 
 impl Trainer {
@@ -128,6 +130,7 @@ impl Trainer {
             bad_steps: 0,
             skipped_steps: 0,
             group: None,
+            all_reduce_seconds: 0.0,
         })
     }
 
@@ -244,7 +247,12 @@ impl Trainer {
         let grads = self.adam.gradients();
         let means = match &self.group {
             None => elbo.stacked(),
-            Some(group) => all_reduce_step(group, &grads, &elbo.stacked(), rows as f64 / global as f64)?,
+            Some(group) => {
+                let started = Instant::now();
+                let means = all_reduce_step(group, &grads, &elbo.stacked(), rows as f64 / global as f64)?;
+                self.all_reduce_seconds += started.elapsed().as_secs_f64();
+                means
+            }
         };
         // A non-finite loss or gradient never reaches the weights: the step is skipped. The
         // verdict costs one host sync per step, the price of that guarantee.

@@ -126,6 +126,17 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     ok(train(&two, "1", &["--nproc", "2"]));
     let worst = relative_difference(&one.join("last.safetensors"), &two.join("last.safetensors"));
     assert!(worst <= 1e-5, "2 ranks differ from 1 process by {worst:e} (relative)");
+    // torchrun starts the same ranks, its elastic agent serving the store.
+    let torchrun = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/torchrun");
+    assert!(torchrun.exists(), "{} missing: run scripts/setup", torchrun.display());
+    let launched = dir.path().join("torchrun");
+    let mut args =
+        vec!["--nproc-per-node", "2", "--no-python", env!("CARGO_BIN_EXE_vae"), "train", "--epochs", "1"];
+    args.extend_from_slice(&["--out", launched.to_str().unwrap()]);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
+    ok(std::process::Command::new(&torchrun).args(&args).output().unwrap());
+    assert_eq!(relative_difference(&two.join("last.safetensors"), &launched.join("last.safetensors")), 0.0);
     let written: Vec<String> = std::fs::read_dir(&two)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())

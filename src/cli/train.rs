@@ -51,15 +51,14 @@ impl TrainCommand {
             Some(env) => Some(ProcessGroup::connect(&env, timeout)?),
             None => None,
         };
-        let (rank, world) = group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
         // One rank reports; all of them see the same numbers.
-        self.run.quiet |= rank > 0;
+        self.run.quiet |= group.as_ref().is_some_and(|g| g.rank > 0);
         let start = match &self.run.resume {
-            Some(from) => match self.resumed(matches, from, device, (rank, world))? {
+            Some(from) => match self.resumed(matches, from, device, group.as_ref())? {
                 Some(start) => start,
                 None => return Ok(()),
             },
-            None => self.fresh(device, rank)?,
+            None => self.fresh(device, group.as_ref())?,
         };
         let Start { mut trainer, splits, folder, lineage } = start;
         trainer.group = group;
@@ -90,7 +89,8 @@ impl TrainCommand {
     }
 
     /// A new run: settings checked, data loaded, then a run folder of its own (rank 0's).
-    fn fresh(&self, device: tch::Device, rank: usize) -> Result<Start> {
+    fn fresh(&self, device: tch::Device, group: Option<&ProcessGroup>) -> Result<Start> {
+        let rank = group.map_or(0, |g| g.rank);
         let args = &self.settings;
         let given = args.image_size.is_some() || args.channels.is_some();
         if given && !args.dataset.sized() {
@@ -102,7 +102,7 @@ impl TrainCommand {
         let mut cfg = args.config();
         cfg.validate()?;
         cfg.precision.check_device(device)?;
-        let splits = cfg.data.load(cfg.seed)?;
+        let splits = load_data(&cfg.data, cfg.seed, group)?;
         let [c, h, _] = splits.train.image_shape();
         cfg.model.set_image_shape(c, h);
         let trainer = Trainer::new(cfg, device)?;
@@ -132,8 +132,9 @@ impl TrainCommand {
         matches: &ArgMatches,
         from: &Path,
         device: tch::Device,
-        (rank, world): (usize, usize),
+        group: Option<&ProcessGroup>,
     ) -> Result<Option<Start>> {
+        let (rank, world) = group.map_or((0, 1), |g| (g.rank, g.world));
         let path = run_dir::resolve(from)?;
         let ckpt = Checkpoint::load(&path)?;
         let (cfg, changes) = self.settings.resumed(&ckpt.meta.config, matches, &path)?;
@@ -158,7 +159,7 @@ impl TrainCommand {
             );
             return Ok(None);
         }
-        let splits = trainer.cfg.data.load(trainer.cfg.seed)?;
+        let splits = load_data(&trainer.cfg.data, trainer.cfg.seed, group)?;
         let lineage = Lineage { run_id: ckpt.meta.run_id.clone(), history: ckpt.meta.history.clone() };
         if rank > 0 {
             return Ok(Some(Start { trainer, splits, folder: None, lineage }));
@@ -191,6 +192,21 @@ impl TrainCommand {
         }
         Ok(Some(Start { trainer, splits, folder: Some(folder), lineage }))
     }
+}
+
+/// The splits; in a data-parallel run rank 0 loads first, so an image folder is decoded
+/// and cached once and the other ranks read the cache.
+fn load_data(data: &vae::data::DataConfig, seed: u64, group: Option<&ProcessGroup>) -> Result<Splits> {
+    let first = group.is_none_or(|g| g.rank == 0);
+    if !first {
+        group.expect("a group when not first").barrier()?;
+    }
+    let splits = data.load(seed);
+    if let (true, Some(group)) = (first, group) {
+        // Reached even when loading failed, so the others do not wait out their timeout.
+        group.barrier()?;
+    }
+    splits
 }
 
 /// A run folder takes a checkpoint only of its own run, and never one behind its own
