@@ -182,3 +182,58 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     assert_eq!(Checkpoint::load(&single.join("last.safetensors")).unwrap().meta.world_size, 1);
     assert_eq!(Checkpoint::load(&straight.join("last.safetensors")).unwrap().meta.world_size, 2);
 }
+
+#[test]
+fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
+    if !AVAILABLE {
+        return; // two_ranks_train_as_one_process_and_resume_exactly checks the message
+    }
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // Far more epochs than the test lets it train: SIGTERM to the launcher stops it.
+    let mut args = vec!["train", "--epochs", "100000", "--nproc", "2", "--out", run.to_str().unwrap()];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(&DATA[..DATA.len() - 2]); // not --quiet: rank 0 prints its epochs
+    let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(launcher.stdout.take().unwrap()).lines();
+    lines.find(|l| l.as_ref().unwrap().starts_with("epoch 1/")).expect("the ranks train").unwrap();
+    let kill =
+        std::process::Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = launcher.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("resume with: vae train --resume"));
+    let stopped = Checkpoint::load(&run.join("last.safetensors")).unwrap();
+    let more = (stopped.meta.epoch + 1).to_string();
+    ok(vae(&["train", "--resume", run.to_str().unwrap(), "--epochs", &more, "--nproc", "2", "--quiet"]));
+
+    // Rank 0 cannot serve the store on a port another program holds: it says which.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let never = dir.path().join("never");
+    let mut args = vec!["train", "--epochs", "1", "--out", never.to_str().unwrap()];
+    args.extend_from_slice(TINY_MODEL);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(&args)
+        .envs([
+            ("RANK", "0"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", port.as_str()),
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("rank 0 of 2 could not join the process group at 127.0.0.1:{port}")),
+        "{err}"
+    );
+    assert!(!never.exists());
+}
