@@ -227,18 +227,27 @@ impl Trainer {
             if rows < global { (x.narrow(0, first, rows), eps.narrow(0, first, rows)) } else { (x, eps) };
         mark(Phase::Data);
         let schedule = self.cfg.schedule(loader.len());
-        let out = self.model.forward_with_noise(&x, &eps);
-        let weight = KlWeight { beta: schedule.beta_at(self.step), free_bits: self.cfg.free_bits };
-        let elbo = Elbo::new(self.model.likelihood(), &out, &x, weight);
+        let (loss, stacked) = if rows > 0 {
+            let out = self.model.forward_with_noise(&x, &eps);
+            let weight = KlWeight { beta: schedule.beta_at(self.step), free_bits: self.cfg.free_bits };
+            let elbo = Elbo::new(self.model.likelihood(), &out, &x, weight);
+            // A rank's loss is the mean over its rows; weighted by its share, the sum over
+            // ranks is the global batch's mean.
+            let share = rows as f64 / global as f64;
+            let loss = if rows < global { &elbo.loss * share } else { elbo.loss.shallow_clone() };
+            (loss, elbo.stacked())
+        } else {
+            // No rows of a last batch smaller than the ranks: zero gradients, all defined.
+            let zero = self
+                .vs
+                .trainable_variables()
+                .iter()
+                .map(|p| p.sum(None) * 0.0)
+                .fold(Tensor::zeros([], (Kind::Float, self.device)), |acc, t| acc + t);
+            (zero, Tensor::zeros([3], (Kind::Float, self.device)))
+        };
         mark(Phase::Forward);
         self.adam.zero_grad();
-        // A rank's loss is the mean over its rows; weighted by its share, the sum over ranks
-        // is the global batch's mean.
-        let loss = if rows < global {
-            &elbo.loss * (rows as f64 / global as f64)
-        } else {
-            elbo.loss.shallow_clone()
-        };
         match &self.loss_scale {
             None => loss.backward(),
             Some(scaler) => (&loss * scaler.scale).backward(),
@@ -246,10 +255,10 @@ impl Trainer {
         mark(Phase::Backward);
         let grads = self.adam.gradients();
         let means = match &self.group {
-            None => elbo.stacked(),
+            None => stacked,
             Some(group) => {
                 let started = Instant::now();
-                let means = all_reduce_step(group, &grads, &elbo.stacked(), rows as f64 / global as f64)?;
+                let means = all_reduce_step(group, &grads, &stacked, rows as f64 / global as f64)?;
                 self.all_reduce_seconds += started.elapsed().as_secs_f64();
                 means
             }

@@ -70,9 +70,10 @@ use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::path::Path;
 use vae::checkpoint::Checkpoint;
 
+/// 641 images: 20 batches of 32 and a last one of 1, of which rank 0 has no rows.
 const DATA: &[&str] = &[
     "--train-size",
-    "640",
+    "641",
     "--test-size",
     "64",
     "--batch-size",
@@ -121,7 +122,8 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
         assert!(!out.status.success() && stderr(&out).contains("libgloo-dev"), "{}", stderr(&out));
         return;
     }
-    // 20 steps of a global batch of 32: 16 images per rank, the 1-process run's draws.
+    // 21 steps of a global batch of 32 (16 images per rank, the 1-process run's draws) and
+    // a last one of 1 image.
     ok(train(&one, "1", &[]));
     ok(train(&two, "1", &["--nproc", "2"]));
     let worst = relative_difference(&one.join("last.safetensors"), &two.join("last.safetensors"));
@@ -143,8 +145,9 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
         .collect();
     assert!(written.contains(&"metrics.csv".to_string()), "{written:?}");
 
-    // Rank 1 dies after step 25 (last saved at 20): the launcher stops rank 0 and fails;
-    // the 2-rank continuation then equals the uninterrupted 2-rank run bit for bit.
+    // Rank 1 dies after step 35 (last saved at 30, in the second epoch): the launcher stops
+    // rank 0 and fails; the 2-rank continuation then equals the uninterrupted 2-rank run bit
+    // for bit.
     let straight = dir.path().join("straight");
     ok(train(&straight, "2", &["--nproc", "2"]));
     let killed = dir.path().join("killed");
@@ -154,13 +157,13 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     args.extend_from_slice(DATA);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
         .args(&args)
-        .env("VAE_FAULT", "step:25")
+        .env("VAE_FAULT", "step:35")
         .env("VAE_FAULT_RANK", "1")
         .output()
         .unwrap();
     assert!(!out.status.success(), "a run that lost a rank succeeded");
     assert!(stderr(&out).contains("rank 1 of 2 failed"), "{}", stderr(&out));
-    assert_eq!(Checkpoint::load(&killed.join("last.safetensors")).unwrap().meta.step, 20);
+    assert_eq!(Checkpoint::load(&killed.join("last.safetensors")).unwrap().meta.step, 30);
     let resume = ["train", "--resume", killed.to_str().unwrap(), "--nproc", "2", "--threads", "1", "--quiet"];
     ok(vae(&resume));
     assert_eq!(
