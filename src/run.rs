@@ -122,13 +122,10 @@ struct Outputs<'a> {
 }
 
 impl Outputs<'_> {
-    fn checkpoint_bytes(&self, trainer: &Trainer) -> Result<Vec<u8>> {
-        let meta = Metadata::of(trainer, &self.lineage.run_id, &self.lineage.history);
-        checkpoint::to_bytes(&trainer.vs, &trainer.adam, &meta)
-    }
-
+    /// Writes `last.safetensors`; returns its bytes for the other copies of the epoch.
     fn save_last(&self, trainer: &Trainer) -> Result<Vec<u8>> {
-        let bytes = self.checkpoint_bytes(trainer)?;
+        let meta = Metadata::of(trainer, &self.lineage.run_id, &self.lineage.history);
+        let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, &meta)?;
         write_atomic(&self.folder.last(), &bytes)?;
         Ok(bytes)
     }
@@ -264,7 +261,7 @@ fn train_epoch(
         }
         crate::fault::after_step(t.step);
         // Every rank stops at the same step, whichever was told.
-        Ok(if t.any_rank(opts.stop_requested())? { Flow::Stop } else { Flow::Continue })
+        Ok(if t.stopping { Flow::Stop } else { Flow::Continue })
     })?;
     progress.finish_and_clear();
     let skipped = trainer.skipped_steps - skipped_before;
@@ -303,6 +300,7 @@ pub fn run(
     opts: &RunOptions,
 ) -> Result<RunSummary> {
     let cfg = trainer.cfg.clone();
+    trainer.stop = opts.stop.clone();
     let shape = splits.train.image_shape();
     let expected = cfg.model.image_shape();
     ensure!(

@@ -12,6 +12,8 @@ use crate::precision::{LossScale, Precision};
 use crate::rng::{seed_torch, Stream};
 use anyhow::{bail, Context, Result};
 use indicatif::ProgressBar;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 use tch::{nn::VarStore, Device, Kind, Tensor};
 
@@ -100,6 +102,11 @@ pub struct Trainer {
     pub group: Option<ProcessGroup>,
     /// Seconds this process spent in the steps' all-reduce (waiting for the others included).
     pub all_reduce_seconds: f64,
+    /// Set from outside (a signal handler) to ask for a stop after the current step.
+    pub stop: Option<Arc<AtomicBool>>,
+    /// Whether a stop was asked for by the last step's end, on any rank: the ranks learn it
+    /// from the step's all-reduce, so they all stop at the same step.
+    pub stopping: bool,
 }
 
 impl Trainer {
@@ -131,6 +138,8 @@ impl Trainer {
             skipped_steps: 0,
             group: None,
             all_reduce_seconds: 0.0,
+            stop: None,
+            stopping: false,
         })
     }
 
@@ -258,7 +267,9 @@ impl Trainer {
             None => stacked,
             Some(group) => {
                 let started = Instant::now();
-                let means = all_reduce_step(group, &grads, &stacked, rows as f64 / global as f64)?;
+                let share = rows as f64 / global as f64;
+                let (means, stopping) = all_reduce_step(group, &grads, &stacked, share, self.stop_asked())?;
+                self.stopping = stopping;
                 self.all_reduce_seconds += started.elapsed().as_secs_f64();
                 means
             }
@@ -285,8 +296,15 @@ impl Trainer {
             self.skipped_steps += 1;
         }
         self.step += 1;
+        if self.group.is_none() {
+            self.stopping = self.stop_asked();
+        }
         mark(Phase::Optimizer);
         Ok(loss_finite.then_some(means))
+    }
+
+    fn stop_asked(&self) -> bool {
+        self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
     }
 
     /// This rank's rows of a global batch of `global`: `(first, count)`; all of them alone.
@@ -314,16 +332,11 @@ impl Trainer {
         let Some(group) = &self.group else { return Ok(()) };
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
+        let vars: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
         tch::no_grad(|| {
-            let parts: Vec<Tensor> = named.iter().map(|(_, t)| t.flatten(0, -1)).collect();
-            let mut flat = Tensor::cat(&parts, 0).to_device(Device::Cpu);
+            let mut flat = bucket(&vars);
             group.broadcast(&mut flat, 0)?;
-            let mut offset = 0;
-            for (_, var) in &named {
-                let n = var.numel() as i64;
-                var.shallow_clone().copy_(&flat.narrow(0, offset, n).view_as(var));
-                offset += n;
-            }
+            unbucket(&flat, &vars);
             Ok(())
         })
     }
@@ -336,22 +349,44 @@ impl Trainer {
     }
 }
 
-/// Sums the ranks' gradients, each weighted already by its rank's share of the batch, and
-/// their batch statistics (`[loss, reconstruction, kl]` means over `share` of the batch), in
-/// one flat all-reduce; writes the summed gradients back and returns the global means.
-fn all_reduce_step(group: &ProcessGroup, grads: &[Tensor], means: &Tensor, share: f64) -> Result<Tensor> {
+/// `tensors` end to end in one flat CPU buffer: c10d exchanges one tensor per call.
+fn bucket(tensors: &[Tensor]) -> Tensor {
+    let parts: Vec<Tensor> = tensors.iter().map(|t| t.flatten(0, -1)).collect();
+    Tensor::cat(&parts, 0).to_device(Device::Cpu)
+}
+
+/// Copies a bucket's values back into `tensors` (on their devices), in order; returns the
+/// offset where they end.
+fn unbucket(flat: &Tensor, tensors: &[Tensor]) -> i64 {
+    let mut offset = 0;
+    for t in tensors {
+        let n = t.numel() as i64;
+        t.shallow_clone().copy_(&flat.narrow(0, offset, n).view_as(t));
+        offset += n;
+    }
+    offset
+}
+
+/// Sums the ranks' gradients, each weighted already by its rank's share of the batch, their
+/// batch statistics (`[loss, reconstruction, kl]` means over `share` of the batch) and their
+/// stop requests, in one flat all-reduce; writes the summed gradients back and returns the
+/// global means and whether any rank asked to stop.
+fn all_reduce_step(
+    group: &ProcessGroup,
+    grads: &[Tensor],
+    means: &Tensor,
+    share: f64,
+    stop: bool,
+) -> Result<(Tensor, bool)> {
     tch::no_grad(|| {
-        let mut parts: Vec<Tensor> = grads.iter().map(|g| g.flatten(0, -1)).collect();
+        let mut parts: Vec<Tensor> = grads.iter().map(Tensor::shallow_clone).collect();
         parts.push(means * share);
-        let mut flat = Tensor::cat(&parts, 0).to_device(Device::Cpu);
+        parts.push(Tensor::from_slice(&[stop as u8 as f32]).to_device(means.device()));
+        let mut flat = bucket(&parts);
         group.all_reduce_sum(&mut flat)?;
-        let flat = flat.to_device(means.device());
-        let mut offset = 0;
-        for g in grads {
-            let n = g.numel() as i64;
-            g.shallow_clone().copy_(&flat.narrow(0, offset, n).view_as(g));
-            offset += n;
-        }
-        Ok(flat.narrow(0, offset, 3))
+        let offset = unbucket(&flat, grads);
+        // Read on the host copy: no device sync for the flag.
+        let stop = flat.double_value(&[offset + 3]) > 0.0;
+        Ok((flat.narrow(0, offset, 3).to_device(means.device()), stop))
     })
 }
