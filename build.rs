@@ -1,10 +1,11 @@
 //! Makes the binary find libtorch without LD_LIBRARY_PATH, and see CUDA when it is there; and
 //! compiles the torch.distributed shim (src/dist/shim.cpp) when Gloo's headers are present.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(vae_gloo)");
+    println!("cargo::rustc-check-cfg=cfg(vae_nccl)");
     // torch-sys exports its libtorch lib folder through the `links = "tch"` key.
     let Ok(lib_dir) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
@@ -22,10 +23,12 @@ fn main() {
 }
 
 /// The c10d shim, against the wheel's headers (`torch/include`, beside `torch/lib`) and Gloo's
-/// (Debian's libgloo-dev, or `GLOO_INCLUDE`). Without them the build goes on, and a run of
-/// several processes says what to install.
+/// (Debian's libgloo-dev, or `GLOO_INCLUDE`); its NCCL half when the CUDA headers are there too.
+/// Without them the build goes on, and a run of several processes says what to install.
 fn distributed_shim(lib_dir: &Path) {
-    println!("cargo:rerun-if-changed=src/dist/shim.cpp");
+    for file in ["shim.h", "shim.cpp", "nccl.cpp"] {
+        println!("cargo:rerun-if-changed=src/dist/{file}");
+    }
     println!("cargo:rerun-if-env-changed=GLOO_INCLUDE");
     let torch_include = lib_dir.with_file_name("include");
     let gloo_include = std::env::var("GLOO_INCLUDE").unwrap_or_else(|_| "/usr/include".into());
@@ -38,20 +41,65 @@ fn distributed_shim(lib_dir: &Path) {
         );
         return;
     }
-    cc::Build::new()
-        .cpp(true)
-        .file("src/dist/shim.cpp")
-        .include(&torch_include)
-        .include(torch_include.join("torch/csrc/api/include"))
-        .include(&gloo_include)
-        .std("c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .define("USE_C10D_GLOO", None)
-        // libtorch's headers warn by the hundred; ours is a few lines.
-        .warnings(false)
-        .flag("-w")
-        .compile("vae_dist_shim");
+    let torch = |file: &str| {
+        let mut build = cc::Build::new();
+        build
+            .cpp(true)
+            .file(format!("src/dist/{file}"))
+            .include(&torch_include)
+            .include(torch_include.join("torch/csrc/api/include"))
+            .std("c++17")
+            .define("_GLIBCXX_USE_CXX11_ABI", "1")
+            // libtorch's headers warn by the hundred; ours is a few lines.
+            .warnings(false)
+            .flag("-w");
+        build
+    };
+    torch("shim.cpp").include(&gloo_include).define("USE_C10D_GLOO", None).compile("vae_dist_shim");
     println!("cargo:rustc-link-lib=torch_cpu");
     println!("cargo:rustc-link-lib=c10");
     println!("cargo:rustc-cfg=vae_gloo");
+    match cuda_includes(lib_dir) {
+        Ok(includes) => {
+            let mut build = torch("nccl.cpp");
+            build.includes(includes).define("USE_C10D_NCCL", None).define("USE_CUDA", None);
+            build.compile("vae_dist_nccl");
+            println!("cargo:rustc-link-lib=torch_cuda");
+            println!("cargo:rustc-link-lib=c10_cuda");
+            println!("cargo:rustc-cfg=vae_nccl");
+        }
+        Err(missing) => println!("cargo:warning=building without NCCL: {missing}"),
+    }
+}
+
+/// The headers ProcessGroupNCCL.hpp needs: the wheel's CUDA runtime and NCCL ones, with
+/// `crt/` and `nv/target` from PyPI's nvidia-cuda-crt and nvidia-cuda-cccl (CUDA_INCLUDE
+/// points elsewhere, e.g. a CUDA toolkit's include folder).
+fn cuda_includes(lib_dir: &Path) -> Result<Vec<PathBuf>, String> {
+    println!("cargo:rerun-if-env-changed=CUDA_INCLUDE");
+    if !lib_dir.join("libtorch_cuda.so").exists() {
+        return Err(format!("{} has no libtorch_cuda.so (a CPU-only torch)", lib_dir.display()));
+    }
+    // torch/lib -> site-packages/nvidia
+    let nvidia = lib_dir.parent().and_then(Path::parent).map(|p| p.join("nvidia")).unwrap_or_default();
+    let cuda = match std::env::var_os("CUDA_INCLUDE") {
+        Some(dir) => PathBuf::from(dir),
+        None => std::fs::read_dir(&nvidia)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path().join("include"))
+            .find(|p| p.join("cuda_runtime_api.h").exists())
+            .ok_or_else(|| format!("no CUDA runtime headers under {}", nvidia.display()))?,
+    };
+    let nccl = nvidia.join("nccl/include");
+    for needed in [cuda.join("crt/host_config.h"), cuda.join("nv/target"), nccl.join("nccl.h")] {
+        if !needed.exists() {
+            return Err(format!(
+                "{} missing (scripts/setup installs nvidia-cuda-crt and nvidia-cuda-cccl)",
+                needed.display()
+            ));
+        }
+    }
+    Ok(vec![cuda, nccl])
 }

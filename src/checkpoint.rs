@@ -361,7 +361,9 @@ impl Checkpoint {
             m.config.epochs,
             m.step
         )?;
-        let best = m.best_test_loss.map_or("none yet".to_string(), |l| format!("{l:.4} nats/image"));
+        let best = m
+            .best_test_loss
+            .map_or("none yet".to_string(), |l| format!("{l:.4} {}", m.config.model.likelihood().unit()));
         writeln!(s, "best test loss {best}")?;
         writeln!(s, "run {}, trained by {} rank(s)", m.run_id, m.world_size)?;
         for r in &m.history {

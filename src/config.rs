@@ -6,7 +6,7 @@
 use crate::adam::AdamConfig;
 use crate::data::{Binarize, DataConfig, DataLocation, DatasetKind};
 use crate::device::DeviceArgs;
-use crate::models::{ConvConfig, Likelihood, ModelConfig};
+use crate::models::{Arch, ConvConfig, Likelihood, ModelConfig, ResnetConfig};
 use crate::precision::Precision;
 use crate::schedule::{LrSchedule, Schedule};
 use anyhow::{bail, ensure, Result};
@@ -97,18 +97,41 @@ pub struct TrainArgs {
     /// How pixel intensities become targets.
     #[arg(long, value_enum, default_value = "none")]
     pub binarize: Binarize,
-    /// Decoder distribution [default: bernoulli for 1 channel, gaussian for 3].
-    #[arg(long, value_enum)]
+    /// The model family.
+    #[arg(long, value_enum, default_value = "conv")]
+    pub arch: Arch,
+    /// Decoder distribution or pixel loss (alias --recon) [default: conv: bernoulli for 1
+    /// channel, gaussian for 3; resnet: l1].
+    #[arg(long, value_enum, alias = "recon")]
     pub likelihood: Option<Likelihood>,
-    /// Output channels of each stride-2 conv stage of the encoder.
+    /// Conv: output channels of each stride-2 conv stage of the encoder.
     #[arg(long, value_delimiter = ',', default_value = "32,64")]
     pub conv_channels: Vec<i64>,
-    /// Width of the hidden linear layer.
+    /// Conv: width of the hidden linear layer.
     #[arg(long, default_value_t = ConvConfig::default().hidden)]
     pub hidden: i64,
-    /// Dimension of the latent space.
+    /// Conv: dimension of the latent space.
     #[arg(long, default_value_t = ConvConfig::default().latent_dim)]
     pub latent_dim: i64,
+    /// Resnet: channels of each down block (diffusers' block_out_channels), e.g.
+    /// 128,256,512,512 for Stable Diffusion's VAE.
+    #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
+    pub block_channels: Vec<i64>,
+    /// Resnet: residual blocks per down block (the up blocks have one more).
+    #[arg(long, default_value_t = ResnetConfig::default().layers_per_block)]
+    pub layers_per_block: i64,
+    /// Resnet: channels of the spatial latent.
+    #[arg(long, default_value_t = ResnetConfig::default().latent_channels)]
+    pub latent_channels: i64,
+    /// Resnet: GroupNorm groups (they divide every block's channels).
+    #[arg(long, default_value_t = ResnetConfig::default().norm_groups)]
+    pub norm_groups: i64,
+    /// Resnet: self-attention in the middle blocks (the default).
+    #[arg(long, overrides_with = "no_mid_attention")]
+    pub mid_attention: bool,
+    /// Resnet: no self-attention in the middle blocks.
+    #[arg(long, overrides_with = "mid_attention")]
+    pub no_mid_attention: bool,
     /// Total epochs of the run; a resumed run may raise it.
     #[arg(long, default_value_t = 10)]
     pub epochs: u64,
@@ -183,11 +206,35 @@ const fn setting(id: &'static str, on_resume: OnResume, apply: fn(&TrainArgs, &m
 
 fn nothing(_: &TrainArgs, _: &mut TrainConfig) {}
 
-fn conv(c: &mut TrainConfig) -> &mut ConvConfig {
-    match &mut c.model {
-        ModelConfig::Conv(conv) => conv,
+/// Sets a field of the conv architecture (a flag of the other family changes nothing; see
+/// [`TrainArgs::check_arch_flags`]).
+fn conv(c: &mut TrainConfig, set: impl FnOnce(&mut ConvConfig)) {
+    if let ModelConfig::Conv(conv) = &mut c.model {
+        set(conv)
     }
 }
+
+fn resnet(c: &mut TrainConfig, set: impl FnOnce(&mut ResnetConfig)) {
+    if let ModelConfig::Resnet(resnet) = &mut c.model {
+        set(resnet)
+    }
+}
+
+/// The flags of one model family only.
+const FAMILY_FLAGS: &[(Arch, &[&str])] = &[
+    (Arch::Conv, &["conv_channels", "hidden", "latent_dim"]),
+    (
+        Arch::Resnet,
+        &[
+            "block_channels",
+            "layers_per_block",
+            "latent_channels",
+            "norm_groups",
+            "mid_attention",
+            "no_mid_attention",
+        ],
+    ),
+];
 
 /// Every flag of [`TrainArgs`], in `--help` order. `vae train`'s run options (folder,
 /// saving, logging, the guard) are all [`OnResume::Process`].
@@ -206,13 +253,28 @@ pub const SETTINGS: &[Setting] = &[
     setting("train_size", Fixed, |a, c| c.data.train_size = a.train_size),
     setting("test_size", Fixed, |a, c| c.data.test_size = a.test_size),
     setting("binarize", Fixed, |a, c| c.binarize = a.binarize),
+    setting("arch", Fixed, |a, c| {
+        if c.model.arch() != a.arch {
+            c.model = a.arch.default_config()
+        }
+    }),
     setting("likelihood", Fixed, |a, c| {
         let channels = a.channels.unwrap_or(a.dataset.default_channels());
-        c.model.set_likelihood(a.likelihood.unwrap_or(Likelihood::default_for(channels)))
+        let default = match a.arch {
+            Arch::Conv => Likelihood::default_for(channels),
+            Arch::Resnet => Likelihood::L1,
+        };
+        c.model.set_likelihood(a.likelihood.unwrap_or(default))
     }),
-    setting("conv_channels", Fixed, |a, c| conv(c).channels = a.conv_channels.clone()),
-    setting("hidden", Fixed, |a, c| conv(c).hidden = a.hidden),
-    setting("latent_dim", Fixed, |a, c| conv(c).latent_dim = a.latent_dim),
+    setting("conv_channels", Fixed, |a, c| conv(c, |m| m.channels = a.conv_channels.clone())),
+    setting("hidden", Fixed, |a, c| conv(c, |m| m.hidden = a.hidden)),
+    setting("latent_dim", Fixed, |a, c| conv(c, |m| m.latent_dim = a.latent_dim)),
+    setting("block_channels", Fixed, |a, c| resnet(c, |m| m.block_channels = a.block_channels.clone())),
+    setting("layers_per_block", Fixed, |a, c| resnet(c, |m| m.layers_per_block = a.layers_per_block)),
+    setting("latent_channels", Fixed, |a, c| resnet(c, |m| m.latent_channels = a.latent_channels)),
+    setting("norm_groups", Fixed, |a, c| resnet(c, |m| m.norm_groups = a.norm_groups)),
+    setting("mid_attention", Fixed, |a, c| resnet(c, |m| m.mid_attention = !a.no_mid_attention)),
+    setting("no_mid_attention", Fixed, |a, c| resnet(c, |m| m.mid_attention = !a.no_mid_attention)),
     setting("epochs", Changeable, |a, c| c.epochs = a.epochs),
     setting("batch_size", Fixed, |a, c| c.batch_size = a.batch_size),
     setting("lr", Changeable, |a, c| c.adam.lr = a.lr),
@@ -252,11 +314,27 @@ impl TrainArgs {
         <Defaults as clap::Parser>::parse_from(["vae"]).args
     }
 
+    /// Refuses a flag of another model family than `arch` (it would change nothing).
+    pub fn check_arch_flags(matches: &ArgMatches, arch: Arch) -> Result<()> {
+        for (family, ids) in FAMILY_FLAGS.iter().filter(|(family, _)| *family != arch) {
+            if let Some(id) = ids.iter().find(|id| matches.value_source(id) == Some(ValueSource::CommandLine))
+            {
+                bail!(
+                    "--{} applies to --arch {}; this model is --arch {}",
+                    id.replace('_', "-"),
+                    family.name(),
+                    arch.name()
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// The config these flags make for a new run. The image shape is the flags' (shapes,
     /// folder) or the dataset's usual one until the data is loaded.
     pub fn config(&self) -> TrainConfig {
         let mut cfg = TrainConfig {
-            model: ModelConfig::Conv(ConvConfig::default()),
+            model: self.arch.default_config(),
             data: DataConfig::default(),
             adam: AdamConfig::default(),
             epochs: 0,
@@ -418,6 +496,8 @@ mod tests {
     fn the_flags_defaults_are_the_configs_defaults() {
         let cfg = TrainConfig::default();
         assert_eq!(cfg.model, ModelConfig::Conv(ConvConfig::default()));
+        let (args, _) = parse(&["--arch", "resnet", "--image-size", "64", "--channels", "3"]);
+        assert_eq!(args.config().model, ModelConfig::Resnet(ResnetConfig::default()));
         assert_eq!(cfg.adam, AdamConfig::default());
         assert_eq!(cfg.data, DataConfig { cache_dir: cfg.data.cache_dir.clone(), ..DataConfig::default() });
     }

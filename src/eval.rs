@@ -30,29 +30,37 @@ pub fn prepared(data: &Dataset, cfg: &TrainConfig) -> Dataset {
 /// do not depend on the training batch size.
 const ELBO_BATCH: usize = 500;
 
-/// Means of the bound's terms over `data` (the loss as `weight` makes it: the ELBO for
-/// [`KlWeight::ELBO`]), with the reparameterization noise fixed per batch by the seed; and
-/// the posterior means of the images (`[N, D]`, on the device), which the same pass computes.
-pub fn elbo(
+/// The bound's terms over this rank's share of `data` (the loss as `weight` makes it: the
+/// ELBO for [`KlWeight::ELBO`]): evaluation batch i is rank i mod `world`'s, its noise fixed
+/// by (seed, i), so the sums over ranks are one process's. Returns the `[loss, reconstruction,
+/// kl]` sums and the posterior means' per-dimension sums and sums of squares (`[2, D]`), all
+/// doubles on the device, ready to be summed over ranks.
+pub fn elbo_sums(
     model: &dyn Model,
     data: &Dataset,
     seed: u64,
     weight: KlWeight,
     device: Device,
-) -> Result<(Stats, Tensor)> {
+    (rank, world): (usize, usize),
+) -> Result<(Tensor, Tensor)> {
     let loader = Loader::new(data, device, ELBO_BATCH);
-    let mut sums = Tensor::zeros([3], (Kind::Float, device));
-    let mut means = Vec::new();
-    for (i, x) in loader.sequential().enumerate() {
+    let mut sums = Tensor::zeros([3], (Kind::Double, device));
+    let mut moments = Tensor::zeros([2, model.latent_dim()], (Kind::Double, device));
+    for (i, x) in loader.shard(rank, world) {
         let x = x?;
         seed_torch(seed, Stream::Eval, i as u64);
         tch::no_grad(|| {
             let out = model.forward(&x);
-            sums += Elbo::new(model.likelihood(), &out, &x, weight).stacked() * x.size()[0] as f64;
-            means.push(out.posterior.mean);
+            let stacked = Elbo::new(model.likelihood(), &out, &x, weight).stacked();
+            sums += stacked.to_kind(Kind::Double) * x.size()[0] as f64;
+            let mean = out.posterior.mean.to_kind(Kind::Double);
+            moments += Tensor::stack(
+                &[mean.sum_dim_intlist(0, false, None), mean.square().sum_dim_intlist(0, false, None)],
+                0,
+            );
         });
     }
-    Ok((Stats::from_sums(&sums, loader.len()), Tensor::cat(&means, 0)))
+    Ok((sums, moments))
 }
 
 /// log p(x|z) + log p(z) - log q(z|x) for each noise draw: `eps` is `[K, B, D]`, the result
@@ -122,7 +130,8 @@ pub fn evaluate(
     progress: &indicatif::ProgressBar,
 ) -> Result<Report> {
     let started = std::time::Instant::now();
-    let (elbo, _) = elbo(model, data, cfg.seed, KlWeight::ELBO, device)?;
+    let (sums, _) = elbo_sums(model, data, cfg.seed, KlWeight::ELBO, device, (0, 1))?;
+    let elbo = Stats::from_sums(&sums, data.len());
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
     let iwae_nll = if iw_samples > 0 {

@@ -14,12 +14,15 @@ test_kl,active_dims,lr,images_per_s,seconds";
 /// (Burda et al. 2016): below it, the dimension ignores its input.
 pub const ACTIVE_THRESHOLD: f64 = 0.01;
 
-/// Latent dimensions whose posterior mean varies across the images: `mean` is `[N, D]`.
-pub fn active_dimensions(mean: &Tensor) -> i64 {
-    if mean.size()[0] < 2 {
+/// Latent dimensions whose posterior mean varies across the `n` images, from the means'
+/// per-dimension sums and sums of squares (`[2, D]`): the unbiased variance above the threshold.
+pub fn active_dimensions(moments: &Tensor, n: usize) -> i64 {
+    if n < 2 {
         return 0;
     }
-    let variance = mean.to_kind(tch::Kind::Double).var_dim(0, true, false);
+    let (sum, square) =
+        (moments.get(0).to_kind(tch::Kind::Double), moments.get(1).to_kind(tch::Kind::Double));
+    let variance = (square - sum.square() / n as f64) / (n - 1) as f64;
     variance.gt(ACTIVE_THRESHOLD).sum(tch::Kind::Int64).int64_value(&[])
 }
 
@@ -146,8 +149,18 @@ mod tests {
 
     #[test]
     fn only_dimensions_whose_mean_varies_are_active() {
-        let varying = Tensor::from_slice(&[-1.0f32, 1.0, -1.0, 1.0]).view([4, 1]);
-        let constant = Tensor::from_slice(&[0.3f32, 0.3, 0.31, 0.3]).view([4, 1]);
-        assert_eq!(active_dimensions(&Tensor::cat(&[varying, constant], 1)), 1);
+        let varying = Tensor::from_slice(&[-1.0f64, 1.0, -1.0, 1.0]).view([4, 1]);
+        let constant = Tensor::from_slice(&[0.3f64, 0.3, 0.31, 0.3]).view([4, 1]);
+        let means = Tensor::cat(&[varying, constant], 1);
+        let moments = Tensor::stack(
+            &[means.sum_dim_intlist(0, false, None), means.square().sum_dim_intlist(0, false, None)],
+            0,
+        );
+        assert_eq!(active_dimensions(&moments, 4), 1);
+        // What libtorch's unbiased variance says of the same means.
+        assert_eq!(
+            means.var_dim(0, true, false).gt(ACTIVE_THRESHOLD).sum(tch::Kind::Int64).int64_value(&[]),
+            1
+        );
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::checkpoint::{self, Metadata, Resume};
 use crate::data::{Dataset, Loader, Splits};
+use crate::dist::Backend;
 use crate::export::{self, GRID_COLS};
 use crate::fsio::write_atomic;
 use crate::loss::Stats;
@@ -49,10 +50,14 @@ pub struct RunOptions {
     /// (each is skipped; the weights never see it).
     #[arg(long, default_value_t = 20)]
     pub max_bad_steps: u64,
-    /// Start this many local ranks of a data-parallel run on torch.distributed (Gloo on the
-    /// CPU); `--batch-size` stays the global batch. torchrun sets the ranks itself.
+    /// Start this many local ranks of a data-parallel run on torch.distributed (one GPU each
+    /// on CUDA); `--batch-size` stays the global batch. torchrun sets the ranks itself.
     #[arg(long, default_value_t = 1)]
     pub nproc: usize,
+    /// The collectives' backend [default: nccl on CUDA, gloo on the CPU]; given on one
+    /// process, it forms a group of one (the multi-rank code path on one device).
+    #[arg(long, value_enum)]
+    pub dist_backend: Option<Backend>,
     /// Seconds a rank waits for the others, at the start and at each exchange, before it
     /// stops with an error.
     #[arg(long, default_value_t = 600)]
@@ -74,6 +79,7 @@ impl Default for RunOptions {
             no_tensorboard: false,
             max_bad_steps: 20,
             nproc: 1,
+            dist_backend: None,
             dist_timeout: 600,
             stop: None,
         }
@@ -274,19 +280,19 @@ fn train_epoch(
     Ok(train)
 }
 
-/// The test split's statistics and active dimensions; a test loss that is not finite ends
-/// the run before anything is saved.
-fn evaluate(trainer: &Trainer, test: &Dataset, folder: &RunDir) -> Result<(Stats, i64)> {
-    let (stats, means) = trainer.evaluate(test)?;
+/// The test split's statistics and active dimensions (every rank computes its share); a test
+/// loss that is not finite ends the run, on every rank, before anything is saved.
+fn evaluate(trainer: &Trainer, test: &Dataset, folder: Option<&RunDir>) -> Result<(Stats, i64)> {
+    let (stats, moments) = trainer.evaluate(test)?;
     ensure!(
         stats.loss.is_finite(),
         "epoch {}: the test loss is not finite ({}); the run has diverged, and {} keeps the last \
          checkpoint with a finite one",
         trainer.epoch,
         stats.loss,
-        folder.last().display()
+        folder.map_or("rank 0's run folder".into(), |f| f.last().display().to_string())
     );
-    Ok((stats, active_dimensions(&means)))
+    Ok((stats, active_dimensions(&moments, test.len())))
 }
 
 /// Trains until `trainer.cfg.epochs` in `folder` (held by this process), writing checkpoints
@@ -342,9 +348,9 @@ pub fn run(
             return Ok(summary);
         };
         let seconds = started.elapsed().as_secs_f64();
+        let (test_stats, active_dims) = evaluate(trainer, &test, out.as_ref().map(|o| o.folder))?;
         // The other ranks go on to the next epoch and wait for this one at its first step.
         if let Some(out) = out.as_mut() {
-            let (test_stats, active_dims) = evaluate(trainer, &test, out.folder)?;
             let row = EpochRow {
                 epoch: trainer.epoch,
                 step: trainer.step,
@@ -367,8 +373,9 @@ pub fn run(
             if !opts.quiet {
                 let all_reduce = match &trainer.group {
                     Some(g) => format!(
-                        "  {} ranks, all-reduce {:.0}% of the epoch",
+                        "  {} rank{}, all-reduce {:.0}% of the epoch",
                         g.world,
+                        if g.world == 1 { "" } else { "s" },
                         100.0 * (trainer.all_reduce_seconds - all_reduce_before) / seconds
                     ),
                     None => String::new(),

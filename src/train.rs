@@ -170,7 +170,11 @@ impl Trainer {
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
         for (i, indices) in batches.iter().enumerate().skip(done) {
             let batch = indices.size()[0] as usize;
-            loader.prefetch_next(&batches, i);
+            if let Some(next) = batches.get(i + 1) {
+                // Read ahead this rank's rows only: a streamed split fetches no other's images.
+                let (first, rows) = self.share(next.size()[0]);
+                loader.prefetch(&next.narrow(0, first, rows));
+            }
             if let Some(means) = self.step(loader, indices, None)? {
                 sums += means * batch as f64;
                 seen += batch;
@@ -220,20 +224,30 @@ impl Trainer {
         mark(Phase::Start);
         // Noise of step s depends on (seed, s) only: a resumed run draws the same. Every
         // draw is made for the whole global batch, in the same order whatever the number of
-        // ranks, and each rank keeps its rows: a W-rank run sees the 1-process run's draws.
+        // ranks, and each rank keeps its rows (and reads only their images): a W-rank run
+        // sees the 1-process run's draws.
         seed_torch(self.cfg.seed, Stream::Step, self.step);
         let global = indices.size()[0];
-        let mut x = loader.gather(indices)?;
+        let (first, rows) = self.share(global);
+        let mut x = loader.gather(&indices.narrow(0, first, rows))?;
+        let draw = |mut shape: Vec<i64>, normal: bool| {
+            shape[0] = global;
+            let options = (Kind::Float, self.device);
+            let all = if normal {
+                Tensor::randn(shape.as_slice(), options)
+            } else {
+                Tensor::rand(shape.as_slice(), options)
+            };
+            all.narrow(0, first, rows)
+        };
         if self.cfg.hflip {
-            x = crate::data::random_hflip(&x);
+            x = crate::data::random_hflip(&x, &draw(vec![0], false));
         }
         if self.cfg.binarize == Binarize::Dynamic {
-            x = x.bernoulli();
+            // Bernoulli(x), as a uniform draw below x.
+            x = draw(x.size(), false).lt_tensor(&x).to_kind(Kind::Float);
         }
-        let eps = Tensor::randn([global, self.model.latent_dim()], (Kind::Float, self.device));
-        let (first, rows) = self.share(global);
-        let (x, eps) =
-            if rows < global { (x.narrow(0, first, rows), eps.narrow(0, first, rows)) } else { (x, eps) };
+        let eps = draw(vec![0, self.model.latent_dim()], true);
         mark(Phase::Data);
         let schedule = self.cfg.schedule(loader.len());
         let (loss, stacked) = if rows > 0 {
@@ -322,9 +336,9 @@ impl Trainer {
     /// Whether any rank says yes (one small all-reduce); this rank's word alone otherwise.
     pub fn any_rank(&self, yes: bool) -> Result<bool> {
         let Some(group) = &self.group else { return Ok(yes) };
-        let mut flag = Tensor::from_slice(&[yes as i64]);
-        group.all_reduce_sum(&mut flag)?;
-        Ok(flag.int64_value(&[0]) > 0)
+        let flag = Tensor::from_slice(&[f32::from(u8::from(yes))]);
+        group.all_reduce_sum(std::slice::from_ref(&flag))?;
+        Ok(flag.double_value(&[0]) > 0.0)
     }
 
     /// Gives every rank rank 0's weights (all start from the seed alike; this makes sure).
@@ -333,44 +347,28 @@ impl Trainer {
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let vars: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
-        tch::no_grad(|| {
-            let mut flat = bucket(&vars);
-            group.broadcast(&mut flat, 0)?;
-            unbucket(&flat, &vars);
-            Ok(())
-        })
+        group.broadcast(&vars, 0)
     }
 
     /// The bound on a split (noise fixed per evaluation batch by the seed), and the posterior
-    /// means of `data` (`[N, D]`) the same pass computed.
+    /// means' per-dimension sums and sums of squares (`[2, D]`); every rank evaluates its
+    /// share and the sums are exchanged, so all of them return the whole split's.
     pub fn evaluate(&self, data: &Dataset) -> Result<(Stats, Tensor)> {
         let weight = KlWeight { beta: self.cfg.beta, free_bits: 0.0 };
-        crate::eval::elbo(self.model.as_ref(), data, self.cfg.seed, weight, self.device)
+        let shard = self.group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
+        let (sums, moments) =
+            crate::eval::elbo_sums(self.model.as_ref(), data, self.cfg.seed, weight, self.device, shard)?;
+        if let Some(group) = &self.group {
+            group.all_reduce_sum(&[sums.shallow_clone(), moments.shallow_clone()])?;
+        }
+        Ok((Stats::from_sums(&sums, data.len()), moments))
     }
-}
-
-/// `tensors` end to end in one flat CPU buffer: c10d exchanges one tensor per call.
-fn bucket(tensors: &[Tensor]) -> Tensor {
-    let parts: Vec<Tensor> = tensors.iter().map(|t| t.flatten(0, -1)).collect();
-    Tensor::cat(&parts, 0).to_device(Device::Cpu)
-}
-
-/// Copies a bucket's values back into `tensors` (on their devices), in order; returns the
-/// offset where they end.
-fn unbucket(flat: &Tensor, tensors: &[Tensor]) -> i64 {
-    let mut offset = 0;
-    for t in tensors {
-        let n = t.numel() as i64;
-        t.shallow_clone().copy_(&flat.narrow(0, offset, n).view_as(t));
-        offset += n;
-    }
-    offset
 }
 
 /// Sums the ranks' gradients, each weighted already by its rank's share of the batch, their
 /// batch statistics (`[loss, reconstruction, kl]` means over `share` of the batch) and their
-/// stop requests, in one flat all-reduce; writes the summed gradients back and returns the
-/// global means and whether any rank asked to stop.
+/// stop requests, in the same flat buckets (one all-reduce for a model under 25 MiB); writes
+/// the summed gradients back and returns the global means and whether any rank asked to stop.
 fn all_reduce_step(
     group: &ProcessGroup,
     grads: &[Tensor],
@@ -378,15 +376,11 @@ fn all_reduce_step(
     share: f64,
     stop: bool,
 ) -> Result<(Tensor, bool)> {
-    tch::no_grad(|| {
-        let mut parts: Vec<Tensor> = grads.iter().map(Tensor::shallow_clone).collect();
-        parts.push(means * share);
-        parts.push(Tensor::from_slice(&[stop as u8 as f32]).to_device(means.device()));
-        let mut flat = bucket(&parts);
-        group.all_reduce_sum(&mut flat)?;
-        let offset = unbucket(&flat, grads);
-        // Read on the host copy: no device sync for the flag.
-        let stop = flat.double_value(&[offset + 3]) > 0.0;
-        Ok((flat.narrow(0, offset, 3).to_device(means.device()), stop))
-    })
+    let mut parts: Vec<Tensor> = grads.iter().map(Tensor::shallow_clone).collect();
+    let extra =
+        tch::no_grad(|| [means * share, Tensor::from_slice(&[stop as u8 as f32]).to_device(means.device())]);
+    parts.extend(extra);
+    group.all_reduce_sum(&parts)?;
+    let stop = parts[parts.len() - 1].double_value(&[0]) > 0.0;
+    Ok((parts.swap_remove(parts.len() - 2), stop))
 }

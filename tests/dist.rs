@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 use tch::{Kind, Tensor};
-use vae::dist::{ProcessGroup, AVAILABLE};
+use vae::dist::{Backend, DistEnv, ProcessGroup};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -14,10 +14,14 @@ fn values(t: &Tensor) -> Vec<f32> {
 /// What rank `rank` of two sees: its sum, the broadcast, then the barrier.
 fn rank_work(group: ProcessGroup) -> (Vec<f32>, Vec<f32>) {
     let rank = group.rank as f64;
-    let mut summed = Tensor::arange(4, (Kind::Float, tch::Device::Cpu)) * (rank + 1.0);
-    group.all_reduce_sum(&mut summed).unwrap();
-    let mut shared = Tensor::full([3], rank + 10.0, (Kind::Float, tch::Device::Cpu));
-    group.broadcast(&mut shared, 0).unwrap();
+    let summed = Tensor::arange(4, (Kind::Float, tch::Device::Cpu)) * (rank + 1.0);
+    // Two tensors and 30 MiB: two buckets, the second one tensor of 8M numbers.
+    let big = Tensor::full([8 << 20], rank + 1.0, (Kind::Float, tch::Device::Cpu));
+    group.all_reduce_sum(&[summed.shallow_clone(), big.shallow_clone()]).unwrap();
+    assert_eq!(big.min().double_value(&[]), 3.0);
+    assert_eq!(big.max().double_value(&[]), 3.0);
+    let shared = Tensor::full([3], rank + 10.0, (Kind::Float, tch::Device::Cpu));
+    group.broadcast(std::slice::from_ref(&shared), 0).unwrap();
     group.barrier().unwrap();
     (values(&summed), values(&shared))
 }
@@ -29,8 +33,8 @@ fn free_port() -> u16 {
 
 #[test]
 fn two_ranks_sum_broadcast_and_meet() {
-    if !AVAILABLE {
-        let err = ProcessGroup::connect_at("127.0.0.1", 1, 0, 2, true, TIMEOUT).err().unwrap().to_string();
+    if !Backend::Gloo.built() {
+        let err = join(&at(1, 0), TIMEOUT).err().unwrap().to_string();
         assert!(err.contains("install Debian's libgloo-dev"), "{err}");
         return;
     }
@@ -38,8 +42,7 @@ fn two_ranks_sum_broadcast_and_meet() {
     let ranks: Vec<_> = (0..2)
         .map(|rank| {
             std::thread::spawn(move || {
-                let group = ProcessGroup::connect_at("127.0.0.1", port, rank, 2, rank == 0, TIMEOUT)
-                    .unwrap_or_else(|e| panic!("rank {rank}: {e:#}"));
+                let group = join(&at(port, rank), TIMEOUT).unwrap_or_else(|e| panic!("rank {rank}: {e:#}"));
                 assert_eq!((group.rank, group.world, group.port), (rank, 2, port));
                 rank_work(group)
             })
@@ -54,14 +57,31 @@ fn two_ranks_sum_broadcast_and_meet() {
 
     // Rank 1 of 2 waits for a store that never starts, and gives up when its timeout ends.
     let port = free_port();
-    let err = ProcessGroup::connect_at("127.0.0.1", port, 1, 2, false, Duration::from_secs(2))
-        .err()
-        .expect("no store");
-    let err = err.to_string();
+    let err = join(&at(port, 1), Duration::from_secs(2)).err().expect("no store").to_string();
     assert!(
-        err.contains(&format!("rank 1 of 2 could not join the process group at 127.0.0.1:{port}")),
+        err.contains(&format!("rank 1 of 2 could not join the Gloo process group at 127.0.0.1:{port}")),
         "{err}"
     );
+
+    // NCCL is for GPUs: asked for on the CPU, it is refused before anything connects.
+    let err = ProcessGroup::connect(&at(port, 0), Backend::Nccl, tch::Device::Cpu, TIMEOUT).err().unwrap();
+    assert!(err.to_string().contains("--dist-backend nccl needs a CUDA device, found Cpu"), "{err}");
+}
+
+/// Rank `rank` of two, meeting at 127.0.0.1:port.
+fn at(port: u16, rank: usize) -> DistEnv {
+    DistEnv {
+        rank,
+        world: 2,
+        local_rank: rank,
+        master_addr: "127.0.0.1".into(),
+        master_port: port,
+        agent_store: false,
+    }
+}
+
+fn join(env: &DistEnv, timeout: Duration) -> anyhow::Result<ProcessGroup> {
+    ProcessGroup::connect(env, Backend::Gloo, tch::Device::Cpu, timeout)
 }
 
 mod common;
@@ -117,7 +137,7 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     let dir = tempfile::tempdir().unwrap();
     let one = dir.path().join("one");
     let two = dir.path().join("two");
-    if !AVAILABLE {
+    if !Backend::Gloo.built() {
         let out = train(&two, "1", &["--nproc", "2"]);
         assert!(!out.status.success() && stderr(&out).contains("libgloo-dev"), "{}", stderr(&out));
         return;
@@ -188,7 +208,7 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
 
 #[test]
 fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
-    if !AVAILABLE {
+    if !Backend::Gloo.built() {
         return; // two_ranks_train_as_one_process_and_resume_exactly checks the message
     }
     use std::io::{BufRead, BufReader};
@@ -235,8 +255,9 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     assert!(!out.status.success());
     let err = stderr(&out);
     assert!(
-        err.contains(&format!("rank 0 of 2 could not join the process group at 127.0.0.1:{port}")),
+        err.contains(&format!("rank 0 of 2 could not join the Gloo process group at 127.0.0.1:{port}")),
         "{err}"
     );
+    assert!(!err.contains("frame #0"), "c10's C++ stack is left out: {err}");
     assert!(!never.exists());
 }

@@ -101,7 +101,7 @@ fn the_checkpoint_loader_takes_any_bytes() {
     // A config promising more parameters than the file holds is refused before any model
     // is built from it (which would try to allocate them).
     let mut huge = meta.clone();
-    let ModelConfig::Conv(conv) = &mut huge.config.model;
+    let ModelConfig::Conv(conv) = &mut huge.config.model else { panic!("the seed is a conv model") };
     conv.hidden = 1 << 40;
     let refused = Checkpoint::from_bytes(path, &checkpoint::to_bytes(&vs, &adam, &huge).unwrap());
     let err = format!("{:#}", refused.err().expect("a config of 2^40 hidden units is refused"));

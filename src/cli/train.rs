@@ -9,7 +9,7 @@ use std::sync::Arc;
 use vae::checkpoint::{self, Checkpoint, Resume};
 use vae::config::{Change, TrainArgs, TrainConfig};
 use vae::data::Splits;
-use vae::dist::{DistEnv, ProcessGroup};
+use vae::dist::{Backend, DistEnv, ProcessGroup};
 use vae::run::{self, Lineage, RunOptions};
 use vae::run_dir::{self, RunDir};
 use vae::schedule::LrSchedule;
@@ -36,19 +36,24 @@ impl TrainCommand {
     pub fn run(mut self, matches: &ArgMatches) -> Result<()> {
         self.run.validate()?;
         let env = DistEnv::from_vars(|name| std::env::var(name).ok())?;
+        let mut device = self.settings.device.init()?;
+        let backend = self.run.dist_backend.unwrap_or(Backend::for_device(device));
         if env.is_none() && self.run.nproc > 1 {
+            // Refused here, before any rank starts, when this build or device cannot run it.
+            backend.check(device)?;
             return super::launch::ranks(self.run.nproc);
         }
-        let mut device = self.settings.device.init()?;
         if let (Some(env), tch::Device::Cuda(_)) = (&env, device) {
             // One GPU per local rank, unless --device named one.
             if !self.settings.device.device.starts_with("cuda:") {
                 device = vae::device::parse_device(&format!("cuda:{}", env.local_rank))?;
             }
         }
+        // A backend named on one process forms a group of one: the path of a W-rank run.
+        let env = env.or_else(|| self.run.dist_backend.map(|_| DistEnv::alone()));
         let timeout = std::time::Duration::from_secs(self.run.dist_timeout);
         let group = match env {
-            Some(env) => Some(ProcessGroup::connect(&env, timeout)?),
+            Some(env) => Some(ProcessGroup::connect(&env, backend, device, timeout)?),
             None => None,
         };
         // One rank reports; all of them see the same numbers.
@@ -58,7 +63,7 @@ impl TrainCommand {
                 Some(start) => start,
                 None => return Ok(()),
             },
-            None => self.fresh(device, group.as_ref())?,
+            None => self.fresh(matches, device, group.as_ref())?,
         };
         let Start { mut trainer, splits, folder, lineage } = start;
         trainer.group = group;
@@ -80,8 +85,9 @@ impl TrainCommand {
         }
         if let (false, Some(folder), Some((_, test))) = (self.run.quiet, &folder, summary.epochs.last()) {
             println!(
-                "done: test loss {:.2} nats/image; checkpoints and pictures in {}",
+                "done: test loss {:.2} {}; checkpoints and pictures in {}",
                 test.loss,
+                trainer.cfg.model.likelihood().unit(),
                 folder.path().display()
             );
         }
@@ -89,9 +95,15 @@ impl TrainCommand {
     }
 
     /// A new run: settings checked, data loaded, then a run folder of its own (rank 0's).
-    fn fresh(&self, device: tch::Device, group: Option<&ProcessGroup>) -> Result<Start> {
+    fn fresh(
+        &self,
+        matches: &ArgMatches,
+        device: tch::Device,
+        group: Option<&ProcessGroup>,
+    ) -> Result<Start> {
         let rank = group.map_or(0, |g| g.rank);
         let args = &self.settings;
+        TrainArgs::check_arch_flags(matches, args.arch)?;
         let given = args.image_size.is_some() || args.channels.is_some();
         if given && !args.dataset.sized() {
             bail!(
@@ -137,6 +149,7 @@ impl TrainCommand {
         let (rank, world) = group.map_or((0, 1), |g| (g.rank, g.world));
         let path = run_dir::resolve(from)?;
         let ckpt = Checkpoint::load(&path)?;
+        TrainArgs::check_arch_flags(matches, ckpt.meta.config.model.arch())?;
         let (cfg, changes) = self.settings.resumed(&ckpt.meta.config, matches, &path)?;
         ensure!(
             cfg.epochs >= ckpt.meta.epoch,

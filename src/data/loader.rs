@@ -93,11 +93,19 @@ impl Loader {
     /// The split in order, batch by batch, as floats in [0, 1], each batch read while the one
     /// before it is used.
     pub fn sequential(&self) -> impl Iterator<Item = Result<Tensor>> + '_ {
+        self.shard(0, 1).map(|(_, x)| x)
+    }
+
+    /// Batches `rank`, `rank + world`, ... of [`Loader::sequential`], with their index: one
+    /// rank's share of a pass that `world` ranks make together.
+    pub fn shard(&self, rank: usize, world: usize) -> impl Iterator<Item = (usize, Result<Tensor>)> + '_ {
         let all = Tensor::arange(self.len() as i64, (Kind::Int64, self.index_device()));
         let batches = all.split(self.batch_size, 0);
-        (0..batches.len()).map(move |i| {
-            self.prefetch_next(&batches, i);
-            self.gather(&batches[i])
+        (rank..batches.len()).step_by(world).map(move |i| {
+            if let Some(next) = batches.get(i + world) {
+                self.prefetch(next);
+            }
+            (i, self.gather(&batches[i]))
         })
     }
 }
@@ -172,10 +180,10 @@ impl Drop for Prefetcher {
     }
 }
 
-/// Each image of `[B, C, H, W]` mirrored left-right with probability 1/2, drawn from
-/// libtorch's generator (which the trainer seeds per step).
-pub fn random_hflip(x: &Tensor) -> Tensor {
-    let flip = Tensor::rand([x.size()[0], 1, 1, 1], (Kind::Float, x.device())).lt(0.5);
+/// Each image of `[B, C, H, W]` mirrored left-right when its coin, a uniform draw in
+/// `coins` (`[B]`), falls below 1/2.
+pub fn random_hflip(x: &Tensor, coins: &Tensor) -> Tensor {
+    let flip = coins.lt(0.5).view([-1, 1, 1, 1]);
     x.flip([3]).where_self(&flip, x)
 }
 
@@ -244,7 +252,7 @@ mod tests {
     fn hflip_mirrors_some_images_and_keeps_the_others() {
         tch::manual_seed(4);
         let x = Tensor::rand([64, 2, 3, 5], (Kind::Float, Device::Cpu));
-        let y = random_hflip(&x);
+        let y = random_hflip(&x, &Tensor::rand([64], (Kind::Float, Device::Cpu)));
         let (mut kept, mut flipped) = (0, 0);
         for i in 0..64 {
             if y.get(i).equal(&x.get(i)) {

@@ -1,9 +1,10 @@
 //! A build without the shim: the same interface, refusing at connect with what to install.
 
-use anyhow::{bail, Result};
+use super::{Backend, DistEnv};
+use anyhow::Result;
 use std::convert::Infallible;
 use std::time::Duration;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 pub struct ProcessGroup {
     never: Infallible,
@@ -13,26 +14,17 @@ pub struct ProcessGroup {
 }
 
 impl ProcessGroup {
-    pub fn connect_at(
-        host: &str,
-        port: u16,
-        rank: usize,
-        world: usize,
-        _: bool,
-        _: Duration,
-    ) -> Result<Self> {
-        bail!(
-            "rank {rank} of {world} cannot join {host}:{port}: this vae was built without torch.distributed \
-             support, as Gloo's headers were missing at build time; install Debian's libgloo-dev \
-             (scripts/setup does, as root) and rebuild"
-        )
+    pub fn connect(_: &DistEnv, backend: Backend, device: Device, _: Duration) -> Result<Self> {
+        // Without the shim no backend is built: `check` says which headers were missing.
+        backend.check(device)?;
+        unreachable!("a backend without the shim")
     }
 
-    pub fn all_reduce_sum(&self, _: &mut Tensor) -> Result<()> {
+    pub fn all_reduce_sum(&self, _: &[Tensor]) -> Result<()> {
         match self.never {}
     }
 
-    pub fn broadcast(&self, _: &mut Tensor, _: usize) -> Result<()> {
+    pub fn broadcast(&self, _: &[Tensor], _: usize) -> Result<()> {
         match self.never {}
     }
 

@@ -1,9 +1,58 @@
-//! PyTorch's distributed engine (c10d) from Rust: a TCPStore rendezvous and a Gloo process
-//! group, through a small C++ shim (`shim.cpp`, compiled by build.rs against the torch wheel's
-//! headers and Debian's `libgloo-dev`). tch binds none of it. Knows tensors, not training.
+//! PyTorch's distributed engine (c10d) from Rust: a TCPStore rendezvous and a Gloo or NCCL
+//! process group, through a small C++ shim (`shim.cpp` and `nccl.cpp`, compiled by build.rs
+//! against the torch wheel's headers, Debian's `libgloo-dev` and PyPI's CUDA headers). tch
+//! binds none of it. Knows tensors, not training.
 
-use anyhow::{ensure, Context, Result};
-use std::time::Duration;
+use anyhow::{bail, ensure, Context, Result};
+use tch::Device;
+
+/// The c10d backend that carries the collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Backend {
+    /// Over TCP, between CPUs (c10d's Gloo also copies CUDA tensors through the host).
+    Gloo,
+    /// Between GPUs, over NVLink / InfiniBand / PCIe.
+    Nccl,
+}
+
+impl Backend {
+    /// PyTorch's default: NCCL for CUDA tensors, Gloo otherwise.
+    pub fn for_device(device: Device) -> Self {
+        if device.is_cuda() {
+            Self::Nccl
+        } else {
+            Self::Gloo
+        }
+    }
+
+    /// Whether this build carries it (its headers were there at build time).
+    pub fn built(self) -> bool {
+        match self {
+            Self::Gloo => cfg!(vae_gloo),
+            Self::Nccl => cfg!(vae_nccl),
+        }
+    }
+
+    /// Refuses a backend this build lacks (saying what to install) or one the device cannot use.
+    pub fn check(self, device: Device) -> Result<()> {
+        ensure!(
+            self != Self::Nccl || device.is_cuda(),
+            "--dist-backend nccl needs a CUDA device, found {device:?}; use gloo on the CPU"
+        );
+        match (self, self.built()) {
+            (_, true) => Ok(()),
+            (Self::Gloo, false) => bail!(
+                "this vae was built without torch.distributed support, as Gloo's headers were missing \
+                 at build time; install Debian's libgloo-dev (scripts/setup does, as root) and rebuild"
+            ),
+            (Self::Nccl, false) => bail!(
+                "this vae was built without NCCL, as the CUDA headers it needs were missing at build \
+                 time; install nvidia-cuda-crt and nvidia-cuda-cccl into .venv (scripts/setup does) \
+                 and rebuild"
+            ),
+        }
+    }
+}
 
 /// A rank's place in a run of several processes, as torchrun, SLURM or `--nproc` describe it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,7 +72,7 @@ impl DistEnv {
     /// From torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
     /// `MASTER_PORT`), or under `srun` from SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`,
     /// `SLURM_LOCALID`, with `MASTER_ADDR` and `MASTER_PORT` from the job script), read
-    /// through `var`; `None` when no launcher set them.
+    /// through `var`; `None` when no launcher set them, or set a world of one.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
         let names = if var("WORLD_SIZE").is_some() {
             ["WORLD_SIZE", "RANK", "LOCAL_RANK"]
@@ -53,28 +102,35 @@ impl DistEnv {
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
         Ok(Some(Self { rank, world, local_rank, master_addr, master_port, agent_store }))
     }
-}
 
-/// Whether this build carries the shim (Gloo's headers were there at build time).
-pub const AVAILABLE: bool = cfg!(vae_gloo);
+    /// A group of one on this machine (rank 0 hosting its store on a free port): the same
+    /// code path as a W-rank run, for `--dist-backend` on one device.
+    pub fn alone() -> Self {
+        Self {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 0,
+            agent_store: false,
+        }
+    }
+
+    /// Whether this rank hosts the store (rank 0, unless torchrun's agent does).
+    pub(crate) fn serves(&self) -> bool {
+        self.rank == 0 && !self.agent_store
+    }
+}
 
 #[cfg(not(vae_gloo))]
 mod absent;
 #[cfg(vae_gloo)]
-mod gloo;
+mod group;
 
 #[cfg(not(vae_gloo))]
 pub use absent::ProcessGroup;
 #[cfg(vae_gloo)]
-pub use gloo::ProcessGroup;
-
-impl ProcessGroup {
-    /// Joins the run at `env` (rank 0 hosts the store), waiting up to `timeout` for the others.
-    pub fn connect(env: &DistEnv, timeout: Duration) -> Result<Self> {
-        let serve = env.rank == 0 && !env.agent_store;
-        Self::connect_at(&env.master_addr, env.master_port, env.rank, env.world, serve, timeout)
-    }
-}
+pub use group::ProcessGroup;
 
 #[cfg(test)]
 mod tests {

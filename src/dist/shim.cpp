@@ -1,8 +1,9 @@
 // The c10d pieces vae uses, behind a C ABI for Rust: a TCPStore rendezvous and a Gloo process
-// group, with all-reduce, broadcast and barrier on tensors that tch owns (`at::Tensor*`).
-// Every call catches C++ exceptions and returns their message instead.
+// group (NCCL's is in nccl.cpp), with all-reduce, broadcast and barrier on tensors that tch
+// owns (`at::Tensor*`). Every call catches C++ exceptions and returns their message instead.
+#include "shim.h"
+
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
-#include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <chrono>
 #include <cstdlib>
@@ -10,14 +11,27 @@
 #include <string>
 #include <vector>
 
-namespace {
-
-void set_error(char* err, size_t len, const char* what) {
+void vae_set_error(char* err, size_t len, const char* what) {
   if (err != nullptr && len > 0) {
     std::strncpy(err, what, len - 1);
     err[len - 1] = '\0';
   }
 }
+
+c10::intrusive_ptr<c10d::TCPStore> vae_store(const char* host, int* port, int serve, int world,
+                                             int timeout_ms) {
+  c10d::TCPStoreOptions opts;
+  opts.port = static_cast<uint16_t>(*port);
+  opts.isServer = serve != 0;
+  opts.numWorkers = world;
+  opts.waitWorkers = false;
+  opts.timeout = std::chrono::milliseconds(timeout_ms);
+  auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+  *port = store->getPort();
+  return store;
+}
+
+namespace {
 
 std::vector<at::Tensor> gather(at::Tensor** tensors, size_t n) {
   std::vector<at::Tensor> out;
@@ -30,26 +44,14 @@ std::vector<at::Tensor> gather(at::Tensor** tensors, size_t n) {
 
 }  // namespace
 
-struct vae_pg {
-  c10::intrusive_ptr<c10d::TCPStore> store;
-  c10::intrusive_ptr<c10d::ProcessGroupGloo> group;
-};
-
 extern "C" {
 
-// Joins (rank 0 with `serve` set: hosts) the store at host:port, then forms the group of
+// Joins (rank 0 with `serve` set: hosts) the store at host:port, then forms the Gloo group of
 // `world` ranks. `port` 0 with `serve` picks a free port, written back into `*port`.
 vae_pg* vae_pg_new(const char* host, int* port, int serve, int rank, int world, int timeout_ms,
                    char* err, size_t errlen) {
   try {
-    c10d::TCPStoreOptions opts;
-    opts.port = static_cast<uint16_t>(*port);
-    opts.isServer = serve != 0;
-    opts.numWorkers = world;
-    opts.waitWorkers = false;
-    opts.timeout = std::chrono::milliseconds(timeout_ms);
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
-    *port = store->getPort();
+    auto store = vae_store(host, port, serve, world, timeout_ms);
     auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
     const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
     std::string address(host);
@@ -60,10 +62,11 @@ vae_pg* vae_pg_new(const char* host, int* port, int serve, int rank, int world, 
     } else {
       options->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     }
-    auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
+    c10::intrusive_ptr<c10d::Backend> group =
+        c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world, options);
     return new vae_pg{store, group};
   } catch (const std::exception& e) {
-    set_error(err, errlen, e.what());
+    vae_set_error(err, errlen, e.what());
     return nullptr;
   }
 }
@@ -75,7 +78,7 @@ int vae_pg_allreduce_sum(vae_pg* pg, at::Tensor** tensors, size_t n, char* err, 
     pg->group->allreduce(list)->wait();
     return 0;
   } catch (const std::exception& e) {
-    set_error(err, errlen, e.what());
+    vae_set_error(err, errlen, e.what());
     return 1;
   }
 }
@@ -89,21 +92,19 @@ int vae_pg_broadcast(vae_pg* pg, at::Tensor** tensors, size_t n, int root, char*
     pg->group->broadcast(list, opts)->wait();
     return 0;
   } catch (const std::exception& e) {
-    set_error(err, errlen, e.what());
+    vae_set_error(err, errlen, e.what());
     return 1;
   }
 }
 
-int vae_pg_barrier(vae_pg* pg, char* err, size_t errlen) {
+// Ends the group cleanly (NCCL wants it before destruction), then frees the handle.
+void vae_pg_free(vae_pg* pg) {
   try {
-    pg->group->barrier()->wait();
-    return 0;
-  } catch (const std::exception& e) {
-    set_error(err, errlen, e.what());
-    return 1;
+    pg->group->shutdown();
+  } catch (const std::exception&) {
+    // Exiting anyway: nothing to report to.
   }
+  delete pg;
 }
-
-void vae_pg_free(vae_pg* pg) { delete pg; }
 
 }  // extern "C"

@@ -5,8 +5,10 @@
 //! `build`, so tensor names are the `state_dict` names of the same PyTorch module tree.
 
 pub mod conv;
+pub mod resnet;
 
 pub use conv::{ConvConfig, ConvVae};
+pub use resnet::{ResnetConfig, ResnetVae};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,12 @@ pub enum Likelihood {
     /// Gaussian in its mean-squared-error form: sum of (x - mean)^2, i.e. -log N(x; mean, 1/2)
     /// less the constant (D/2) log(pi).
     Gaussian,
+    /// Latent diffusion's pixel loss: sum of |x - x̂| over pixels in [-1, 1] (a Laplace
+    /// likelihood of scale 1 less its constant; not a normalised density, so the "bound" is
+    /// a loss, not nats).
+    L1,
+    /// Sum of (x - x̂)^2 over pixels in [-1, 1] (also a loss, not nats).
+    L2,
 }
 
 impl Likelihood {
@@ -33,6 +41,21 @@ impl Likelihood {
         }
     }
 
+    /// Whether the reconstruction term is a normalised -log p(x|z) (so the bound is in nats):
+    /// the L1 and L2 losses of latent diffusion are not.
+    pub fn is_density(&self) -> bool {
+        matches!(self, Likelihood::Bernoulli | Likelihood::Gaussian)
+    }
+
+    /// What a loss of this reconstruction term is measured in, per image.
+    pub fn unit(&self) -> &'static str {
+        match self {
+            Likelihood::Bernoulli | Likelihood::Gaussian => "nats/image",
+            Likelihood::L1 => "per image (L1 in [-1, 1] pixels, not nats)",
+            Likelihood::L2 => "per image (squared error in [-1, 1] pixels, not nats)",
+        }
+    }
+
     /// -log p(x|z) summed over pixels: one value per example.
     pub fn reconstruction_nll(&self, params: &Tensor, x: &Tensor) -> Tensor {
         let per_pixel = match self {
@@ -40,6 +63,8 @@ impl Likelihood {
                 params.binary_cross_entropy_with_logits::<Tensor>(x, None, None, Reduction::None)
             }
             Likelihood::Gaussian => (params - x).square(),
+            Likelihood::L1 => (params - (x * 2.0 - 1.0)).abs(),
+            Likelihood::L2 => (params - (x * 2.0 - 1.0)).square(),
         };
         per_pixel.flatten(1, -1).sum_dim_intlist(-1, false, None)
     }
@@ -49,6 +74,7 @@ impl Likelihood {
         match self {
             Likelihood::Bernoulli => params.sigmoid(),
             Likelihood::Gaussian => params.clamp(0.0, 1.0),
+            Likelihood::L1 | Likelihood::L2 => ((params + 1.0) * 0.5).clamp(0.0, 1.0),
         }
     }
 }
@@ -163,25 +189,61 @@ pub trait Model {
     }
 }
 
+/// A model family, as `--arch` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    /// The textbook convolutional VAE: strided convs, a dense bottleneck, a latent vector.
+    Conv,
+    /// Latent diffusion's residual KL-autoencoder (diffusers' AutoencoderKL), spatial latent.
+    Resnet,
+}
+
+impl Arch {
+    /// The family's default architecture.
+    pub fn default_config(self) -> ModelConfig {
+        match self {
+            Arch::Conv => ModelConfig::Conv(ConvConfig::default()),
+            Arch::Resnet => ModelConfig::Resnet(ResnetConfig::default()),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Conv => "conv",
+            Arch::Resnet => "resnet",
+        }
+    }
+}
+
 /// The architecture, one variant per family; stored in every checkpoint (as the family's
 /// fields plus `"arch"`) so a model can be rebuilt from its file alone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "arch", rename_all = "kebab-case")]
 pub enum ModelConfig {
     Conv(ConvConfig),
+    Resnet(ResnetConfig),
 }
 
 impl ModelConfig {
+    pub fn arch(&self) -> Arch {
+        match self {
+            ModelConfig::Conv(_) => Arch::Conv,
+            ModelConfig::Resnet(_) => Arch::Resnet,
+        }
+    }
+
     /// The model, its parameters created under `vs`.
     pub fn build(&self, vs: nn::Path) -> Box<dyn Model> {
         match self {
             ModelConfig::Conv(c) => Box::new(ConvVae::new(vs, c)),
+            ModelConfig::Resnet(c) => Box::new(ResnetVae::new(vs, c)),
         }
     }
 
     pub fn validate(&self) -> Result<()> {
         match self {
             ModelConfig::Conv(c) => c.validate(),
+            ModelConfig::Resnet(c) => c.validate(),
         }
     }
 
@@ -190,6 +252,7 @@ impl ModelConfig {
     pub fn parameter_count(&self) -> u128 {
         match self {
             ModelConfig::Conv(c) => c.parameter_count(),
+            ModelConfig::Resnet(c) => c.parameter_count(),
         }
     }
 
@@ -197,6 +260,7 @@ impl ModelConfig {
     pub fn image_shape(&self) -> [i64; 3] {
         match self {
             ModelConfig::Conv(c) => [c.in_channels, c.image_size, c.image_size],
+            ModelConfig::Resnet(c) => [c.in_channels, c.image_size, c.image_size],
         }
     }
 
@@ -204,18 +268,28 @@ impl ModelConfig {
     pub fn set_image_shape(&mut self, channels: i64, side: i64) {
         match self {
             ModelConfig::Conv(c) => (c.in_channels, c.image_size) = (channels, side),
+            ModelConfig::Resnet(c) => (c.in_channels, c.image_size) = (channels, side),
         }
     }
 
     pub fn set_likelihood(&mut self, likelihood: Likelihood) {
         match self {
             ModelConfig::Conv(c) => c.likelihood = likelihood,
+            ModelConfig::Resnet(c) => c.likelihood = likelihood,
+        }
+    }
+
+    pub fn likelihood(&self) -> Likelihood {
+        match self {
+            ModelConfig::Conv(c) => c.likelihood,
+            ModelConfig::Resnet(c) => c.likelihood,
         }
     }
 
     pub fn latent_dim(&self) -> i64 {
         match self {
             ModelConfig::Conv(c) => c.latent_dim,
+            ModelConfig::Resnet(c) => c.latent_dim(),
         }
     }
 

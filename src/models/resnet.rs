@@ -1,0 +1,527 @@
+//! The residual KL-autoencoder of latent diffusion (`--arch resnet`), layer for layer
+//! diffusers' `AutoencoderKL` with `DownEncoderBlock2D` / `UpDecoderBlock2D` blocks: residual
+//! blocks of GroupNorm, SiLU and 3x3 convs, stride-2 downsampling, a middle block with one
+//! self-attention, `quant_conv` / `post_quant_conv`, a spatial latent. Parameters carry
+//! diffusers' state-dict names, so the weights of a checkpoint are a diffusers state dict.
+//!
+//! Pixels enter as [0, 1] (the loader's) and are mapped to [-1, 1], where the decoder's output
+//! lives (see the L1 and L2 likelihoods). The posterior is flattened to `[B, C * h * w]` for
+//! the rest of the crate; `decode` takes that or the spatial `[B, C, h, w]`.
+
+use super::{cast, Compute, Likelihood, Model, Posterior};
+use anyhow::{ensure, Result};
+use serde::{Deserialize, Serialize};
+use tch::{nn, Kind, Tensor};
+
+/// Architecture, in diffusers' terms; stored in every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResnetConfig {
+    /// Side of the square training images (the model itself takes any multiple of
+    /// 2^(blocks - 1)).
+    pub image_size: i64,
+    pub in_channels: i64,
+    /// diffusers' `block_out_channels`: one down (and one up) block each.
+    pub block_channels: Vec<i64>,
+    pub layers_per_block: i64,
+    pub latent_channels: i64,
+    /// diffusers' `norm_num_groups`.
+    pub norm_groups: i64,
+    /// diffusers' `mid_block_add_attention`.
+    pub mid_attention: bool,
+    pub likelihood: Likelihood,
+}
+
+impl Default for ResnetConfig {
+    /// A small Stable-Diffusion-like autoencoder.
+    fn default() -> Self {
+        Self {
+            image_size: 64,
+            in_channels: 3,
+            block_channels: vec![64, 128, 256],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_groups: 32,
+            mid_attention: true,
+            likelihood: Likelihood::L1,
+        }
+    }
+}
+
+/// GroupNorm's epsilon everywhere in diffusers' VAE.
+const EPS: f64 = 1e-6;
+
+impl ResnetConfig {
+    /// How much smaller the latent's side is than the image's.
+    pub fn downscale(&self) -> i64 {
+        1 << (self.block_channels.len().clamp(1, 63) - 1)
+    }
+
+    /// `[C, h, w]` of the latent of a training image.
+    pub fn latent_shape(&self) -> [i64; 3] {
+        let side = self.image_size / self.downscale();
+        [self.latent_channels, side, side]
+    }
+
+    pub fn latent_dim(&self) -> i64 {
+        self.latent_shape().iter().product()
+    }
+
+    /// Trainable parameters of the model this config builds, computed without building it.
+    pub fn parameter_count(&self) -> u128 {
+        let u = |v: i64| v.max(0) as u128;
+        let conv = |i: u128, o: u128, k: u128| i * o * k * k + o;
+        let norm = |c: u128| 2 * c;
+        let resnet = |i: u128, o: u128| {
+            norm(i) + conv(i, o, 3) + norm(o) + conv(o, o, 3) + if i != o { conv(i, o, 1) } else { 0 }
+        };
+        let attention = |c: u128| norm(c) + 4 * (c * c + c);
+        let mid = |c: u128| 2 * resnet(c, c) + if self.mid_attention { attention(c) } else { 0 };
+        let blocks: Vec<u128> = self.block_channels.iter().map(|&c| u(c)).collect();
+        let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else { return 0 };
+        let (layers, latent, image) =
+            (u(self.layers_per_block), u(self.latent_channels), u(self.in_channels));
+        let mut encoder = conv(image, first, 3);
+        let mut prev = first;
+        for (i, &out) in blocks.iter().enumerate() {
+            encoder += resnet(prev, out) + layers.saturating_sub(1) * resnet(out, out);
+            encoder += if i + 1 < blocks.len() { conv(out, out, 3) } else { 0 };
+            prev = out;
+        }
+        encoder += mid(last) + norm(last) + conv(last, 2 * latent, 3);
+        let mut decoder = conv(latent, last, 3) + mid(last);
+        let mut prev = last;
+        for (i, &out) in blocks.iter().rev().enumerate() {
+            decoder += resnet(prev, out) + layers * resnet(out, out);
+            decoder += if i + 1 < blocks.len() { conv(out, out, 3) } else { 0 };
+            prev = out;
+        }
+        decoder += norm(first) + conv(first, image, 3);
+        encoder + decoder + conv(2 * latent, 2 * latent, 1) + conv(latent, latent, 1)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        ensure!(!self.block_channels.is_empty(), "--block-channels needs at least one block");
+        ensure!(self.norm_groups > 0, "--norm-groups must be positive, found {}", self.norm_groups);
+        for &c in &self.block_channels {
+            ensure!(
+                c > 0 && c % self.norm_groups == 0,
+                "--block-channels {:?}: each must be a positive multiple of --norm-groups {} (GroupNorm \
+                 splits the channels into groups), found {c}",
+                self.block_channels,
+                self.norm_groups
+            );
+        }
+        ensure!(
+            self.layers_per_block > 0,
+            "--layers-per-block must be positive, found {}",
+            self.layers_per_block
+        );
+        ensure!(
+            self.latent_channels > 0,
+            "--latent-channels must be positive, found {}",
+            self.latent_channels
+        );
+        ensure!(
+            self.in_channels == 1 || self.in_channels == 3,
+            "images must have 1 or 3 channels, found {}",
+            self.in_channels
+        );
+        ensure!(self.block_channels.len() <= 12, "--block-channels: at most 12 blocks");
+        let scale = self.downscale();
+        ensure!(
+            self.image_size > 0 && self.image_size % scale == 0,
+            "image size {} is not a multiple of 2^{} = {scale} (each of the {} blocks of --block-channels \
+             but the last halves the side)",
+            self.image_size,
+            self.block_channels.len() - 1,
+            self.block_channels.len()
+        );
+        Ok(())
+    }
+}
+
+fn conv(vs: nn::Path, i: i64, o: i64, k: i64) -> nn::Conv2D {
+    nn::conv2d(vs, i, o, k, nn::ConvConfig { padding: k / 2, ..Default::default() })
+}
+
+/// A conv in the compute dtype, with the given stride and padding.
+fn run_conv(layer: &nn::Conv2D, x: &Tensor, kind: Kind, stride: i64, padding: i64) -> Tensor {
+    let bias = layer.bs.as_ref().map(|b| cast(b, kind));
+    x.conv2d(&cast(&layer.ws, kind), bias, [stride; 2], [padding; 2], [1; 2], 1)
+}
+
+fn same(layer: &nn::Conv2D, x: &Tensor, kind: Kind) -> Tensor {
+    let k = layer.ws.size()[2];
+    run_conv(layer, x, kind, 1, k / 2)
+}
+
+struct Norm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: i64,
+}
+
+impl Norm {
+    fn new(vs: nn::Path, groups: i64, channels: i64) -> Self {
+        Self {
+            weight: vs.var("weight", &[channels], nn::Init::Const(1.0)),
+            bias: vs.var("bias", &[channels], nn::Init::Const(0.0)),
+            groups,
+        }
+    }
+
+    fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
+        x.group_norm(self.groups, Some(cast(&self.weight, kind)), Some(cast(&self.bias, kind)), EPS, true)
+    }
+}
+
+/// diffusers' `ResnetBlock2D` without a time embedding.
+struct ResnetBlock {
+    norm1: Norm,
+    conv1: nn::Conv2D,
+    norm2: Norm,
+    conv2: nn::Conv2D,
+    conv_shortcut: Option<nn::Conv2D>,
+}
+
+impl ResnetBlock {
+    fn new(vs: nn::Path, groups: i64, i: i64, o: i64) -> Self {
+        Self {
+            norm1: Norm::new(&vs / "norm1", groups, i),
+            conv1: conv(&vs / "conv1", i, o, 3),
+            norm2: Norm::new(&vs / "norm2", groups, o),
+            conv2: conv(&vs / "conv2", o, o, 3),
+            conv_shortcut: (i != o).then(|| conv(&vs / "conv_shortcut", i, o, 1)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
+        let h = same(&self.conv1, &self.norm1.forward(x, kind).silu(), kind);
+        let h = same(&self.conv2, &self.norm2.forward(&h, kind).silu(), kind);
+        match &self.conv_shortcut {
+            Some(shortcut) => same(shortcut, x, kind) + h,
+            None => x + h,
+        }
+    }
+}
+
+/// diffusers' `Attention` as the VAE's middle block uses it: one head over all channels,
+/// GroupNorm first, a residual connection.
+struct Attention {
+    group_norm: Norm,
+    to_q: nn::Linear,
+    to_k: nn::Linear,
+    to_v: nn::Linear,
+    to_out: nn::Linear,
+}
+
+impl Attention {
+    fn new(vs: nn::Path, groups: i64, c: i64) -> Self {
+        let linear = |name: &str| nn::linear(&vs / name, c, c, Default::default());
+        Self {
+            group_norm: Norm::new(&vs / "group_norm", groups, c),
+            to_q: linear("to_q"),
+            to_k: linear("to_k"),
+            to_v: linear("to_v"),
+            to_out: nn::linear(&vs / "to_out" / 0, c, c, Default::default()),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
+        let [b, c, h, w]: [i64; 4] = x.size().try_into().expect("a feature map");
+        let linear = |layer: &nn::Linear, t: &Tensor| {
+            t.linear(&cast(&layer.ws, kind), layer.bs.as_ref().map(|b| cast(b, kind)))
+        };
+        // [B, HW, C], one head.
+        let tokens = self.group_norm.forward(x, kind).view([b, c, h * w]).transpose(1, 2);
+        let heads = |layer| linear(layer, &tokens).unsqueeze(1);
+        let (q, k, v) = (heads(&self.to_q), heads(&self.to_k), heads(&self.to_v));
+        let attended =
+            Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
+        let out = linear(&self.to_out, &attended.squeeze_dim(1));
+        out.transpose(1, 2).reshape([b, c, h, w]) + x
+    }
+}
+
+/// diffusers' `UNetMidBlock2D`: resnet, attention (optional), resnet.
+struct MidBlock {
+    resnets: [ResnetBlock; 2],
+    attention: Option<Attention>,
+}
+
+impl MidBlock {
+    fn new(vs: nn::Path, cfg: &ResnetConfig, c: i64) -> Self {
+        let g = cfg.norm_groups;
+        Self {
+            resnets: [0, 1].map(|i| ResnetBlock::new(&vs / "resnets" / i, g, c, c)),
+            attention: cfg.mid_attention.then(|| Attention::new(&vs / "attentions" / 0, g, c)),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
+        let mut h = self.resnets[0].forward(x, kind);
+        if let Some(attention) = &self.attention {
+            h = attention.forward(&h, kind);
+        }
+        self.resnets[1].forward(&h, kind)
+    }
+}
+
+/// A down or up block: resnets, then a resampling conv (all blocks but the last).
+struct Block {
+    resnets: Vec<ResnetBlock>,
+    resample: Option<nn::Conv2D>,
+}
+
+impl Block {
+    /// `layers` resnets from `i` to `o` channels; the resampler at `resample` (diffusers'
+    /// `downsamplers` / `upsamplers`) unless this is the last block.
+    fn new(vs: nn::Path, groups: i64, (i, o): (i64, i64), layers: i64, resample: Option<&str>) -> Self {
+        Self {
+            resnets: (0..layers)
+                .map(|l| ResnetBlock::new(&vs / "resnets" / l, groups, if l == 0 { i } else { o }, o))
+                .collect(),
+            resample: resample.map(|name| conv(&vs / name / 0 / "conv", o, o, 3)),
+        }
+    }
+
+    fn resnets(&self, x: &Tensor, kind: Kind) -> Tensor {
+        self.resnets.iter().fold(x.shallow_clone(), |h, r| r.forward(&h, kind))
+    }
+
+    /// `Downsample2D` with padding 0: pad right and bottom by one, 3x3 conv of stride 2.
+    fn down(&self, x: &Tensor, kind: Kind) -> Tensor {
+        let h = self.resnets(x, kind);
+        match &self.resample {
+            Some(conv) => run_conv(conv, &h.constant_pad_nd([0, 1, 0, 1]), kind, 2, 0),
+            None => h,
+        }
+    }
+
+    /// `Upsample2D`: nearest-neighbour doubling, 3x3 conv.
+    fn up(&self, x: &Tensor, kind: Kind) -> Tensor {
+        let h = self.resnets(x, kind);
+        match &self.resample {
+            Some(conv) => {
+                let [_, _, height, width]: [i64; 4] = h.size().try_into().expect("a feature map");
+                same(conv, &h.upsample_nearest2d([2 * height, 2 * width], 2.0, 2.0), kind)
+            }
+            None => h,
+        }
+    }
+}
+
+pub struct Encoder {
+    conv_in: nn::Conv2D,
+    down_blocks: Vec<Block>,
+    mid_block: MidBlock,
+    conv_norm_out: Norm,
+    conv_out: nn::Conv2D,
+}
+
+impl Encoder {
+    fn new(vs: nn::Path, cfg: &ResnetConfig) -> Self {
+        let chans = &cfg.block_channels;
+        let last = *chans.last().expect("validated: one block at least");
+        let mut prev = chans[0];
+        let down_blocks = chans
+            .iter()
+            .enumerate()
+            .map(|(i, &out)| {
+                let resample = (i + 1 < chans.len()).then_some("downsamplers");
+                let block = Block::new(
+                    &vs / "down_blocks" / i,
+                    cfg.norm_groups,
+                    (prev, out),
+                    cfg.layers_per_block,
+                    resample,
+                );
+                prev = out;
+                block
+            })
+            .collect();
+        Self {
+            conv_in: conv(&vs / "conv_in", cfg.in_channels, chans[0], 3),
+            down_blocks,
+            mid_block: MidBlock::new(&vs / "mid_block", cfg, last),
+            conv_norm_out: Norm::new(&vs / "conv_norm_out", cfg.norm_groups, last),
+            conv_out: conv(&vs / "conv_out", last, 2 * cfg.latent_channels, 3),
+        }
+    }
+
+    fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
+        let h = same(&self.conv_in, x, kind);
+        let h = self.down_blocks.iter().fold(h, |h, block| block.down(&h, kind));
+        let h = self.mid_block.forward(&h, kind);
+        same(&self.conv_out, &self.conv_norm_out.forward(&h, kind).silu(), kind)
+    }
+}
+
+pub struct Decoder {
+    conv_in: nn::Conv2D,
+    mid_block: MidBlock,
+    up_blocks: Vec<Block>,
+    conv_norm_out: Norm,
+    conv_out: nn::Conv2D,
+}
+
+impl Decoder {
+    fn new(vs: nn::Path, cfg: &ResnetConfig) -> Self {
+        let chans = &cfg.block_channels;
+        let last = *chans.last().expect("validated: one block at least");
+        let mut prev = last;
+        let up_blocks = chans
+            .iter()
+            .rev()
+            .enumerate()
+            .map(|(i, &out)| {
+                let resample = (i + 1 < chans.len()).then_some("upsamplers");
+                let layers = cfg.layers_per_block + 1;
+                let block = Block::new(&vs / "up_blocks" / i, cfg.norm_groups, (prev, out), layers, resample);
+                prev = out;
+                block
+            })
+            .collect();
+        Self {
+            conv_in: conv(&vs / "conv_in", cfg.latent_channels, last, 3),
+            mid_block: MidBlock::new(&vs / "mid_block", cfg, last),
+            up_blocks,
+            conv_norm_out: Norm::new(&vs / "conv_norm_out", cfg.norm_groups, chans[0]),
+            conv_out: conv(&vs / "conv_out", chans[0], cfg.in_channels, 3),
+        }
+    }
+
+    fn forward(&self, z: &Tensor, kind: Kind) -> Tensor {
+        let h = same(&self.conv_in, z, kind);
+        let h = self.mid_block.forward(&h, kind);
+        let h = self.up_blocks.iter().fold(h, |h, block| block.up(&h, kind));
+        same(&self.conv_out, &self.conv_norm_out.forward(&h, kind).silu(), kind)
+    }
+}
+
+/// diffusers' `AutoencoderKL`: `encoder.`, `quant_conv.`, `post_quant_conv.`, `decoder.`.
+pub struct ResnetVae {
+    encoder: Encoder,
+    quant_conv: nn::Conv2D,
+    post_quant_conv: nn::Conv2D,
+    decoder: Decoder,
+    pub cfg: ResnetConfig,
+    pub compute: Compute,
+}
+
+impl ResnetVae {
+    pub fn new(vs: nn::Path, cfg: &ResnetConfig) -> Self {
+        let latent = cfg.latent_channels;
+        Self {
+            encoder: Encoder::new(&vs / "encoder", cfg),
+            quant_conv: conv(&vs / "quant_conv", 2 * latent, 2 * latent, 1),
+            post_quant_conv: conv(&vs / "post_quant_conv", latent, latent, 1),
+            decoder: Decoder::new(&vs / "decoder", cfg),
+            cfg: cfg.clone(),
+            compute: Compute::default(),
+        }
+    }
+
+    /// The posterior's parameters as diffusers' `DiagonalGaussianDistribution` holds them:
+    /// `[B, C, h, w]` each, the log-variance clamped to [-30, 20].
+    pub fn encode_spatial(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let kind = self.compute.kind;
+        let x = self.compute.feature_map(&(x * 2.0 - 1.0));
+        let moments = same(&self.quant_conv, &self.encoder.forward(&x, kind), kind).to_kind(Kind::Float);
+        let [mean, logvar]: [Tensor; 2] = moments.chunk(2, 1).try_into().expect("two halves");
+        (mean, logvar.clamp(-30.0, 20.0))
+    }
+}
+
+impl Model for ResnetVae {
+    fn encode(&self, x: &Tensor) -> Posterior {
+        let (mean, logvar) = self.encode_spatial(x);
+        Posterior { mean: mean.flatten(1, -1), logvar: logvar.flatten(1, -1) }
+    }
+
+    /// Decoder output in [-1, 1] pixel space, from `[B, C * h * w]` (the training images'
+    /// latent shape) or `[B, C, h, w]`.
+    fn decode(&self, z: &Tensor) -> Tensor {
+        let kind = self.compute.kind;
+        let z = if z.dim() == 2 {
+            let [c, h, w] = self.cfg.latent_shape();
+            z.view([-1, c, h, w])
+        } else {
+            z.shallow_clone()
+        };
+        let z = same(&self.post_quant_conv, &self.compute.feature_map(&z), kind);
+        self.decoder.forward(&z, kind).to_kind(Kind::Float)
+    }
+
+    fn likelihood(&self) -> Likelihood {
+        self.cfg.likelihood
+    }
+
+    fn latent_dim(&self) -> i64 {
+        self.cfg.latent_dim()
+    }
+
+    fn set_compute(&mut self, compute: Compute) {
+        self.compute = compute;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{nn::VarStore, Device};
+
+    fn tiny() -> ResnetConfig {
+        ResnetConfig {
+            image_size: 16,
+            in_channels: 3,
+            block_channels: vec![8, 16],
+            layers_per_block: 1,
+            latent_channels: 2,
+            norm_groups: 4,
+            mid_attention: true,
+            likelihood: Likelihood::L1,
+        }
+    }
+
+    #[test]
+    fn shapes_names_and_parameter_count() {
+        for mid_attention in [true, false] {
+            let cfg = ResnetConfig { mid_attention, ..tiny() };
+            cfg.validate().unwrap();
+            let vs = VarStore::new(Device::Cpu);
+            let vae = ResnetVae::new(vs.root(), &cfg);
+            let built: i64 = vs.variables().values().map(|t| t.numel() as i64).sum();
+            assert_eq!(cfg.parameter_count(), built as u128);
+            let x = Tensor::rand([3, 3, 16, 16], (Kind::Float, Device::Cpu));
+            let out = vae.forward(&x);
+            assert_eq!(out.posterior.mean.size(), vec![3, 2 * 8 * 8]);
+            assert_eq!(out.likelihood_params.size(), x.size());
+            // Fully convolutional: a 32-pixel image has a 16 x 16 latent.
+            let (mean, _) = vae.encode_spatial(&Tensor::rand([1, 3, 32, 32], (Kind::Float, Device::Cpu)));
+            assert_eq!(mean.size(), vec![1, 2, 16, 16]);
+            assert_eq!(vae.decode(&mean).size(), vec![1, 3, 32, 32]);
+            let names = vs.variables();
+            assert_eq!(names.contains_key("decoder.mid_block.attentions.0.to_out.0.weight"), mid_attention);
+            for name in [
+                "encoder.down_blocks.0.downsamplers.0.conv.weight",
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+                "decoder.up_blocks.0.upsamplers.0.conv.bias",
+                "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+                "decoder.up_blocks.1.resnets.1.norm2.weight",
+                "quant_conv.weight",
+                "post_quant_conv.bias",
+            ] {
+                assert!(names.contains_key(name), "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn group_counts_and_sides_that_do_not_fit_are_rejected() {
+        let err = ResnetConfig { norm_groups: 3, ..tiny() }.validate().unwrap_err().to_string();
+        assert!(err.contains("multiple of --norm-groups 3"), "{err}");
+        let err = ResnetConfig { image_size: 15, ..tiny() }.validate().unwrap_err().to_string();
+        assert!(err.contains("15 is not a multiple of 2^1 = 2"), "{err}");
+    }
+}
