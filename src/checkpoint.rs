@@ -221,17 +221,30 @@ impl HostTensor {
 pub fn to_bytes(vs: &VarStore, adam: &Adam, meta: &Metadata) -> Result<Vec<u8>> {
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.extend(adam.state());
+    safetensors_bytes(&named, meta.to_map()?, true)
+}
+
+/// `named` as a safetensors file with `metadata`, to which `checksums` adds a CRC-32 of
+/// every tensor (verified when a checkpoint is read).
+pub fn safetensors_bytes(
+    named: &[(String, Tensor)],
+    mut metadata: HashMap<String, String>,
+    checksums: bool,
+) -> Result<Vec<u8>> {
     let host =
         named.iter().map(|(name, t)| Ok((name.clone(), HostTensor::new(t)?))).collect::<Result<Vec<_>>>()?;
     let views = host
         .iter()
         .map(|(name, h)| Ok((name.as_str(), TensorView::new(h.dtype, h.shape.clone(), &h.bytes)?)))
         .collect::<Result<Vec<_>>>()?;
-    let sums: BTreeMap<&str, String> =
-        host.iter().map(|(name, h)| (name.as_str(), format!("{:08x}", crc32fast::hash(&h.bytes)))).collect();
-    let mut map = meta.to_map()?;
-    map.insert(KEY_CHECKSUMS.into(), serde_json::to_string(&sums)?);
-    Ok(safetensors::serialize(views, Some(map))?)
+    if checksums {
+        let sums: BTreeMap<&str, String> = host
+            .iter()
+            .map(|(name, h)| (name.as_str(), format!("{:08x}", crc32fast::hash(&h.bytes))))
+            .collect();
+        metadata.insert(KEY_CHECKSUMS.into(), serde_json::to_string(&sums)?);
+    }
+    Ok(safetensors::serialize(views, Some(metadata))?)
 }
 
 /// Metadata field holding `{tensor name: CRC-32 of its bytes}`.
@@ -269,6 +282,34 @@ fn verify_checksums(path: &Path, file: &SafeTensors, map: &HashMap<String, Strin
         sums.len(),
         file.len()
     );
+    Ok(())
+}
+
+/// Copies the model tensors of `tensors` (read from `path`; the optimizer's are left out)
+/// into `vs`, which must hold exactly the same names and shapes: the first difference, in name
+/// order, is the error.
+pub fn copy_weights(path: &Path, tensors: &HashMap<String, Tensor>, vs: &VarStore) -> Result<()> {
+    let vars = vs.variables();
+    let mut extra: Vec<&String> =
+        tensors.keys().filter(|n| !n.starts_with(STATE_PREFIX) && !vars.contains_key(*n)).collect();
+    extra.sort();
+    if let Some(name) = extra.first() {
+        bail!("{}: tensor {name} is not part of the model", path.display());
+    }
+    let mut vars: Vec<(String, Tensor)> = vars.into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, dst) in vars.iter_mut() {
+        let src =
+            tensors.get(name).with_context(|| format!("{}: tensor {name} is missing", path.display()))?;
+        ensure!(
+            src.size() == dst.size(),
+            "{}: tensor {name} has shape {:?} there but {:?} in the model",
+            path.display(),
+            src.size(),
+            dst.size()
+        );
+        tch::no_grad(|| dst.f_copy_(src))?;
+    }
     Ok(())
 }
 
@@ -394,31 +435,7 @@ impl Checkpoint {
 
     /// Copies the weights into `vs`, which must hold exactly the same names and shapes.
     pub fn load_weights(&self, vs: &VarStore) -> Result<()> {
-        let vars = vs.variables();
-        let mut extra: Vec<&String> =
-            self.tensors.keys().filter(|n| !n.starts_with(STATE_PREFIX) && !vars.contains_key(*n)).collect();
-        extra.sort();
-        if let Some(name) = extra.first() {
-            bail!("{}: tensor {name} is not part of the model", self.path.display());
-        }
-        // In name order, so the first mismatch reported is the same on every run.
-        let mut vars: Vec<(String, Tensor)> = vars.into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, dst) in vars.iter_mut() {
-            let src = self
-                .tensors
-                .get(name)
-                .with_context(|| format!("{}: tensor {name} is missing", self.path.display()))?;
-            ensure!(
-                src.size() == dst.size(),
-                "{}: tensor {name} has shape {:?} in the checkpoint but {:?} in the model",
-                self.path.display(),
-                src.size(),
-                dst.size()
-            );
-            tch::no_grad(|| dst.f_copy_(src))?;
-        }
-        Ok(())
+        copy_weights(&self.path, &self.tensors, vs)
     }
 
     /// The model alone with its weights, in float32 on `device`: for evaluation and export.

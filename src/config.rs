@@ -140,9 +140,10 @@ pub struct TrainArgs {
     /// Adam's learning rate.
     #[arg(long, default_value_t = AdamConfig::default().lr)]
     pub lr: f64,
-    /// Weight of the KL term (1 gives the ELBO).
-    #[arg(long, default_value_t = 1.0)]
-    pub beta: f64,
+    /// Weight of the KL term [default: 1 for conv, the ELBO; 1e-6 for resnet, latent
+    /// diffusion's KL weight].
+    #[arg(long)]
+    pub beta: Option<f64>,
     /// Epochs over which the KL weight rises linearly from 0 to --beta (fractions allowed).
     #[arg(long, default_value_t = 0.0)]
     pub kl_warmup_epochs: f64,
@@ -278,7 +279,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("epochs", Changeable, |a, c| c.epochs = a.epochs),
     setting("batch_size", Fixed, |a, c| c.batch_size = a.batch_size),
     setting("lr", Changeable, |a, c| c.adam.lr = a.lr),
-    setting("beta", Changeable, |a, c| c.beta = a.beta),
+    setting("beta", Changeable, |a, c| c.beta = a.beta.unwrap_or(c.model.arch().default_beta())),
     setting("kl_warmup_epochs", Changeable, |a, c| c.kl_warmup_epochs = a.kl_warmup_epochs),
     setting("free_bits", Changeable, |a, c| c.free_bits = a.free_bits),
     setting("clip_grad", Changeable, |a, c| c.clip_grad = a.clip_grad),
@@ -312,6 +313,11 @@ impl TrainArgs {
             args: TrainArgs,
         }
         <Defaults as clap::Parser>::parse_from(["vae"]).args
+    }
+
+    /// The flags (clap ids) of one model family only.
+    pub fn family_flags(arch: Arch) -> &'static [&'static str] {
+        FAMILY_FLAGS.iter().find(|(family, _)| *family == arch).map_or(&[], |(_, ids)| ids)
     }
 
     /// Refuses a flag of another model family than `arch` (it would change nothing).

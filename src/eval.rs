@@ -63,6 +63,28 @@ pub fn elbo_sums(
     Ok((sums, moments))
 }
 
+/// Images whose latents set the scale factor.
+pub const SCALE_IMAGES: usize = 2048;
+
+/// diffusers' `scaling_factor`: 1 / the standard deviation of latents z ~ q(z|x) over the
+/// first [`SCALE_IMAGES`] images of `data` (whole evaluation batches) (their noise fixed by the seed), so that a
+/// diffusion model sees latents of unit variance.
+pub fn latent_scale(model: &dyn Model, data: &Dataset, seed: u64, device: Device) -> Result<f64> {
+    let loader = Loader::new(data, device, ELBO_BATCH);
+    let (mut sum, mut squares, mut count) = (0.0, 0.0, 0.0);
+    for (i, x) in loader.sequential().enumerate().take(SCALE_IMAGES.div_ceil(ELBO_BATCH)) {
+        let x = x?;
+        seed_torch(seed, Stream::Eval, i as u64);
+        let z = tch::no_grad(|| model.encode(&x).sample()).to_kind(Kind::Double);
+        sum += z.sum(None).double_value(&[]);
+        squares += z.square().sum(None).double_value(&[]);
+        count += z.numel() as f64;
+    }
+    anyhow::ensure!(count > 1.0, "no images to measure the latents' scale on");
+    let variance = (squares - sum * sum / count) / (count - 1.0);
+    Ok(1.0 / variance.sqrt())
+}
+
 /// log p(x|z) + log p(z) - log q(z|x) for each noise draw: `eps` is `[K, B, D]`, the result
 /// `[K, B]`. Since z = mean + std * eps, (z - mean) / std is eps itself.
 pub fn log_weights(model: &dyn Model, x: &Tensor, posterior: &Posterior, eps: &Tensor) -> Tensor {
@@ -104,22 +126,115 @@ pub struct Report {
     pub images: usize,
     /// Pixels times channels of one image: the D of bits per dimension.
     pub dimensions: i64,
+    /// Whether the reconstruction term is a -log-likelihood, so that the bound and the IWAE are
+    /// in nats (false for the L1 and L2 pixel losses, where they are losses and no IWAE is run).
+    pub likelihood_is_density: bool,
     pub negative_elbo: f64,
     pub reconstruction: f64,
     pub kl: f64,
-    pub elbo_bits_per_dim: f64,
+    /// The KL per element of the latent.
+    pub kl_per_latent_element: f64,
+    pub elbo_bits_per_dim: Option<f64>,
     pub iw_samples: i64,
     pub iwae_nll: Option<f64>,
     pub iwae_bits_per_dim: Option<f64>,
+    pub quality: Quality,
+    /// 1 / the standard deviation of the latents of the training split (diffusers'
+    /// `scaling_factor`, which `export-diffusers` writes).
+    pub scaling_factor: Option<f64>,
     pub seconds: f64,
+}
+
+/// How close the reconstructions at the posterior mean are to the images, in [0, 1] pixels:
+/// the figures people report for autoencoders (means over images).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Quality {
+    /// 10 log10(1 / MSE) per image.
+    pub psnr_db: f64,
+    /// scikit-image's SSIM (see [`ssim`]); `None` for images under 11 pixels a side.
+    pub ssim: Option<f64>,
+    /// Mean absolute error per pixel.
+    pub l1: f64,
+    /// Mean squared error per pixel.
+    pub mse: f64,
+}
+
+/// SSIM's Gaussian window: sigma 1.5, truncated at 3.5 sigma (scipy's radius rule): 11 taps.
+const SSIM_SIGMA: f64 = 1.5;
+const SSIM_RADIUS: i64 = 5;
+
+/// The structural similarity of each image pair of `a` and `b` (`[B, C, H, W]` in [0, 1]), as
+/// scikit-image's `structural_similarity(a, b, data_range=1, gaussian_weights=True,
+/// channel_axis=0)` computes it: local statistics under a Gaussian window with scipy's
+/// `reflect` borders, sample covariance, the window's radius cropped from the map, channels
+/// averaged. `[B]`, in double precision.
+pub fn ssim(a: &Tensor, b: &Tensor) -> Tensor {
+    let [n, c, h, w]: [i64; 4] = a.size().try_into().expect("images [B, C, H, W]");
+    let r = SSIM_RADIUS;
+    assert!(h > 2 * r && w > 2 * r, "SSIM needs images of at least {} pixels a side", 2 * r + 1);
+    let taps: Vec<f64> =
+        (-r..=r).map(|i| (-0.5 * (i * i) as f64 / (SSIM_SIGMA * SSIM_SIGMA)).exp()).collect();
+    let total: f64 = taps.iter().sum();
+    let taps: Vec<f64> = taps.iter().map(|t| t / total).collect();
+    let window = Tensor::from_slice(&taps).to_device(a.device());
+    // scipy's `reflect` repeats the edge pixel: d c b a | a b c d | d c b a.
+    let pad = |t: &Tensor, dim: i64, size: i64| {
+        Tensor::cat(
+            &[t.narrow(dim, 0, r).flip([dim]), t.shallow_clone(), t.narrow(dim, size - r, r).flip([dim])],
+            dim,
+        )
+    };
+    let blur = |t: &Tensor| {
+        let t = pad(t, 3, w).conv2d(&window.view([1, 1, 1, -1]), None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
+        pad(&t, 2, h).conv2d(&window.view([1, 1, -1, 1]), None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
+    };
+    let x = a.to_kind(Kind::Double).reshape([n * c, 1, h, w]);
+    let y = b.to_kind(Kind::Double).reshape([n * c, 1, h, w]);
+    let (ux, uy) = (blur(&x), blur(&y));
+    let taps_2d = ((2 * r + 1) * (2 * r + 1)) as f64;
+    let cov_norm = taps_2d / (taps_2d - 1.0);
+    let vx = (blur(&(&x * &x)) - &ux * &ux) * cov_norm;
+    let vy = (blur(&(&y * &y)) - &uy * &uy) * cov_norm;
+    let vxy = (blur(&(&x * &y)) - &ux * &uy) * cov_norm;
+    let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
+    let map =
+        ((&ux * &uy * 2.0 + c1) * (vxy * 2.0 + c2)) / ((ux.square() + uy.square() + c1) * (vx + vy + c2));
+    let cropped = map.narrow(2, r, h - 2 * r).narrow(3, r, w - 2 * r);
+    cropped.mean_dim([1, 2, 3].as_slice(), false, Kind::Double).view([n, c]).mean_dim(1, false, Kind::Double)
+}
+
+/// [`Quality`] of the reconstructions at the posterior mean over `data`.
+pub fn quality(model: &dyn Model, data: &Dataset, device: Device) -> Result<Quality> {
+    let loader = Loader::new(data, device, ELBO_BATCH);
+    let [_, h, w] = data.image_shape();
+    let with_ssim = h > 2 * SSIM_RADIUS && w > 2 * SSIM_RADIUS;
+    // Sums over images of [psnr, ssim, l1, mse].
+    let mut sums = Tensor::zeros([4], (Kind::Double, device));
+    for x in loader.sequential() {
+        let x = x?;
+        tch::no_grad(|| {
+            let x_hat = model.decode_mean(&model.encode(&x).mean);
+            let diff = (&x_hat - &x).to_kind(Kind::Double).flatten(1, -1);
+            let mse = diff.square().mean_dim(1, false, Kind::Double);
+            let psnr = mse.clamp_min(1e-10).log10() * -10.0;
+            let ssim = if with_ssim { ssim(&x_hat, &x) } else { mse.zeros_like() };
+            let l1 = diff.abs().mean_dim(1, false, Kind::Double);
+            sums += Tensor::stack(&[psnr, ssim, l1, mse], 1).sum_dim_intlist(0, false, None);
+        });
+    }
+    let n = data.len().max(1) as f64;
+    let v = Vec::<f64>::try_from(sums.to_device(Device::Cpu)).expect("four sums");
+    Ok(Quality { psnr_db: v[0] / n, ssim: with_ssim.then(|| v[1] / n), l1: v[2] / n, mse: v[3] / n })
 }
 
 pub fn bits_per_dim(nats: f64, dimensions: i64) -> f64 {
     nats / (dimensions as f64 * LN_2)
 }
 
-/// The negative ELBO (noise fixed per batch by the seed, as in training's evaluation), then
-/// the IWAE bound with `iw_samples` samples when it is above 0.
+/// The negative ELBO (noise fixed per batch by the seed, as in training's evaluation), the
+/// reconstructions' quality, then the IWAE bound with `iw_samples` samples when it is above 0
+/// and the likelihood is a density. The scale factor is left to the caller, who has the
+/// training split.
 pub fn evaluate(
     model: &dyn Model,
     cfg: &TrainConfig,
@@ -134,7 +249,8 @@ pub fn evaluate(
     let elbo = Stats::from_sums(&sums, data.len());
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
-    let iwae_nll = if iw_samples > 0 {
+    let density = model.likelihood().is_density();
+    let iwae_nll = if iw_samples > 0 && density {
         let loader = Loader::new(data, device, IMAGES_PER_BATCH);
         let chunk = (DECODES_PER_PASS / IMAGES_PER_BATCH as i64).max(1);
         let mut sum = Tensor::zeros([], (Kind::Double, device));
@@ -152,13 +268,17 @@ pub fn evaluate(
         split: split.to_string(),
         images: data.len(),
         dimensions,
+        likelihood_is_density: density,
         negative_elbo: elbo.loss,
         reconstruction: elbo.reconstruction,
         kl: elbo.kl,
-        elbo_bits_per_dim: bits_per_dim(elbo.loss, dimensions),
-        iw_samples,
+        kl_per_latent_element: elbo.kl / model.latent_dim() as f64,
+        elbo_bits_per_dim: density.then(|| bits_per_dim(elbo.loss, dimensions)),
+        iw_samples: if density { iw_samples } else { 0 },
         iwae_nll,
         iwae_bits_per_dim: iwae_nll.map(|n| bits_per_dim(n, dimensions)),
+        quality: quality(model, data, device)?,
+        scaling_factor: None,
         seconds: started.elapsed().as_secs_f64(),
     })
 }

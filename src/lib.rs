@@ -11,9 +11,10 @@
 //! 7. `eval`, `export`: what a model computes on a split, as numbers and pictures
 //! 8. `train`: a step and an epoch
 //! 9. `checkpoint`: a trainer to and from a file
-//! 10. `metrics`: the run's learning curves
-//! 11. `run`: the run loop in a run folder
-//! 12. `bench`: throughput
+//! 10. `pretrained`: weights from and to diffusers folders, `--init-from`
+//! 11. `metrics`: the run's learning curves
+//! 12. `run`: the run loop in a run folder
+//! 13. `bench`: throughput
 
 pub mod adam;
 pub mod bench;
@@ -31,6 +32,7 @@ pub mod metrics;
 pub mod models;
 pub mod plot;
 pub mod precision;
+pub mod pretrained;
 pub mod rng;
 pub mod run;
 pub mod run_dir;

@@ -36,6 +36,8 @@ enum Command {
     /// Posterior means and log-variances (and labels, where the data has them) of a split, as
     /// a safetensors file.
     Encode(cli::inspect::EncodeArgs),
+    /// A diffusers AutoencoderKL folder from a checkpoint of --arch resnet.
+    ExportDiffusers(cli::inspect::ExportDiffusersArgs),
 }
 
 fn main() -> Result<()> {
@@ -51,5 +53,6 @@ fn main() -> Result<()> {
         Command::Interpolate(args) => args.run(),
         Command::Traverse(args) => args.run(),
         Command::Encode(args) => args.run(),
+        Command::ExportDiffusers(args) => args.run(),
     }
 }

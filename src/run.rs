@@ -31,6 +31,11 @@ pub struct RunOptions {
     /// --lr, --epochs or --clip-grad may change, and --out writes the continuation elsewhere.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Start a new run from these weights (a diffusers AutoencoderKL folder, whose config.json
+    /// then gives the resnet architecture, or a checkpoint of ours of the same architecture):
+    /// weights only, a fresh optimizer, any data and knobs; fine-tuning.
+    #[arg(long, conflicts_with = "resume")]
+    pub init_from: Option<PathBuf>,
     /// Write epoch-NNNN.safetensors every this many epochs (0: never).
     #[arg(long, default_value_t = 1)]
     pub save_every: u64,
@@ -72,6 +77,7 @@ impl Default for RunOptions {
         Self {
             out: None,
             resume: None,
+            init_from: None,
             save_every: 1,
             save_every_steps: 0,
             keep: 3,

@@ -189,7 +189,7 @@ fn bad_checkpoints_are_refused_with_a_message_and_left_untouched() {
                 patched(&good, &p, "\\\"latent_dim\\\":4", "\\\"latent_dim\\\":8");
                 p
             },
-            "tensor decoder.fc.weight has shape [32, 4] in the checkpoint but [32, 8] in the model",
+            "tensor decoder.fc.weight has shape [32, 4] there but [32, 8] in the model",
         ),
     ];
     for (path, message) in &cases {

@@ -15,6 +15,7 @@ const LAYERS: &[&[&str]] = &[
     &["eval", "export"],
     &["train"],
     &["checkpoint"],
+    &["pretrained"],
     &["metrics"],
     &["run"],
     &["bench"],

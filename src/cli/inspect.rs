@@ -32,7 +32,7 @@ struct Loaded {
     ckpt: Checkpoint,
     model: Box<dyn Model>,
     device: tch::Device,
-    _vs: tch::nn::VarStore,
+    vs: tch::nn::VarStore,
 }
 
 impl ModelArgs {
@@ -40,7 +40,7 @@ impl ModelArgs {
         let device = self.device.init()?;
         let ckpt = Checkpoint::load(&vae::run_dir::resolve(&self.checkpoint)?)?;
         let (vs, model) = ckpt.model(device)?;
-        Ok(Loaded { ckpt, model, device, _vs: vs })
+        Ok(Loaded { ckpt, model, device, vs })
     }
 }
 
@@ -49,11 +49,16 @@ impl Loaded {
         &self.ckpt.meta.config
     }
 
-    /// The run's data, as trained on (binarized the same way), from `--data-dir` if given.
-    fn split(&self, args: &ModelArgs, split: Split) -> Result<vae::data::Dataset> {
+    /// The run's data, as trained on (binarized the same way), from `--data-dir` if given:
+    /// the training split and the test split.
+    fn splits(&self, args: &ModelArgs) -> Result<[vae::data::Dataset; 2]> {
         let splits = self.config().data.relocated(&args.location).load(self.config().seed)?;
-        let raw = if split == Split::Train { splits.train } else { splits.test };
-        Ok(vae::eval::prepared(&raw, self.config()))
+        Ok([splits.train, splits.test].map(|raw| vae::eval::prepared(&raw, self.config())))
+    }
+
+    fn split(&self, args: &ModelArgs, split: Split) -> Result<vae::data::Dataset> {
+        let [train, test] = self.splits(args)?;
+        Ok(if split == Split::Train { train } else { test })
     }
 
     /// `out`, or `name` beside the checkpoint.
@@ -161,6 +166,49 @@ pub struct EncodeArgs {
     out: PathBuf,
 }
 
+/// A diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors) from a
+/// checkpoint of --arch resnet, which `AutoencoderKL.from_pretrained(DIR)` loads.
+#[derive(Args)]
+pub struct ExportDiffusersArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The folder to write (new, or empty).
+    out: PathBuf,
+    /// The scaling_factor to write [default: 1 / the standard deviation of the latents of the
+    /// first 2048 training images, which needs the run's data].
+    #[arg(long)]
+    scaling_factor: Option<f64>,
+}
+
+impl ExportDiffusersArgs {
+    pub fn run(&self) -> Result<()> {
+        let loaded = self.model.load()?;
+        let vae::models::ModelConfig::Resnet(arch) = &loaded.config().model else {
+            bail!(
+                "{} is an --arch conv model; only --arch resnet models are diffusers AutoencoderKLs",
+                loaded.ckpt.path.display()
+            )
+        };
+        let scale = match self.scaling_factor {
+            Some(scale) => {
+                ensure!(scale.is_finite() && scale > 0.0, "--scaling-factor must be positive, found {scale}");
+                scale
+            }
+            None => {
+                let train = loaded.split(&self.model, Split::Train).context(
+                    "measuring the latents' scale on the training split (or give --scaling-factor)",
+                )?;
+                vae::eval::latent_scale(loaded.model.as_ref(), &train, loaded.config().seed, loaded.device)?
+            }
+        };
+        let mut weights: Vec<(String, tch::Tensor)> = loaded.vs.variables().into_iter().collect();
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        vae::pretrained::write_folder(&self.out, arch, &weights, scale)?;
+        println!("wrote {} (scaling_factor {scale:.5})", self.out.display());
+        Ok(())
+    }
+}
+
 fn saved(path: &Path) {
     println!("wrote {}", path.display());
 }
@@ -171,22 +219,19 @@ impl EvalArgs {
         let (split, iw_samples, json) = (*split, *iw_samples, *json);
         ensure!(iw_samples >= 0, "--iw-samples must be 0 or more, found {iw_samples}");
         let loaded = args.load()?;
-        let data = loaded.split(args, split)?;
+        let [train, test] = loaded.splits(args)?;
+        let data = if split == Split::Train { &train } else { &test };
         let name = if split == Split::Train { "train" } else { "test" };
         let progress = if json || iw_samples == 0 {
             indicatif::ProgressBar::hidden()
         } else {
             indicatif::ProgressBar::new(data.len() as u64)
         };
-        let report = vae::eval::evaluate(
-            loaded.model.as_ref(),
-            loaded.config(),
-            &data,
-            name,
-            iw_samples,
-            loaded.device,
-            &progress,
-        )?;
+        let model = loaded.model.as_ref();
+        let mut report =
+            vae::eval::evaluate(model, loaded.config(), data, name, iw_samples, loaded.device, &progress)?;
+        report.scaling_factor =
+            Some(vae::eval::latent_scale(model, &train, loaded.config().seed, loaded.device)?);
         progress.finish_and_clear();
         if json {
             println!("{}", serde_json::to_string(&report)?);
@@ -199,16 +244,35 @@ impl EvalArgs {
             loaded.config().data.name(),
             report.images
         );
-        println!(
-            "negative ELBO  {:.2} nats/image (reconstruction {:.2}, KL {:.2})  {:.4} bits/dim",
-            report.negative_elbo, report.reconstruction, report.kl, report.elbo_bits_per_dim
-        );
+        let unit = model.likelihood().unit();
+        match report.elbo_bits_per_dim {
+            Some(bpd) => println!(
+                "negative ELBO  {:.2} {unit} (reconstruction {:.2}, KL {:.2})  {bpd:.4} bits/dim",
+                report.negative_elbo, report.reconstruction, report.kl
+            ),
+            None => println!(
+                "loss           {:.2} {unit}: reconstruction {:.2} + KL {:.2} (not a bound on log p(x), \
+                 so no IWAE)",
+                report.negative_elbo, report.reconstruction, report.kl
+            ),
+        }
         if let (Some(nll), Some(bpd)) = (report.iwae_nll, report.iwae_bits_per_dim) {
             println!(
                 "IWAE (K={})   {nll:.2} nats/image  {bpd:.4} bits/dim  ({:.1}s)",
                 report.iw_samples, report.seconds
             );
         }
+        let q = &report.quality;
+        let ssim = q.ssim.map_or("n/a (images under 11 pixels)".to_string(), |s| format!("{s:.4}"));
+        println!(
+            "reconstructions  PSNR {:.2} dB  SSIM {ssim}  L1 {:.4}  MSE {:.5} (pixels in [0, 1])",
+            q.psnr_db, q.l1, q.mse
+        );
+        println!(
+            "latents  KL {:.4} nats per element  scale factor {:.5} (1 / std over the training split)",
+            report.kl_per_latent_element,
+            report.scaling_factor.unwrap_or(f64::NAN)
+        );
         Ok(())
     }
 }

@@ -10,6 +10,8 @@ use vae::checkpoint::{self, Checkpoint, Resume};
 use vae::config::{Change, TrainArgs, TrainConfig};
 use vae::data::Splits;
 use vae::dist::{Backend, DistEnv, ProcessGroup};
+use vae::models::ModelConfig;
+use vae::pretrained;
 use vae::run::{self, Lineage, RunOptions};
 use vae::run_dir::{self, RunDir};
 use vae::schedule::LrSchedule;
@@ -112,12 +114,22 @@ impl TrainCommand {
             );
         }
         let mut cfg = args.config();
+        if let Some(from) = &self.run.init_from {
+            cfg.model = init_architecture(from, &cfg.model, matches)?;
+            cfg.beta = args.beta.unwrap_or(cfg.model.arch().default_beta());
+        }
         cfg.validate()?;
         cfg.precision.check_device(device)?;
         let splits = load_data(&cfg.data, cfg.seed, group)?;
         let [c, h, _] = splits.train.image_shape();
         cfg.model.set_image_shape(c, h);
         let trainer = Trainer::new(cfg, device)?;
+        if let Some(from) = &self.run.init_from {
+            pretrained::init_from(from, &trainer.vs, &trainer.cfg.model)?;
+            if rank == 0 && !self.run.quiet {
+                println!("starting from the weights of {} (a fresh optimizer)", from.display());
+            }
+        }
         let lineage = Lineage { run_id: checkpoint::new_run_id(trainer.cfg.seed), history: Vec::new() };
         if rank > 0 {
             return Ok(Start { trainer, splits, folder: None, lineage });
@@ -205,6 +217,34 @@ impl TrainCommand {
         }
         Ok(Some(Start { trainer, splits, folder: Some(folder), lineage }))
     }
+}
+
+/// The architecture of the weights at `from` (`--init-from`), with the flags' image shape and
+/// loss; architecture flags given on the command line must describe the same model.
+fn init_architecture(from: &Path, flags: &ModelConfig, matches: &ArgMatches) -> Result<ModelConfig> {
+    let mut theirs = pretrained::architecture_of(from)?;
+    let [channels, side, _] = flags.image_shape();
+    theirs.set_image_shape(channels, side);
+    theirs.set_likelihood(flags.likelihood());
+    let given = |arch| {
+        TrainArgs::family_flags(arch)
+            .iter()
+            .chain(&["arch"])
+            .any(|id| matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine))
+    };
+    let likelihood_given = matches.value_source("likelihood") == Some(clap::parser::ValueSource::CommandLine);
+    if !likelihood_given && theirs.arch() != flags.arch() {
+        // The family's own default loss.
+        theirs.set_likelihood(theirs.arch().default_config().likelihood());
+    }
+    ensure!(
+        !given(flags.arch()) || &theirs == flags,
+        "the flags describe {}, but {} holds {}; leave the architecture flags out to take its own",
+        flags.summary(),
+        from.display(),
+        theirs.summary()
+    );
+    Ok(theirs)
 }
 
 /// The splits; in a data-parallel run rank 0 loads first, so an image folder is decoded

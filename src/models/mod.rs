@@ -207,6 +207,14 @@ impl Arch {
         }
     }
 
+    /// The family's usual KL weight: the ELBO's 1, or latent diffusion's 1e-6.
+    pub fn default_beta(self) -> f64 {
+        match self {
+            Arch::Conv => 1.0,
+            Arch::Resnet => 1e-6,
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Arch::Conv => "conv",
@@ -290,6 +298,23 @@ impl ModelConfig {
         match self {
             ModelConfig::Conv(c) => c.latent_dim,
             ModelConfig::Resnet(c) => c.latent_dim(),
+        }
+    }
+
+    /// The architecture in a line, for messages (the image shape and loss left out).
+    pub fn summary(&self) -> String {
+        match self {
+            ModelConfig::Conv(c) => {
+                format!("--arch conv, conv channels {:?}, hidden {}, latent dim {}", c.channels, c.hidden, c.latent_dim)
+            }
+            ModelConfig::Resnet(c) => format!(
+                "--arch resnet, block channels {:?}, {} layers per block, {} latent channels, {} norm groups, {}",
+                c.block_channels,
+                c.layers_per_block,
+                c.latent_channels,
+                c.norm_groups,
+                if c.mid_attention { "mid attention" } else { "no mid attention" }
+            ),
         }
     }
 

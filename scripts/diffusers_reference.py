@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""diffusers' AutoencoderKL beside `vae --arch resnet`, for tests/diffusers.rs.
+
+  make DIR          a randomly initialised small AutoencoderKL, saved with save_pretrained
+                    into DIR, and DIR.io.safetensors: inputs x in [0, 1] and noise, with
+                    diffusers' posterior mean, log-variance and decoder output for them
+  run DIR IO OUT    loads DIR with from_pretrained (no missing or unexpected keys) and writes
+                    the same outputs for the inputs of IO into OUT
+  train DIR IO OUT  20 steps of Adam on the batches of IO: loss = sum|x - x^| (or squared,
+                    per --recon) over pixels, mean over the batch, + beta * KL summed over the
+                    latent, z = mean + std * eps with IO's eps; per-step losses into OUT
+
+Nothing is downloaded: the weights are random, the config small.
+"""
+import argparse
+import json
+
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+
+CONFIG = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    block_out_channels=[8, 16],
+    layers_per_block=1,
+    latent_channels=2,
+    norm_num_groups=4,
+    sample_size=16,
+)
+
+
+def outputs(vae, x, eps):
+    """Posterior mean and log-variance of x (in [0, 1]), and the decoder's output at z."""
+    posterior = vae.encode(x * 2 - 1).latent_dist
+    z = posterior.mean + posterior.std * eps
+    return {"mean": posterior.mean, "logvar": posterior.logvar, "decoded": vae.decode(z).sample}
+
+
+def make(args):
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**CONFIG).eval()
+    # Random, not default, GroupNorm and bias values: every parameter matters to the check.
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    vae.save_pretrained(args.dir, safe_serialization=True)
+    x = torch.rand(args.steps, 4, 3, 16, 16)
+    eps = torch.randn(args.steps, 4, 2, 8, 8)
+    with torch.no_grad():
+        out = outputs(vae, x[0], eps[0])
+    save_file({"x": x, "eps": eps, **{k: v.contiguous() for k, v in out.items()}}, args.dir + ".io.safetensors")
+
+
+def run(args):
+    vae, info = AutoencoderKL.from_pretrained(args.dir, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v}
+    assert not problems, f"from_pretrained reports {problems}"
+    io = load_file(args.io)
+    with torch.no_grad():
+        out = outputs(vae.eval(), io["x"][0], io["eps"][0])
+    save_file({k: v.contiguous() for k, v in out.items()}, args.out)
+    print(json.dumps({"scaling_factor": vae.config.scaling_factor}))
+
+
+def train(args):
+    vae = AutoencoderKL.from_pretrained(args.dir).train()
+    io = load_file(args.io)
+    opt = torch.optim.Adam(vae.parameters(), lr=args.lr, foreach=False)
+    losses = []
+    for x, eps in zip(io["x"], io["eps"]):
+        out = outputs(vae, x, eps)
+        diff = out["decoded"] - (x * 2 - 1)
+        recon = (diff.abs() if args.recon == "l1" else diff.square()).flatten(1).sum(1)
+        logvar = out["logvar"]
+        kl = 0.5 * (out["mean"].square() + logvar.exp() - 1 - logvar).flatten(1).sum(1)
+        loss = (recon + args.beta * kl).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    save_file({"losses": torch.tensor(losses, dtype=torch.float64)}, args.out)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command", choices=["make", "run", "train"])
+    parser.add_argument("dir")
+    parser.add_argument("io", nargs="?")
+    parser.add_argument("out", nargs="?")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--beta", type=float, default=1e-3)
+    parser.add_argument("--recon", choices=["l1", "l2"], default="l1")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    {"make": make, "run": run, "train": train}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+//! Weights from elsewhere and to elsewhere: a diffusers `AutoencoderKL` folder (`config.json`
+//! beside `diffusion_pytorch_model.safetensors`) read as the resnet family and written from
+//! it (`vae export-diffusers`), and `--init-from` a diffusers folder or one of our
+//! checkpoints. Our resnet tensors already carry diffusers' state-dict names.
+
+use crate::checkpoint::{copy_weights, safetensors_bytes, Checkpoint};
+use crate::fsio::write_atomic;
+use crate::models::{ModelConfig, ResnetConfig};
+use anyhow::{bail, ensure, Context, Result};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::Path;
+use tch::nn::VarStore;
+use tch::{Kind, Tensor};
+
+pub const CONFIG: &str = "config.json";
+pub const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
+
+/// diffusers writes this version into the configs it saves; ours say which they match.
+const DIFFUSERS_VERSION: &str = "0.42.1";
+
+/// Whether `path` is a diffusers model folder.
+pub fn is_diffusers_folder(path: &Path) -> bool {
+    path.join(CONFIG).is_file()
+}
+
+/// The architecture a diffusers folder's `config.json` describes (the image side from its
+/// `sample_size`; the likelihood is left at the family's default, L1).
+pub fn read_config(dir: &Path) -> Result<ResnetConfig> {
+    let path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let field = |name: &str| json.get(name).filter(|v| !v.is_null());
+    let int = |name: &str, default: i64| -> Result<i64> {
+        field(name).map_or(Ok(default), |v| {
+            v.as_i64().with_context(|| format!("{}: \"{name}\" is {v}, not an integer", path.display()))
+        })
+    };
+    let class = field("_class_name").and_then(Value::as_str).unwrap_or("AutoencoderKL");
+    ensure!(class == "AutoencoderKL", "{} describes a {class}, not an AutoencoderKL", path.display());
+    let act = field("act_fn").and_then(Value::as_str).unwrap_or("silu");
+    ensure!(act == "silu", "{}: act_fn {act:?} is not supported (only silu)", path.display());
+    let blocks: Vec<i64> = match field("block_out_channels") {
+        Some(v) => serde_json::from_value(v.clone()).with_context(|| {
+            format!("{}: \"block_out_channels\" is not a list of integers", path.display())
+        })?,
+        None => vec![64],
+    };
+    for (key, kind) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
+        let types: Vec<String> = match field(key) {
+            Some(v) => serde_json::from_value(v.clone())
+                .with_context(|| format!("{}: \"{key}\" is not a list of names", path.display()))?,
+            None => vec![kind.into(); blocks.len()],
+        };
+        ensure!(
+            types.len() == blocks.len() && types.iter().all(|t| t == kind),
+            "{}: {key} {types:?} is not {} x {kind}, the blocks this family has",
+            path.display(),
+            blocks.len()
+        );
+    }
+    for key in ["use_quant_conv", "use_post_quant_conv"] {
+        ensure!(
+            field(key).and_then(Value::as_bool).unwrap_or(true),
+            "{}: {key} false is not supported",
+            path.display()
+        );
+    }
+    let (image_in, image_out) = (int("in_channels", 3)?, int("out_channels", 3)?);
+    ensure!(image_in == image_out, "{}: in_channels {image_in} but out_channels {image_out}", path.display());
+    let sample_size = match field("sample_size") {
+        Some(Value::Array(sides)) => sides.first().and_then(Value::as_i64),
+        Some(v) => v.as_i64(),
+        None => Some(32),
+    };
+    let cfg = ResnetConfig {
+        image_size: sample_size
+            .with_context(|| format!("{}: \"sample_size\" is not an integer", path.display()))?,
+        in_channels: image_in,
+        block_channels: blocks,
+        layers_per_block: int("layers_per_block", 1)?,
+        latent_channels: int("latent_channels", 4)?,
+        norm_groups: int("norm_num_groups", 32)?,
+        mid_attention: field("mid_block_add_attention").and_then(Value::as_bool).unwrap_or(true),
+        ..ResnetConfig::default()
+    };
+    cfg.validate().with_context(|| format!("{}", path.display()))?;
+    Ok(cfg)
+}
+
+/// diffusers' `config.json` for `cfg`, with the latents' `scaling_factor`.
+pub fn config_json(cfg: &ResnetConfig, scaling_factor: f64) -> Value {
+    let n = cfg.block_channels.len();
+    json!({
+        "_class_name": "AutoencoderKL",
+        "_diffusers_version": DIFFUSERS_VERSION,
+        "act_fn": "silu",
+        "block_out_channels": cfg.block_channels,
+        "down_block_types": vec!["DownEncoderBlock2D"; n],
+        "force_upcast": true,
+        "in_channels": cfg.in_channels,
+        "latent_channels": cfg.latent_channels,
+        "latents_mean": null,
+        "latents_std": null,
+        "layers_per_block": cfg.layers_per_block,
+        "mid_block_add_attention": cfg.mid_attention,
+        "norm_num_groups": cfg.norm_groups,
+        "out_channels": cfg.in_channels,
+        "sample_size": cfg.image_size,
+        "scaling_factor": scaling_factor,
+        "shift_factor": null,
+        "up_block_types": vec!["UpDecoderBlock2D"; n],
+        "use_post_quant_conv": true,
+        "use_quant_conv": true,
+    })
+}
+
+/// Writes a diffusers folder at `dir`: the weights, then `config.json` (each atomically; the
+/// config last, so a folder with a config is complete). A `dir` that already holds files is
+/// refused, never overwritten.
+pub fn write_folder(
+    dir: &Path,
+    cfg: &ResnetConfig,
+    weights: &[(String, Tensor)],
+    scaling_factor: f64,
+) -> Result<()> {
+    if let Ok(mut entries) = std::fs::read_dir(dir) {
+        ensure!(
+            entries.next().is_none(),
+            "{} already holds files; export into a new or empty folder",
+            dir.display()
+        );
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let floats: Vec<(String, Tensor)> =
+        weights.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::Float))).collect();
+    let format = HashMap::from([("format".to_string(), "pt".to_string())]);
+    write_atomic(&dir.join(WEIGHTS), &safetensors_bytes(&floats, format, false)?)?;
+    let text = serde_json::to_string_pretty(&config_json(cfg, scaling_factor))? + "\n";
+    write_atomic(&dir.join(CONFIG), text.as_bytes())
+}
+
+/// diffusers before 0.14 named the attention's layers as the original LDM code did, and
+/// conversions from it kept their 1x1-conv shape: today's names, linear shapes.
+fn modern(name: &str, t: Tensor) -> (String, Tensor) {
+    const OLD: [(&str, &str); 4] =
+        [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")];
+    match OLD.iter().find(|(old, _)| name.contains(old) && name.contains(".attentions.")) {
+        Some((old, new)) => {
+            let t = if t.dim() == 4 { t.flatten(1, -1) } else { t };
+            (name.replace(old, new), t)
+        }
+        None => (name.to_string(), t),
+    }
+}
+
+/// The architecture of the weights at `path` (a diffusers folder, or a checkpoint file or run
+/// folder of ours), which `--init-from` starts a run with.
+pub fn architecture_of(path: &Path) -> Result<ModelConfig> {
+    if is_diffusers_folder(path) {
+        return Ok(ModelConfig::Resnet(read_config(path)?));
+    }
+    Ok(Checkpoint::load(&crate::run_dir::resolve(path)?)?.meta.config.model)
+}
+
+/// Starts `vs` (a model of architecture `model`) from the weights at `path`: a diffusers
+/// folder, or a checkpoint of ours (file or run folder). Weights only: the optimizer is not
+/// read. Any difference in names or shapes is refused, naming the first differing tensor.
+pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<()> {
+    if is_diffusers_folder(path) {
+        ensure!(
+            matches!(model, ModelConfig::Resnet(_)),
+            "--init-from {}: a diffusers AutoencoderKL folder starts --arch resnet models only",
+            path.display()
+        );
+        let file = path.join(WEIGHTS);
+        ensure!(
+            file.is_file(),
+            "--init-from {}: no {WEIGHTS} there (only safetensors weights are read)",
+            path.display()
+        );
+        let tensors =
+            Tensor::read_safetensors(&file).with_context(|| format!("reading {}", file.display()))?;
+        let tensors: HashMap<String, Tensor> = tensors.into_iter().map(|(n, t)| modern(&n, t)).collect();
+        return copy_weights(&file, &tensors, vs).context("--init-from: the architecture differs");
+    }
+    let file = crate::run_dir::resolve(path)?;
+    let ckpt = Checkpoint::load(&file)?;
+    ckpt.check_finite()?;
+    if ckpt.meta.config.model.arch() != model.arch() {
+        bail!(
+            "--init-from {}: the checkpoint is --arch {}, this run --arch {}",
+            file.display(),
+            ckpt.meta.config.model.arch().name(),
+            model.arch().name()
+        );
+    }
+    ckpt.load_weights(vs).context("--init-from: the architecture differs")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_json_reads_back_as_the_same_architecture() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg =
+            ResnetConfig { block_channels: vec![32, 64], mid_attention: false, ..ResnetConfig::default() };
+        std::fs::write(dir.path().join(CONFIG), config_json(&cfg, 0.5).to_string()).unwrap();
+        assert_eq!(read_config(dir.path()).unwrap(), cfg);
+        let mut json = config_json(&cfg, 0.5);
+        json["down_block_types"][1] = "AttnDownEncoderBlock2D".into();
+        std::fs::write(dir.path().join(CONFIG), json.to_string()).unwrap();
+        let err = read_config(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("AttnDownEncoderBlock2D") && err.contains("2 x DownEncoderBlock2D"), "{err}");
+    }
+
+    #[test]
+    fn old_attention_names_are_renamed() {
+        let (name, t) = modern(
+            "encoder.mid_block.attentions.0.query.weight",
+            Tensor::zeros([8, 8, 1, 1], tch::kind::FLOAT_CPU),
+        );
+        assert_eq!(name, "encoder.mid_block.attentions.0.to_q.weight");
+        assert_eq!(t.size(), vec![8, 8]);
+        assert_eq!(
+            modern("decoder.mid_block.attentions.0.proj_attn.bias", Tensor::zeros([8], tch::kind::FLOAT_CPU))
+                .0,
+            "decoder.mid_block.attentions.0.to_out.0.bias"
+        );
+        assert_eq!(
+            modern("encoder.conv_in.weight", Tensor::zeros([1], tch::kind::FLOAT_CPU)).0,
+            "encoder.conv_in.weight"
+        );
+    }
+}

@@ -1,0 +1,166 @@
+//! `--arch resnet` is diffusers' AutoencoderKL: a randomly initialised one (saved by diffusers
+//! itself, scripts/diffusers_reference.py) loads into ours and computes the same posterior and
+//! reconstruction; `vae train --init-from` + `vae export-diffusers` give a folder diffusers
+//! loads with no missing or unexpected keys and the same outputs; and 20 Adam steps from the
+//! same weights on the same batches and noise give the same losses in both.
+
+mod common;
+
+use common::{ok, stderr, stdout, vae, TINY_MODEL};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+use vae::adam::{Adam, AdamConfig};
+use vae::checkpoint::Checkpoint;
+use vae::loss::{Elbo, KlWeight};
+use vae::models::{Likelihood, Model, ModelConfig, ResnetVae};
+use vae::pretrained;
+
+fn python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python");
+    assert!(python.exists(), "{} missing: run scripts/setup", python.display());
+    python
+}
+
+/// scripts/diffusers_reference.py with `args`; its stdout.
+fn reference(args: &[&str]) -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/diffusers_reference.py");
+    let out = Command::new(python()).arg(script).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "diffusers_reference.py {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn read(path: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+/// Largest |a - b| relative to b's largest magnitude.
+fn relative(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let scale = b.abs().max().double_value(&[]).max(1e-12);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+/// Our posterior and decoder output for the first batch of `io`, as the script computes them.
+fn outputs(model: &ResnetVae, io: &HashMap<String, Tensor>) -> [(&'static str, Tensor); 3] {
+    let (x, eps) = (io["x"].get(0), io["eps"].get(0));
+    let (mean, logvar) = tch::no_grad(|| model.encode_spatial(&x));
+    let z = &mean + (&logvar * 0.5).exp() * eps;
+    let decoded = tch::no_grad(|| model.decode(&z));
+    [("mean", mean), ("logvar", logvar), ("decoded", decoded)]
+}
+
+fn assert_same(ours: &[(&str, Tensor)], theirs: &HashMap<String, Tensor>, what: &str) {
+    for (name, t) in ours {
+        let worst = relative(t, &theirs[*name]);
+        assert!(worst < 1e-4, "{what}: {name} differs by {worst:e} (relative)");
+    }
+}
+
+/// diffusers' folder as our model, through the same path `--init-from` takes.
+fn load(dir: &Path) -> (VarStore, ResnetVae) {
+    let cfg = pretrained::read_config(dir).unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let model = ResnetVae::new(vs.root(), &cfg);
+    pretrained::init_from(dir, &vs, &ModelConfig::Resnet(cfg)).unwrap();
+    (vs, model)
+}
+
+#[test]
+fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = tmp.path().join("diffusers");
+    let io_path = tmp.path().join("diffusers.io.safetensors");
+    reference(&["make", theirs.to_str().unwrap()]);
+    let io = read(&io_path);
+
+    // 1. diffusers' weights in our model: the same posterior and reconstruction.
+    let (vs, model) = load(&theirs);
+    assert_same(&outputs(&model, &io), &io, "diffusers' folder loaded into ours");
+
+    // 2. Through the command line: a run started from the folder, exported back, loaded by
+    // diffusers (which the script checks for missing and unexpected keys).
+    let run = tmp.path().join("run");
+    let data = ["--dataset", "shapes", "--channels", "3", "--image-size", "16", "--train-size", "64"];
+    ok(vae(&[
+        &["train", "--init-from", theirs.to_str().unwrap(), "--epochs", "1", "--test-size", "32"][..],
+        &data[..],
+        &["--batch-size", "32", "--out", run.to_str().unwrap(), "--threads", "1"],
+    ]
+    .concat()));
+    let exported = tmp.path().join("exported");
+    let out = ok(vae(&["export-diffusers", run.to_str().unwrap(), exported.to_str().unwrap()]));
+    assert!(stdout(&out).contains("scaling_factor"), "{}", stdout(&out));
+    let their_outputs = tmp.path().join("exported.out.safetensors");
+    let printed = reference(&[
+        "run",
+        exported.to_str().unwrap(),
+        io_path.to_str().unwrap(),
+        their_outputs.to_str().unwrap(),
+    ]);
+    let ckpt = Checkpoint::load(&run.join("last.safetensors")).unwrap();
+    let ModelConfig::Resnet(cfg) = &ckpt.meta.config.model else { panic!("a resnet run") };
+    let trained_vs = VarStore::new(Device::Cpu);
+    let trained = ResnetVae::new(trained_vs.root(), cfg);
+    ckpt.load_weights(&trained_vs).unwrap();
+    assert_same(&outputs(&trained, &io), &read(&their_outputs), "our export loaded by diffusers");
+    let scale: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
+    assert!(scale["scaling_factor"].as_f64().unwrap() > 0.0);
+    // A folder that holds files is never written into.
+    let err = vae(&["export-diffusers", run.to_str().unwrap(), exported.to_str().unwrap()]);
+    assert!(!err.status.success());
+    assert!(stderr(&err).contains("already holds files"));
+    // Flags of another architecture than the weights' are refused, naming both.
+    let never = tmp.path().join("never");
+    let err = vae(&[
+        &["train", "--init-from", theirs.to_str().unwrap(), "--out", never.to_str().unwrap()][..],
+        TINY_MODEL,
+        &data[..],
+    ]
+    .concat());
+    assert!(!err.status.success());
+    assert!(
+        stderr(&err).contains("the flags describe --arch conv, conv channels [8, 16]")
+            && stderr(&err).contains("holds --arch resnet, block channels [8, 16]"),
+        "{}",
+        stderr(&err)
+    );
+    assert!(!never.exists());
+
+    // 3. 20 Adam steps on the same batches and noise: the same losses, step by step.
+    let losses_path = tmp.path().join("losses.safetensors");
+    reference(&[
+        "train",
+        theirs.to_str().unwrap(),
+        io_path.to_str().unwrap(),
+        losses_path.to_str().unwrap(),
+        "--lr",
+        "1e-3",
+        "--beta",
+        "1e-3",
+    ]);
+    let theirs_losses = Vec::<f64>::try_from(&read(&losses_path)["losses"]).unwrap();
+    let mut adam = Adam::new(&vs, AdamConfig { lr: 1e-3, ..AdamConfig::default() });
+    let weight = KlWeight { beta: 1e-3, free_bits: 0.0 };
+    for (step, expected) in theirs_losses.iter().enumerate() {
+        let (x, eps) = (io["x"].get(step as i64), io["eps"].get(step as i64).flatten(1, -1));
+        let out = model.forward_with_noise(&x, &eps);
+        let loss = Elbo::new(Likelihood::L1, &out, &x, weight).loss;
+        let ours = loss.double_value(&[]);
+        assert!(
+            (ours - expected).abs() <= 1e-4 * expected.abs(),
+            "step {step}: ours {ours}, diffusers' {expected}"
+        );
+        adam.zero_grad();
+        loss.backward();
+        adam.step();
+    }
+    assert_eq!(theirs_losses.len(), 20);
+}
