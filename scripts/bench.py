@@ -98,6 +98,45 @@ def data_parallel_section(vae_bin, nproc, data_dir, tmp):
     return runs
 
 
+RESNET = {"block-channels": "64,128,256", "layers-per-block": "2", "latent-channels": "4", "norm-groups": "32"}
+
+
+def resnet_section(vae_bin, args):
+    """`--arch resnet` (a small Stable-Diffusion-like config) against diffusers' AutoencoderKL
+    of the same config trained by PyTorch eager, alternating, at 64x64 and 128x128."""
+    flags = [x for k, v in RESNET.items() for x in (f"--{k}", v)]
+    devices = ["cuda"] if args.cuda_only else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    steps, warmup = (2, 1) if args.quick else (args.steps, args.warmup)
+    print(f"--arch resnet, block channels {RESNET['block-channels']}, {RESNET['layers-per-block']} layers per "
+          f"block, {RESNET['latent-channels']} latent channels; {steps} timed steps after {warmup}, median of "
+          f"{args.repeats} alternating runs; random RGB images (ours: generated shapes), threads {args.threads}\n")
+    print(f"{'case':<24} {'vae img/s':>10} {'diffusers img/s':>16} {'ratio':>6}  {'vae peak':>9} {'pt peak':>9}")
+    results = {}
+    for device in devices:
+        for side, batch in ((64, 16), (128, 16)):
+            common = ["--device", device, "--batch-size", str(batch), "--threads", str(args.threads),
+                      "--steps", str(steps), "--warmup", str(warmup)] + flags
+            ours = [vae_bin, "bench", "--arch", "resnet", "--dataset", "shapes", "--channels", "3",
+                    "--image-size", str(side), "--train-size", "512", "--test-size", "16"] + common
+            reference = [sys.executable, os.path.join(ROOT, "scripts", "bench_resnet_reference.py"),
+                         "--image-size", str(side)] + common
+            runs = {"vae": [], "pytorch": []}
+            for _ in range(args.repeats):
+                runs["vae"].append(run_json(ours, dict(os.environ)))
+                runs["pytorch"].append(run_json(reference, dict(os.environ)))
+            name = f"{device} f32 {side}x{side} b{batch}"
+            r = {impl: {"images_per_s": statistics.median(x["images_per_s"] for x in rs),
+                        "peak_mib": max((x.get("peak_cuda_mib") if device == "cuda" else x["peak_rss_mib"]) or 0
+                                        for x in rs)}
+                 for impl, rs in runs.items()}
+            results[name] = r
+            unit = "GPU" if device == "cuda" else "RSS"
+            print(f"{name:<24} {r['vae']['images_per_s']:>10.1f} {r['pytorch']['images_per_s']:>16.1f} "
+                  f"{r['vae']['images_per_s'] / r['pytorch']['images_per_s']:>5.2f}x  "
+                  f"{r['vae']['peak_mib']:>6.0f} MiB {r['pytorch']['peak_mib']:>6.0f} MiB ({unit})", flush=True)
+    return results
+
+
 def run_json(cmd, env):
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -161,11 +200,23 @@ def main():
     p.add_argument("--json", help="also write every figure to this file")
     p.add_argument("--nproc", type=int, default=0,
                    help="also train one epoch as N ranks of 1 thread against 1 process of N threads")
+    p.add_argument("--arch", choices=["conv", "resnet"], default="conv",
+                   help="resnet: the KL-autoencoder family against diffusers' AutoencoderKL instead")
     p.add_argument("--cuda-only", action="store_true",
                    help="only the CUDA cases (scripts/gpu-check): no CPU cases, no loader section")
     args = p.parse_args()
     if args.quick:
         args.repeats, args.steps, args.warmup = 1, 5, 2
+    if args.arch == "resnet":
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+        print(f"machine: {cpu_name()}, {os.cpu_count()} cores; GPU: {gpu}; torch {torch.__version__}")
+        results = resnet_section(args.vae_bin, argparse.Namespace(**{**vars(args), "steps": min(args.steps, 5),
+                                                                      "warmup": min(args.warmup, 2),
+                                                                      "repeats": min(args.repeats, 3)}))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
+        return
 
     cases = [] if args.cuda_only else [("cpu", "f32", 32), ("cpu", "f32", 128), ("cpu", "bf16", 128)]
     if torch.cuda.is_available():

@@ -92,7 +92,8 @@ def load_checkpoint(path):
         raise ValueError(f"{path}: not a vae checkpoint")
     config = json.loads(meta["config"])
     model = Vae(config["model"])
-    weights = {k: v for k, v in load_file(path).items() if not k.startswith("optimizer.")}
+    # The trained weights: the optimizer's state and the moving average (ema.) left out.
+    weights = {k: v for k, v in load_file(path).items() if not k.startswith(("optimizer.", "ema."))}
     model.load_state_dict(weights, strict=True)
     return model.eval(), config
 

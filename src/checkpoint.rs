@@ -5,6 +5,7 @@
 
 use crate::adam::{Adam, STATE_PREFIX};
 use crate::config::{Change, TrainConfig};
+use crate::ema::{self, Ema};
 use crate::models::{Compute, Model, ModelConfig};
 use crate::precision::LossScale;
 use crate::train::Trainer;
@@ -218,9 +219,10 @@ impl HostTensor {
 }
 
 /// Serialises the model's variables, the optimizer state and the metadata.
-pub fn to_bytes(vs: &VarStore, adam: &Adam, meta: &Metadata) -> Result<Vec<u8>> {
+pub fn to_bytes(vs: &VarStore, adam: &Adam, ema: Option<&Ema>, meta: &Metadata) -> Result<Vec<u8>> {
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.extend(adam.state());
+    named.extend(ema.map(Ema::state).unwrap_or_default());
     safetensors_bytes(&named, meta.to_map()?, true)
 }
 
@@ -285,13 +287,16 @@ fn verify_checksums(path: &Path, file: &SafeTensors, map: &HashMap<String, Strin
     Ok(())
 }
 
-/// Copies the model tensors of `tensors` (read from `path`; the optimizer's are left out)
+/// Copies the model tensors of `tensors` (read from `path`; the optimizer's and the moving
+/// average's are left out)
 /// into `vs`, which must hold exactly the same names and shapes: the first difference, in name
 /// order, is the error.
 pub fn copy_weights(path: &Path, tensors: &HashMap<String, Tensor>, vs: &VarStore) -> Result<()> {
     let vars = vs.variables();
-    let mut extra: Vec<&String> =
-        tensors.keys().filter(|n| !n.starts_with(STATE_PREFIX) && !vars.contains_key(*n)).collect();
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|n| !n.starts_with(STATE_PREFIX) && !n.starts_with(ema::PREFIX) && !vars.contains_key(*n))
+        .collect();
     extra.sort();
     if let Some(name) = extra.first() {
         bail!("{}: tensor {name} is not part of the model", path.display());
@@ -439,11 +444,15 @@ impl Checkpoint {
     }
 
     /// The model alone with its weights, in float32 on `device`: for evaluation and export.
-    pub fn model(&self, device: Device) -> Result<(VarStore, Box<dyn Model>)> {
+    /// With `averaged`, the weights' moving average where the run kept one.
+    pub fn model(&self, device: Device, averaged: bool) -> Result<(VarStore, Box<dyn Model>)> {
         self.check_finite()?;
         let mut vs = VarStore::new(Device::Cpu);
         let mut model = self.meta.config.model.build(vs.root());
-        self.load_weights(&vs)?;
+        match ema::averaged_weights(&self.tensors).filter(|_| averaged) {
+            Some(weights) => copy_weights(&self.path, &weights, &vs)?,
+            None => self.load_weights(&vs)?,
+        }
         vs.set_device(device);
         model.set_compute(Compute::for_device(Kind::Float, device));
         Ok((vs, model))
@@ -456,6 +465,10 @@ impl Checkpoint {
         let mut trainer = Trainer::new(cfg, device)?;
         self.load_weights(&trainer.vs)?;
         self.load_optimizer(&mut trainer.adam)?;
+        if let Some(ema) = &mut trainer.ema {
+            ema.load_state(|name| self.tensors.get(name).map(Tensor::shallow_clone))
+                .with_context(|| format!("{}: the weights' moving average", self.path.display()))?;
+        }
         ensure!(
             trainer.adam.step_count() <= self.meta.step,
             "{}: optimizer step {} is beyond the metadata's training step {}",

@@ -48,6 +48,16 @@ pub struct TrainConfig {
     /// Random left-right flips of the training images.
     #[serde(default)]
     pub hflip: bool,
+    /// Decay of the weights' moving average; 0: none kept.
+    #[serde(default)]
+    pub ema_decay: f64,
+    /// Micro-batches each optimizer step's batch is split into (gradients accumulated).
+    #[serde(default = "one")]
+    pub grad_accum: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The flags' defaults, for the dataset's usual shape.
@@ -164,6 +174,14 @@ pub struct TrainArgs {
     /// Seed of every random draw: initialisation, shuffling, noise, generated data.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.9999; 0: none),
+    /// used by the test evaluation, pictures, eval and exports (unless they get --no-ema).
+    #[arg(long, default_value_t = 0.0)]
+    pub ema_decay: f64,
+    /// Split each step's batch into this many micro-batches, run one after another with their
+    /// gradients summed: the same step (to float rounding) in 1/N of the activation memory.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
     /// What the convs and matmuls compute in (weights and Adam stay float32); f16 needs CUDA.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
@@ -287,6 +305,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("warmup_steps", Changeable, |a, c| c.warmup_steps = a.warmup_steps),
     setting("weight_decay", Changeable, |a, c| c.adam.weight_decay = a.weight_decay),
     setting("seed", Fixed, |a, c| c.seed = a.seed),
+    setting("ema_decay", Fixed, |a, c| c.ema_decay = a.ema_decay),
+    setting("grad_accum", Changeable, |a, c| c.grad_accum = a.grad_accum),
     setting("precision", Changeable, |a, c| c.precision = a.precision),
 ];
 
@@ -355,6 +375,8 @@ impl TrainArgs {
             free_bits: 0.0,
             clip_grad: None,
             hflip: false,
+            ema_decay: 0.0,
+            grad_accum: 1,
         };
         for s in SETTINGS {
             (s.apply)(self, &mut cfg);
@@ -458,6 +480,17 @@ impl TrainConfig {
         }
         let wd = self.adam.weight_decay;
         ensure!(wd >= 0.0 && wd.is_finite(), "--weight-decay must be >= 0, found {wd}");
+        ensure!(
+            (0.0..1.0).contains(&self.ema_decay),
+            "--ema-decay must be in [0, 1), found {}",
+            self.ema_decay
+        );
+        ensure!(
+            (1..=self.batch_size).contains(&self.grad_accum),
+            "--grad-accum must be between 1 and --batch-size {}, found {}",
+            self.batch_size,
+            self.grad_accum
+        );
         Ok(())
     }
 

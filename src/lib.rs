@@ -6,7 +6,7 @@
 //! 2. `data`: datasets, the image-folder cache, the loader
 //! 3. `models`: the model interface and its families
 //! 4. `loss`: the bound and its statistics
-//! 5. `adam`, `schedule`: the optimizer and its curves
+//! 5. `adam`, `schedule`, `ema`: the optimizer, its curves, the weights' average
 //! 6. `config`: every training setting, declared once
 //! 7. `eval`, `export`: what a model computes on a split, as numbers and pictures
 //! 8. `train`: a step and an epoch
@@ -23,6 +23,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod dist;
+pub mod ema;
 pub mod eval;
 pub mod export;
 pub mod fault;

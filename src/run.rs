@@ -137,7 +137,7 @@ impl Outputs<'_> {
     /// Writes `last.safetensors`; returns its bytes for the other copies of the epoch.
     fn save_last(&self, trainer: &Trainer) -> Result<Vec<u8>> {
         let meta = Metadata::of(trainer, &self.lineage.run_id, &self.lineage.history);
-        let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, &meta)?;
+        let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, trainer.ema.as_ref(), &meta)?;
         write_atomic(&self.folder.last(), &bytes)?;
         Ok(bytes)
     }
@@ -354,7 +354,9 @@ pub fn run(
             return Ok(summary);
         };
         let seconds = started.elapsed().as_secs_f64();
-        let (test_stats, active_dims) = evaluate(trainer, &test, out.as_ref().map(|o| o.folder))?;
+        // Judged (and pictured, below) with the weights' moving average, where one is kept.
+        let (test_stats, active_dims) =
+            trainer.averaged(|| evaluate(trainer, &test, out.as_ref().map(|o| o.folder)))?;
         // The other ranks go on to the next epoch and wait for this one at its first step.
         if let Some(out) = out.as_mut() {
             let row = EpochRow {
@@ -373,7 +375,7 @@ pub fn run(
             }
             out.metrics.append(&row)?;
             out.save_checkpoints(trainer, improved, opts)?;
-            out.draw_pictures(trainer, &splits.test)?;
+            trainer.averaged(|| out.draw_pictures(trainer, &splits.test))?;
             out.log_epoch(&row)?;
             out.plot_losses()?;
             if !opts.quiet {

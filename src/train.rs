@@ -6,6 +6,7 @@ use crate::adam::{self, Adam};
 use crate::config::TrainConfig;
 use crate::data::{Binarize, Dataset, Loader};
 use crate::dist::ProcessGroup;
+use crate::ema::Ema;
 use crate::loss::{Elbo, KlWeight, Stats};
 use crate::models::{Compute, Model};
 use crate::precision::{LossScale, Precision};
@@ -107,6 +108,8 @@ pub struct Trainer {
     /// Whether a stop was asked for by the last step's end, on any rank: the ranks learn it
     /// from the step's all-reduce, so they all stop at the same step.
     pub stopping: bool,
+    /// The weights' moving average, with `--ema-decay`.
+    pub ema: Option<Ema>,
 }
 
 impl Trainer {
@@ -123,6 +126,7 @@ impl Trainer {
         model.set_compute(Compute::for_device(cfg.precision.compute_kind(), device));
         vs.set_device(device);
         let adam = Adam::new(&vs, cfg.adam);
+        let ema = (cfg.ema_decay > 0.0).then(|| Ema::new(&vs, cfg.ema_decay));
         let loss_scale = (cfg.precision == Precision::F16).then(LossScale::default);
         Ok(Self {
             cfg,
@@ -140,6 +144,7 @@ impl Trainer {
             all_reduce_seconds: 0.0,
             stop: None,
             stopping: false,
+            ema,
         })
     }
 
@@ -250,16 +255,32 @@ impl Trainer {
         let eps = draw(vec![0, self.model.latent_dim()], true);
         mark(Phase::Data);
         let schedule = self.cfg.schedule(loader.len());
-        let (loss, stacked) = if rows > 0 {
+        let weight = KlWeight { beta: schedule.beta_at(self.step), free_bits: self.cfg.free_bits };
+        let backward = |loss: &Tensor| match &self.loss_scale {
+            None => loss.backward(),
+            Some(scaler) => (loss * scaler.scale).backward(),
+        };
+        self.adam.zero_grad();
+        // The rank's rows in micro-batches (--grad-accum), one after another, their gradients
+        // summed. Each loss is its rows' mean weighted by their share of the global batch, so
+        // the summed gradient is the global batch's mean's, whatever the ranks and micro-batches.
+        let micro = micro_batches(rows, self.cfg.grad_accum);
+        let mut stacked = Tensor::zeros([3], (Kind::Float, self.device));
+        for &(start, len) in &micro {
+            let (x, eps) = (x.narrow(0, start, len), eps.narrow(0, start, len));
             let out = self.model.forward_with_noise(&x, &eps);
-            let weight = KlWeight { beta: schedule.beta_at(self.step), free_bits: self.cfg.free_bits };
             let elbo = Elbo::new(self.model.likelihood(), &out, &x, weight);
-            // A rank's loss is the mean over its rows; weighted by its share, the sum over
-            // ranks is the global batch's mean.
-            let share = rows as f64 / global as f64;
-            let loss = if rows < global { &elbo.loss * share } else { elbo.loss.shallow_clone() };
-            (loss, elbo.stacked())
-        } else {
+            let loss = if len < global {
+                &elbo.loss * (len as f64 / global as f64)
+            } else {
+                elbo.loss.shallow_clone()
+            };
+            stacked += elbo.stacked() * (len as f64 / rows as f64);
+            mark(Phase::Forward);
+            backward(&loss);
+            mark(Phase::Backward);
+        }
+        if micro.is_empty() {
             // No rows of a last batch smaller than the ranks: zero gradients, all defined.
             let zero = self
                 .vs
@@ -267,15 +288,8 @@ impl Trainer {
                 .iter()
                 .map(|p| p.sum(None) * 0.0)
                 .fold(Tensor::zeros([], (Kind::Float, self.device)), |acc, t| acc + t);
-            (zero, Tensor::zeros([3], (Kind::Float, self.device)))
-        };
-        mark(Phase::Forward);
-        self.adam.zero_grad();
-        match &self.loss_scale {
-            None => loss.backward(),
-            Some(scaler) => (&loss * scaler.scale).backward(),
+            backward(&zero);
         }
-        mark(Phase::Backward);
         let grads = self.adam.gradients();
         let means = match &self.group {
             None => stacked,
@@ -304,6 +318,9 @@ impl Trainer {
             }
             self.adam.cfg.lr = schedule.lr_at(self.step);
             self.adam.step();
+            if let Some(ema) = &mut self.ema {
+                ema.update();
+            }
             self.bad_steps = 0;
         } else {
             self.bad_steps += 1;
@@ -350,6 +367,15 @@ impl Trainer {
         group.broadcast(&vars, 0)
     }
 
+    /// Runs `f` with the weights' moving average in the model when one is kept (the trained
+    /// weights put back after).
+    pub fn averaged<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.ema {
+            Some(ema) => ema.swapped(f),
+            None => f(),
+        }
+    }
+
     /// The bound on a split (noise fixed per evaluation batch by the seed), and the posterior
     /// means' per-dimension sums and sums of squares (`[2, D]`); every rank evaluates its
     /// share and the sums are exchanged, so all of them return the whole split's.
@@ -363,6 +389,16 @@ impl Trainer {
         }
         Ok((Stats::from_sums(&sums, data.len()), moments))
     }
+}
+
+/// `rows` split into `parts` consecutive micro-batches as even as can be, `(start, len)`, the
+/// empty ones left out.
+fn micro_batches(rows: i64, parts: usize) -> Vec<(i64, i64)> {
+    let parts = parts.max(1) as i64;
+    (0..parts)
+        .map(|i| (rows * i / parts, rows * (i + 1) / parts - rows * i / parts))
+        .filter(|&(_, len)| len > 0)
+        .collect()
 }
 
 /// Sums the ranks' gradients, each weighted already by its rank's share of the batch, their

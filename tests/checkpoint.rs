@@ -25,6 +25,9 @@ const DATA: &[&str] = &[
     // Exactness holds for a fixed thread count: reductions split by thread.
     "--threads",
     "1",
+    // A moving average of the weights, so its state is resumed (and tortured) too.
+    "--ema-decay",
+    "0.9",
 ];
 
 fn train(out: &Path, epochs: &str, extra: &[&str]) -> Output {
@@ -60,6 +63,19 @@ fn resumed_and_interrupted_runs_equal_the_straight_run_bitwise() {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
     ok(train(&straight, "3", &[]));
+    let names: Vec<String> =
+        Checkpoint::load(&straight.join("last.safetensors")).unwrap().tensors.into_keys().collect();
+    assert!(
+        names.iter().any(|n| n == "ema.encoder.fc.weight") && names.iter().any(|n| n == "ema.num_updates")
+    );
+    // eval takes the average unless told otherwise: two models, two numbers.
+    let loss = |extra: &[&str]| {
+        let out = ok(vae(
+            &[&["eval", straight.to_str().unwrap(), "--iw-samples", "0", "--json"][..], extra].concat()
+        ));
+        serde_json::from_str::<serde_json::Value>(&stdout(&out)).unwrap()["negative_elbo"].as_f64().unwrap()
+    };
+    assert_ne!(loss(&[]), loss(&["--no-ema"]));
 
     // Stop after one epoch, then continue to three.
     let split = dir.path().join("split");

@@ -10,7 +10,7 @@ const LAYERS: &[&[&str]] = &[
     &["data"],
     &["models"],
     &["loss"],
-    &["adam", "schedule"],
+    &["adam", "schedule", "ema"],
     &["config"],
     &["eval", "export"],
     &["train"],

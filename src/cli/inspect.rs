@@ -19,6 +19,9 @@ pub struct ModelArgs {
     device: DeviceArgs,
     #[command(flatten)]
     location: DataLocation,
+    /// Use the trained weights, not their moving average (where the run kept one).
+    #[arg(long)]
+    no_ema: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -39,7 +42,7 @@ impl ModelArgs {
     fn load(&self) -> Result<Loaded> {
         let device = self.device.init()?;
         let ckpt = Checkpoint::load(&vae::run_dir::resolve(&self.checkpoint)?)?;
-        let (vs, model) = ckpt.model(device)?;
+        let (vs, model) = ckpt.model(device, !self.no_ema)?;
         Ok(Loaded { ckpt, model, device, vs })
     }
 }
