@@ -213,7 +213,7 @@ pub fn quality(model: &dyn Model, data: &Dataset, device: Device) -> Result<Qual
     for x in loader.sequential() {
         let x = x?;
         tch::no_grad(|| {
-            let x_hat = model.decode_mean(&model.encode(&x).mean);
+            let x_hat = model.reconstruct(&x);
             let diff = (&x_hat - &x).to_kind(Kind::Double).flatten(1, -1);
             let mse = diff.square().mean_dim(1, false, Kind::Double);
             let psnr = mse.clamp_min(1e-10).log10() * -10.0;

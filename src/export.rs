@@ -16,7 +16,7 @@ pub fn reconstruction_grid(model: &dyn Model, x: &Tensor, cols: usize) -> Tensor
     let n = x.size()[0] as usize;
     let cols = cols.min(n).max(1);
     let x = x.narrow(0, 0, ((n / cols).max(1) * cols) as i64);
-    let recon = tch::no_grad(|| model.decode_mean(&model.encode(&x).mean));
+    let recon = tch::no_grad(|| model.reconstruct(&x));
     let rows: Vec<Tensor> = x
         .split(cols as i64, 0)
         .into_iter()
@@ -72,17 +72,26 @@ pub fn interpolation_grid(
     })
 }
 
-/// One row per latent dimension in `dims`: the image's posterior mean decoded with that
-/// dimension swept over `steps` values in [-range, range].
+/// One row per latent channel in `dims` (a dimension, for a vector latent): the image's
+/// posterior mean decoded with that channel swept over `steps` values in [-range, range]. A
+/// single dimension is set to each value (the prior's scale); a channel of a spatial latent
+/// is shifted by each value times its standard deviation over the image.
 pub fn traversal_grid(model: &dyn Model, image: &Tensor, dims: &[i64], steps: i64, range: f64) -> Tensor {
     tch::no_grad(|| {
         let mean = model.encode(image).mean.get(0);
-        let values = Tensor::linspace(-range, range, steps, (Kind::Float, mean.device()));
+        let values = Tensor::linspace(-range, range, steps, (Kind::Float, mean.device())).unsqueeze(1);
+        let width = model.latent_dim() / model.latent_channels();
         let rows: Vec<Tensor> = dims
             .iter()
             .map(|&d| {
                 let z = mean.unsqueeze(0).repeat([steps, 1]);
-                z.narrow(1, d, 1).copy_(&values.unsqueeze(1));
+                let mut channel = z.narrow(1, d * width, width);
+                if width == 1 {
+                    channel.copy_(&values);
+                } else {
+                    let std = mean.narrow(0, d * width, width).std(true);
+                    let _ = channel.g_add_(&(&values * std));
+                }
                 model.decode_mean(&z)
             })
             .collect();

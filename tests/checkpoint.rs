@@ -5,7 +5,7 @@ mod common;
 #[path = "common/disk.rs"]
 mod disk;
 
-use common::{ok, stderr, stdout, vae, TINY_MODEL};
+use common::{ok, stderr, stdout, vae, TINY_MODEL, TINY_RESNET};
 use disk::SmallDisk;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -136,19 +136,33 @@ fn resume_until_fault(run: &Path, fault: &str) {
 
 #[test]
 fn runs_killed_at_any_point_resume_to_the_straight_result() {
+    for model in [TINY_MODEL, TINY_RESNET] {
+        killed_runs_resume_exactly(model);
+    }
+}
+
+/// A run of `model` killed after a step and in the middle of writes, resumed each time,
+/// ends bit for bit where the uninterrupted run does.
+fn killed_runs_resume_exactly(model: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let straight = dir.path().join("straight");
-    ok(train(&straight, "3", &["--save-every-steps", "3"]));
+    fn run<'a>(out: &'a Path, model: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["train", "--quiet", "--epochs", "3", "--save-every-steps", "3", "--out"];
+        args.push(out.to_str().unwrap());
+        args.extend_from_slice(model);
+        args.extend_from_slice(DATA);
+        args
+    }
+    ok(vae(&run(&straight, model)));
 
     // Killed after step 7 (last saved at 6), then three times more: twice in the middle of a
     // write (a checkpoint's or metrics.csv's), once after a step.
     let killed = dir.path().join("killed");
-    let mut args = vec!["train", "--quiet", "--epochs", "3", "--save-every-steps", "3", "--out"];
-    args.push(killed.to_str().unwrap());
-    args.extend_from_slice(TINY_MODEL);
-    args.extend_from_slice(DATA);
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_vae")).args(&args).env("VAE_FAULT", "step:7").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(run(&killed, model))
+        .env("VAE_FAULT", "step:7")
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert_eq!(Checkpoint::load(&killed.join("last.safetensors")).unwrap().meta.step, 6);
     for fault in ["write:2", "write:3", "step:25"] {

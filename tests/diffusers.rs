@@ -134,6 +134,39 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     );
     assert!(!never.exists());
 
+    // The exports of this family: reconstructions of a user image at its own resolution (cut
+    // to a multiple of the 2-pixel downscale), traversals over the 2 latent channels, and
+    // samples with the note that a KL weight of 1e-6 makes no generative model.
+    let user = tmp.path().join("user.png");
+    image::RgbImage::from_fn(21, 14, |x, y| image::Rgb([(x * 12) as u8, (y * 18) as u8, 90]))
+        .save(&user)
+        .unwrap();
+    let grid = tmp.path().join("grid.png");
+    ok(vae(&[
+        "reconstruct",
+        run.to_str().unwrap(),
+        "--input",
+        user.to_str().unwrap(),
+        "--out",
+        grid.to_str().unwrap(),
+    ]));
+    let (w, h) = image::image_dimensions(&grid).unwrap();
+    let traversal = tmp.path().join("traverse.png");
+    ok(vae(&["traverse", run.to_str().unwrap(), "--steps", "3", "--out", traversal.to_str().unwrap()]));
+    let (tw, th) = image::image_dimensions(&traversal).unwrap();
+    let out = ok(vae(&[
+        "sample",
+        run.to_str().unwrap(),
+        "--n",
+        "4",
+        "--out",
+        tmp.path().join("s.png").to_str().unwrap(),
+    ]));
+    assert!(stderr(&out).contains("not a generative model of its own"), "{}", stderr(&out));
+    // One 20 x 14 original over its reconstruction; 2 rows of 3 16 x 16 images; borders of 2.
+    assert_eq!((w, h), (20 + 4, 2 * 14 + 6), "reconstruction grid");
+    assert_eq!((tw, th), (3 * 16 + 8, 2 * 16 + 6), "traversal grid");
+
     // 3. 20 Adam steps on the same batches and noise: the same losses, step by step.
     let losses_path = tmp.path().join("losses.safetensors");
     reference(&[

@@ -70,14 +70,16 @@ fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
     let loader = Loader::new(&splits.train, Device::Cpu, 32);
     let progress = indicatif::ProgressBar::hidden();
     let mut losses = Vec::new();
-    for _ in 0..3 {
+    // Six epochs: from PyTorch's (narrow) initialisation this tiny model sits on a plateau for
+    // about three.
+    for _ in 0..6 {
         losses
             .push(trainer.train_epoch(&loader, &progress, |_, _| Ok(Flow::Continue)).unwrap().unwrap().loss);
     }
-    assert!(losses.iter().all(|l| l.is_finite()) && losses[2] < losses[0] * 0.9, "{losses:?}");
-    assert_eq!(trainer.step, 24);
+    assert!(losses.iter().all(|l| l.is_finite()) && losses[5] < losses[0] * 0.9, "{losses:?}");
+    assert_eq!(trainer.step, 48);
     let scaler = trainer.loss_scale.clone().expect("float16 keeps a loss scale");
-    assert!(trainer.adam.step_count() + scaler.good_steps <= 24 + 2000);
+    assert!(trainer.adam.step_count() + scaler.good_steps <= 48 + 2000);
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f16.safetensors");
@@ -87,7 +89,7 @@ fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
     let ckpt = Checkpoint::load(&path).unwrap();
     assert_eq!(ckpt.meta.loss_scale, Some(scaler.clone()));
     let resumed = ckpt.trainer(ckpt.meta.config.clone(), Device::Cpu).unwrap();
-    assert_eq!((resumed.step, resumed.loss_scale), (24, Some(scaler)));
+    assert_eq!((resumed.step, resumed.loss_scale), (48, Some(scaler)));
 }
 
 #[test]

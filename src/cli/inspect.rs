@@ -292,8 +292,24 @@ impl ReconstructArgs {
             let [channels, side, _] = loaded.config().model.image_shape();
             let images = input
                 .iter()
-                .map(|p| vae::data::image_file::load(p, channels, side))
+                .map(|p| match &loaded.config().model {
+                    // Fully convolutional: each image at its own resolution.
+                    vae::models::ModelConfig::Resnet(arch) => {
+                        vae::data::image_file::load_native(p, channels, arch.downscale() as u32)
+                    }
+                    vae::models::ModelConfig::Conv(_) => vae::data::image_file::load(p, channels, side),
+                })
                 .collect::<Result<Vec<_>>>()?;
+            if let Some((i, other)) = images.iter().enumerate().find(|(_, t)| t.size() != images[0].size()) {
+                bail!(
+                    "{} is {:?} (channels, height, width) after cropping, {} {:?}: one grid needs one size; \
+                     reconstruct them one at a time",
+                    input[i].display(),
+                    other.size(),
+                    input[0].display(),
+                    images[0].size()
+                );
+            }
             vae::data::to_unit_float(&tch::Tensor::stack(&images, 0)).to_device(loaded.device)
         };
         let cols = vae::export::GRID_COLS.min(x.size()[0] as usize);
@@ -318,6 +334,15 @@ impl SampleArgs {
             "--temperature must be positive, found {temperature}"
         );
         let loaded = args.load()?;
+        if loaded.config().beta < 0.1 {
+            eprintln!(
+                "note: this model was trained with a KL weight of {:e}, so its latents are far from N(0, I) \
+                 and it is not a generative model of its own: these are the decoder's images of prior \
+                 draws, not samples of the data (latent diffusion trains a diffusion model on the latents \
+                 for that)",
+                loaded.config().beta
+            );
+        }
         vae::rng::seed_torch(seed.unwrap_or(loaded.config().seed), vae::rng::Stream::Eval, u64::MAX);
         let images = vae::export::samples(loaded.model.as_ref(), n as i64, temperature, loaded.device);
         let path = loaded.output(out, "sample.png");
@@ -357,17 +382,22 @@ impl TraverseArgs {
         let (index, steps) = (*index, *steps);
         ensure!(steps >= 2, "--steps must be at least 2, found {steps}");
         let loaded = args.load()?;
-        let latent = loaded.config().model.latent_dim();
-        if let Some(bad) = dims.iter().find(|&&d| d < 0 || d >= latent) {
-            bail!("--dims {bad} is not a latent dimension: the model has {latent} (0..{})", latent - 1);
+        let model = loaded.model.as_ref();
+        let units = model.latent_channels();
+        if let Some(bad) = dims.iter().find(|&&d| d < 0 || d >= units) {
+            let what = if units == model.latent_dim() { "latent dimension" } else { "latent channel" };
+            bail!("--dims {bad} is not a {what}: the model has {units} (0..{})", units - 1);
         }
         let test = loaded.split(args, Split::Test)?;
         ensure!(index < test.len(), "--index {index} is past the test split's {} images", test.len());
         let dims = if dims.is_empty() {
-            let (mean, logvar) = vae::export::encode_all(loaded.model.as_ref(), &test, loaded.device)?;
+            // The channels carrying the most KL first.
+            let (mean, logvar) = vae::export::encode_all(model, &test, loaded.device)?;
             let kl = vae::export::kl_per_dimension(&mean, &logvar);
-            let mut order: Vec<i64> = (0..latent).collect();
-            order.sort_by(|&a, &b| kl[b as usize].total_cmp(&kl[a as usize]));
+            let width = kl.len() / units as usize;
+            let per_unit: Vec<f64> = kl.chunks(width).map(|c| c.iter().sum()).collect();
+            let mut order: Vec<i64> = (0..units).collect();
+            order.sort_by(|&a, &b| per_unit[b as usize].total_cmp(&per_unit[a as usize]));
             order
         } else {
             dims.to_vec()

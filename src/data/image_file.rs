@@ -12,6 +12,25 @@ pub fn load(path: &Path, channels: i64, size: i64) -> Result<Tensor> {
     Ok(Tensor::from_slice(&decoded.pixels).view([channels, size, size]))
 }
 
+/// An image at its own resolution, centre-cropped to sides that are multiples of `multiple`
+/// (what a fully convolutional model takes): `[channels, H, W]` u8.
+pub fn load_native(path: &Path, channels: i64, multiple: u32) -> Result<Tensor> {
+    ensure!(channels == 1 || channels == 3, "images must have 1 or 3 channels, found {channels}");
+    let img = image::open(path).with_context(|| format!("{}: cannot read the image", path.display()))?;
+    let (w, h) = (img.width() / multiple * multiple, img.height() / multiple * multiple);
+    ensure!(
+        w > 0 && h > 0,
+        "{}: {}x{} is smaller than the model's {multiple}-pixel downsampling",
+        path.display(),
+        img.width(),
+        img.height()
+    );
+    let img = img.crop_imm((img.width() - w) / 2, (img.height() - h) / 2, w, h);
+    let hwc = if channels == 1 { img.to_luma8().into_raw() } else { img.to_rgb8().into_raw() };
+    let (c, h, w) = (channels, h as i64, w as i64);
+    Ok(Tensor::from_slice(&hwc).view([h, w, c]).permute([2, 0, 1]).contiguous())
+}
+
 /// An image as the model reads it.
 pub struct Decoded {
     /// `channels * size * size` bytes, channel-major.

@@ -92,14 +92,6 @@ const KERNEL: i64 = 4;
 const STRIDE: i64 = 2;
 const PADDING: i64 = 1;
 
-fn conv_config() -> nn::ConvConfig {
-    nn::ConvConfig { stride: STRIDE, padding: PADDING, ..Default::default() }
-}
-
-fn deconv_config() -> nn::ConvTransposeConfig {
-    nn::ConvTransposeConfig { stride: STRIDE, padding: PADDING, ..Default::default() }
-}
-
 fn linear(layer: &nn::Linear, x: &Tensor, kind: Kind) -> Tensor {
     x.linear(&cast(&layer.ws, kind), layer.bs.as_ref().map(|b| cast(b, kind)))
 }
@@ -128,14 +120,14 @@ impl Encoder {
             .iter()
             .enumerate()
             .map(|(i, &out_ch)| {
-                let conv = nn::conv2d(&vs / "convs" / i, in_ch, out_ch, KERNEL, conv_config());
+                let conv = super::conv2d(&vs / "convs" / i, in_ch, out_ch, KERNEL, STRIDE, PADDING);
                 in_ch = out_ch;
                 conv
             })
             .collect();
         let flat = in_ch * cfg.bottleneck_side().pow(2);
-        let fc = nn::linear(&vs / "fc", flat, cfg.hidden, Default::default());
-        let head = nn::linear(&vs / "head", cfg.hidden, 2 * cfg.latent_dim, Default::default());
+        let fc = super::linear(&vs / "fc", flat, cfg.hidden);
+        let head = super::linear(&vs / "head", cfg.hidden, 2 * cfg.latent_dim);
         Self { convs, fc, head }
     }
 
@@ -162,8 +154,8 @@ impl Decoder {
     pub fn new(vs: nn::Path, cfg: &ConvConfig) -> Self {
         let side = cfg.bottleneck_side();
         let top = *cfg.channels.last().expect("validated: at least one stage");
-        let fc = nn::linear(&vs / "fc", cfg.latent_dim, cfg.hidden, Default::default());
-        let proj = nn::linear(&vs / "proj", cfg.hidden, top * side * side, Default::default());
+        let fc = super::linear(&vs / "fc", cfg.latent_dim, cfg.hidden);
+        let proj = super::linear(&vs / "proj", cfg.hidden, top * side * side);
         // Mirror of the encoder: channels reversed, ending at the image's channels.
         let outs = cfg.channels.iter().rev().skip(1).copied().chain([cfg.in_channels]);
         let deconvs = cfg
@@ -173,7 +165,7 @@ impl Decoder {
             .zip(outs)
             .enumerate()
             .map(|(i, (&in_ch, out_ch))| {
-                nn::conv_transpose2d(&vs / "deconvs" / i, in_ch, out_ch, KERNEL, deconv_config())
+                super::conv_transpose2d(&vs / "deconvs" / i, in_ch, out_ch, KERNEL, STRIDE, PADDING)
             })
             .collect();
         Self { fc, proj, deconvs, start_shape: [top, side, side] }

@@ -151,6 +151,49 @@ impl Compute {
     }
 }
 
+/// PyTorch's default initialisation of a layer with `fan_in` inputs per output, for weights and
+/// biases alike: uniform in ±1/sqrt(fan_in) (`kaiming_uniform_` with a = sqrt(5), and torch.nn's
+/// bias rule), what `Conv2d`, `ConvTranspose2d` and `Linear` start from in PyTorch and hence in
+/// diffusers. tch's default is sqrt(6) times wider with zero conv biases; on the classic model
+/// that alone cost about 1 nat of test -ELBO after 10 Fashion-MNIST epochs.
+pub fn torch_init(fan_in: i64) -> nn::Init {
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    nn::Init::Uniform { lo: -bound, up: bound }
+}
+
+/// A linear layer initialised as torch.nn.Linear.
+pub fn linear(vs: nn::Path, i: i64, o: i64) -> nn::Linear {
+    let init = torch_init(i);
+    nn::linear(vs, i, o, nn::LinearConfig { ws_init: init, bs_init: Some(init), bias: true })
+}
+
+/// A square convolution initialised as torch.nn.Conv2d.
+pub fn conv2d(vs: nn::Path, i: i64, o: i64, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
+    let init = torch_init(i * k * k);
+    nn::conv2d(
+        vs,
+        i,
+        o,
+        k,
+        nn::ConvConfig { stride, padding, ws_init: init, bs_init: init, ..Default::default() },
+    )
+}
+
+/// A square transposed convolution initialised as torch.nn.ConvTranspose2d (whose fan-in
+/// PyTorch reads from the weight's second dimension: the output channels).
+pub fn conv_transpose2d(
+    vs: nn::Path,
+    i: i64,
+    o: i64,
+    k: i64,
+    stride: i64,
+    padding: i64,
+) -> nn::ConvTranspose2D {
+    let init = torch_init(o * k * k);
+    let cfg = nn::ConvTransposeConfig { stride, padding, ws_init: init, bs_init: init, ..Default::default() };
+    nn::conv_transpose2d(vs, i, o, k, cfg)
+}
+
 /// Layers run in the compute dtype on weights cast from their float32 masters. The cast is
 /// part of the graph, so gradients reach the float32 weights; for float32 it is a no-op.
 pub fn cast(t: &Tensor, kind: Kind) -> Tensor {
@@ -186,6 +229,17 @@ pub trait Model {
     /// Images in [0, 1] that the decoder expects at `z` (its mean, not a sample).
     fn decode_mean(&self, z: &Tensor) -> Tensor {
         self.likelihood().mean(&self.decode(z))
+    }
+
+    /// `x` decoded from its posterior mean, in [0, 1]: images of any size the model takes.
+    fn reconstruct(&self, x: &Tensor) -> Tensor {
+        self.decode_mean(&self.encode(x).mean)
+    }
+
+    /// The latent's channels, each a contiguous run of `latent_dim() / latent_channels()`
+    /// elements of z (a vector latent: one per dimension); traversals sweep them.
+    fn latent_channels(&self) -> i64 {
+        self.latent_dim()
     }
 }
 
@@ -330,6 +384,38 @@ impl ModelConfig {
 mod tests {
     use super::*;
     use tch::Device;
+
+    #[test]
+    fn both_families_start_from_pytorchs_default_initialisation() {
+        let resnet =
+            ResnetConfig { block_channels: vec![32, 64], layers_per_block: 1, ..ResnetConfig::default() };
+        for cfg in [ModelConfig::Conv(ConvConfig::default()), ModelConfig::Resnet(resnet)] {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let _model = cfg.build(vs.root());
+            let vars = vs.variables();
+            for (name, t) in &vars {
+                let (layer, kind) = name.rsplit_once('.').unwrap();
+                if layer.contains("norm") {
+                    let expected = if kind == "weight" { 1.0 } else { 0.0 };
+                    assert!(
+                        t.eq(expected).all().int64_value(&[]) == 1,
+                        "{name}: GroupNorm starts at {expected}"
+                    );
+                    continue;
+                }
+                // PyTorch's fan-in: the weight's second dimension times its kernel, for
+                // Linear, Conv2d and ConvTranspose2d alike; a bias takes its weight's.
+                let weight = &vars[&format!("{layer}.weight")];
+                let fan_in: i64 = weight.size()[1..].iter().product();
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                let largest = t.abs().max().double_value(&[]);
+                assert!(largest <= bound, "{name}: {largest} beyond 1/sqrt({fan_in})");
+                if t.numel() >= 64 {
+                    assert!(largest > 0.9 * bound, "{name}: {largest} well inside 1/sqrt({fan_in})");
+                }
+            }
+        }
+    }
 
     #[test]
     fn kl_closed_form_matches_monte_carlo() {

@@ -141,7 +141,7 @@ impl ResnetConfig {
 }
 
 fn conv(vs: nn::Path, i: i64, o: i64, k: i64) -> nn::Conv2D {
-    nn::conv2d(vs, i, o, k, nn::ConvConfig { padding: k / 2, ..Default::default() })
+    super::conv2d(vs, i, o, k, 1, k / 2)
 }
 
 /// A conv in the compute dtype, with the given stride and padding.
@@ -217,13 +217,13 @@ struct Attention {
 
 impl Attention {
     fn new(vs: nn::Path, groups: i64, c: i64) -> Self {
-        let linear = |name: &str| nn::linear(&vs / name, c, c, Default::default());
+        let linear = |name: &str| super::linear(&vs / name, c, c);
         Self {
             group_norm: Norm::new(&vs / "group_norm", groups, c),
             to_q: linear("to_q"),
             to_k: linear("to_k"),
             to_v: linear("to_v"),
-            to_out: nn::linear(&vs / "to_out" / 0, c, c, Default::default()),
+            to_out: super::linear(&vs / "to_out" / 0, c, c),
         }
     }
 
@@ -459,6 +459,15 @@ impl Model for ResnetVae {
 
     fn latent_dim(&self) -> i64 {
         self.cfg.latent_dim()
+    }
+
+    /// Through the spatial latent, so any size that is a multiple of the downscale works.
+    fn reconstruct(&self, x: &Tensor) -> Tensor {
+        self.likelihood().mean(&self.decode(&self.encode_spatial(x).0))
+    }
+
+    fn latent_channels(&self) -> i64 {
+        self.cfg.latent_channels
     }
 
     fn set_compute(&mut self, compute: Compute) {

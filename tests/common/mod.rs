@@ -6,6 +6,23 @@ use std::process::{Command, Output};
 pub const TINY_MODEL: &[&str] =
     &["--conv-channels", "8,16", "--hidden", "32", "--latent-dim", "4", "--device", "cpu"];
 
+/// The same for the resnet family (diffusers' AutoencoderKL layout, two blocks).
+#[allow(dead_code)]
+pub const TINY_RESNET: &[&str] = &[
+    "--arch",
+    "resnet",
+    "--block-channels",
+    "8,16",
+    "--layers-per-block",
+    "1",
+    "--latent-channels",
+    "2",
+    "--norm-groups",
+    "4",
+    "--device",
+    "cpu",
+];
+
 pub fn vae(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vae")).args(args).output().expect("vae runs")
 }
