@@ -129,6 +129,8 @@ pub struct Report {
     /// Whether the reconstruction term is a -log-likelihood, so that the bound and the IWAE are
     /// in nats (false for the L1 and L2 pixel losses, where they are losses and no IWAE is run).
     pub likelihood_is_density: bool,
+    /// The negative ELBO; for the L1 and L2 losses, the training loss (reconstruction + beta
+    /// times the KL) under the same name.
     pub negative_elbo: f64,
     pub reconstruction: f64,
     pub kl: f64,
@@ -245,11 +247,13 @@ pub fn evaluate(
     progress: &indicatif::ProgressBar,
 ) -> Result<Report> {
     let started = std::time::Instant::now();
-    let (sums, _) = elbo_sums(model, data, cfg.seed, KlWeight::ELBO, device, (0, 1))?;
+    let density = model.likelihood().is_density();
+    // The bound where the likelihood is a density; otherwise the loss the run minimised.
+    let weight = if density { KlWeight::ELBO } else { KlWeight { beta: cfg.beta, free_bits: 0.0 } };
+    let (sums, _) = elbo_sums(model, data, cfg.seed, weight, device, (0, 1))?;
     let elbo = Stats::from_sums(&sums, data.len());
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
-    let density = model.likelihood().is_density();
     let iwae_nll = if iw_samples > 0 && density {
         let loader = Loader::new(data, device, IMAGES_PER_BATCH);
         let chunk = (DECODES_PER_PASS / IMAGES_PER_BATCH as i64).max(1);

@@ -254,9 +254,12 @@ impl EvalArgs {
                 report.negative_elbo, report.reconstruction, report.kl
             ),
             None => println!(
-                "loss           {:.2} {unit}: reconstruction {:.2} + KL {:.2} (not a bound on log p(x), \
-                 so no IWAE)",
-                report.negative_elbo, report.reconstruction, report.kl
+                "loss           {:.2} {unit}: reconstruction {:.2} + {:e} x KL {:.2} (the training loss; \
+                 not a bound on log p(x), so no IWAE)",
+                report.negative_elbo,
+                report.reconstruction,
+                loaded.config().beta,
+                report.kl
             ),
         }
         if let (Some(nll), Some(bpd)) = (report.iwae_nll, report.iwae_bits_per_dim) {
