@@ -4,6 +4,7 @@
 //! exports use the average; the optimizer never sees it.
 
 use anyhow::{ensure, Context, Result};
+use std::collections::HashMap;
 use tch::nn::VarStore;
 use tch::{Kind, Tensor};
 
@@ -96,10 +97,8 @@ impl Ema {
 
 /// The averaged weights of a checkpoint's tensors, under the model's names; `None` when it
 /// has none.
-pub fn averaged_weights(
-    tensors: &std::collections::HashMap<String, Tensor>,
-) -> Option<std::collections::HashMap<String, Tensor>> {
-    let averaged: std::collections::HashMap<String, Tensor> = tensors
+pub fn averaged_weights(tensors: &HashMap<String, Tensor>) -> Option<HashMap<String, Tensor>> {
+    let averaged: HashMap<String, Tensor> = tensors
         .iter()
         .filter(|(name, _)| name.as_str() != UPDATES)
         .filter_map(|(name, t)| Some((name.strip_prefix(PREFIX)?.to_string(), t.shallow_clone())))
@@ -127,7 +126,7 @@ mod tests {
         assert!((seen - expected).abs() < 1e-6);
         assert_eq!(w.double_value(&[1]), 1.0, "the trained weight is back");
         let mut restored = Ema::new(&vs, 0.99);
-        let state: std::collections::HashMap<String, Tensor> = ema.state().into_iter().collect();
+        let state: HashMap<String, Tensor> = ema.state().into_iter().collect();
         restored.load_state(|n| state.get(n).map(Tensor::shallow_clone)).unwrap();
         assert_eq!(restored.updates, 2);
         assert!(restored.state()[0].1.equal(&ema.state()[0].1));

@@ -1,7 +1,7 @@
 //! The convolutional VAE (`--arch conv`): a strided-conv encoder and a dense bottleneck
 //! giving q(z|x) over a latent vector, a transposed-conv decoder giving p(x|z)'s parameters.
 
-use super::{cast, Compute, Likelihood, Model, Posterior};
+use super::{cast, run_linear as linear, Compute, Likelihood, Model, Posterior};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn;
@@ -92,13 +92,8 @@ const KERNEL: i64 = 4;
 const STRIDE: i64 = 2;
 const PADDING: i64 = 1;
 
-fn linear(layer: &nn::Linear, x: &Tensor, kind: Kind) -> Tensor {
-    x.linear(&cast(&layer.ws, kind), layer.bs.as_ref().map(|b| cast(b, kind)))
-}
-
 fn conv(layer: &nn::Conv2D, x: &Tensor, kind: Kind) -> Tensor {
-    let bias = layer.bs.as_ref().map(|b| cast(b, kind));
-    x.conv2d(&cast(&layer.ws, kind), bias, [STRIDE; 2], [PADDING; 2], [1; 2], 1)
+    super::run_conv(layer, x, kind, STRIDE, PADDING)
 }
 
 fn deconv(layer: &nn::ConvTranspose2D, x: &Tensor, kind: Kind) -> Tensor {

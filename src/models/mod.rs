@@ -194,6 +194,18 @@ pub fn conv_transpose2d(
     nn::conv_transpose2d(vs, i, o, k, cfg)
 }
 
+/// A linear layer run in `kind` on its float32 weights.
+pub fn run_linear(layer: &nn::Linear, x: &Tensor, kind: Kind) -> Tensor {
+    x.linear(&cast(&layer.ws, kind), layer.bs.as_ref().map(|b| cast(b, kind)))
+}
+
+/// A square convolution run in `kind` on its float32 weights, with the given stride and
+/// padding.
+pub fn run_conv(layer: &nn::Conv2D, x: &Tensor, kind: Kind, stride: i64, padding: i64) -> Tensor {
+    let bias = layer.bs.as_ref().map(|b| cast(b, kind));
+    x.conv2d(&cast(&layer.ws, kind), bias, [stride; 2], [padding; 2], [1; 2], 1)
+}
+
 /// Layers run in the compute dtype on weights cast from their float32 masters. The cast is
 /// part of the graph, so gradients reach the float32 weights; for float32 it is a no-op.
 pub fn cast(t: &Tensor, kind: Kind) -> Tensor {

@@ -8,7 +8,7 @@
 //! lives (see the L1 and L2 likelihoods). The posterior is flattened to `[B, C * h * w]` for
 //! the rest of the crate; `decode` takes that or the spatial `[B, C, h, w]`.
 
-use super::{cast, Compute, Likelihood, Model, Posterior};
+use super::{cast, run_conv, run_linear, Compute, Likelihood, Model, Posterior};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Kind, Tensor};
@@ -144,12 +144,6 @@ fn conv(vs: nn::Path, i: i64, o: i64, k: i64) -> nn::Conv2D {
     super::conv2d(vs, i, o, k, 1, k / 2)
 }
 
-/// A conv in the compute dtype, with the given stride and padding.
-fn run_conv(layer: &nn::Conv2D, x: &Tensor, kind: Kind, stride: i64, padding: i64) -> Tensor {
-    let bias = layer.bs.as_ref().map(|b| cast(b, kind));
-    x.conv2d(&cast(&layer.ws, kind), bias, [stride; 2], [padding; 2], [1; 2], 1)
-}
-
 fn same(layer: &nn::Conv2D, x: &Tensor, kind: Kind) -> Tensor {
     let k = layer.ws.size()[2];
     run_conv(layer, x, kind, 1, k / 2)
@@ -229,9 +223,7 @@ impl Attention {
 
     fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
         let [b, c, h, w]: [i64; 4] = x.size().try_into().expect("a feature map");
-        let linear = |layer: &nn::Linear, t: &Tensor| {
-            t.linear(&cast(&layer.ws, kind), layer.bs.as_ref().map(|b| cast(b, kind)))
-        };
+        let linear = |layer: &nn::Linear, t: &Tensor| run_linear(layer, t, kind);
         // [B, HW, C], one head.
         let tokens = self.group_norm.forward(x, kind).view([b, c, h * w]).transpose(1, 2);
         let heads = |layer| linear(layer, &tokens).unsqueeze(1);
