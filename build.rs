@@ -1,5 +1,6 @@
 //! Makes the binary find libtorch without LD_LIBRARY_PATH, and see CUDA when it is there; and
-//! compiles the torch.distributed shim (src/dist/shim.cpp) when Gloo's headers are present.
+//! compiles the ATen calls tch lacks (src/native.cpp), and the torch.distributed shim
+//! (src/dist/shim.cpp) when Gloo's headers are present.
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +20,34 @@ fn main() {
         println!("cargo:rustc-link-arg=-ltorch_cuda");
         println!("cargo:rustc-link-arg=-Wl,--as-needed");
     }
+    native(Path::new(&lib_dir));
     distributed_shim(Path::new(&lib_dir));
+}
+
+/// A C++ compilation against the wheel's headers (`torch/include`, beside `torch/lib`), as
+/// torch-sys compiles tch's own wrapper.
+fn torch_build(lib_dir: &Path, file: &str) -> cc::Build {
+    let torch_include = lib_dir.with_file_name("include");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file(file)
+        .include(&torch_include)
+        .include(torch_include.join("torch/csrc/api/include"))
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        // libtorch's headers warn by the hundred; ours are a few lines.
+        .warnings(false)
+        .flag("-w");
+    build
+}
+
+/// The ATen calls tch lacks (src/native.cpp): foreach kernels, fused Adam, memory stats.
+fn native(lib_dir: &Path) {
+    println!("cargo:rerun-if-changed=src/native.cpp");
+    torch_build(lib_dir, "src/native.cpp").compile("vae_native");
+    println!("cargo:rustc-link-lib=torch_cpu");
+    println!("cargo:rustc-link-lib=c10");
 }
 
 /// The c10d shim, against the wheel's headers (`torch/include`, beside `torch/lib`) and Gloo's
@@ -41,23 +69,8 @@ fn distributed_shim(lib_dir: &Path) {
         );
         return;
     }
-    let torch = |file: &str| {
-        let mut build = cc::Build::new();
-        build
-            .cpp(true)
-            .file(format!("src/dist/{file}"))
-            .include(&torch_include)
-            .include(torch_include.join("torch/csrc/api/include"))
-            .std("c++17")
-            .define("_GLIBCXX_USE_CXX11_ABI", "1")
-            // libtorch's headers warn by the hundred; ours is a few lines.
-            .warnings(false)
-            .flag("-w");
-        build
-    };
+    let torch = |file: &str| torch_build(lib_dir, &format!("src/dist/{file}"));
     torch("shim.cpp").include(&gloo_include).define("USE_C10D_GLOO", None).compile("vae_dist_shim");
-    println!("cargo:rustc-link-lib=torch_cpu");
-    println!("cargo:rustc-link-lib=c10");
     println!("cargo:rustc-cfg=vae_gloo");
     match cuda_includes(lib_dir) {
         Ok(includes) => {

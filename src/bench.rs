@@ -5,6 +5,7 @@
 use crate::config::TrainConfig;
 use crate::data::{DataConfig, Loader};
 use crate::loss::Stats;
+use crate::native;
 use crate::train::{StepTimes, Trainer};
 use anyhow::{ensure, Result};
 use serde::Serialize;
@@ -35,6 +36,9 @@ pub struct BenchReport {
     pub epoch_s: Option<f64>,
     pub test_loss: Option<f64>,
     pub peak_rss_mib: Option<f64>,
+    /// The most GPU memory the timed steps held (the caching allocator's peak of allocated
+    /// bytes, `torch.cuda.max_memory_allocated` in the PyTorch reference); None off CUDA.
+    pub peak_cuda_mib: Option<f64>,
     /// Seconds to load (read, decode, or take from the cache) both splits.
     pub load_s: f64,
     /// Images of both splits per second of loading.
@@ -90,6 +94,7 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
         epoch_s: None,
         test_loss: None,
         peak_rss_mib: None,
+        peak_cuda_mib: None,
         load_s,
         load_images_per_s: (splits.train.len() + splits.test.len()) as f64 / load_s,
         profile_ms: None,
@@ -111,10 +116,12 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
         let (warmup, timed) = batches.split_at(opts.warmup);
         let mut sums = steps(&mut trainer, &loader, warmup, None)?;
         crate::device::synchronize(device);
+        native::cuda_peak_mib(device, true);
         let start = Instant::now();
         sums += steps(&mut trainer, &loader, timed, None)?;
         crate::device::synchronize(device);
         let seconds = start.elapsed().as_secs_f64();
+        report.peak_cuda_mib = native::cuda_peak_mib(device, false);
         report.images_per_s = Some((opts.steps as i64 * batch) as f64 / seconds);
         report.train_loss = Some(Stats::from_sums(&sums, batches.len()).loss);
         if opts.profile {

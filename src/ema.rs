@@ -3,6 +3,7 @@
 //! first averages are not dominated by the random initialisation. Evaluation, pictures and
 //! exports use the average; the optimizer never sees it.
 
+use crate::native;
 use anyhow::{ensure, Context, Result};
 use std::collections::HashMap;
 use tch::nn::VarStore;
@@ -39,11 +40,9 @@ impl Ema {
     /// Moves each average towards its parameter: avg += (1 - decay) * (param - avg).
     pub fn update(&mut self) {
         let weight = 1.0 - self.current_decay();
-        tch::no_grad(|| {
-            for (_, param, average) in &self.params {
-                let _ = average.shallow_clone().lerp_(param, weight);
-            }
-        });
+        let (params, averages): (Vec<Tensor>, Vec<Tensor>) =
+            self.params.iter().map(|(_, p, a)| (p.shallow_clone(), a.shallow_clone())).unzip();
+        tch::no_grad(|| native::lerp_(&averages, &params, weight));
         self.updates += 1;
     }
 

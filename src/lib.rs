@@ -2,7 +2,8 @@
 //! import points to a lower one (tests/layers.rs checks it):
 //!
 //! 1. support: `fault`, `rng`, `fsio` (atomic writes), `run_dir` (the run folder's layout and
-//!    lock), `device`, `dist` (c10d process groups), `precision`, `plot`, `tensorboard`
+//!    lock), `native` (ATen calls tch lacks), `device`, `dist` (c10d process groups),
+//!    `precision`, `plot`, `tensorboard`
 //! 2. `data`: datasets, the image-folder cache, the loader
 //! 3. `models`: the model interface and its families
 //! 4. `loss`: the bound and its statistics
@@ -31,6 +32,7 @@ pub mod fsio;
 pub mod loss;
 pub mod metrics;
 pub mod models;
+pub mod native;
 pub mod plot;
 pub mod precision;
 pub mod pretrained;

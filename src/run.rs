@@ -388,8 +388,12 @@ pub fn run(
                     ),
                     None => String::new(),
                 };
+                // The epoch's peak of allocated GPU memory, training and evaluation.
+                let gpu = crate::native::cuda_peak_mib(trainer.device, true)
+                    .map(|mib| format!("  peak GPU {mib:.0} MiB"))
+                    .unwrap_or_default();
                 println!(
-                    "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}",
+                    "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
                     row.epoch,
                     cfg.epochs,
                     row.images_per_s,

@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// lib.rs's layers, lowest first.
 const LAYERS: &[&[&str]] = &[
-    &["fault", "rng", "fsio", "run_dir", "device", "dist", "precision", "plot", "tensorboard"],
+    &["fault", "rng", "fsio", "run_dir", "native", "device", "dist", "precision", "plot", "tensorboard"],
     &["data"],
     &["models"],
     &["loss"],
