@@ -206,6 +206,44 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     args.extend_from_slice(DATA);
     ok(std::process::Command::new(&torchrun).args(&args).output().unwrap());
     assert_eq!(relative_difference(&two.join("last.safetensors"), &launched.join("last.safetensors")), 0.0);
+
+    // Two nodes of one rank each, started as on two machines (both on localhost here): by
+    // --master-addr/--master-port with node ranks (static rendezvous), and by --rdzv-endpoint
+    // (the c10d rendezvous, which numbers the nodes itself). Node 0's agent serves the store.
+    let port = free_port().to_string();
+    let endpoint = format!("127.0.0.1:{}", free_port());
+    let ways: [(&str, Vec<&str>); 2] = [
+        ("static", vec!["--master-addr", "127.0.0.1", "--master-port", &port]),
+        ("c10d", vec!["--rdzv-backend", "c10d", "--rdzv-endpoint", &endpoint, "--rdzv-id", "vae-test"]),
+    ];
+    for (way, rendezvous) in ways {
+        let out_dir = dir.path().join(format!("nodes-{way}"));
+        let nodes: Vec<_> = ["0", "1"]
+            .into_iter()
+            .map(|node| {
+                let mut args = vec!["--nnodes", "2", "--nproc-per-node", "1"];
+                if way == "static" {
+                    args.extend_from_slice(&["--node-rank", node]);
+                }
+                args.extend_from_slice(&rendezvous);
+                args.extend_from_slice(&["--no-python", env!("CARGO_BIN_EXE_vae"), "train", "--epochs", "1"]);
+                args.extend_from_slice(&["--out", out_dir.to_str().unwrap()]);
+                args.extend_from_slice(TINY_MODEL);
+                args.extend_from_slice(DATA);
+                std::process::Command::new(&torchrun)
+                    .args(&args)
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for node in nodes {
+            ok(node.wait_with_output().unwrap());
+        }
+        let worst = relative_difference(&two.join("last.safetensors"), &out_dir.join("last.safetensors"));
+        assert_eq!(worst, 0.0, "2 nodes ({way} rendezvous) differ from 2 local ranks");
+    }
     let written: Vec<String> = std::fs::read_dir(&two)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
