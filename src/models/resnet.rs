@@ -462,8 +462,10 @@ impl Model for ResnetVae {
         self.cfg.latent_channels
     }
 
+    /// Always the standard layout: on the CPU, GroupNorm's channels-last backward kernel took
+    /// 8.6% of a 64 x 64 step (perf), the standard one that diffusers runs under 1%.
     fn set_compute(&mut self, compute: Compute) {
-        self.compute = compute;
+        self.compute = Compute { channels_last: false, ..compute };
     }
 }
 
