@@ -6,10 +6,12 @@
 use crate::adam::AdamConfig;
 use crate::data::{Binarize, DataConfig, DataLocation, DatasetKind};
 use crate::device::DeviceArgs;
+use crate::loss::Perceptual;
 use crate::models::{Arch, ConvConfig, Likelihood, ModelConfig, ResnetConfig};
+use crate::perceptual::Lpips;
 use crate::precision::Precision;
 use crate::schedule::{LrSchedule, Schedule};
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
 use serde::{Deserialize, Serialize};
@@ -54,6 +56,13 @@ pub struct TrainConfig {
     /// Micro-batches each optimizer step's batch is split into (gradients accumulated).
     #[serde(default = "one")]
     pub grad_accum: usize,
+    /// Weight of the LPIPS distance in the loss, counted once per pixel as latent diffusion's
+    /// `LPIPSWithDiscriminator` does; 0: off.
+    #[serde(default)]
+    pub perceptual_weight: f64,
+    /// The LPIPS network's weights (safetensors), when the perceptual term is on.
+    #[serde(default)]
+    pub lpips_weights: Option<PathBuf>,
 }
 
 fn one() -> usize {
@@ -185,6 +194,13 @@ pub struct TrainArgs {
     /// What the convs and matmuls compute in (weights and Adam stay float32); f16 needs CUDA.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
+    /// Add W x LPIPS(x, x̂) to each pixel's reconstruction loss (latent diffusion's perceptual
+    /// term; needs --recon l1 or l2 and --lpips-weights). 0: off.
+    #[arg(long, default_value_t = 0.0)]
+    pub perceptual_weight: f64,
+    /// The LPIPS (VGG, v0.1) weights as safetensors; scripts/lpips_weights.py writes them.
+    #[arg(long)]
+    pub lpips_weights: Option<PathBuf>,
 }
 
 /// What a resumed run may do with a setting.
@@ -308,6 +324,8 @@ pub const SETTINGS: &[Setting] = &[
     setting("ema_decay", Fixed, |a, c| c.ema_decay = a.ema_decay),
     setting("grad_accum", Changeable, |a, c| c.grad_accum = a.grad_accum),
     setting("precision", Changeable, |a, c| c.precision = a.precision),
+    setting("perceptual_weight", Changeable, |a, c| c.perceptual_weight = a.perceptual_weight),
+    setting("lpips_weights", Process, |a, c| c.lpips_weights = a.lpips_weights.clone()),
 ];
 
 /// A setting a resumed run changed: the flag, and the config's values before and after.
@@ -377,6 +395,8 @@ impl TrainArgs {
             hflip: false,
             ema_decay: 0.0,
             grad_accum: 1,
+            perceptual_weight: 0.0,
+            lpips_weights: None,
         };
         for s in SETTINGS {
             (s.apply)(self, &mut cfg);
@@ -491,7 +511,37 @@ impl TrainConfig {
             self.batch_size,
             self.grad_accum
         );
+        let pw = self.perceptual_weight;
+        ensure!(pw >= 0.0 && pw.is_finite(), "--perceptual-weight must be >= 0, found {pw}");
+        if pw > 0.0 {
+            let likelihood = self.model.likelihood();
+            ensure!(
+                !likelihood.is_density(),
+                "--perceptual-weight compares reconstructed images, which needs a pixel loss (--recon l1 or l2), \
+                 not --likelihood {}",
+                clap::ValueEnum::to_possible_value(&likelihood).map(|v| v.get_name().to_owned()).unwrap_or_default()
+            );
+            ensure!(
+                self.lpips_weights.is_some(),
+                "--perceptual-weight needs --lpips-weights FILE (scripts/lpips_weights.py writes it)"
+            );
+        }
         Ok(())
+    }
+
+    /// The perceptual term of this config's loss computed by `lpips`: None when the term is
+    /// off, an error when it is on and no network was given.
+    pub fn perceptual<'a>(&self, lpips: Option<&'a Lpips>) -> Result<Option<Perceptual<'a>>> {
+        if self.perceptual_weight == 0.0 {
+            return Ok(None);
+        }
+        let lpips = lpips.with_context(|| {
+            format!(
+                "this run's loss has a perceptual term (--perceptual-weight {}): give --lpips-weights FILE",
+                self.perceptual_weight
+            )
+        })?;
+        Ok(Some(Perceptual { lpips, weight: self.perceptual_weight, kind: self.precision.compute_kind() }))
     }
 
     /// The learning-rate and KL-weight curves for a split of `train_images` images.

@@ -4,8 +4,9 @@
 
 use crate::config::TrainConfig;
 use crate::data::{Binarize, Dataset, Loader};
-use crate::loss::{Elbo, KlWeight, Stats};
+use crate::loss::{Elbo, KlWeight, Perceptual, Stats};
 use crate::models::{Model, Posterior};
+use crate::perceptual::Lpips;
 use crate::rng::{seed_torch, Stream};
 use anyhow::Result;
 use serde::Serialize;
@@ -40,6 +41,7 @@ pub fn elbo_sums(
     data: &Dataset,
     seed: u64,
     weight: KlWeight,
+    perceptual: Option<Perceptual>,
     device: Device,
     (rank, world): (usize, usize),
 ) -> Result<(Tensor, Tensor)> {
@@ -51,7 +53,9 @@ pub fn elbo_sums(
         seed_torch(seed, Stream::Eval, i as u64);
         tch::no_grad(|| {
             let out = model.forward(&x);
-            let stacked = Elbo::new(model.likelihood(), &out, &x, weight).stacked();
+            let stacked = Elbo::new(model.likelihood(), &out, &x, weight)
+                .with_perceptual(perceptual, &out, &x)
+                .stacked();
             sums += stacked.to_kind(Kind::Double) * x.size()[0] as f64;
             let mean = out.posterior.mean.to_kind(Kind::Double);
             moments += Tensor::stack(
@@ -159,6 +163,9 @@ pub struct Quality {
     pub l1: f64,
     /// Mean squared error per pixel.
     pub mse: f64,
+    /// Mean LPIPS distance (VGG, v0.1) between images and reconstructions, when its weights
+    /// were given.
+    pub lpips: Option<f64>,
 }
 
 /// SSIM's Gaussian window: sigma 1.5, truncated at 3.5 sigma (scipy's radius rule): 11 taps.
@@ -206,12 +213,12 @@ pub fn ssim(a: &Tensor, b: &Tensor) -> Tensor {
 }
 
 /// [`Quality`] of the reconstructions at the posterior mean over `data`.
-pub fn quality(model: &dyn Model, data: &Dataset, device: Device) -> Result<Quality> {
+pub fn quality(model: &dyn Model, data: &Dataset, lpips: Option<&Lpips>, device: Device) -> Result<Quality> {
     let loader = Loader::new(data, device, ELBO_BATCH);
     let [_, h, w] = data.image_shape();
     let with_ssim = h > 2 * SSIM_RADIUS && w > 2 * SSIM_RADIUS;
-    // Sums over images of [psnr, ssim, l1, mse].
-    let mut sums = Tensor::zeros([4], (Kind::Double, device));
+    // Sums over images of [psnr, ssim, l1, mse, lpips].
+    let mut sums = Tensor::zeros([5], (Kind::Double, device));
     for x in loader.sequential() {
         let x = x?;
         tch::no_grad(|| {
@@ -221,16 +228,38 @@ pub fn quality(model: &dyn Model, data: &Dataset, device: Device) -> Result<Qual
             let psnr = mse.clamp_min(1e-10).log10() * -10.0;
             let ssim = if with_ssim { ssim(&x_hat, &x) } else { mse.zeros_like() };
             let l1 = diff.abs().mean_dim(1, false, Kind::Double);
-            sums += Tensor::stack(&[psnr, ssim, l1, mse], 1).sum_dim_intlist(0, false, None);
+            let perceptual = match lpips {
+                Some(net) => {
+                    net.distance(&(&x * 2.0 - 1.0), &(&x_hat * 2.0 - 1.0), Kind::Float).to_kind(Kind::Double)
+                }
+                None => mse.zeros_like(),
+            };
+            sums += Tensor::stack(&[psnr, ssim, l1, mse, perceptual], 1).sum_dim_intlist(0, false, None);
         });
     }
     let n = data.len().max(1) as f64;
-    let v = Vec::<f64>::try_from(sums.to_device(Device::Cpu)).expect("four sums");
-    Ok(Quality { psnr_db: v[0] / n, ssim: with_ssim.then(|| v[1] / n), l1: v[2] / n, mse: v[3] / n })
+    let v = Vec::<f64>::try_from(sums.to_device(Device::Cpu)).expect("five sums");
+    Ok(Quality {
+        psnr_db: v[0] / n,
+        ssim: with_ssim.then(|| v[1] / n),
+        l1: v[2] / n,
+        mse: v[3] / n,
+        lpips: lpips.map(|_| v[4] / n),
+    })
 }
 
 pub fn bits_per_dim(nats: f64, dimensions: i64) -> f64 {
     nats / (dimensions as f64 * LN_2)
+}
+
+/// What [`evaluate`] computes beyond the bound and the pixel metrics.
+#[derive(Clone, Copy)]
+pub struct Options<'a> {
+    /// Importance samples per image for the IWAE bound (0: none).
+    pub iw_samples: i64,
+    /// The LPIPS network: the perceptual term of a run that trained with one, and the
+    /// reconstructions' LPIPS.
+    pub lpips: Option<&'a Lpips>,
 }
 
 /// The negative ELBO (noise fixed per batch by the seed, as in training's evaluation), the
@@ -242,15 +271,17 @@ pub fn evaluate(
     cfg: &TrainConfig,
     data: &Dataset,
     split: &str,
-    iw_samples: i64,
+    options: Options,
     device: Device,
     progress: &indicatif::ProgressBar,
 ) -> Result<Report> {
+    let Options { iw_samples, lpips } = options;
     let started = std::time::Instant::now();
     let density = model.likelihood().is_density();
     // The bound where the likelihood is a density; otherwise the loss the run minimised.
     let weight = if density { KlWeight::ELBO } else { KlWeight { beta: cfg.beta, free_bits: 0.0 } };
-    let (sums, _) = elbo_sums(model, data, cfg.seed, weight, device, (0, 1))?;
+    let perceptual = cfg.perceptual(lpips)?;
+    let (sums, _) = elbo_sums(model, data, cfg.seed, weight, perceptual, device, (0, 1))?;
     let elbo = Stats::from_sums(&sums, data.len());
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
@@ -281,7 +312,7 @@ pub fn evaluate(
         iw_samples: if density { iw_samples } else { 0 },
         iwae_nll,
         iwae_bits_per_dim: iwae_nll.map(|n| bits_per_dim(n, dimensions)),
-        quality: quality(model, data, device)?,
+        quality: quality(model, data, lpips, device)?,
         scaling_factor: None,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -6,7 +6,7 @@
 //!    `precision`, `plot`, `tensorboard`
 //! 2. `data`: datasets, the image-folder cache, the loader
 //! 3. `models`: the model interface and its families
-//! 4. `loss`: the bound and its statistics
+//! 4. `loss`, `perceptual`: the bound and its statistics; LPIPS, the perceptual distance
 //! 5. `adam`, `schedule`, `ema`: the optimizer, its curves, the weights' average
 //! 6. `config`: every training setting, declared once
 //! 7. `eval`, `export`: what a model computes on a split, as numbers and pictures
@@ -33,6 +33,7 @@ pub mod loss;
 pub mod metrics;
 pub mod models;
 pub mod native;
+pub mod perceptual;
 pub mod plot;
 pub mod precision;
 pub mod pretrained;

@@ -2,6 +2,7 @@
 //! the statistics it fills over an epoch or a split.
 
 use crate::models::{Forward, Likelihood, Posterior};
+use crate::perceptual::Lpips;
 use tch::{Device, Kind, Tensor};
 
 /// How the KL term enters the minimised loss; the reported KL is always the true one.
@@ -17,6 +18,17 @@ pub struct KlWeight {
 impl KlWeight {
     /// The plain negative ELBO.
     pub const ELBO: KlWeight = KlWeight { beta: 1.0, free_bits: 0.0 };
+}
+
+/// The perceptual term of the pixel losses (`--perceptual-weight`): LPIPS between the images
+/// and their reconstructions (in [-1, 1]), times `weight`, counted once per pixel as latent
+/// diffusion's `LPIPSWithDiscriminator` adds it to every pixel's reconstruction loss.
+#[derive(Clone, Copy)]
+pub struct Perceptual<'a> {
+    pub lpips: &'a Lpips,
+    pub weight: f64,
+    /// What the LPIPS network computes in: the model's precision.
+    pub kind: Kind,
 }
 
 /// Batch means of the bound's terms, each a scalar tensor (still on the device).
@@ -42,6 +54,17 @@ impl Elbo {
         };
         let loss = reconstruction.mean(None) + penalised * weight.beta;
         Self { loss, reconstruction: reconstruction.mean(None), kl: kl.mean(None) }
+    }
+
+    /// Adds the perceptual term, if any, to what is minimised. The reported reconstruction
+    /// stays the pixel loss.
+    pub fn with_perceptual(mut self, term: Option<Perceptual>, out: &Forward, x: &Tensor) -> Self {
+        if let Some(p) = term {
+            let pixels: i64 = x.size()[1..].iter().product();
+            let distance = p.lpips.distance(&(x * 2.0 - 1.0), &out.likelihood_params, p.kind);
+            self.loss += distance.mean(None) * (p.weight * pixels as f64);
+        }
+        self
     }
 
     /// `[loss, reconstruction, kl]` as one detached tensor, to accumulate without a host sync.

@@ -9,6 +9,7 @@ use crate::dist::ProcessGroup;
 use crate::ema::Ema;
 use crate::loss::{Elbo, KlWeight, Stats};
 use crate::models::{Compute, Model};
+use crate::perceptual::Lpips;
 use crate::precision::{LossScale, Precision};
 use crate::rng::{seed_torch, Stream};
 use anyhow::{bail, Context, Result};
@@ -110,6 +111,8 @@ pub struct Trainer {
     pub stopping: bool,
     /// The weights' moving average, with `--ema-decay`.
     pub ema: Option<Ema>,
+    /// The perceptual term's network, with `--perceptual-weight`.
+    pub lpips: Option<Lpips>,
 }
 
 impl Trainer {
@@ -128,6 +131,10 @@ impl Trainer {
         let adam = Adam::new(&vs, cfg.adam);
         let ema = (cfg.ema_decay > 0.0).then(|| Ema::new(&vs, cfg.ema_decay));
         let loss_scale = (cfg.precision == Precision::F16).then(LossScale::default);
+        let lpips = match (&cfg.lpips_weights, cfg.perceptual_weight > 0.0) {
+            (Some(path), true) => Some(Lpips::load(path, device)?),
+            _ => None,
+        };
         Ok(Self {
             cfg,
             device,
@@ -145,6 +152,7 @@ impl Trainer {
             stop: None,
             stopping: false,
             ema,
+            lpips,
         })
     }
 
@@ -265,11 +273,13 @@ impl Trainer {
         // summed. Each loss is its rows' mean weighted by their share of the global batch, so
         // the summed gradient is the global batch's mean's, whatever the ranks and micro-batches.
         let micro = micro_batches(rows, self.cfg.grad_accum);
+        let perceptual = self.cfg.perceptual(self.lpips.as_ref())?;
         let mut stacked = Tensor::zeros([3], (Kind::Float, self.device));
         for &(start, len) in &micro {
             let (x, eps) = (x.narrow(0, start, len), eps.narrow(0, start, len));
             let out = self.model.forward_with_noise(&x, &eps);
-            let elbo = Elbo::new(self.model.likelihood(), &out, &x, weight);
+            let elbo =
+                Elbo::new(self.model.likelihood(), &out, &x, weight).with_perceptual(perceptual, &out, &x);
             let loss = if len < global {
                 &elbo.loss * (len as f64 / global as f64)
             } else {
@@ -382,8 +392,16 @@ impl Trainer {
     pub fn evaluate(&self, data: &Dataset) -> Result<(Stats, Tensor)> {
         let weight = KlWeight { beta: self.cfg.beta, free_bits: 0.0 };
         let shard = self.group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
-        let (sums, moments) =
-            crate::eval::elbo_sums(self.model.as_ref(), data, self.cfg.seed, weight, self.device, shard)?;
+        let perceptual = self.cfg.perceptual(self.lpips.as_ref())?;
+        let (sums, moments) = crate::eval::elbo_sums(
+            self.model.as_ref(),
+            data,
+            self.cfg.seed,
+            weight,
+            perceptual,
+            self.device,
+            shard,
+        )?;
         if let Some(group) = &self.group {
             group.all_reduce_sum(&[sums.shallow_clone(), moments.shallow_clone()])?;
         }

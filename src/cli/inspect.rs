@@ -8,6 +8,7 @@ use vae::checkpoint::Checkpoint;
 use vae::config::TrainConfig;
 use vae::data::DataLocation;
 use vae::device::DeviceArgs;
+use vae::eval::Options;
 use vae::models::Model;
 
 /// A checkpoint to read, and where to run it.
@@ -84,6 +85,10 @@ pub struct EvalArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// LPIPS (VGG, v0.1) weights, to report the perceptual distance of the reconstructions
+    /// [default: the run's own, if it trained with --perceptual-weight].
+    #[arg(long)]
+    lpips_weights: Option<PathBuf>,
 }
 
 /// Originals above their reconstructions: test images, or your own image files.
@@ -218,7 +223,7 @@ fn saved(path: &Path) {
 
 impl EvalArgs {
     pub fn run(&self) -> Result<()> {
-        let Self { model: args, split, iw_samples, json } = self;
+        let Self { model: args, split, iw_samples, json, lpips_weights } = self;
         let (split, iw_samples, json) = (*split, *iw_samples, *json);
         ensure!(iw_samples >= 0, "--iw-samples must be 0 or more, found {iw_samples}");
         let loaded = args.load()?;
@@ -231,8 +236,23 @@ impl EvalArgs {
             indicatif::ProgressBar::new(data.len() as u64)
         };
         let model = loaded.model.as_ref();
-        let mut report =
-            vae::eval::evaluate(model, loaded.config(), data, name, iw_samples, loaded.device, &progress)?;
+        let cfg = loaded.config();
+        let lpips = match lpips_weights
+            .as_ref()
+            .or(cfg.lpips_weights.as_ref().filter(|_| cfg.perceptual_weight > 0.0))
+        {
+            Some(path) => Some(vae::perceptual::Lpips::load(path, loaded.device)?),
+            None => None,
+        };
+        let mut report = vae::eval::evaluate(
+            model,
+            cfg,
+            data,
+            name,
+            Options { iw_samples, lpips: lpips.as_ref() },
+            loaded.device,
+            &progress,
+        )?;
         report.scaling_factor =
             Some(vae::eval::latent_scale(model, &train, loaded.config().seed, loaded.device)?);
         progress.finish_and_clear();
@@ -270,8 +290,9 @@ impl EvalArgs {
         }
         let q = &report.quality;
         let ssim = q.ssim.map_or("n/a (images under 11 pixels)".to_string(), |s| format!("{s:.4}"));
+        let lpips = q.lpips.map(|d| format!("  LPIPS {d:.4}")).unwrap_or_default();
         println!(
-            "reconstructions  PSNR {:.2} dB  SSIM {ssim}  L1 {:.4}  MSE {:.5} (pixels in [0, 1])",
+            "reconstructions  PSNR {:.2} dB  SSIM {ssim}  L1 {:.4}  MSE {:.5} (pixels in [0, 1]){lpips}",
             q.psnr_db, q.l1, q.mse
         );
         println!(

@@ -1,0 +1,163 @@
+//! The perceptual term (`--perceptual-weight`, `--lpips-weights`): our LPIPS equals the
+//! `lpips` package's (random VGG16 trunk, the package's linear heads), distance and gradient;
+//! training with it runs, resumes bitwise and reports LPIPS; what it cannot use is refused.
+
+mod common;
+
+use common::{ok, stderr, stdout, vae, TINY_MODEL, TINY_RESNET};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use tch::{Device, Kind, Tensor};
+use vae::checkpoint::Checkpoint;
+use vae::perceptual::Lpips;
+
+/// scripts/lpips_weights.py with `args`, from `.venv`'s Python.
+fn script(args: &[&str]) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join(".venv/bin/python");
+    assert!(python.exists(), "{} missing: run scripts/setup", python.display());
+    let out = Command::new(python).arg(root.join("scripts/lpips_weights.py")).args(args).output().unwrap();
+    assert!(out.status.success(), "lpips_weights.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A weights file with a random trunk (seeded) and the package's heads.
+fn weights(dir: &Path) -> PathBuf {
+    let path = dir.join("lpips.safetensors");
+    script(&[path.to_str().unwrap(), "--random-trunk"]);
+    path
+}
+
+fn relative(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.size(), b.size());
+    let scale = b.abs().max().double_value(&[]).max(1e-12);
+    (a - b).abs().max().double_value(&[]) / scale
+}
+
+#[test]
+fn our_lpips_equals_the_package_in_distance_and_gradient() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(7);
+    let x0 = Tensor::rand([3, 3, 40, 40], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    // Nearby images, as a reconstruction is near its original.
+    let x1 = (&x0 + Tensor::randn([3, 3, 40, 40], (Kind::Float, Device::Cpu)) * 0.2).clamp(-1.0, 1.0);
+    let images = dir.path().join("images.safetensors");
+    Tensor::write_safetensors(&[("x0", &x0), ("x1", &x1)], &images).unwrap();
+    let (path, reference) = (dir.path().join("lpips.safetensors"), dir.path().join("reference.safetensors"));
+    script(&[
+        path.to_str().unwrap(),
+        "--random-trunk",
+        "--reference",
+        images.to_str().unwrap(),
+        "--reference-out",
+        reference.to_str().unwrap(),
+    ]);
+    let theirs: std::collections::HashMap<String, Tensor> =
+        Tensor::read_safetensors(&reference).unwrap().into_iter().collect();
+
+    let lpips = Lpips::load(&path, Device::Cpu).unwrap();
+    let x1 = x1.set_requires_grad(true);
+    let distance = lpips.distance(&x0, &x1, Kind::Float);
+    distance.sum(None).backward();
+    let d = relative(&distance.detach(), &theirs["distance"]);
+    let g = relative(&x1.grad(), &theirs["grad"]);
+    assert!(d < 1e-5 && g < 1e-5, "distance differs by {d:e}, gradient by {g:e} (relative)");
+    assert!(distance.min().double_value(&[]) > 0.0, "no distance between different images");
+
+    // A file of other tensors is refused, naming the file and the missing tensor.
+    let other = dir.path().join("other.safetensors");
+    Tensor::write_safetensors(&[("w", &x0)], &other).unwrap();
+    let err = Lpips::load(&other, Device::Cpu).err().unwrap().to_string();
+    assert!(err.contains("other.safetensors") && err.contains("net.slice1.0.weight"), "{err}");
+}
+
+const DATA: &[&str] = &[
+    "--dataset",
+    "shapes",
+    "--channels",
+    "3",
+    "--image-size",
+    "16",
+    "--train-size",
+    "48",
+    "--test-size",
+    "16",
+    "--batch-size",
+    "16",
+    "--threads",
+    "1",
+    "--quiet",
+    "--no-tensorboard",
+];
+
+fn train(out: &Path, epochs: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["train", "--epochs", epochs, "--out", out.to_str().unwrap()];
+    args.extend_from_slice(TINY_RESNET);
+    args.extend_from_slice(DATA);
+    args.extend_from_slice(extra);
+    vae(&args)
+}
+
+#[test]
+fn training_with_lpips_resumes_bitwise_and_eval_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = weights(dir.path());
+    let term = ["--perceptual-weight", "0.5", "--lpips-weights", file.to_str().unwrap()];
+    let (straight, split, plain) =
+        (dir.path().join("straight"), dir.path().join("split"), dir.path().join("plain"));
+    ok(train(&straight, "2", &term));
+    ok(train(&split, "1", &term));
+    // The resumed run finds the weights through the checkpoint's config.
+    ok(vae(&["train", "--resume", split.to_str().unwrap(), "--epochs", "2", "--quiet", "--threads", "1"]));
+    let (a, b) = (
+        Checkpoint::load(&straight.join("last.safetensors")).unwrap(),
+        Checkpoint::load(&split.join("last.safetensors")).unwrap(),
+    );
+    for (name, t) in &a.tensors {
+        assert!(t.equal(&b.tensors[name]), "{name} differs after resuming");
+    }
+    // The term is in what is minimised: the same run without it trains other weights.
+    ok(train(&plain, "2", &[]));
+    let c = Checkpoint::load(&plain.join("last.safetensors")).unwrap();
+    let name = "decoder.conv_out.weight";
+    assert!(!a.tensors[name].equal(&c.tensors[name]), "the perceptual term changed nothing");
+
+    let out = stdout(&ok(vae(&["eval", straight.to_str().unwrap(), "--iw-samples", "0", "--json"])));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let lpips = report["quality"]["lpips"].as_f64().expect("LPIPS in the report");
+    assert!(lpips > 0.0, "{out}");
+    // Without the term, eval reports LPIPS only when given the weights.
+    let out = stdout(&ok(vae(&["eval", plain.to_str().unwrap(), "--iw-samples", "0", "--json"])));
+    assert!(out.contains("\"lpips\":null"), "{out}");
+    let out = stdout(&ok(vae(&[
+        "eval",
+        plain.to_str().unwrap(),
+        "--iw-samples",
+        "0",
+        "--lpips-weights",
+        file.to_str().unwrap(),
+    ])));
+    assert!(out.contains("LPIPS 0."), "{out}");
+}
+
+#[test]
+fn a_perceptual_term_it_cannot_compute_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = train(&dir.path().join("a"), "1", &["--perceptual-weight", "1"]);
+    assert!(!out.status.success() && stderr(&out).contains("needs --lpips-weights FILE"), "{}", stderr(&out));
+    let missing = dir.path().join("missing.safetensors");
+    let out = train(
+        &dir.path().join("b"),
+        "1",
+        &["--perceptual-weight", "1", "--lpips-weights", missing.to_str().unwrap()],
+    );
+    assert!(!out.status.success() && stderr(&out).contains("missing.safetensors"), "{}", stderr(&out));
+    // The classic model's Bernoulli likelihood has no pixel loss to add it to.
+    let mut args =
+        vec!["train", "--epochs", "1", "--perceptual-weight", "1", "--lpips-weights", "x.safetensors"];
+    args.extend_from_slice(TINY_MODEL);
+    let out = vae(&args);
+    assert!(!out.status.success() && stderr(&out).contains("--recon l1 or l2"), "{}", stderr(&out));
+    for (_, run) in [("a", "a"), ("b", "b")] {
+        assert!(!dir.path().join(run).join("last.safetensors").exists(), "a refused run left a checkpoint");
+    }
+}
