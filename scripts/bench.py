@@ -105,13 +105,21 @@ def resnet_section(vae_bin, args):
     """`--arch resnet` (a small Stable-Diffusion-like config) against diffusers' AutoencoderKL
     of the same config trained by PyTorch eager, alternating, at 64x64 and 128x128."""
     flags = [x for k, v in RESNET.items() for x in (f"--{k}", v)]
+    perceptual = []
+    if args.perceptual_weight > 0:
+        # A random VGG16 trunk (no download): the same work as the ImageNet one.
+        weights = os.path.join(tempfile.mkdtemp(), "lpips.safetensors")
+        subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "lpips_weights.py"), weights, "--random-trunk"],
+                       check=True, capture_output=True)
+        perceptual = ["--perceptual-weight", str(args.perceptual_weight), "--lpips-weights", weights]
     devices = ["cuda"] if args.cuda_only else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     # A CPU step takes seconds, a GPU step tens of milliseconds: each gets enough steps to time.
     timing = {"cpu": (min(args.steps, 5), min(args.warmup, 2)), "cuda": (min(args.steps, 50), min(args.warmup, 10))}
     if args.quick:
         timing = {d: (2, 1) for d in timing}
     print(f"--arch resnet, block channels {RESNET['block-channels']}, {RESNET['layers-per-block']} layers per "
-          f"block, {RESNET['latent-channels']} latent channels; timed steps after warm-up: "
+          f"block, {RESNET['latent-channels']} latent channels"
+          f"{f', LPIPS weight {args.perceptual_weight}' if perceptual else ''}; timed steps after warm-up: "
           f"{', '.join(f'{d} {timing[d][0]} after {timing[d][1]}' for d in devices)}; median of "
           f"{args.repeats} alternating runs; random RGB images (ours: generated shapes), threads {args.threads}\n")
     print(f"{'case':<24} {'vae img/s':>10} {'diffusers img/s':>16} {'ratio':>6}  {'vae peak':>9} {'pt peak':>9}")
@@ -120,7 +128,7 @@ def resnet_section(vae_bin, args):
         steps, warmup = timing[device]
         for side, batch in ((64, 16), (128, 16)):
             common = ["--device", device, "--batch-size", str(batch), "--threads", str(args.threads),
-                      "--steps", str(steps), "--warmup", str(warmup)] + flags
+                      "--steps", str(steps), "--warmup", str(warmup)] + flags + perceptual
             ours = [vae_bin, "bench", "--arch", "resnet", "--dataset", "shapes", "--channels", "3",
                     "--image-size", str(side), "--train-size", "512", "--test-size", "16"] + common
             reference = [sys.executable, os.path.join(ROOT, "scripts", "bench_resnet_reference.py"),
@@ -207,6 +215,8 @@ def main():
                    help="also train one epoch as N ranks of 1 thread against 1 process of N threads")
     p.add_argument("--arch", choices=["conv", "resnet"], default="conv",
                    help="resnet: the KL-autoencoder family against diffusers' AutoencoderKL instead")
+    p.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="--arch resnet: with the LPIPS term in both (a random VGG16 trunk)")
     p.add_argument("--cuda-only", action="store_true",
                    help="only the CUDA cases (scripts/gpu-check): no CPU cases, no loader section")
     args = p.parse_args()

@@ -27,6 +27,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--beta", type=float, default=1e-6)
+    p.add_argument("--perceptual-weight", type=float, default=0.0,
+                   help="add LPIPS (the lpips package, frozen) times this to every pixel's loss")
+    p.add_argument("--lpips-weights", help="the safetensors state dict of scripts/lpips_weights.py")
     args = p.parse_args()
 
     if args.threads:
@@ -44,6 +47,15 @@ def main():
         sample_size=args.image_size,
     ).to(device).train()
     opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
+    perceptual = None
+    if args.perceptual_weight > 0:
+        import lpips
+        from safetensors.torch import load_file
+
+        # As latent diffusion's LPIPSWithDiscriminator holds it: eval mode, no gradients of its own.
+        perceptual = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False).eval()
+        perceptual.load_state_dict(load_file(args.lpips_weights), strict=False)
+        perceptual = perceptual.to(device).requires_grad_(False)
     images = torch.rand(512, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
     images = (images * 255).to(torch.uint8).to(device)
 
@@ -55,6 +67,10 @@ def main():
             z = posterior.mean + posterior.std * torch.randn_like(posterior.mean)
             out = vae.decode(z).sample
         recon = (out.float() - x).abs().flatten(1).sum(1)
+        if perceptual is not None:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                distance = perceptual(x, out).float().flatten()
+            recon = recon + args.perceptual_weight * distance * x[0].numel()
         logvar = posterior.logvar.float()
         kl = 0.5 * (posterior.mean.float().square() + logvar.exp() - 1 - logvar).flatten(1).sum(1)
         loss = (recon + args.beta * kl).mean()

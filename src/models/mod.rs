@@ -140,13 +140,15 @@ impl Compute {
         Self { kind, channels_last: device == tch::Device::Cpu }
     }
 
-    /// A feature map `[N, C, H, W]` in this dtype and layout.
+    /// A feature map `[N, C, H, W]` in this dtype and layout. Either way the layout is made
+    /// here: batches can arrive in either (decoded images are NHWC underneath), and every
+    /// layer after the first keeps its input's.
     pub fn feature_map(&self, x: &Tensor) -> Tensor {
         let x = cast(x, self.kind);
         if self.channels_last {
             x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
         } else {
-            x
+            x.contiguous()
         }
     }
 }

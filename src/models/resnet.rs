@@ -231,7 +231,9 @@ impl Attention {
         let attended =
             Tensor::scaled_dot_product_attention(&q, &k, &v, None::<Tensor>, 0.0, false, None, false);
         let out = linear(&self.to_out, &attended.squeeze_dim(1));
-        out.transpose(1, 2).reshape([b, c, h, w]) + x
+        // The reshape is a channels-last view: made contiguous, so the blocks after it keep the
+        // standard layout (see `set_compute`).
+        out.transpose(1, 2).contiguous().view([b, c, h, w]) + x
     }
 }
 
