@@ -45,6 +45,7 @@ fn torch_build(lib_dir: &Path, file: &str) -> cc::Build {
 /// The ATen calls tch lacks (src/native.cpp): foreach kernels, fused Adam, memory stats.
 fn native(lib_dir: &Path) {
     println!("cargo:rerun-if-changed=src/native.cpp");
+    println!("cargo:rerun-if-changed=src/tensor_list.h");
     torch_build(lib_dir, "src/native.cpp").compile("vae_native");
     println!("cargo:rustc-link-lib=torch_cpu");
     println!("cargo:rustc-link-lib=c10");

@@ -17,8 +17,11 @@ const UPDATES: &str = "ema.num_updates";
 pub struct Ema {
     pub decay: f64,
     updates: u64,
-    /// (name, the live parameter, its average), in name order.
-    params: Vec<(String, Tensor, Tensor)>,
+    /// The parameters' names, the live parameters and their averages, in name order (separate
+    /// lists: the update hands the last two to one multi-tensor kernel as they are).
+    names: Vec<String>,
+    params: Vec<Tensor>,
+    averages: Vec<Tensor>,
 }
 
 impl Ema {
@@ -26,9 +29,9 @@ impl Ema {
     pub fn new(vs: &VarStore, decay: f64) -> Self {
         let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
-        let params =
-            named.into_iter().map(|(name, p)| (name, p.shallow_clone(), p.detach().copy())).collect();
-        Self { decay, updates: 0, params }
+        let averages = named.iter().map(|(_, p)| p.detach().copy()).collect();
+        let (names, params) = named.into_iter().unzip();
+        Self { decay, updates: 0, names, params, averages }
     }
 
     /// The decay of the next update.
@@ -40,18 +43,17 @@ impl Ema {
     /// Moves each average towards its parameter: avg += (1 - decay) * (param - avg).
     pub fn update(&mut self) {
         let weight = 1.0 - self.current_decay();
-        let (params, averages): (Vec<Tensor>, Vec<Tensor>) =
-            self.params.iter().map(|(_, p, a)| (p.shallow_clone(), a.shallow_clone())).unzip();
-        tch::no_grad(|| native::lerp_(&averages, &params, weight));
+        tch::no_grad(|| native::lerp_(&self.averages, &self.params, weight));
         self.updates += 1;
     }
 
     /// The averages under their checkpoint names, and the update count.
     pub fn state(&self) -> Vec<(String, Tensor)> {
         let mut out: Vec<(String, Tensor)> = self
-            .params
+            .names
             .iter()
-            .map(|(name, _, average)| (format!("{PREFIX}{name}"), average.shallow_clone()))
+            .zip(&self.averages)
+            .map(|(name, average)| (format!("{PREFIX}{name}"), average.shallow_clone()))
             .collect();
         out.push((UPDATES.into(), Tensor::from(self.updates as i64)));
         out
@@ -62,7 +64,7 @@ impl Ema {
         let updates =
             get(UPDATES).with_context(|| format!("{UPDATES} is missing (the run averages its weights)"))?;
         self.updates = u64::try_from(updates.int64_value(&[])).context("a negative EMA update count")?;
-        for (name, _, average) in &self.params {
+        for (name, average) in self.names.iter().zip(&self.averages) {
             let key = format!("{PREFIX}{name}");
             let saved = get(&key).with_context(|| format!("{key} is missing"))?;
             ensure!(
@@ -81,13 +83,13 @@ impl Ema {
     /// Runs `f` with the averages in the model's parameters, then puts the trained weights back
     /// (bit for bit: a run with pictures and evaluation stays the run without them).
     pub fn swapped<T>(&self, f: impl FnOnce() -> T) -> T {
-        let trained: Vec<Tensor> = self.params.iter().map(|(_, param, _)| param.detach().copy()).collect();
+        let trained: Vec<Tensor> = self.params.iter().map(|param| param.detach().copy()).collect();
         let copy_into = |dst: &Tensor, src: &Tensor| tch::no_grad(|| dst.shallow_clone().copy_(src));
-        for (_, param, average) in &self.params {
+        for (param, average) in self.params.iter().zip(&self.averages) {
             copy_into(param, average);
         }
         let out = f();
-        for ((_, param, _), weights) in self.params.iter().zip(&trained) {
+        for (param, weights) in self.params.iter().zip(&trained) {
             copy_into(param, weights);
         }
         out

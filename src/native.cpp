@@ -3,6 +3,8 @@
 // launches instead of several per tensor (on a GPU those launches, not the arithmetic, bound a
 // small model's step), and the caching allocator's peak-memory counter. Tensors are the
 // `at::Tensor*` that tch owns. Every call catches C++ exceptions and returns their message.
+#include "tensor_list.h"
+
 #include <ATen/ATen.h>
 #include <c10/core/CachingDeviceAllocator.h>
 
@@ -13,15 +15,6 @@
 #include <vector>
 
 namespace {
-
-std::vector<at::Tensor> list(at::Tensor** tensors, size_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    out.push_back(*tensors[i]);
-  }
-  return out;
-}
 
 template <typename F>
 int guarded(char* err, size_t len, F f) {
@@ -42,21 +35,21 @@ int guarded(char* err, size_t len, F f) {
 extern "C" {
 
 int vae_foreach_zero(at::Tensor** t, size_t n, char* err, size_t len) {
-  return guarded(err, len, [&] { at::_foreach_zero_(list(t, n)); });
+  return guarded(err, len, [&] { at::_foreach_zero_(vae_tensor_list(t, n)); });
 }
 
 int vae_foreach_mul(at::Tensor** t, size_t n, const at::Tensor* factor, char* err, size_t len) {
-  return guarded(err, len, [&] { at::_foreach_mul_(list(t, n), *factor); });
+  return guarded(err, len, [&] { at::_foreach_mul_(vae_tensor_list(t, n), *factor); });
 }
 
 int vae_foreach_lerp(at::Tensor** t, at::Tensor** ends, size_t n, double weight, char* err, size_t len) {
-  return guarded(err, len, [&] { at::_foreach_lerp_(list(t, n), list(ends, n), weight); });
+  return guarded(err, len, [&] { at::_foreach_lerp_(vae_tensor_list(t, n), vae_tensor_list(ends, n), weight); });
 }
 
 // The L2 norm of all tensors together, as a new 0-dim float tensor in `*out`.
 int vae_foreach_norm(at::Tensor** t, size_t n, at::Tensor** out, char* err, size_t len) {
   return guarded(err, len, [&] {
-    auto norms = at::_foreach_norm(list(t, n), 2);
+    auto norms = at::_foreach_norm(vae_tensor_list(t, n), 2);
     *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
   });
 }
@@ -68,7 +61,7 @@ int vae_fused_adam(at::Tensor** params, at::Tensor** grads, at::Tensor** exp_avg
                    double eps, char* err, size_t len) {
   return guarded(err, len, [&] {
     std::vector<at::Tensor> steps(n, *step);
-    at::_fused_adam_(list(params, n), list(grads, n), list(exp_avgs, n), list(exp_avg_sqs, n), {}, steps, lr,
+    at::_fused_adam_(vae_tensor_list(params, n), vae_tensor_list(grads, n), vae_tensor_list(exp_avgs, n), vae_tensor_list(exp_avg_sqs, n), {}, steps, lr,
                      beta1, beta2, weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false);
   });
 }

@@ -2,6 +2,7 @@
 // group (NCCL's is in nccl.cpp), with all-reduce, broadcast and barrier on tensors that tch
 // owns (`at::Tensor*`). Every call catches C++ exceptions and returns their message instead.
 #include "shim.h"
+#include "../tensor_list.h"
 
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
@@ -30,19 +31,6 @@ c10::intrusive_ptr<c10d::TCPStore> vae_store(const char* host, int* port, int se
   *port = store->getPort();
   return store;
 }
-
-namespace {
-
-std::vector<at::Tensor> gather(at::Tensor** tensors, size_t n) {
-  std::vector<at::Tensor> out;
-  out.reserve(n);
-  for (size_t i = 0; i < n; ++i) {
-    out.push_back(*tensors[i]);
-  }
-  return out;
-}
-
-}  // namespace
 
 extern "C" {
 
@@ -74,7 +62,7 @@ vae_pg* vae_pg_new(const char* host, int* port, int serve, int rank, int world, 
 // Sums each tensor over the ranks, in place.
 int vae_pg_allreduce_sum(vae_pg* pg, at::Tensor** tensors, size_t n, char* err, size_t errlen) {
   try {
-    auto list = gather(tensors, n);
+    auto list = vae_tensor_list(tensors, n);
     pg->group->allreduce(list)->wait();
     return 0;
   } catch (const std::exception& e) {
@@ -86,7 +74,7 @@ int vae_pg_allreduce_sum(vae_pg* pg, at::Tensor** tensors, size_t n, char* err, 
 // Copies rank `root`'s tensors into every rank's, in place.
 int vae_pg_broadcast(vae_pg* pg, at::Tensor** tensors, size_t n, int root, char* err, size_t errlen) {
   try {
-    auto list = gather(tensors, n);
+    auto list = vae_tensor_list(tensors, n);
     c10d::BroadcastOptions opts;
     opts.rootRank = root;
     pg->group->broadcast(list, opts)->wait();
