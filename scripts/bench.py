@@ -112,6 +112,8 @@ def resnet_section(vae_bin, args):
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "lpips_weights.py"), weights, "--random-trunk"],
                        check=True, capture_output=True)
         perceptual = ["--perceptual-weight", str(args.perceptual_weight), "--lpips-weights", weights]
+    if args.disc_weight > 0:
+        perceptual += ["--disc-weight", str(args.disc_weight)]
     devices = ["cuda"] if args.cuda_only else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     # A CPU step takes seconds, a GPU step tens of milliseconds: each gets enough steps to time.
     timing = {"cpu": (min(args.steps, 5), min(args.warmup, 2)), "cuda": (min(args.steps, 50), min(args.warmup, 10))}
@@ -119,7 +121,8 @@ def resnet_section(vae_bin, args):
         timing = {d: (2, 1) for d in timing}
     print(f"--arch resnet, block channels {RESNET['block-channels']}, {RESNET['layers-per-block']} layers per "
           f"block, {RESNET['latent-channels']} latent channels"
-          f"{f', LPIPS weight {args.perceptual_weight}' if perceptual else ''}; timed steps after warm-up: "
+          f"{f', LPIPS weight {args.perceptual_weight}' if args.perceptual_weight > 0 else ''}"
+          f"{f', PatchGAN weight {args.disc_weight}' if args.disc_weight > 0 else ''}; timed steps after warm-up: "
           f"{', '.join(f'{d} {timing[d][0]} after {timing[d][1]}' for d in devices)}; median of "
           f"{args.repeats} alternating runs; random RGB images (ours: generated shapes), threads {args.threads}\n")
     print(f"{'case':<24} {'vae img/s':>10} {'diffusers img/s':>16} {'ratio':>6}  {'vae peak':>9} {'pt peak':>9}")
@@ -217,6 +220,8 @@ def main():
                    help="resnet: the KL-autoencoder family against diffusers' AutoencoderKL instead")
     p.add_argument("--perceptual-weight", type=float, default=0.0,
                    help="--arch resnet: with the LPIPS term in both (a random VGG16 trunk)")
+    p.add_argument("--disc-weight", type=float, default=0.0,
+                   help="--arch resnet: with the PatchGAN discriminator in both (from the first step)")
     p.add_argument("--cuda-only", action="store_true",
                    help="only the CUDA cases (scripts/gpu-check): no CPU cases, no loader section")
     args = p.parse_args()

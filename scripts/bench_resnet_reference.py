@@ -2,7 +2,8 @@
 """The PyTorch reference for `scripts/bench --arch resnet`: diffusers' AutoencoderKL of the
 same config trained the way `vae --arch resnet` trains it (L1 summed over [-1, 1] pixels and
 averaged over the batch, plus beta times the KL summed over the latent; Adam), on images
-resident on the device. Prints one JSON object, as `vae bench` does.
+resident on the device; with --perceptual-weight and --disc-weight, latent diffusion's whole
+loss (scripts/gan_reference.py's equations). Prints one JSON object, as `vae bench` does.
 """
 import argparse
 import json
@@ -30,6 +31,8 @@ def main():
     p.add_argument("--perceptual-weight", type=float, default=0.0,
                    help="add LPIPS (the lpips package, frozen) times this to every pixel's loss")
     p.add_argument("--lpips-weights", help="the safetensors state dict of scripts/lpips_weights.py")
+    p.add_argument("--disc-weight", type=float, default=0.0,
+                   help="train taming's PatchGAN beside it, its term balanced by the adaptive weight")
     args = p.parse_args()
 
     if args.threads:
@@ -46,7 +49,16 @@ def main():
         down_block_types=["DownEncoderBlock2D"] * len(blocks), up_block_types=["UpDecoderBlock2D"] * len(blocks),
         sample_size=args.image_size,
     ).to(device).train()
-    opt = torch.optim.Adam(vae.parameters(), lr=1e-4)
+    params = list(vae.parameters())
+    disc = None
+    if args.disc_weight > 0:
+        from gan_reference import NLayerDiscriminator, adaptive_weight, hinge_d_loss
+
+        disc = NLayerDiscriminator(3).to(device).train()
+        logvar_param = torch.nn.Parameter(torch.zeros((), device=device))
+        params.append(logvar_param)
+        opt_disc = torch.optim.Adam(disc.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    opt = torch.optim.Adam(params, lr=1e-4)
     perceptual = None
     if args.perceptual_weight > 0:
         import lpips
@@ -73,10 +85,24 @@ def main():
             recon = recon + args.perceptual_weight * distance * x[0].numel()
         logvar = posterior.logvar.float()
         kl = 0.5 * (posterior.mean.float().square() + logvar.exp() - 1 - logvar).flatten(1).sum(1)
-        loss = (recon + args.beta * kl).mean()
+        if disc is None:
+            loss = (recon + args.beta * kl).mean()
+        else:
+            nll = recon.mean() / torch.exp(logvar_param) + logvar_param * x[0].numel()
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                g_loss = -disc(out).float().mean()
+            d_weight = adaptive_weight(nll, g_loss, vae.decoder.conv_out.weight, args.disc_weight)
+            loss = nll + args.beta * kl.mean() + d_weight * g_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if disc is not None:
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                logits_real, logits_fake = disc(x).float(), disc(out.detach()).float()
+            d_loss = hinge_d_loss(logits_real, logits_fake)
+            opt_disc.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_disc.step()
         return loss.detach()
 
     for i in range(args.warmup):

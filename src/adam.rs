@@ -201,6 +201,11 @@ mod cpu {
     }
 }
 
+/// The variables of `vs` that take gradients, by name.
+pub fn trainable(vs: &VarStore) -> Vec<(String, Tensor)> {
+    vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect()
+}
+
 /// The moments of one parameter.
 struct Slot {
     name: String,
@@ -216,17 +221,22 @@ pub struct Adam {
     step: u64,
     /// `step` as the float tensor the fused kernel reads, on the parameters' device.
     step_tensor: Option<Tensor>,
+    /// Where its tensors go in a checkpoint.
+    prefix: &'static str,
 }
 
 /// Name prefix of the optimizer's tensors in a checkpoint.
 pub const STATE_PREFIX: &str = "optimizer.";
 
 impl Adam {
-    /// Tracks every trainable variable of `vs`, in name order so the state is laid out the
-    /// same way in every run.
+    /// Tracks every trainable variable of `vs`; its state is saved under [`STATE_PREFIX`].
     pub fn new(vs: &VarStore, cfg: AdamConfig) -> Self {
-        let mut vars: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        Self::over(trainable(vs), cfg, STATE_PREFIX)
+    }
+
+    /// Tracks `vars`, in name order so the state is laid out the same way in every run; its
+    /// state is saved under `prefix`.
+    pub fn over(mut vars: Vec<(String, Tensor)>, cfg: AdamConfig, prefix: &'static str) -> Self {
         vars.sort_by(|a, b| a.0.cmp(&b.0));
         let slots = vars
             .into_iter()
@@ -237,7 +247,14 @@ impl Adam {
                 param,
             })
             .collect();
-        Self { cfg, slots, step: 0, step_tensor: None }
+        Self { cfg, slots, step: 0, step_tensor: None, prefix }
+    }
+
+    /// Counts an update on zero gradients without computing it: with zero moments (and no
+    /// weight decay) it changes nothing but the bias corrections' step.
+    pub fn advance(&mut self) {
+        debug_assert!(self.cfg.weight_decay == 0.0);
+        self.step += 1;
     }
 
     pub fn step_count(&self) -> u64 {
@@ -293,26 +310,28 @@ impl Adam {
         });
     }
 
-    /// The state as named tensors, PyTorch's names under [`STATE_PREFIX`]:
+    /// The state as named tensors, PyTorch's names under its prefix (e.g. [`STATE_PREFIX`]):
     /// `step`, `exp_avg.<param>`, `exp_avg_sq.<param>`.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        let mut out = vec![(format!("{STATE_PREFIX}step"), Tensor::from(self.step as i64))];
+        let prefix = self.prefix;
+        let mut out = vec![(format!("{prefix}step"), Tensor::from(self.step as i64))];
         for slot in &self.slots {
-            out.push((format!("{STATE_PREFIX}exp_avg.{}", slot.name), slot.exp_avg.shallow_clone()));
-            out.push((format!("{STATE_PREFIX}exp_avg_sq.{}", slot.name), slot.exp_avg_sq.shallow_clone()));
+            out.push((format!("{prefix}exp_avg.{}", slot.name), slot.exp_avg.shallow_clone()));
+            out.push((format!("{prefix}exp_avg_sq.{}", slot.name), slot.exp_avg_sq.shallow_clone()));
         }
         out
     }
 
     /// Restores what [`Adam::state`] produced; `get` looks a tensor up by its full name.
     pub fn load_state(&mut self, get: impl Fn(&str) -> Option<Tensor>) -> Result<()> {
-        let step_name = format!("{STATE_PREFIX}step");
+        let prefix = self.prefix;
+        let step_name = format!("{prefix}step");
         let step = get(&step_name).with_context(|| format!("missing tensor {step_name}"))?;
         let step = step.int64_value(&[]);
         ensure!(step >= 0, "{step_name} is negative ({step})");
         for slot in &mut self.slots {
             for (kind, dst) in [("exp_avg", &mut slot.exp_avg), ("exp_avg_sq", &mut slot.exp_avg_sq)] {
-                let name = format!("{STATE_PREFIX}{kind}.{}", slot.name);
+                let name = format!("{prefix}{kind}.{}", slot.name);
                 let src = get(&name).with_context(|| format!("missing tensor {name}"))?;
                 ensure!(
                     src.size() == dst.size(),

@@ -142,7 +142,7 @@ fn steps(
     batches: &[Tensor],
     mut times: Option<&mut StepTimes>,
 ) -> Result<Tensor> {
-    let mut sums = Tensor::zeros([3], (Kind::Float, trainer.device));
+    let mut sums = Tensor::zeros([trainer.stat_count()], (Kind::Float, trainer.device));
     for (i, indices) in batches.iter().enumerate() {
         loader.prefetch_next(batches, i);
         if let Some(means) = trainer.step(loader, indices, times.as_deref_mut())? {

@@ -4,11 +4,12 @@
 //! and a CRC-32 of every tensor, verified on load.
 
 use crate::adam::{Adam, STATE_PREFIX};
+use crate::adversarial;
 use crate::config::{Change, TrainConfig};
 use crate::ema::{self, Ema};
 use crate::models::{Compute, Model, ModelConfig};
 use crate::precision::LossScale;
-use crate::train::Trainer;
+use crate::train::{Adversary, Trainer, DISC_STATE_PREFIX};
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -218,12 +219,25 @@ impl HostTensor {
     }
 }
 
-/// Serialises the model's variables, the optimizer state and the metadata.
-pub fn to_bytes(vs: &VarStore, adam: &Adam, ema: Option<&Ema>, meta: &Metadata) -> Result<Vec<u8>> {
+/// Serialises the model's variables, the optimizer state, the moving average and the
+/// discriminator where there are any, and the metadata.
+pub fn to_bytes(
+    vs: &VarStore,
+    adam: &Adam,
+    ema: Option<&Ema>,
+    adversary: Option<&Adversary>,
+    meta: &Metadata,
+) -> Result<Vec<u8>> {
     let mut named: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     named.extend(adam.state());
     named.extend(ema.map(Ema::state).unwrap_or_default());
+    named.extend(adversary.map(Adversary::state).unwrap_or_default());
     safetensors_bytes(&named, meta.to_map()?, true)
+}
+
+/// Everything `trainer` holds, as a checkpoint file with `meta`.
+pub fn trainer_bytes(trainer: &Trainer, meta: &Metadata) -> Result<Vec<u8>> {
+    to_bytes(&trainer.vs, &trainer.adam, trainer.ema.as_ref(), trainer.adversary.as_ref(), meta)
 }
 
 /// `named` as a safetensors file with `metadata`, to which `checksums` adds a CRC-32 of
@@ -287,19 +301,34 @@ fn verify_checksums(path: &Path, file: &SafeTensors, map: &HashMap<String, Strin
     Ok(())
 }
 
-/// Copies the model tensors of `tensors` (read from `path`; the optimizer's and the moving
-/// average's are left out)
-/// into `vs`, which must hold exactly the same names and shapes: the first difference, in name
+/// Whether a checkpoint tensor is the model's: not the optimizers', the moving average's or
+/// the adversarial term's.
+pub fn is_model_tensor(name: &str) -> bool {
+    let others = [STATE_PREFIX, ema::PREFIX, adversarial::PREFIX, DISC_STATE_PREFIX, adversarial::LOGVAR];
+    !others.iter().any(|prefix| name.starts_with(prefix))
+}
+
+/// Copies the model tensors of `tensors` (read from `path`; see [`is_model_tensor`]) into
+/// `vs`, which must hold exactly the same names and shapes: the first difference, in name
 /// order, is the error.
 pub fn copy_weights(path: &Path, tensors: &HashMap<String, Tensor>, vs: &VarStore) -> Result<()> {
+    copy_part(path, tensors, vs, is_model_tensor, "the model")
+}
+
+/// Copies the tensors of `tensors` that `belongs` picks into `vs`, which must hold exactly
+/// those names and shapes (`what` names it in errors).
+fn copy_part(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    vs: &VarStore,
+    belongs: fn(&str) -> bool,
+    what: &str,
+) -> Result<()> {
     let vars = vs.variables();
-    let mut extra: Vec<&String> = tensors
-        .keys()
-        .filter(|n| !n.starts_with(STATE_PREFIX) && !n.starts_with(ema::PREFIX) && !vars.contains_key(*n))
-        .collect();
+    let mut extra: Vec<&String> = tensors.keys().filter(|n| belongs(n) && !vars.contains_key(*n)).collect();
     extra.sort();
     if let Some(name) = extra.first() {
-        bail!("{}: tensor {name} is not part of the model", path.display());
+        bail!("{}: tensor {name} is not part of {what}", path.display());
     }
     let mut vars: Vec<(String, Tensor)> = vars.into_iter().collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
@@ -308,7 +337,7 @@ pub fn copy_weights(path: &Path, tensors: &HashMap<String, Tensor>, vs: &VarStor
             tensors.get(name).with_context(|| format!("{}: tensor {name} is missing", path.display()))?;
         ensure!(
             src.size() == dst.size(),
-            "{}: tensor {name} has shape {:?} there but {:?} in the model",
+            "{}: tensor {name} has shape {:?} there but {:?} in {what}",
             path.display(),
             src.size(),
             dst.size()
@@ -382,7 +411,7 @@ impl Checkpoint {
 
     /// Parameters of the model, not counting optimizer state.
     pub fn parameter_count(&self) -> i64 {
-        self.tensors.iter().filter(|(n, _)| !n.starts_with(STATE_PREFIX)).map(|(_, t)| t.numel() as i64).sum()
+        self.tensors.iter().filter(|(n, _)| is_model_tensor(n)).map(|(_, t)| t.numel() as i64).sum()
     }
 
     /// A human-readable summary: where the run stands, its config and every tensor.
@@ -464,6 +493,9 @@ impl Checkpoint {
         self.check_finite()?;
         let mut trainer = Trainer::new(cfg, device)?;
         self.load_weights(&trainer.vs)?;
+        if let Some(adversary) = &mut trainer.adversary {
+            self.load_adversary(adversary)?;
+        }
         self.load_optimizer(&mut trainer.adam)?;
         if let Some(ema) = &mut trainer.ema {
             ema.load_state(|name| self.tensors.get(name).map(Tensor::shallow_clone))
@@ -483,6 +515,20 @@ impl Checkpoint {
         }
         trainer.best_test_loss = self.meta.best_test_loss;
         Ok(trainer)
+    }
+
+    /// The discriminator, its Adam and the log-variance; a run that had no discriminator
+    /// cannot grow one on resume.
+    fn load_adversary(&self, adversary: &mut Adversary) -> Result<()> {
+        ensure!(
+            self.tensors.keys().any(|n| n.starts_with(adversarial::PREFIX)),
+            "{}: this run trained without a discriminator, so --disc-weight cannot turn one on when resuming \
+             it; start a new run from its weights with --init-from {0}",
+            self.path.display()
+        );
+        let belongs = |n: &str| n.starts_with(adversarial::PREFIX) || n == adversarial::LOGVAR;
+        copy_part(&self.path, &self.tensors, &adversary.vs, belongs, "the discriminator")?;
+        self.load_optimizer(&mut adversary.adam)
     }
 
     pub fn load_optimizer(&self, adam: &mut Adam) -> Result<()> {

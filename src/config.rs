@@ -4,6 +4,7 @@
 //! ([`TrainConfig::validate`]). The config is what a checkpoint keeps.
 
 use crate::adam::AdamConfig;
+use crate::adversarial::{self, DiscLoss};
 use crate::data::{Binarize, DataConfig, DataLocation, DatasetKind};
 use crate::device::DeviceArgs;
 use crate::loss::Perceptual;
@@ -63,10 +64,26 @@ pub struct TrainConfig {
     /// The LPIPS network's weights (safetensors), when the perceptual term is on.
     #[serde(default)]
     pub lpips_weights: Option<PathBuf>,
+    /// Weight of the adversarial term (times the adaptive weight); 0: no discriminator.
+    #[serde(default)]
+    pub disc_weight: f64,
+    /// The step from which the discriminator trains and its term counts.
+    #[serde(default)]
+    pub disc_start: u64,
+    #[serde(default)]
+    pub disc_loss: DiscLoss,
+    /// The discriminator's Adam.
+    #[serde(default = "disc_adam")]
+    pub disc_adam: AdamConfig,
 }
 
 fn one() -> usize {
     1
+}
+
+/// Latent diffusion's Adam for the discriminator: betas (0.5, 0.9).
+fn disc_adam() -> AdamConfig {
+    AdamConfig { beta1: 0.5, beta2: 0.9, ..AdamConfig::default() }
 }
 
 /// The flags' defaults, for the dataset's usual shape.
@@ -180,6 +197,9 @@ pub struct TrainArgs {
     /// L2 penalty added to the gradients, as torch.optim.Adam's weight_decay.
     #[arg(long, default_value_t = AdamConfig::default().weight_decay)]
     pub weight_decay: f64,
+    /// Adam's beta1,beta2 for the autoencoder (latent diffusion's recipe: 0.5,0.9).
+    #[arg(long, value_delimiter = ',', default_value = "0.9,0.999")]
+    pub betas: Vec<f64>,
     /// Seed of every random draw: initialisation, shuffling, noise, generated data.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -201,6 +221,23 @@ pub struct TrainArgs {
     /// The LPIPS (VGG, v0.1) weights as safetensors; scripts/lpips_weights.py writes them.
     #[arg(long)]
     pub lpips_weights: Option<PathBuf>,
+    /// Train a PatchGAN discriminator and add W x (adaptive weight) x its generator loss
+    /// (latent diffusion: 0.5; needs --recon l1 or l2). 0: off.
+    #[arg(long, default_value_t = 0.0)]
+    pub disc_weight: f64,
+    /// The step from which the discriminator trains and its term counts (latent diffusion:
+    /// 50001); before it, the autoencoder trains on the other terms alone.
+    #[arg(long, default_value_t = 0)]
+    pub disc_start: u64,
+    /// The discriminator's loss.
+    #[arg(long, value_enum, default_value = "hinge")]
+    pub disc_loss: DiscLoss,
+    /// The discriminator's learning rate [default: --lr].
+    #[arg(long)]
+    pub disc_lr: Option<f64>,
+    /// The discriminator's Adam beta1,beta2.
+    #[arg(long, value_delimiter = ',', default_value = "0.5,0.9")]
+    pub disc_betas: Vec<f64>,
 }
 
 /// What a resumed run may do with a setting.
@@ -320,13 +357,27 @@ pub const SETTINGS: &[Setting] = &[
     setting("lr_schedule", Changeable, |a, c| c.lr_schedule = a.lr_schedule),
     setting("warmup_steps", Changeable, |a, c| c.warmup_steps = a.warmup_steps),
     setting("weight_decay", Changeable, |a, c| c.adam.weight_decay = a.weight_decay),
+    setting("betas", Changeable, |a, c| (c.adam.beta1, c.adam.beta2) = pair(&a.betas)),
     setting("seed", Fixed, |a, c| c.seed = a.seed),
     setting("ema_decay", Fixed, |a, c| c.ema_decay = a.ema_decay),
     setting("grad_accum", Changeable, |a, c| c.grad_accum = a.grad_accum),
     setting("precision", Changeable, |a, c| c.precision = a.precision),
     setting("perceptual_weight", Changeable, |a, c| c.perceptual_weight = a.perceptual_weight),
     setting("lpips_weights", Process, |a, c| c.lpips_weights = a.lpips_weights.clone()),
+    setting("disc_weight", Changeable, |a, c| c.disc_weight = a.disc_weight),
+    setting("disc_start", Changeable, |a, c| c.disc_start = a.disc_start),
+    setting("disc_loss", Changeable, |a, c| c.disc_loss = a.disc_loss),
+    setting("disc_lr", Changeable, |a, c| c.disc_adam.lr = a.disc_lr.unwrap_or(a.lr)),
+    setting("disc_betas", Changeable, |a, c| (c.disc_adam.beta1, c.disc_adam.beta2) = pair(&a.disc_betas)),
 ];
+
+/// Two numbers given as `A,B`; any other count becomes NaN, which validation names.
+fn pair(values: &[f64]) -> (f64, f64) {
+    match values {
+        [a, b] => (*a, *b),
+        _ => (f64::NAN, f64::NAN),
+    }
+}
 
 /// A setting a resumed run changed: the flag, and the config's values before and after.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -397,6 +448,10 @@ impl TrainArgs {
             grad_accum: 1,
             perceptual_weight: 0.0,
             lpips_weights: None,
+            disc_weight: 0.0,
+            disc_start: 0,
+            disc_loss: DiscLoss::Hinge,
+            disc_adam: disc_adam(),
         };
         for s in SETTINGS {
             (s.apply)(self, &mut cfg);
@@ -500,6 +555,14 @@ impl TrainConfig {
         }
         let wd = self.adam.weight_decay;
         ensure!(wd >= 0.0 && wd.is_finite(), "--weight-decay must be >= 0, found {wd}");
+        for (flag, adam) in [("--betas", &self.adam), ("--disc-betas", &self.disc_adam)] {
+            ensure!(
+                [adam.beta1, adam.beta2].iter().all(|b| (0.0..1.0).contains(b)),
+                "{flag} takes two numbers in [0, 1) as B1,B2, found {},{}",
+                adam.beta1,
+                adam.beta2
+            );
+        }
         ensure!(
             (0.0..1.0).contains(&self.ema_decay),
             "--ema-decay must be in [0, 1), found {}",
@@ -526,6 +589,47 @@ impl TrainConfig {
                 "--perceptual-weight needs --lpips-weights FILE (scripts/lpips_weights.py writes it)"
             );
         }
+        self.validate_adversarial()
+    }
+
+    fn validate_adversarial(&self) -> Result<()> {
+        let dw = self.disc_weight;
+        ensure!(dw >= 0.0 && dw.is_finite(), "--disc-weight must be >= 0, found {dw}");
+        if dw == 0.0 {
+            return Ok(());
+        }
+        let likelihood = self.model.likelihood();
+        ensure!(
+            !likelihood.is_density(),
+            "--disc-weight shows the discriminator reconstructed images, which needs a pixel loss (--recon l1 \
+             or l2), not --likelihood {}",
+            clap::ValueEnum::to_possible_value(&likelihood).map(|v| v.get_name().to_owned()).unwrap_or_default()
+        );
+        let lr = self.disc_adam.lr;
+        ensure!(lr > 0.0 && lr.is_finite(), "--disc-lr must be positive, found {lr}");
+        let [_, side, _] = self.model.image_shape();
+        ensure!(
+            adversarial::output_side(side) >= 1,
+            "--disc-weight: the PatchGAN discriminator needs images of side {} or more, found {side}",
+            adversarial::min_side()
+        );
+        // BatchNorm's batch statistics would differ between one micro-batch and the whole.
+        ensure!(
+            self.grad_accum == 1,
+            "--grad-accum {} with --disc-weight: the discriminator's BatchNorm normalises by the batch, \
+             so micro-batches would not add up to the batch's step; use --grad-accum 1",
+            self.grad_accum
+        );
+        Ok(())
+    }
+
+    /// Refuses what this config cannot do in a data-parallel run of `world` ranks.
+    pub fn check_world(&self, world: usize) -> Result<()> {
+        ensure!(
+            world == 1 || self.disc_weight == 0.0,
+            "--disc-weight with {world} ranks: the discriminator's BatchNorm normalises by each rank's share \
+             of the batch, so the run would not equal one process's (not supported yet); train it in one process"
+        );
         Ok(())
     }
 

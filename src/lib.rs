@@ -6,7 +6,8 @@
 //!    `precision`, `plot`, `tensorboard`
 //! 2. `data`: datasets, the image-folder cache, the loader
 //! 3. `models`: the model interface and its families
-//! 4. `loss`, `perceptual`: the bound and its statistics; LPIPS, the perceptual distance
+//! 4. `loss`, `perceptual`, `adversarial`: the bound and its statistics; LPIPS, the
+//!    perceptual distance; the PatchGAN discriminator and its losses
 //! 5. `adam`, `schedule`, `ema`: the optimizer, its curves, the weights' average
 //! 6. `config`: every training setting, declared once
 //! 7. `eval`, `export`: what a model computes on a split, as numbers and pictures
@@ -18,6 +19,7 @@
 //! 13. `bench`: throughput
 
 pub mod adam;
+pub mod adversarial;
 pub mod bench;
 pub mod checkpoint;
 pub mod config;

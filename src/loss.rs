@@ -33,10 +33,18 @@ pub struct Perceptual<'a> {
 
 /// Batch means of the bound's terms, each a scalar tensor (still on the device).
 pub struct Elbo {
-    /// reconstruction + beta * kl (kl with free bits, if any): what is minimised.
+    /// reconstruction + beta * kl (kl with free bits, if any), and whatever terms were added:
+    /// what is minimised.
     pub loss: Tensor,
     pub reconstruction: Tensor,
     pub kl: Tensor,
+    /// The pixel term as minimised: the reconstruction, plus the perceptual term, divided by
+    /// the learned variance where there is one. The adversarial weight balances against it.
+    pub nll: Tensor,
+    /// beta * the penalised KL.
+    kl_penalty: Tensor,
+    /// The mean LPIPS distance, with a perceptual term.
+    pub lpips: Option<Tensor>,
 }
 
 impl Elbo {
@@ -52,8 +60,16 @@ impl Elbo {
         } else {
             kl.mean(None)
         };
-        let loss = reconstruction.mean(None) + penalised * weight.beta;
-        Self { loss, reconstruction: reconstruction.mean(None), kl: kl.mean(None) }
+        let nll = reconstruction.mean(None);
+        let kl_penalty = penalised * weight.beta;
+        Self {
+            loss: &nll + &kl_penalty,
+            reconstruction: nll.shallow_clone(),
+            nll,
+            kl: kl.mean(None),
+            kl_penalty,
+            lpips: None,
+        }
     }
 
     /// Adds the perceptual term, if any, to what is minimised. The reported reconstruction
@@ -61,9 +77,19 @@ impl Elbo {
     pub fn with_perceptual(mut self, term: Option<Perceptual>, out: &Forward, x: &Tensor) -> Self {
         if let Some(p) = term {
             let pixels: i64 = x.size()[1..].iter().product();
-            let distance = p.lpips.distance(&(x * 2.0 - 1.0), &out.likelihood_params, p.kind);
-            self.loss += distance.mean(None) * (p.weight * pixels as f64);
+            let distance = p.lpips.distance(&(x * 2.0 - 1.0), &out.likelihood_params, p.kind).mean(None);
+            self.nll += &distance * (p.weight * pixels as f64);
+            self.loss = &self.nll + &self.kl_penalty;
+            self.lpips = Some(distance);
         }
+        self
+    }
+
+    /// Divides the pixel term by exp(`logvar`) and adds `logvar` for each of the `pixels`
+    /// (latent diffusion's learned scalar variance: a Laplace or Gaussian scale, in effect).
+    pub fn with_logvar(mut self, logvar: &Tensor, pixels: i64) -> Self {
+        self.nll = &self.nll * (-logvar).exp() + logvar * pixels as f64;
+        self.loss = &self.nll + &self.kl_penalty;
         self
     }
 
@@ -73,20 +99,34 @@ impl Elbo {
     }
 }
 
+/// The statistics of the sharpness terms (perceptual and adversarial) that training logs
+/// beside the bound's, in this order: latent diffusion's names for what a GAN is tuned by.
+pub const SHARPNESS: [&str; 7] =
+    ["lpips", "g_loss", "d_weight", "d_loss", "logits_real", "logits_fake", "logvar"];
+
 /// Means over an epoch or a split, in nats per image.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stats {
     pub loss: f64,
     pub reconstruction: f64,
     pub kl: f64,
+    /// The [`SHARPNESS`] statistics, in training runs with a perceptual or adversarial term.
+    pub sharpness: Option<[f64; SHARPNESS.len()]>,
 }
 
 impl Stats {
-    /// From a device tensor of `[loss, reconstruction, kl]` sums over `count` images.
+    /// From a device tensor of `[loss, reconstruction, kl]` sums over `count` images, followed
+    /// by the [`SHARPNESS`] sums where there are any.
     pub fn from_sums(sums: &Tensor, count: usize) -> Self {
-        let v = Vec::<f64>::try_from(sums.to_kind(Kind::Double).to_device(Device::Cpu)).expect("three sums");
+        let v = Vec::<f64>::try_from(sums.to_kind(Kind::Double).to_device(Device::Cpu)).expect("sums");
         let n = count.max(1) as f64;
-        Self { loss: v[0] / n, reconstruction: v[1] / n, kl: v[2] / n }
+        let sharpness = (v.len() == 3 + SHARPNESS.len()).then(|| std::array::from_fn(|i| v[3 + i] / n));
+        Self { loss: v[0] / n, reconstruction: v[1] / n, kl: v[2] / n, sharpness }
+    }
+
+    /// The sharpness statistics by name.
+    pub fn sharpness_named(&self) -> Vec<(&'static str, f64)> {
+        self.sharpness.map_or(Vec::new(), |values| SHARPNESS.iter().copied().zip(values).collect())
     }
 }
 

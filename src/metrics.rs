@@ -10,6 +10,17 @@ use tch::Tensor;
 const HEADER: &str = "epoch,step,train_loss,train_reconstruction,train_kl,test_loss,test_reconstruction,\
 test_kl,active_dims,lr,images_per_s,seconds";
 
+/// The header for `row`: [`HEADER`], then `train_<name>` for each sharpness statistic a run
+/// with a perceptual or adversarial term logs.
+fn header(row: &EpochRow) -> String {
+    let mut header = HEADER.to_string();
+    for (name, _) in row.train.sharpness_named() {
+        header.push_str(",train_");
+        header.push_str(name);
+    }
+    header
+}
+
 /// Posterior means vary across the data by more than this in an active latent dimension
 /// (Burda et al. 2016): below it, the dimension ignores its input.
 pub const ACTIVE_THRESHOLD: f64 = 0.01;
@@ -51,7 +62,9 @@ impl MetricsLog {
 
     /// Appends a row, writing the header first into a new file. Rows of epochs at or after
     /// `row.epoch` (left by a run resumed from an earlier checkpoint) are dropped first, so
-    /// the file always describes the run that leads to the latest checkpoint.
+    /// the file always describes the run that leads to the latest checkpoint. A row with
+    /// other columns (a resume that turned a term on or off) rewrites the header; earlier
+    /// rows keep their values.
     pub fn append(&self, row: &EpochRow) -> Result<()> {
         let context = || format!("writing {}", self.path.display());
         let existing = std::fs::read_to_string(&self.path).unwrap_or_default();
@@ -62,8 +75,10 @@ impl MetricsLog {
                 l.split(',').next().and_then(|e| e.parse::<u64>().ok()).is_some_and(|e| e < row.epoch)
             })
             .collect();
-        let rewrite = existing.is_empty() || kept.len() + 1 != existing.lines().count();
-        let line = format!(
+        let header = header(row);
+        let rewrite =
+            existing.lines().next() != Some(header.as_str()) || kept.len() + 1 != existing.lines().count();
+        let mut line = format!(
             "{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{:.1},{:.2}\n",
             row.epoch,
             row.step,
@@ -78,8 +93,11 @@ impl MetricsLog {
             row.images_per_s,
             row.seconds
         );
+        for (_, value) in row.train.sharpness_named() {
+            line.insert_str(line.len() - 1, &format!(",{value:.4}"));
+        }
         if rewrite {
-            let mut text = format!("{HEADER}\n");
+            let mut text = format!("{header}\n");
             for l in kept {
                 text.push_str(l);
                 text.push('\n');
@@ -118,7 +136,7 @@ mod tests {
     use super::*;
 
     fn row(epoch: u64) -> EpochRow {
-        let stats = Stats { loss: 3.0, reconstruction: 2.0, kl: 1.0 };
+        let stats = Stats { loss: 3.0, reconstruction: 2.0, kl: 1.0, sharpness: None };
         EpochRow {
             epoch,
             step: epoch * 10,
@@ -145,6 +163,23 @@ mod tests {
         assert_eq!(epochs, vec![1.0, 2.0]);
         assert_eq!(rows[0].len(), HEADER.split(',').count());
         assert_eq!(rows[1][8], ("active_dims".to_string(), 4.0));
+    }
+
+    #[test]
+    fn a_run_with_sharpness_terms_logs_them_and_a_change_of_columns_rewrites_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MetricsLog::new(&dir.path().join("metrics.csv"));
+        log.append(&row(1)).unwrap();
+        let mut gan = row(2);
+        gan.train.sharpness = Some([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]);
+        log.append(&gan).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        let header = text.lines().next().unwrap();
+        assert!(header.ends_with(",train_lpips,train_g_loss,train_d_weight,train_d_loss,train_logits_real,train_logits_fake,train_logvar"), "{header}");
+        let rows = log.read().unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].last().unwrap(), &("train_logvar".to_string(), 0.7));
+        assert_eq!(rows[0].len(), HEADER.split(',').count(), "the earlier row keeps its values");
     }
 
     #[test]

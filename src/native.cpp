@@ -1,7 +1,7 @@
 // ATen calls that tch 0.24 does not bind, behind a C ABI for Rust (src/native.rs): the
 // multi-tensor ("foreach") kernels and fused Adam, which update every parameter in a few
 // launches instead of several per tensor (on a GPU those launches, not the arithmetic, bound a
-// small model's step), and the caching allocator's peak-memory counter. Tensors are the
+// small model's step), LeakyReLU's slope, and the caching allocator's peak-memory counter. Tensors are the
 // `at::Tensor*` that tch owns. Every call catches C++ exceptions and returns their message.
 #include "tensor_list.h"
 
@@ -52,6 +52,11 @@ int vae_foreach_norm(at::Tensor** t, size_t n, at::Tensor** out, char* err, size
     auto norms = at::_foreach_norm(vae_tensor_list(t, n), 2);
     *out = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
   });
+}
+
+// In-place LeakyReLU with a given slope (tch binds only the default 0.01); autograd records it.
+int vae_leaky_relu_(at::Tensor* t, double slope, char* err, size_t len) {
+  return guarded(err, len, [&] { at::leaky_relu_(*t, slope); });
 }
 
 // torch.optim.Adam(fused=True)'s kernel (L2 weight decay, no AMSGrad): `step` is one float

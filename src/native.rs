@@ -12,6 +12,7 @@ use torch_sys::C_tensor;
 
 extern "C" {
     fn vae_foreach_zero(t: *mut *mut C_tensor, n: usize, err: *mut c_char, len: usize) -> c_int;
+    fn vae_leaky_relu_(t: *mut C_tensor, slope: f64, err: *mut c_char, len: usize) -> c_int;
     fn vae_foreach_mul(
         t: *mut *mut C_tensor,
         n: usize,
@@ -100,6 +101,12 @@ pub fn lerp_(tensors: &[Tensor], ends: &[Tensor], weight: f64) {
     call("_foreach_lerp_", |err, len| unsafe {
         vae_foreach_lerp(t.as_mut_ptr(), e.as_mut_ptr(), t.len(), weight, err, len)
     });
+}
+
+/// `x` through LeakyReLU with negative `slope`, in place (as `nn.LeakyReLU(slope, True)`).
+pub fn leaky_relu_(x: &Tensor, slope: f64) {
+    // SAFETY: the handle is a live tensor tch owns, used only for this call.
+    call("leaky_relu_", |err, len| unsafe { vae_leaky_relu_(x.as_ptr().cast_mut(), slope, err, len) });
 }
 
 /// The L2 norm of all of `tensors` together, as `torch.nn.utils.clip_grad_norm_` computes it;

@@ -137,7 +137,7 @@ impl Outputs<'_> {
     /// Writes `last.safetensors`; returns its bytes for the other copies of the epoch.
     fn save_last(&self, trainer: &Trainer) -> Result<Vec<u8>> {
         let meta = Metadata::of(trainer, &self.lineage.run_id, &self.lineage.history);
-        let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, trainer.ema.as_ref(), &meta)?;
+        let bytes = checkpoint::trainer_bytes(trainer, &meta)?;
         write_atomic(&self.folder.last(), &bytes)?;
         Ok(bytes)
     }
@@ -151,6 +151,9 @@ impl Outputs<'_> {
         tb.scalar("train/kl", step, window.stats.kl)?;
         tb.scalar("train/images_per_s", step, window.images_per_s)?;
         tb.scalar("train/lr", step, trainer.adam.cfg.lr)?;
+        for (name, value) in window.stats.sharpness_named() {
+            tb.scalar(&format!("train/{name}"), step, value)?;
+        }
         tb.scalar("train/beta", step, schedule.beta_at(step.saturating_sub(1)))
     }
 

@@ -3,11 +3,12 @@
 //! save and restore it.
 
 use crate::adam::{self, Adam};
+use crate::adversarial::{self, PatchGan};
 use crate::config::TrainConfig;
 use crate::data::{Binarize, Dataset, Loader};
 use crate::dist::ProcessGroup;
 use crate::ema::Ema;
-use crate::loss::{Elbo, KlWeight, Stats};
+use crate::loss::{Elbo, KlWeight, Stats, SHARPNESS};
 use crate::models::{Compute, Model};
 use crate::perceptual::Lpips;
 use crate::precision::{LossScale, Precision};
@@ -17,7 +18,7 @@ use indicatif::ProgressBar;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-use tch::{nn::VarStore, Device, Kind, Tensor};
+use tch::{nn, nn::VarStore, Device, Kind, Tensor};
 
 /// The parts of a training step, in order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,44 @@ pub enum Flow {
 /// Steps between reads of the running loss for the progress bar: each read syncs the device.
 const LOG_EVERY: usize = 25;
 
+/// The discriminator side of the adversarial term (`--disc-weight`): the PatchGAN and its
+/// Adam, and the pixel term's learned log-variance (trained by the autoencoder's Adam).
+pub struct Adversary {
+    /// `discriminator.*` (taming's state-dict names) and `loss.logvar`.
+    pub vs: VarStore,
+    pub net: PatchGan,
+    pub adam: Adam,
+    pub logvar: Tensor,
+}
+
+/// Name prefix of the discriminator's Adam state in a checkpoint.
+pub const DISC_STATE_PREFIX: &str = "optimizer_disc.";
+
+impl Adversary {
+    /// Created on the CPU (from the seeded stream, after the model) and moved to `device`.
+    fn new(cfg: &TrainConfig, device: Device) -> Self {
+        let mut vs = VarStore::new(Device::Cpu);
+        let [channels, _, _] = cfg.model.image_shape();
+        let net = PatchGan::new(vs.root() / adversarial::PREFIX.trim_end_matches('.'), channels);
+        let (path, name) = adversarial::LOGVAR.split_once('.').expect("loss.logvar");
+        let logvar = (vs.root() / path).var(name, &[], nn::Init::Const(0.0));
+        vs.set_device(device);
+        let params = adam::trainable(&vs)
+            .into_iter()
+            .filter(|(name, _)| name.starts_with(adversarial::PREFIX))
+            .collect();
+        let adam = Adam::over(params, cfg.disc_adam, DISC_STATE_PREFIX);
+        Self { vs, net, adam, logvar }
+    }
+
+    /// Its tensors under their checkpoint names.
+    pub fn state(&self) -> Vec<(String, Tensor)> {
+        let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.extend(self.adam.state());
+        named
+    }
+}
+
 /// A model, its optimizer and where the run stands.
 pub struct Trainer {
     pub cfg: TrainConfig,
@@ -113,6 +152,8 @@ pub struct Trainer {
     pub ema: Option<Ema>,
     /// The perceptual term's network, with `--perceptual-weight`.
     pub lpips: Option<Lpips>,
+    /// The discriminator, with `--disc-weight`.
+    pub adversary: Option<Adversary>,
 }
 
 impl Trainer {
@@ -128,7 +169,10 @@ impl Trainer {
         let mut model = cfg.model.build(vs.root());
         model.set_compute(Compute::for_device(cfg.precision.compute_kind(), device));
         vs.set_device(device);
-        let adam = Adam::new(&vs, cfg.adam);
+        let adversary = (cfg.disc_weight > 0.0).then(|| Adversary::new(&cfg, device));
+        let mut params = adam::trainable(&vs);
+        params.extend(adversary.iter().map(|a| (adversarial::LOGVAR.to_string(), a.logvar.shallow_clone())));
+        let adam = Adam::over(params, cfg.adam, adam::STATE_PREFIX);
         let ema = (cfg.ema_decay > 0.0).then(|| Ema::new(&vs, cfg.ema_decay));
         let loss_scale = (cfg.precision == Precision::F16).then(LossScale::default);
         let lpips = match (&cfg.lpips_weights, cfg.perceptual_weight > 0.0) {
@@ -153,7 +197,15 @@ impl Trainer {
             stopping: false,
             ema,
             lpips,
+            adversary,
         })
+    }
+
+    /// Entries of a step's statistics: `[loss, reconstruction, kl]`, then the [`SHARPNESS`]
+    /// ones when the loss has a perceptual or adversarial term.
+    pub fn stat_count(&self) -> i64 {
+        let sharp = self.cfg.perceptual_weight > 0.0 || self.adversary.is_some();
+        3 + if sharp { SHARPNESS.len() as i64 } else { 0 }
     }
 
     /// Trains the rest of the current epoch, from the batch the step count says it is at, so a
@@ -177,7 +229,7 @@ impl Trainer {
                 batches.len()
             )
         })? as usize;
-        let mut sums = Tensor::zeros([3], (Kind::Float, self.device));
+        let mut sums = Tensor::zeros([self.stat_count()], (Kind::Float, self.device));
         let mut sums_at_log = sums.copy();
         let (mut seen, mut seen_at_log, mut log_time) = (0usize, 0usize, Instant::now());
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
@@ -218,23 +270,20 @@ impl Trainer {
         Ok(Some(Stats::from_sums(&sums, seen)))
     }
 
-    /// One update on the images at `indices`; returns the batch's `[loss, reconstruction, kl]`
-    /// means, left on the device, or `None` when the loss itself was not finite. (A float16
-    /// step whose gradients overflowed is skipped but still reports its finite loss.)
-    /// `times`, when given, collects where the step's time goes (and syncs the device to
-    /// measure it, so leave it out of real training).
+    /// One update on the images at `indices`; returns the batch's statistics (`[loss,
+    /// reconstruction, kl]` means, then the sharpness ones if any), left on the device, or
+    /// `None` when they were not finite. (A float16 step whose gradients overflowed is skipped
+    /// but still reports its finite loss.) `times`, when given, collects where the step's time
+    /// goes (and syncs the device to measure it, so leave it out of real training).
     pub fn step(
         &mut self,
         loader: &Loader,
         indices: &Tensor,
         mut times: Option<&mut StepTimes>,
     ) -> Result<Option<Tensor>> {
-        let mut mark = |phase: Phase| {
-            if let Some(t) = times.as_deref_mut() {
-                t.mark(phase, self.device)
-            }
-        };
-        mark(Phase::Start);
+        if let Some(t) = times.as_deref_mut() {
+            t.mark(Phase::Start, self.device);
+        }
         // Noise of step s depends on (seed, s) only: a resumed run draws the same. Every
         // draw is made for the whole global batch, in the same order whatever the number of
         // ranks, and each rank keeps its rows (and reads only their images): a W-rank run
@@ -261,31 +310,78 @@ impl Trainer {
             x = draw(x.size(), false).lt_tensor(&x).to_kind(Kind::Float);
         }
         let eps = draw(vec![0, self.model.latent_dim()], true);
-        mark(Phase::Data);
-        let schedule = self.cfg.schedule(loader.len());
-        let weight = KlWeight { beta: schedule.beta_at(self.step), free_bits: self.cfg.free_bits };
-        let backward = |loss: &Tensor| match &self.loss_scale {
-            None => loss.backward(),
-            Some(scaler) => (loss * scaler.scale).backward(),
+        if let Some(t) = times.as_deref_mut() {
+            t.mark(Phase::Data, self.device);
+        }
+        self.update(&x, &eps, global, loader.len(), times)
+    }
+
+    /// The update of [`step`](Trainer::step) on this rank's images `x` and noise `eps`, rows
+    /// of a global batch of `global` from a split of `train_images`.
+    pub fn update(
+        &mut self,
+        x: &Tensor,
+        eps: &Tensor,
+        global: i64,
+        train_images: usize,
+        mut times: Option<&mut StepTimes>,
+    ) -> Result<Option<Tensor>> {
+        let device = self.device;
+        let mut mark = |phase: Phase| {
+            if let Some(t) = times.as_deref_mut() {
+                t.mark(phase, device)
+            }
         };
+        let rows = x.size()[0];
+        let schedule = self.cfg.schedule(train_images);
+        let weight = KlWeight { beta: schedule.beta_at(self.step), free_bits: self.cfg.free_bits };
+        let scale = self.loss_scale.as_ref().map(|s| s.scale);
+        let backward = |loss: &Tensor| match scale {
+            None => loss.backward(),
+            Some(scale) => (loss * scale).backward(),
+        };
+        let kind = self.cfg.precision.compute_kind();
+        let scalar = || Tensor::zeros([], (Kind::Float, device));
+        // Latent diffusion's discriminator factor: 0 before --disc-start, 1 from it.
+        let disc_on = self.adversary.is_some() && self.step >= self.cfg.disc_start;
         self.adam.zero_grad();
         // The rank's rows in micro-batches (--grad-accum), one after another, their gradients
         // summed. Each loss is its rows' mean weighted by their share of the global batch, so
         // the summed gradient is the global batch's mean's, whatever the ranks and micro-batches.
         let micro = micro_batches(rows, self.cfg.grad_accum);
         let perceptual = self.cfg.perceptual(self.lpips.as_ref())?;
-        let mut stacked = Tensor::zeros([3], (Kind::Float, self.device));
+        let mut stacked = Tensor::zeros([self.stat_count()], (Kind::Float, device));
+        // The images in [-1, 1] and their reconstructions, for the discriminator (one
+        // micro-batch: validation refuses more).
+        let mut shown = None;
         for &(start, len) in &micro {
             let (x, eps) = (x.narrow(0, start, len), eps.narrow(0, start, len));
             let out = self.model.forward_with_noise(&x, &eps);
-            let elbo =
+            let mut elbo =
                 Elbo::new(self.model.likelihood(), &out, &x, weight).with_perceptual(perceptual, &out, &x);
+            let (mut g_loss, mut d_weight) = (scalar(), scalar());
+            if let Some(adv) = &self.adversary {
+                elbo = elbo.with_logvar(&adv.logvar, x.size()[1..].iter().product());
+                shown = Some((x * 2.0 - 1.0, out.likelihood_params.detach()));
+            }
+            if let Some(adv) = self.adversary.as_ref().filter(|_| disc_on) {
+                let g = adversarial::generator_loss(&adv.net.forward(&out.likelihood_params, kind));
+                d_weight = adversarial::adaptive_weight(
+                    &elbo.nll,
+                    &g,
+                    &self.model.last_layer(),
+                    self.cfg.disc_weight,
+                );
+                elbo.loss += &d_weight * &g;
+                g_loss = g.detach();
+            }
             let loss = if len < global {
                 &elbo.loss * (len as f64 / global as f64)
             } else {
                 elbo.loss.shallow_clone()
             };
-            stacked += elbo.stacked() * (len as f64 / rows as f64);
+            let share = len as f64 / rows as f64;
+            stacked += self.statistics(&elbo, g_loss, d_weight) * share;
             mark(Phase::Forward);
             backward(&loss);
             mark(Phase::Backward);
@@ -300,6 +396,20 @@ impl Trainer {
                 .fold(Tensor::zeros([], (Kind::Float, self.device)), |acc, t| acc + t);
             backward(&zero);
         }
+        let mut disc_grads = Vec::new();
+        if let (Some(adv), Some((real, fake))) = (self.adversary.as_mut().filter(|_| disc_on), &shown) {
+            // The generator's pass left gradients in the discriminator: its own start from zero.
+            adv.adam.zero_grad();
+            let (real, fake) = (adv.net.forward(real, kind), adv.net.forward(fake, kind));
+            let d_loss = self.cfg.disc_loss.discriminator(&real, &fake);
+            mark(Phase::Forward);
+            backward(&d_loss);
+            mark(Phase::Backward);
+            disc_grads = adv.adam.gradients();
+            // d_loss, logits_real and logits_fake in their places among the statistics.
+            let values = Tensor::stack(&[d_loss, real.mean(None), fake.mean(None)], 0).detach();
+            stacked.narrow(0, 3 + 3, 3).copy_(&values);
+        }
         let grads = self.adam.gradients();
         let means = match &self.group {
             None => stacked,
@@ -312,16 +422,22 @@ impl Trainer {
                 means
             }
         };
-        // A non-finite loss or gradient never reaches the weights: the step is skipped. The
-        // verdict costs one host sync per step, the price of that guarantee.
-        let unscaled = self.loss_scale.as_mut().is_none_or(|s| s.unscale(&grads));
+        // A non-finite loss or gradient never reaches the weights: the step is skipped, both
+        // networks'. The verdict costs one host sync per step, the price of that guarantee.
+        let unscaled = self.loss_scale.as_mut().is_none_or(|s| {
+            let all: Vec<Tensor> = grads.iter().chain(&disc_grads).map(Tensor::shallow_clone).collect();
+            s.unscale(&all)
+        });
         let norm = adam::global_norm(&grads, self.device);
         let verdict = tch::no_grad(|| {
-            let flags = [means.get(0).isfinite(), norm.isfinite()];
-            Vec::<i64>::try_from(Tensor::stack(&flags, 0).to_kind(Kind::Int64)).expect("two flags")
+            let mut flags = vec![means.isfinite().all(), norm.isfinite()];
+            if !disc_grads.is_empty() {
+                flags.push(adam::global_norm(&disc_grads, self.device).isfinite());
+            }
+            Vec::<i64>::try_from(Tensor::stack(&flags, 0).to_kind(Kind::Int64)).expect("flags")
         });
         let loss_finite = verdict[0] != 0;
-        let finite = unscaled && loss_finite && verdict[1] != 0;
+        let finite = unscaled && verdict.iter().all(|&f| f != 0);
         if finite {
             if let Some(max_norm) = self.cfg.clip_grad {
                 adam::clip_grad_norm(&grads, &norm, max_norm);
@@ -330,6 +446,15 @@ impl Trainer {
             self.adam.step();
             if let Some(ema) = &mut self.ema {
                 ema.update();
+            }
+            if let Some(adv) = &mut self.adversary {
+                // Before its start latent diffusion steps the discriminator's Adam on zero
+                // gradients (its loss is multiplied by 0): only the count moves.
+                if disc_grads.is_empty() {
+                    adv.adam.advance();
+                } else {
+                    adv.adam.step();
+                }
             }
             self.bad_steps = 0;
         } else {
@@ -342,6 +467,21 @@ impl Trainer {
         }
         mark(Phase::Optimizer);
         Ok(loss_finite.then_some(means))
+    }
+
+    /// A micro-batch's statistics: the bound's three, then, in runs that log them, the
+    /// [`SHARPNESS`] ones the generator's pass knows (the discriminator's are filled later).
+    fn statistics(&self, elbo: &Elbo, g_loss: Tensor, d_weight: Tensor) -> Tensor {
+        let bound = elbo.stacked();
+        if self.stat_count() == 3 {
+            return bound;
+        }
+        let zero = Tensor::zeros([], (Kind::Float, self.device));
+        let lpips = elbo.lpips.as_ref().map_or(zero.shallow_clone(), |l| l.detach());
+        let logvar = self.adversary.as_ref().map_or(zero.shallow_clone(), |a| a.logvar.detach());
+        let zeros = || zero.shallow_clone();
+        let sharp = Tensor::stack(&[lpips, g_loss, d_weight, zeros(), zeros(), zeros(), logvar], 0);
+        Tensor::cat(&[bound, sharp], 0)
     }
 
     fn stop_asked(&self) -> bool {

@@ -95,7 +95,7 @@ fn the_checkpoint_loader_takes_any_bytes() {
         history: Vec::new(),
         world_size: 1,
     };
-    let seed = checkpoint::to_bytes(&vs, &adam, None, &meta).unwrap();
+    let seed = checkpoint::to_bytes(&vs, &adam, None, None, &meta).unwrap();
     let path = Path::new("fuzz.safetensors");
     assert!(Checkpoint::from_bytes(path, &seed).is_ok(), "the seed itself loads");
     // A config promising more parameters than the file holds is refused before any model
@@ -103,7 +103,7 @@ fn the_checkpoint_loader_takes_any_bytes() {
     let mut huge = meta.clone();
     let ModelConfig::Conv(conv) = &mut huge.config.model else { panic!("the seed is a conv model") };
     conv.hidden = 1 << 40;
-    let refused = Checkpoint::from_bytes(path, &checkpoint::to_bytes(&vs, &adam, None, &huge).unwrap());
+    let refused = Checkpoint::from_bytes(path, &checkpoint::to_bytes(&vs, &adam, None, None, &huge).unwrap());
     let err = format!("{:#}", refused.err().expect("a config of 2^40 hidden units is refused"));
     assert!(err.contains("parameters, more than its"), "{err}");
     fuzz("checkpoint", &[seed], |bytes| {

@@ -4,28 +4,11 @@
 
 mod common;
 
-use common::{ok, stderr, stdout, vae, TINY_MODEL, TINY_RESNET};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use common::{ok, python_script, random_lpips, stderr, stdout, train_tiny_resnet, vae, TINY_MODEL};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 use vae::checkpoint::Checkpoint;
 use vae::perceptual::Lpips;
-
-/// scripts/lpips_weights.py with `args`, from `.venv`'s Python.
-fn script(args: &[&str]) {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    assert!(python.exists(), "{} missing: run scripts/setup", python.display());
-    let out = Command::new(python).arg(root.join("scripts/lpips_weights.py")).args(args).output().unwrap();
-    assert!(out.status.success(), "lpips_weights.py {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A weights file with a random trunk (seeded) and the package's heads.
-fn weights(dir: &Path) -> PathBuf {
-    let path = dir.join("lpips.safetensors");
-    script(&[path.to_str().unwrap(), "--random-trunk"]);
-    path
-}
 
 fn relative(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
@@ -43,14 +26,17 @@ fn our_lpips_equals_the_package_in_distance_and_gradient() {
     let images = dir.path().join("images.safetensors");
     Tensor::write_safetensors(&[("x0", &x0), ("x1", &x1)], &images).unwrap();
     let (path, reference) = (dir.path().join("lpips.safetensors"), dir.path().join("reference.safetensors"));
-    script(&[
-        path.to_str().unwrap(),
-        "--random-trunk",
-        "--reference",
-        images.to_str().unwrap(),
-        "--reference-out",
-        reference.to_str().unwrap(),
-    ]);
+    python_script(
+        "lpips_weights.py",
+        &[
+            path.to_str().unwrap(),
+            "--random-trunk",
+            "--reference",
+            images.to_str().unwrap(),
+            "--reference-out",
+            reference.to_str().unwrap(),
+        ],
+    );
     let theirs: std::collections::HashMap<String, Tensor> =
         Tensor::read_safetensors(&reference).unwrap().into_iter().collect();
 
@@ -70,37 +56,14 @@ fn our_lpips_equals_the_package_in_distance_and_gradient() {
     assert!(err.contains("other.safetensors") && err.contains("net.slice1.0.weight"), "{err}");
 }
 
-const DATA: &[&str] = &[
-    "--dataset",
-    "shapes",
-    "--channels",
-    "3",
-    "--image-size",
-    "16",
-    "--train-size",
-    "48",
-    "--test-size",
-    "16",
-    "--batch-size",
-    "16",
-    "--threads",
-    "1",
-    "--quiet",
-    "--no-tensorboard",
-];
-
 fn train(out: &Path, epochs: &str, extra: &[&str]) -> std::process::Output {
-    let mut args = vec!["train", "--epochs", epochs, "--out", out.to_str().unwrap()];
-    args.extend_from_slice(TINY_RESNET);
-    args.extend_from_slice(DATA);
-    args.extend_from_slice(extra);
-    vae(&args)
+    train_tiny_resnet("16", out, epochs, extra)
 }
 
 #[test]
 fn training_with_lpips_resumes_bitwise_and_eval_reports_it() {
     let dir = tempfile::tempdir().unwrap();
-    let file = weights(dir.path());
+    let file = random_lpips(dir.path());
     let term = ["--perceptual-weight", "0.5", "--lpips-weights", file.to_str().unwrap()];
     let (straight, split, plain) =
         (dir.path().join("straight"), dir.path().join("split"), dir.path().join("plain"));

@@ -84,7 +84,7 @@ fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f16.safetensors");
     let meta = checkpoint::Metadata::of(&trainer, "f16", &[]);
-    let bytes = checkpoint::to_bytes(&trainer.vs, &trainer.adam, trainer.ema.as_ref(), &meta).unwrap();
+    let bytes = checkpoint::trainer_bytes(&trainer, &meta).unwrap();
     vae::fsio::write_atomic(&path, &bytes).unwrap();
     let ckpt = Checkpoint::load(&path).unwrap();
     assert_eq!(ckpt.meta.loss_scale, Some(scaler.clone()));

@@ -119,6 +119,7 @@ impl TrainCommand {
             cfg.beta = args.beta.unwrap_or(cfg.model.arch().default_beta());
         }
         cfg.validate()?;
+        cfg.check_world(group.map_or(1, |g| g.world))?;
         cfg.precision.check_device(device)?;
         let splits = load_data(&cfg.data, cfg.seed, group)?;
         let [c, h, _] = splits.train.image_shape();
@@ -171,6 +172,7 @@ impl TrainCommand {
             path.display()
         );
         cfg.validate()?;
+        cfg.check_world(world)?;
         cfg.precision.check_device(device)?;
         let home = run_dir::folder_of(&path);
         let out_dir = self.run.out.clone().unwrap_or_else(|| home.clone());

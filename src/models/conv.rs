@@ -225,6 +225,10 @@ impl Model for ConvVae {
     fn set_compute(&mut self, compute: Compute) {
         self.compute = compute;
     }
+
+    fn last_layer(&self) -> Tensor {
+        self.decoder.deconvs.last().expect("validated: at least one stage").ws.shallow_clone()
+    }
 }
 
 #[cfg(test)]

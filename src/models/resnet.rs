@@ -469,6 +469,11 @@ impl Model for ResnetVae {
     fn set_compute(&mut self, compute: Compute) {
         self.compute = Compute { channels_last: false, ..compute };
     }
+
+    /// `decoder.conv_out.weight`, as latent diffusion's `get_last_layer`.
+    fn last_layer(&self) -> Tensor {
+        self.decoder.conv_out.ws.shallow_clone()
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,220 @@
+//! The adversarial term of latent diffusion's autoencoder loss (`LPIPSWithDiscriminator`,
+//! Esser et al. 2021): taming-transformers' PatchGAN discriminator, its hinge or vanilla loss,
+//! the generator's loss, and the adaptive weight that balances it against the pixel term from
+//! their gradient norms at the decoder's last layer.
+
+use crate::models::{cast, run_conv, torch_init};
+use serde::{Deserialize, Serialize};
+use tch::nn::{self, ModuleT};
+use tch::{Kind, Tensor};
+
+/// Where the discriminator's tensors live in a checkpoint: `discriminator.main.<i>.<name>`,
+/// the state-dict names of taming's `NLayerDiscriminator` under this prefix.
+pub const PREFIX: &str = "discriminator.";
+/// The learned log-variance of the reconstruction term (ldm's `loss.logvar`).
+pub const LOGVAR: &str = "loss.logvar";
+
+/// The discriminator's objective (`--disc-loss`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiscLoss {
+    /// 0.5 * (mean(relu(1 - real)) + mean(relu(1 + fake))): latent diffusion's choice.
+    #[default]
+    Hinge,
+    /// 0.5 * (mean(softplus(-real)) + mean(softplus(fake))): the original GAN's cross-entropy.
+    Vanilla,
+}
+
+impl DiscLoss {
+    /// The discriminator's loss from its logits on real and reconstructed images.
+    pub fn discriminator(self, real: &Tensor, fake: &Tensor) -> Tensor {
+        let (r, f) = match self {
+            DiscLoss::Hinge => ((-real + 1.0).relu(), (fake + 1.0).relu()),
+            DiscLoss::Vanilla => ((-real).softplus(), fake.softplus()),
+        };
+        (r.mean(None) + f.mean(None)) * 0.5
+    }
+}
+
+/// The generator's adversarial loss, whatever the discriminator's: -mean(logits on x̂).
+pub fn generator_loss(fake: &Tensor) -> Tensor {
+    -fake.mean(None)
+}
+
+/// `weight` times ||d nll / d last|| / (||d g_loss / d last|| + 1e-4), the ratio clamped to
+/// [0, 1e4] and detached (ldm's `calculate_adaptive_weight`). The graph is kept for the
+/// backward pass that follows.
+pub fn adaptive_weight(nll: &Tensor, g_loss: &Tensor, last_layer: &Tensor, weight: f64) -> Tensor {
+    let grad = |loss: &Tensor| {
+        Tensor::run_backward(&[loss], &[last_layer], true, false).pop().expect("one input, one gradient")
+    };
+    let (nll_grad, g_grad) = (grad(nll), grad(g_loss));
+    tch::no_grad(|| (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4) * weight)
+}
+
+/// Base channels, layers and kernel of taming's `NLayerDiscriminator` as latent diffusion
+/// configures it.
+const BASE: i64 = 64;
+const LAYERS: usize = 3;
+const KERNEL: i64 = 4;
+
+/// The side of the discriminator's logit map for images of side `side` (each conv: kernel 4,
+/// padding 1; strides 2, 2, 2, then 1, 1): at least 1 for a usable discriminator.
+pub fn output_side(side: i64) -> i64 {
+    let mut s = side;
+    for stride in [2; LAYERS].into_iter().chain([1, 1]) {
+        if s + 2 < KERNEL {
+            return 0;
+        }
+        s = (s + 2 - KERNEL) / stride + 1;
+    }
+    s
+}
+
+/// The smallest image side the discriminator takes.
+pub fn min_side() -> i64 {
+    (1..).find(|&s| output_side(s) >= 1).expect("some side fits")
+}
+
+/// A stage: the conv, and the BatchNorm of every stage but the first and the last.
+struct Stage {
+    conv: nn::Conv2D,
+    stride: i64,
+    norm: Option<nn::BatchNorm>,
+}
+
+/// taming-transformers' `NLayerDiscriminator` (PatchGAN): one logit per overlapping patch.
+/// Weights start as taming's `weights_init` sets them: convs N(0, 0.02), BatchNorm scales
+/// N(1, 0.02) and shifts 0; the two conv biases keep PyTorch's default.
+pub struct PatchGan {
+    stages: Vec<Stage>,
+}
+
+impl PatchGan {
+    /// Its tensors under `vs` (give it `root / "discriminator"`), for `in_channels` images.
+    pub fn new(vs: nn::Path, in_channels: i64) -> Self {
+        let main = &vs / "main";
+        // (in, out, stride, norm) of each conv; the module index counts LeakyReLUs and norms.
+        let mut plan = vec![(in_channels, BASE, 2, false)];
+        let mut mult = 1;
+        for n in 1..=LAYERS {
+            let prev = mult;
+            mult = (1 << n).min(8);
+            plan.push((BASE * prev, BASE * mult, if n < LAYERS { 2 } else { 1 }, true));
+        }
+        plan.push((BASE * mult, 1, 1, false));
+        let last = plan.len() - 1;
+        let mut index = 0;
+        let stages = plan
+            .into_iter()
+            .enumerate()
+            .map(|(i, (cin, cout, stride, norm))| {
+                let cfg = nn::ConvConfig {
+                    stride,
+                    padding: 1,
+                    // taming's stages with a norm have no conv bias.
+                    bias: !norm,
+                    ws_init: nn::Init::Randn { mean: 0.0, stdev: 0.02 },
+                    bs_init: torch_init(cin * KERNEL * KERNEL),
+                    ..Default::default()
+                };
+                let conv = nn::conv2d(&main / index, cin, cout, KERNEL, cfg);
+                let norm = norm.then(|| {
+                    let cfg = nn::BatchNormConfig {
+                        ws_init: nn::Init::Randn { mean: 1.0, stdev: 0.02 },
+                        bs_init: nn::Init::Const(0.0),
+                        ..Default::default()
+                    };
+                    nn::batch_norm2d(&main / (index + 1), cout, cfg)
+                });
+                index += if i == last {
+                    1
+                } else if norm.is_some() {
+                    3
+                } else {
+                    2
+                };
+                Stage { conv, stride, norm }
+            })
+            .collect();
+        Self { stages }
+    }
+
+    /// The logits `[B, 1, h, w]` of images `x` in [-1, 1], in float32; BatchNorm in training
+    /// mode (batch statistics; the running ones are updated), as latent diffusion runs it.
+    /// The convs run in `kind`, the norms in float32.
+    pub fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
+        let mut h = cast(x, kind);
+        let last = self.stages.len() - 1;
+        for (i, stage) in self.stages.iter().enumerate() {
+            h = run_conv(&stage.conv, &h, kind, stage.stride, 1);
+            if let Some(norm) = &stage.norm {
+                h = cast(&norm.forward_t(&h.to_kind(Kind::Float), true), kind);
+            }
+            if i < last {
+                crate::native::leaky_relu_(&h, 0.2);
+            }
+        }
+        h.to_kind(Kind::Float)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    #[test]
+    fn names_shapes_and_logit_map_follow_taming() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let d = PatchGan::new(&vs.root() / "discriminator", 3);
+        let mut names: Vec<(String, Vec<i64>)> =
+            vs.variables().into_iter().map(|(n, t)| (n, t.size())).collect();
+        names.sort();
+        let expected = [
+            ("main.0.bias", vec![64]),
+            ("main.0.weight", vec![64, 3, 4, 4]),
+            ("main.11.bias", vec![1]),
+            ("main.11.weight", vec![1, 512, 4, 4]),
+            ("main.2.weight", vec![128, 64, 4, 4]),
+            ("main.3.bias", vec![128]),
+            ("main.3.running_mean", vec![128]),
+            ("main.3.running_var", vec![128]),
+            ("main.3.weight", vec![128]),
+            ("main.5.weight", vec![256, 128, 4, 4]),
+            ("main.6.bias", vec![256]),
+            ("main.6.running_mean", vec![256]),
+            ("main.6.running_var", vec![256]),
+            ("main.6.weight", vec![256]),
+            ("main.8.weight", vec![512, 256, 4, 4]),
+            ("main.9.bias", vec![512]),
+            ("main.9.running_mean", vec![512]),
+            ("main.9.running_var", vec![512]),
+            ("main.9.weight", vec![512]),
+        ];
+        let expected: Vec<(String, Vec<i64>)> =
+            expected.into_iter().map(|(n, s)| (format!("{PREFIX}{n}"), s)).collect();
+        assert_eq!(names, expected);
+        let std = vs.variables()["discriminator.main.5.weight"].std(true).double_value(&[]);
+        assert!((std - 0.02).abs() < 0.002, "N(0, 0.02) init, found std {std}");
+        let x = Tensor::rand([2, 3, 64, 64], (Kind::Float, Device::Cpu));
+        assert_eq!(d.forward(&x, Kind::Float).size(), [2, 1, 6, 6]);
+        assert_eq!(output_side(64), 6);
+        assert_eq!(min_side(), 24);
+        assert_eq!(output_side(23), 0);
+    }
+
+    #[test]
+    fn losses_are_latent_diffusions() {
+        let real = Tensor::from_slice(&[2.0f32, 0.5]);
+        let fake = Tensor::from_slice(&[-0.5f32, 1.0]);
+        // hinge: 0.5 * (mean(0, 0.5) + mean(0.5, 2)) = 0.5 * (0.25 + 1.25)
+        let hinge = DiscLoss::Hinge.discriminator(&real, &fake).double_value(&[]);
+        assert!((hinge - 0.75).abs() < 1e-6, "{hinge}");
+        let sp = |v: f64| (1.0 + v.exp()).ln();
+        let vanilla = DiscLoss::Vanilla.discriminator(&real, &fake).double_value(&[]);
+        let expected = 0.5 * ((sp(-2.0) + sp(-0.5)) / 2.0 + (sp(-0.5) + sp(1.0)) / 2.0);
+        assert!((vanilla - expected).abs() < 1e-6, "{vanilla} vs {expected}");
+        assert_eq!(generator_loss(&fake).double_value(&[]), -0.25);
+    }
+}
