@@ -128,14 +128,18 @@ impl Lpips {
                 .collect();
             return Tensor::cat(&parts, 0);
         }
-        let rgb = |x: &Tensor| if x.size()[1] == 1 { x.repeat([1, 3, 1, 1]) } else { x.shallow_clone() };
-        // Both batches in one pass through the trunk.
-        let both = (Tensor::cat(&[rgb(x0), rgb(x1)], 0) - &self.shift) / &self.scale;
+        // Each batch through the trunk on its own: in training only the reconstructions need
+        // a gradient, and a joint pass would run the trunk's backward over the originals too.
+        let unit_features = |x: &Tensor| {
+            let rgb = if x.size()[1] == 1 { x.repeat([1, 3, 1, 1]) } else { x.shallow_clone() };
+            let features = self.features(&((rgb - &self.shift) / &self.scale), kind);
+            features.into_iter().map(|f| {
+                let f = f.to_kind(Kind::Float);
+                &f / (f.square().sum_dim_intlist(1, true, None).sqrt() + 1e-10)
+            })
+        };
         let mut total = Tensor::zeros([batch], (Kind::Float, x0.device()));
-        for (features, head) in self.features(&both, kind).iter().zip(&self.heads) {
-            let f = features.to_kind(Kind::Float);
-            let unit = &f / (f.square().sum_dim_intlist(1, true, None).sqrt() + 1e-10);
-            let (a, b) = (unit.narrow(0, 0, batch), unit.narrow(0, batch, batch));
+        for ((a, b), head) in unit_features(x0).zip(unit_features(x1)).zip(&self.heads) {
             let weighted = (a - b).square().conv2d(head, None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
             total += weighted.mean_dim([1i64, 2, 3].as_slice(), false, None);
         }
