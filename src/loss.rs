@@ -78,7 +78,8 @@ impl Elbo {
         if let Some(p) = term {
             let pixels: i64 = x.size()[1..].iter().product();
             let distance = p.lpips.distance(&(x * 2.0 - 1.0), &out.likelihood_params, p.kind).mean(None);
-            self.nll += &distance * (p.weight * pixels as f64);
+            // A new tensor, not `+=`: the reconstruction shares the pixel term's storage.
+            self.nll = &self.nll + &distance * (p.weight * pixels as f64);
             self.loss = &self.nll + &self.kl_penalty;
             self.lpips = Some(distance);
         }

@@ -372,7 +372,7 @@ impl Trainer {
                     &self.model.last_layer(),
                     self.cfg.disc_weight,
                 );
-                elbo.loss += &d_weight * &g;
+                elbo.loss = &elbo.loss + &d_weight * &g;
                 g_loss = g.detach();
             }
             let loss = if len < global {

@@ -88,6 +88,11 @@ fn training_with_lpips_resumes_bitwise_and_eval_reports_it() {
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let lpips = report["quality"]["lpips"].as_f64().expect("LPIPS in the report");
     assert!(lpips > 0.0, "{out}");
+    // The loss has the term; the reconstruction reported beside it is the pixel loss alone.
+    let [loss, reconstruction, kl] =
+        ["negative_elbo", "reconstruction", "kl"].map(|k| report[k].as_f64().unwrap());
+    let perceptual = loss - reconstruction - 1e-6 * kl;
+    assert!(perceptual > 0.1 * 0.5 * 768.0 * lpips, "{out}");
     // Without the term, eval reports LPIPS only when given the weights.
     let out = stdout(&ok(vae(&["eval", plain.to_str().unwrap(), "--iw-samples", "0", "--json"])));
     assert!(out.contains("\"lpips\":null"), "{out}");

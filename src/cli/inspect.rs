@@ -273,14 +273,21 @@ impl EvalArgs {
                 "negative ELBO  {:.2} {unit} (reconstruction {:.2}, KL {:.2})  {bpd:.4} bits/dim",
                 report.negative_elbo, report.reconstruction, report.kl
             ),
-            None => println!(
-                "loss           {:.2} {unit}: reconstruction {:.2} + {:e} x KL {:.2} (the training loss; \
-                 not a bound on log p(x), so no IWAE)",
-                report.negative_elbo,
-                report.reconstruction,
-                loaded.config().beta,
-                report.kl
-            ),
+            None => {
+                let cfg = loaded.config();
+                // The rest of the loss is the perceptual term, on a run that trained with one.
+                let perceptual = report.negative_elbo - report.reconstruction - cfg.beta * report.kl;
+                let perceptual = if cfg.perceptual_weight > 0.0 {
+                    format!(" + perceptual {perceptual:.2}")
+                } else {
+                    String::new()
+                };
+                println!(
+                    "loss           {:.2} {unit}: reconstruction {:.2}{perceptual} + {:e} x KL {:.2} (the \
+                     training loss; not a bound on log p(x), so no IWAE)",
+                    report.negative_elbo, report.reconstruction, cfg.beta, report.kl
+                )
+            }
         }
         if let (Some(nll), Some(bpd)) = (report.iwae_nll, report.iwae_bits_per_dim) {
             println!(
