@@ -3,7 +3,7 @@
 //! the generator's loss, and the adaptive weight that balances it against the pixel term from
 //! their gradient norms at the decoder's last layer.
 
-use crate::models::{cast, run_conv, torch_init};
+use crate::models::{cast, run_conv, torch_init, Compute};
 use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
@@ -144,7 +144,8 @@ impl PatchGan {
     /// mode (batch statistics; the running ones are updated), as latent diffusion runs it.
     /// The convs run in `kind`, the norms in float32.
     pub fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
-        let mut h = cast(x, kind);
+        // Convolutions, BatchNorm and LeakyReLU: on the CPU, oneDNN's channels-last path.
+        let mut h = Compute::for_device(kind, x.device()).feature_map(x);
         let last = self.stages.len() - 1;
         for (i, stage) in self.stages.iter().enumerate() {
             h = run_conv(&stage.conv, &h, kind, stage.stride, 1);
