@@ -106,7 +106,7 @@ impl Lpips {
                 h = h.max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
             }
             let (w, b) = (conv.weight.to_kind(kind), conv.bias.to_kind(kind));
-            h = h.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1).relu();
+            h = h.conv2d(&w, Some(&b), [1, 1], [1, 1], [1, 1], 1).relu_();
         }
         out.push(h);
         out
