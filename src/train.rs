@@ -341,7 +341,6 @@ impl Trainer {
             Some(scale) => (loss * scale).backward(),
         };
         let kind = self.cfg.precision.compute_kind();
-        let scalar = || Tensor::zeros([], (Kind::Float, device));
         // Latent diffusion's discriminator factor: 0 before --disc-start, 1 from it.
         let disc_on = self.adversary.is_some() && self.step >= self.cfg.disc_start;
         self.adam.zero_grad();
@@ -351,29 +350,30 @@ impl Trainer {
         let micro = micro_batches(rows, self.cfg.grad_accum);
         let perceptual = self.cfg.perceptual(self.lpips.as_ref())?;
         let mut stacked = Tensor::zeros([self.stat_count()], (Kind::Float, device));
-        // The images in [-1, 1] and their reconstructions, for the discriminator (one
-        // micro-batch: validation refuses more).
+        // The images in [-1, 1] and their reconstructions, for the discriminator once it is on
+        // (one micro-batch: validation refuses more).
         let mut shown = None;
         for &(start, len) in &micro {
             let (x, eps) = (x.narrow(0, start, len), eps.narrow(0, start, len));
             let out = self.model.forward_with_noise(&x, &eps);
             let mut elbo =
                 Elbo::new(self.model.likelihood(), &out, &x, weight).with_perceptual(perceptual, &out, &x);
-            let (mut g_loss, mut d_weight) = (scalar(), scalar());
+            // The generator's adversarial loss and its adaptive weight, once the term is on.
+            let mut adversarial_terms = None;
             if let Some(adv) = &self.adversary {
                 elbo = elbo.with_logvar(&adv.logvar, x.size()[1..].iter().product());
-                shown = Some((x * 2.0 - 1.0, out.likelihood_params.detach()));
             }
             if let Some(adv) = self.adversary.as_ref().filter(|_| disc_on) {
+                shown = Some((x * 2.0 - 1.0, out.likelihood_params.detach()));
                 let g = adversarial::generator_loss(&adv.net.forward(&out.likelihood_params, kind));
-                d_weight = adversarial::adaptive_weight(
+                let d_weight = adversarial::adaptive_weight(
                     &elbo.nll,
                     &g,
                     &self.model.last_layer(),
                     self.cfg.disc_weight,
                 );
                 elbo.loss = &elbo.loss + &d_weight * &g;
-                g_loss = g.detach();
+                adversarial_terms = Some([g.detach(), d_weight]);
             }
             let loss = if len < global {
                 &elbo.loss * (len as f64 / global as f64)
@@ -381,7 +381,7 @@ impl Trainer {
                 elbo.loss.shallow_clone()
             };
             let share = len as f64 / rows as f64;
-            stacked += self.statistics(&elbo, g_loss, d_weight) * share;
+            stacked += self.statistics(&elbo, adversarial_terms) * share;
             mark(Phase::Forward);
             backward(&loss);
             mark(Phase::Backward);
@@ -397,7 +397,7 @@ impl Trainer {
             backward(&zero);
         }
         let mut disc_grads = Vec::new();
-        if let (Some(adv), Some((real, fake))) = (self.adversary.as_mut().filter(|_| disc_on), &shown) {
+        if let (Some(adv), Some((real, fake))) = (self.adversary.as_mut(), &shown) {
             // The generator's pass left gradients in the discriminator: its own start from zero.
             adv.adam.zero_grad();
             let (real, fake) = (adv.net.forward(real, kind), adv.net.forward(fake, kind));
@@ -408,7 +408,9 @@ impl Trainer {
             disc_grads = adv.adam.gradients();
             // d_loss, logits_real and logits_fake in their places among the statistics.
             let values = Tensor::stack(&[d_loss, real.mean(None), fake.mean(None)], 0).detach();
-            stacked.narrow(0, 3 + 3, 3).copy_(&values);
+            let d_loss_at =
+                3 + SHARPNESS.iter().position(|&n| n == "d_loss").expect("d_loss is logged") as i64;
+            stacked.narrow(0, d_loss_at, 3).copy_(&values);
         }
         let grads = self.adam.gradients();
         let means = match &self.group {
@@ -470,16 +472,18 @@ impl Trainer {
     }
 
     /// A micro-batch's statistics: the bound's three, then, in runs that log them, the
-    /// [`SHARPNESS`] ones the generator's pass knows (the discriminator's are filled later).
-    fn statistics(&self, elbo: &Elbo, g_loss: Tensor, d_weight: Tensor) -> Tensor {
+    /// [`SHARPNESS`] ones the generator's pass knows (`[g_loss, d_weight]` once the
+    /// adversarial term is on; the discriminator's are filled later).
+    fn statistics(&self, elbo: &Elbo, adversarial_terms: Option<[Tensor; 2]>) -> Tensor {
         let bound = elbo.stacked();
         if self.stat_count() == 3 {
             return bound;
         }
         let zero = Tensor::zeros([], (Kind::Float, self.device));
-        let lpips = elbo.lpips.as_ref().map_or(zero.shallow_clone(), |l| l.detach());
-        let logvar = self.adversary.as_ref().map_or(zero.shallow_clone(), |a| a.logvar.detach());
         let zeros = || zero.shallow_clone();
+        let lpips = elbo.lpips.as_ref().map_or_else(zeros, Tensor::detach);
+        let logvar = self.adversary.as_ref().map_or_else(zeros, |a| a.logvar.detach());
+        let [g_loss, d_weight] = adversarial_terms.unwrap_or_else(|| [zeros(), zeros()]);
         let sharp = Tensor::stack(&[lpips, g_loss, d_weight, zeros(), zeros(), zeros(), logvar], 0);
         Tensor::cat(&[bound, sharp], 0)
     }
