@@ -266,6 +266,14 @@ impl Adam {
         self.slots.iter().map(|s| s.param.grad()).filter(Tensor::defined).collect()
     }
 
+    /// A zero that depends on every parameter: its backward defines all their gradients, so a
+    /// rank without rows in a batch still hands the all-reduce the same tensors as the others.
+    pub fn zero_loss(&self) -> Tensor {
+        let zero =
+            Tensor::zeros([], (Kind::Float, self.slots.first().map_or(Device::Cpu, |s| s.param.device())));
+        self.slots.iter().fold(zero, |acc, s| acc + s.param.sum(Kind::Float) * 0.0)
+    }
+
     pub fn zero_grad(&mut self) {
         let grads = self.gradients();
         if !grads.is_empty() {

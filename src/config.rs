@@ -613,23 +613,6 @@ impl TrainConfig {
             "--disc-weight: the PatchGAN discriminator needs images of side {} or more, found {side}",
             adversarial::min_side()
         );
-        // BatchNorm's batch statistics would differ between one micro-batch and the whole.
-        ensure!(
-            self.grad_accum == 1,
-            "--grad-accum {} with --disc-weight: the discriminator's BatchNorm normalises by the batch, \
-             so micro-batches would not add up to the batch's step; use --grad-accum 1",
-            self.grad_accum
-        );
-        Ok(())
-    }
-
-    /// Refuses what this config cannot do in a data-parallel run of `world` ranks.
-    pub fn check_world(&self, world: usize) -> Result<()> {
-        ensure!(
-            world == 1 || self.disc_weight == 0.0,
-            "--disc-weight with {world} ranks: the discriminator's BatchNorm normalises by each rank's share \
-             of the batch, so the run would not equal one process's (not supported yet); train it in one process"
-        );
         Ok(())
     }
 

@@ -348,11 +348,15 @@ impl Trainer {
         // summed. Each loss is its rows' mean weighted by their share of the global batch, so
         // the summed gradient is the global batch's mean's, whatever the ranks and micro-batches.
         let micro = micro_batches(rows, self.cfg.grad_accum);
+        let of_batch =
+            |loss: Tensor, len: i64| if len < global { loss * (len as f64 / global as f64) } else { loss };
         let perceptual = self.cfg.perceptual(self.lpips.as_ref())?;
         let mut stacked = Tensor::zeros([self.stat_count()], (Kind::Float, device));
-        // The images in [-1, 1] and their reconstructions, for the discriminator once it is on
-        // (one micro-batch: validation refuses more).
-        let mut shown = None;
+        // Each micro-batch's images in [-1, 1] and reconstructions, for the discriminator once
+        // it is on. Its batch statistics, the adaptive weight and its loss are each micro-batch's
+        // own (what latent diffusion's Lightning loop computes per rank and accumulated batch):
+        // N ranks train as --grad-accum N does, though not as the N-times-larger batch.
+        let mut shown = Vec::new();
         for &(start, len) in &micro {
             let (x, eps) = (x.narrow(0, start, len), eps.narrow(0, start, len));
             let out = self.model.forward_with_noise(&x, &eps);
@@ -364,7 +368,7 @@ impl Trainer {
                 elbo = elbo.with_logvar(&adv.logvar, x.size()[1..].iter().product());
             }
             if let Some(adv) = self.adversary.as_ref().filter(|_| disc_on) {
-                shown = Some((x * 2.0 - 1.0, out.likelihood_params.detach()));
+                shown.push((x * 2.0 - 1.0, out.likelihood_params.detach(), len));
                 let g = adversarial::generator_loss(&adv.net.forward(&out.likelihood_params, kind));
                 let d_weight = adversarial::adaptive_weight(
                     &elbo.nll,
@@ -375,39 +379,35 @@ impl Trainer {
                 elbo.loss = &elbo.loss + &d_weight * &g;
                 adversarial_terms = Some([g.detach(), d_weight]);
             }
-            let loss = if len < global {
-                &elbo.loss * (len as f64 / global as f64)
-            } else {
-                elbo.loss.shallow_clone()
-            };
+            let loss = of_batch(elbo.loss.shallow_clone(), len);
             let share = len as f64 / rows as f64;
             stacked += self.statistics(&elbo, adversarial_terms) * share;
             mark(Phase::Forward);
             backward(&loss);
             mark(Phase::Backward);
         }
+        let adversary = self.adversary.as_mut().filter(|_| disc_on);
         if micro.is_empty() {
             // No rows of a last batch smaller than the ranks: zero gradients, all defined.
-            let zero = self
-                .vs
-                .trainable_variables()
-                .iter()
-                .map(|p| p.sum(None) * 0.0)
-                .fold(Tensor::zeros([], (Kind::Float, self.device)), |acc, t| acc + t);
+            let zero = adversary.iter().fold(self.adam.zero_loss(), |z, a| z + a.adam.zero_loss());
             backward(&zero);
         }
         let mut disc_grads = Vec::new();
-        if let (Some(adv), Some((real, fake))) = (self.adversary.as_mut(), &shown) {
+        if let Some(adv) = adversary {
             // The generator's pass left gradients in the discriminator: its own start from zero.
             adv.adam.zero_grad();
-            let (real, fake) = (adv.net.forward(real, kind), adv.net.forward(fake, kind));
-            let d_loss = self.cfg.disc_loss.discriminator(&real, &fake);
-            mark(Phase::Forward);
-            backward(&d_loss);
-            mark(Phase::Backward);
+            // d_loss, logits_real and logits_fake, for their places among the statistics.
+            let mut values = Tensor::zeros([3], (Kind::Float, device));
+            for (real, fake, len) in &shown {
+                let (real, fake) = (adv.net.forward(real, kind), adv.net.forward(fake, kind));
+                let d_loss = self.cfg.disc_loss.discriminator(&real, &fake);
+                mark(Phase::Forward);
+                backward(&of_batch(d_loss.shallow_clone(), *len));
+                mark(Phase::Backward);
+                let share = *len as f64 / rows as f64;
+                values += Tensor::stack(&[d_loss, real.mean(None), fake.mean(None)], 0).detach() * share;
+            }
             disc_grads = adv.adam.gradients();
-            // d_loss, logits_real and logits_fake in their places among the statistics.
-            let values = Tensor::stack(&[d_loss, real.mean(None), fake.mean(None)], 0).detach();
             let d_loss_at =
                 3 + SHARPNESS.iter().position(|&n| n == "d_loss").expect("d_loss is logged") as i64;
             stacked.narrow(0, d_loss_at, 3).copy_(&values);
@@ -418,7 +418,8 @@ impl Trainer {
             Some(group) => {
                 let started = Instant::now();
                 let share = rows as f64 / global as f64;
-                let (means, stopping) = all_reduce_step(group, &grads, &stacked, share, self.stop_asked())?;
+                let all: Vec<Tensor> = grads.iter().chain(&disc_grads).map(Tensor::shallow_clone).collect();
+                let (means, stopping) = all_reduce_step(group, &all, &stacked, share, self.stop_asked())?;
                 self.stopping = stopping;
                 self.all_reduce_seconds += started.elapsed().as_secs_f64();
                 means
@@ -516,6 +517,7 @@ impl Trainer {
     pub fn share_weights(&mut self) -> Result<()> {
         let Some(group) = &self.group else { return Ok(()) };
         let mut named: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        named.extend(self.adversary.iter().flat_map(|a| a.vs.variables()));
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let vars: Vec<Tensor> = named.into_iter().map(|(_, t)| t).collect();
         group.broadcast(&vars, 0)

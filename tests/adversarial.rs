@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{ok, random_lpips, stderr, train_tiny_resnet, vae};
+use common::{ok, random_lpips, stderr, train_tiny_resnet, vae, TINY_RESNET};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -14,6 +14,7 @@ use tch::{Device, Kind, Tensor};
 use vae::adam::AdamConfig;
 use vae::checkpoint::Checkpoint;
 use vae::config::TrainConfig;
+use vae::dist::Backend;
 use vae::models::{Likelihood, ModelConfig, ResnetConfig};
 use vae::train::Trainer;
 
@@ -232,7 +233,6 @@ fn what_the_discriminator_cannot_use_is_refused_before_anything_is_written() {
         assert!(!dir.path().join(run).exists(), "{run}: a refused run left a folder");
     };
     refused("small", &["--disc-weight", "0.5"], "needs images of side 24 or more, found 16");
-    refused("accum", &["--disc-weight", "0.5", "--grad-accum", "2"], "--grad-accum 2 with --disc-weight");
     refused("density", &["--disc-weight", "0.5", "--recon", "gaussian"], "--recon l1");
     refused("betas", &["--disc-weight", "0.5", "--disc-betas", "0.5"], "--disc-betas takes two numbers");
     refused("lr", &["--disc-weight", "0.5", "--disc-lr", "0"], "--disc-lr must be positive");
@@ -249,4 +249,51 @@ fn what_the_discriminator_cannot_use_is_refused_before_anything_is_written() {
     );
     let resumed = Checkpoint::load(&plain.join("last.safetensors")).unwrap();
     assert_eq!(resumed.meta.epoch, 1, "the refused resume changed the checkpoint");
+}
+
+/// With the discriminator, each rank's rows are a batch of their own (BatchNorm statistics,
+/// adaptive weight), as in latent diffusion's Lightning DDP: 2 ranks train bit for bit as one
+/// process with the batch in the same two halves (`--grad-accum 2`), a rank with no rows in
+/// the last batch included, and resume bitwise. Only the BatchNorm running statistics differ
+/// (rank 0's against both halves'); training never reads them.
+#[test]
+fn two_ranks_train_the_discriminator_as_two_micro_batches_and_resume_exactly() {
+    if !Backend::Gloo.built() {
+        return; // tests/dist.rs checks the refusal
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lpips = random_lpips(dir.path());
+    // 49 images in batches of 16: 3 steps and a last one of 1 image (rank 0 has none of it).
+    let train = |out: &Path, epochs: &str, extra: &[&str]| {
+        let mut args = vec!["train", "--epochs", epochs, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(TINY_RESNET);
+        args.extend_from_slice(&["--dataset", "shapes", "--channels", "3", "--image-size", "32"]);
+        args.extend_from_slice(&["--train-size", "49", "--test-size", "8", "--batch-size", "16"]);
+        args.extend_from_slice(&["--perceptual-weight", "0.5", "--lpips-weights", lpips.to_str().unwrap()]);
+        args.extend_from_slice(&["--disc-weight", "0.5", "--disc-start", "2", "--threads", "1", "--quiet"]);
+        args.extend_from_slice(&["--no-tensorboard"]);
+        args.extend_from_slice(extra);
+        ok(vae(&args));
+        Checkpoint::load(&out.join("last.safetensors")).unwrap()
+    };
+    let halves = train(&dir.path().join("halves"), "2", &["--grad-accum", "2"]);
+    let two = train(&dir.path().join("two"), "2", &["--nproc", "2"]);
+    assert_eq!(halves.tensors.len(), two.tensors.len());
+    for (name, t) in &halves.tensors {
+        if !name.contains(".running_") {
+            assert!(t.equal(&two.tensors[name]), "{name}: 2 ranks differ from 2 micro-batches");
+        }
+    }
+    assert_eq!(two.tensors["optimizer_disc.step"].int64_value(&[]), 8);
+    let moment = "optimizer_disc.exp_avg.discriminator.main.0.weight";
+    assert!(two.tensors[moment].abs().max().double_value(&[]) > 0.0, "the discriminator never trained");
+
+    let split = dir.path().join("split");
+    train(&split, "1", &["--nproc", "2"]);
+    let resume = ["train", "--resume", split.to_str().unwrap(), "--epochs", "2", "--nproc", "2", "--quiet"];
+    ok(vae(&[&resume[..], &["--threads", "1"]].concat()));
+    let resumed = Checkpoint::load(&split.join("last.safetensors")).unwrap();
+    for (name, t) in &two.tensors {
+        assert!(t.equal(&resumed.tensors[name]), "{name} differs after resuming");
+    }
 }

@@ -119,7 +119,6 @@ impl TrainCommand {
             cfg.beta = args.beta.unwrap_or(cfg.model.arch().default_beta());
         }
         cfg.validate()?;
-        cfg.check_world(group.map_or(1, |g| g.world))?;
         cfg.precision.check_device(device)?;
         let splits = load_data(&cfg.data, cfg.seed, group)?;
         let [c, h, _] = splits.train.image_shape();
@@ -172,7 +171,6 @@ impl TrainCommand {
             path.display()
         );
         cfg.validate()?;
-        cfg.check_world(world)?;
         cfg.precision.check_device(device)?;
         let home = run_dir::folder_of(&path);
         let out_dir = self.run.out.clone().unwrap_or_else(|| home.clone());
@@ -214,6 +212,14 @@ impl TrainCommand {
                     "resuming a run of {} rank(s) on {world}: the gradients are summed in another order, so the \
                      run is no longer bitwise the same as an uninterrupted one",
                     ckpt.meta.world_size
+                );
+            }
+            let parts = |c: &TrainConfig, world: usize| c.grad_accum * world;
+            let (before, now) = (parts(&ckpt.meta.config, ckpt.meta.world_size), parts(&trainer.cfg, world));
+            if trainer.cfg.disc_weight > 0.0 && before != now {
+                eprintln!(
+                    "the discriminator now sees each batch in {now} parts (ranks x --grad-accum), not {before}: \
+                     its BatchNorm statistics and adaptive weight are each part's, so its steps change"
                 );
             }
         }
