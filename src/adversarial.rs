@@ -41,15 +41,62 @@ pub fn generator_loss(fake: &Tensor) -> Tensor {
     -fake.mean(None)
 }
 
-/// `weight` times ||d nll / d last|| / (||d g_loss / d last|| + 1e-4), the ratio clamped to
-/// [0, 1e4] and detached (ldm's `calculate_adaptive_weight`). The graph is kept for the
-/// backward pass that follows.
-pub fn adaptive_weight(nll: &Tensor, g_loss: &Tensor, last_layer: &Tensor, weight: f64) -> Tensor {
-    let grad = |loss: &Tensor| {
-        Tensor::run_backward(&[loss], &[last_layer], true, false).pop().expect("one input, one gradient")
-    };
-    let (nll_grad, g_grad) = (grad(nll), grad(g_loss));
-    tch::no_grad(|| (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4) * weight)
+/// The decoder's output with the adversarial term on, and the copy of it cut from the graph
+/// that the loss terms are computed on, so that each is back-propagated to it once
+/// ([`Cut::generator_step`]).
+pub struct Cut {
+    recon: Tensor,
+    leaf: Tensor,
+}
+
+impl Cut {
+    /// Puts the cut copy in place of the reconstruction `recon`.
+    pub fn new(recon: &mut Tensor) -> Self {
+        let leaf = recon.detach().set_requires_grad(true);
+        let recon = std::mem::replace(recon, leaf.shallow_clone());
+        Self { recon, leaf }
+    }
+
+    /// The generator's side of a step: `nll` (the pixel term) and `g_loss` were computed on
+    /// the cut copy. Each goes backward once, to the images only: LPIPS' VGG16 and the
+    /// discriminator run backward once a step, where latent diffusion's autograd.grad for the
+    /// adaptive weight and its backward after run them twice (and compute discriminator
+    /// weight gradients the generator never uses). Returns the adaptive weight, `weight` times
+    /// ||d nll / d last|| / (||d g_loss / d last|| + 1e-4) clamped to [0, 1e4] (ldm's
+    /// `calculate_adaptive_weight`, the same arithmetic: the images' gradients carried back
+    /// through `last_layer`), and a loss whose gradients for the model and `logvar` are those
+    /// of nll + d_weight * g_loss. `loss_scale` (float16) scales the backward passes as it
+    /// scales the step's.
+    pub fn generator_step(
+        &self,
+        nll: &Tensor,
+        g_loss: &Tensor,
+        logvar: &Tensor,
+        last_layer: &Tensor,
+        weight: f64,
+        loss_scale: Option<f64>,
+    ) -> (Tensor, Tensor) {
+        let scale = loss_scale.unwrap_or(1.0);
+        let backward = |loss: &Tensor, inputs: &[&Tensor]| {
+            let grads = Tensor::run_backward(&[loss * scale], inputs, false, false);
+            tch::no_grad(|| {
+                grads.into_iter().map(|g| if scale == 1.0 { g } else { g / scale }).collect::<Vec<_>>()
+            })
+        };
+        let [nll_at_leaf, nll_at_logvar] =
+            <[Tensor; 2]>::try_from(backward(nll, &[&self.leaf, logvar])).expect("two inputs, two gradients");
+        let [g_at_leaf] = <[Tensor; 1]>::try_from(backward(g_loss, &[&self.leaf])).expect("one gradient");
+        // d/d last of sum(recon * G) is G carried back through the last layer alone.
+        let at_last = |at_leaf: &Tensor| {
+            let carried = (&self.recon * at_leaf).sum(Kind::Float);
+            Tensor::run_backward(&[carried], &[last_layer], true, false).pop().expect("one gradient")
+        };
+        let (nll_grad, g_grad) = (at_last(&nll_at_leaf), at_last(&g_at_leaf));
+        let d_weight = tch::no_grad(|| (nll_grad.norm() / (g_grad.norm() + 1e-4)).clamp(0.0, 1e4) * weight);
+        let at_recon = tch::no_grad(|| nll_at_leaf + &d_weight * g_at_leaf);
+        let minimised = (&self.recon * at_recon).sum(Kind::Float) + logvar * nll_at_logvar;
+        (d_weight, minimised)
+    }
 }
 
 /// Base channels, layers and kernel of taming's `NLayerDiscriminator` as latent diffusion
@@ -166,6 +213,50 @@ impl PatchGan {
 mod tests {
     use super::*;
     use tch::Device;
+
+    /// The cut step's adaptive weight and gradients are those of ldm's autograd.grad at the
+    /// last layer and backward of nll + d_weight * g, on a conv "decoder" with a pixel term
+    /// that has a log-variance and a discriminator with weights; with a loss scale too.
+    #[test]
+    fn the_cut_step_gives_the_whole_losss_weight_and_gradients() {
+        tch::manual_seed(0);
+        let leaf = |shape: &[i64]| Tensor::randn(shape, (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let (h, last, logvar, critic) =
+            (leaf(&[2, 4, 8, 8]), leaf(&[3, 4, 3, 3]), leaf(&[]), leaf(&[1, 3, 4, 4]));
+        let target = Tensor::randn([2, 3, 8, 8], (Kind::Float, Device::Cpu));
+        let decode = |h: &Tensor, w: &Tensor| h.tanh().conv2d(w, None::<Tensor>, [1, 1], [1, 1], [1, 1], 1);
+        let nll = |x: &Tensor, lv: &Tensor| {
+            ((x - &target).abs().sum(Kind::Float) + x.square().sum(Kind::Float)) * (-lv).exp() + lv * 192.0
+        };
+        let g_loss = |x: &Tensor, c: &Tensor| {
+            -x.conv2d(c, None::<Tensor>, [2, 2], [1, 1], [1, 1], 1).leaky_relu().mean(Kind::Float)
+        };
+        // ldm's way.
+        let recon = decode(&h, &last);
+        let (n, g) = (nll(&recon, &logvar), g_loss(&recon, &critic));
+        let at_last = |loss: &Tensor| Tensor::run_backward(&[loss], &[&last], true, false).pop().unwrap();
+        let expected = (at_last(&n).norm() / (at_last(&g).norm() + 1e-4)).clamp(0.0, 1e4) * 0.5;
+        (&n + &expected * &g).backward();
+        let expected_grads: Vec<Tensor> = [&h, &last, &logvar].iter().map(|t| t.grad().copy()).collect();
+        for scale in [None, Some(1024.0)] {
+            let copies: Vec<Tensor> = [&h, &last, &logvar, &critic]
+                .iter()
+                .map(|t| t.detach().copy().set_requires_grad(true))
+                .collect();
+            let [h, last, logvar, critic] = <[Tensor; 4]>::try_from(copies).unwrap();
+            let mut recon = decode(&h, &last);
+            let cut = Cut::new(&mut recon);
+            let (n, g) = (nll(&recon, &logvar), g_loss(&recon, &critic));
+            let (d_weight, minimised) = cut.generator_step(&n, &g, &logvar, &last, 0.5, scale);
+            assert!(d_weight.allclose(&expected, 1e-6, 0.0, false), "{scale:?}: {d_weight} vs {expected}");
+            minimised.backward();
+            for (ours, theirs) in [&h, &last, &logvar].iter().zip(&expected_grads) {
+                let worst = (ours.grad() - theirs).abs().max().double_value(&[]);
+                assert!(worst <= 1e-5 * theirs.abs().max().double_value(&[]), "{scale:?}: off by {worst}");
+            }
+            assert!(!critic.grad().defined(), "the generator's step computed discriminator weight gradients");
+        }
+    }
 
     #[test]
     fn names_shapes_and_logit_map_follow_taming() {

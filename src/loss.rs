@@ -42,7 +42,7 @@ pub struct Elbo {
     /// the learned variance where there is one. The adversarial weight balances against it.
     pub nll: Tensor,
     /// beta * the penalised KL.
-    kl_penalty: Tensor,
+    pub kl_penalty: Tensor,
     /// The mean LPIPS distance, with a perceptual term.
     pub lpips: Option<Tensor>,
 }

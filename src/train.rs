@@ -273,7 +273,8 @@ impl Trainer {
     /// One update on the images at `indices`; returns the batch's statistics (`[loss,
     /// reconstruction, kl]` means, then the sharpness ones if any), left on the device, or
     /// `None` when they were not finite. (A float16 step whose gradients overflowed is skipped
-    /// but still reports its finite loss.) `times`, when given, collects where the step's time
+    /// but still reports its finite loss, unless the adversarial weight, taken from gradients,
+    /// overflowed with them.) `times`, when given, collects where the step's time
     /// goes (and syncs the device to measure it, so leave it out of real training).
     pub fn step(
         &mut self,
@@ -359,27 +360,33 @@ impl Trainer {
         let mut shown = Vec::new();
         for &(start, len) in &micro {
             let (x, eps) = (x.narrow(0, start, len), eps.narrow(0, start, len));
-            let out = self.model.forward_with_noise(&x, &eps);
+            let mut out = self.model.forward_with_noise(&x, &eps);
+            let cut = disc_on.then(|| adversarial::Cut::new(&mut out.likelihood_params));
             let mut elbo =
                 Elbo::new(self.model.likelihood(), &out, &x, weight).with_perceptual(perceptual, &out, &x);
             // The generator's adversarial loss and its adaptive weight, once the term is on.
             let mut adversarial_terms = None;
+            let mut minimised = None;
             if let Some(adv) = &self.adversary {
                 elbo = elbo.with_logvar(&adv.logvar, x.size()[1..].iter().product());
             }
-            if let Some(adv) = self.adversary.as_ref().filter(|_| disc_on) {
-                shown.push((x * 2.0 - 1.0, out.likelihood_params.detach(), len));
-                let g = adversarial::generator_loss(&adv.net.forward(&out.likelihood_params, kind));
-                let d_weight = adversarial::adaptive_weight(
+            if let (Some(adv), Some(cut)) = (&self.adversary, &cut) {
+                let recon = &out.likelihood_params;
+                shown.push((x * 2.0 - 1.0, recon.detach(), len));
+                let g = adversarial::generator_loss(&adv.net.forward(recon, kind));
+                let (d_weight, generator) = cut.generator_step(
                     &elbo.nll,
                     &g,
+                    &adv.logvar,
                     &self.model.last_layer(),
                     self.cfg.disc_weight,
+                    scale,
                 );
-                elbo.loss = &elbo.loss + &d_weight * &g;
+                elbo.loss = (&elbo.loss + &d_weight * &g).detach();
+                minimised = Some(generator + &elbo.kl_penalty);
                 adversarial_terms = Some([g.detach(), d_weight]);
             }
-            let loss = of_batch(elbo.loss.shallow_clone(), len);
+            let loss = of_batch(minimised.unwrap_or_else(|| elbo.loss.shallow_clone()), len);
             let share = len as f64 / rows as f64;
             stacked += self.statistics(&elbo, adversarial_terms) * share;
             mark(Phase::Forward);
@@ -394,7 +401,7 @@ impl Trainer {
         }
         let mut disc_grads = Vec::new();
         if let Some(adv) = adversary {
-            // The generator's pass left gradients in the discriminator: its own start from zero.
+            // Its gradients start from zero (the generator's pass computes none for it).
             adv.adam.zero_grad();
             // d_loss, logits_real and logits_fake, for their places among the statistics.
             let mut values = Tensor::zeros([3], (Kind::Float, device));
