@@ -296,4 +296,15 @@ fn two_ranks_train_the_discriminator_as_two_micro_batches_and_resume_exactly() {
     for (name, t) in &two.tensors {
         assert!(t.equal(&resumed.tensors[name]), "{name} differs after resuming");
     }
+    // One process in two micro-batches continues the 2-rank run's steps; in one part it does
+    // not, and says so.
+    let more = |epochs: &str, accum: &str| {
+        let args = ["train", "--resume", split.to_str().unwrap(), "--epochs", epochs, "--grad-accum", accum];
+        stderr(&ok(vae(&[&args[..], &["--threads", "1"]].concat())))
+    };
+    let warning = "the discriminator now sees each batch as";
+    let same = more("3", "2");
+    assert!(same.contains("resuming a run of 2 rank(s) on 1") && !same.contains(warning), "{same}");
+    let other = more("4", "1");
+    assert!(other.contains(&format!("{warning} 1 part(s) (ranks x --grad-accum), not 2")), "{other}");
 }

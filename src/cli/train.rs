@@ -218,7 +218,7 @@ impl TrainCommand {
             let (before, now) = (parts(&ckpt.meta.config, ckpt.meta.world_size), parts(&trainer.cfg, world));
             if trainer.cfg.disc_weight > 0.0 && before != now {
                 eprintln!(
-                    "the discriminator now sees each batch in {now} parts (ranks x --grad-accum), not {before}: \
+                    "the discriminator now sees each batch as {now} part(s) (ranks x --grad-accum), not {before}: \
                      its BatchNorm statistics and adaptive weight are each part's, so its steps change"
                 );
             }
