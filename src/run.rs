@@ -8,6 +8,7 @@ use crate::export::{self, GRID_COLS};
 use crate::fsio::write_atomic;
 use crate::loss::Stats;
 use crate::metrics::{active_dimensions, EpochRow, MetricsLog};
+use crate::models::Likelihood;
 use crate::plot::{self, Series};
 use crate::run_dir::{self, RunDir, BEST, LOSS_PLOT, METRICS, RECONSTRUCTIONS, SAMPLES};
 use crate::schedule::Schedule;
@@ -205,8 +206,9 @@ impl Outputs<'_> {
         tb.flush()
     }
 
-    /// `loss.png` from the whole of `metrics.csv`, earlier invocations of a resumed run included.
-    fn plot_losses(&self) -> Result<()> {
+    /// `loss.png` from the whole of `metrics.csv`, earlier invocations of a resumed run
+    /// included; the bound is in nats only when the reconstruction term `likelihood` is a density.
+    fn plot_losses(&self, likelihood: Likelihood) -> Result<()> {
         let rows = self.metrics.read()?;
         let column = |name: &str| -> Vec<(f64, f64)> {
             rows.iter()
@@ -220,7 +222,9 @@ impl Outputs<'_> {
             Series { label: "train", color: plot::TRAIN_COLOR, points: column("train_loss") },
             Series { label: "test", color: plot::TEST_COLOR, points: column("test_loss") },
         ];
-        plot::save_lines(&self.folder.file(LOSS_PLOT), &series, "epoch", "loss (nats per image)")
+        let unit =
+            if likelihood.is_density() { "loss (nats per image)" } else { "loss per image (not nats)" };
+        plot::save_lines(&self.folder.file(LOSS_PLOT), &series, "epoch", unit)
     }
 }
 
@@ -380,7 +384,7 @@ pub fn run(
             out.save_checkpoints(trainer, improved, opts)?;
             trainer.averaged(|| out.draw_pictures(trainer, &splits.test))?;
             out.log_epoch(&row)?;
-            out.plot_losses()?;
+            out.plot_losses(trainer.model.likelihood())?;
             if !opts.quiet {
                 let all_reduce = match &trainer.group {
                     Some(g) => format!(
