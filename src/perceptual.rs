@@ -34,6 +34,11 @@ const CONVS: [(usize, usize, i64, i64); 13] = [
 /// Images per pass through the trunk: its activations are 20 times an image's size.
 const CHUNK: i64 = 32;
 
+/// Pixels per pass when the gradient is wanted (4 images of 128 x 128): each pass goes
+/// backward at once and frees its activations, so the trunk's graph for the whole batch is
+/// never held beside the autoencoder's.
+const GRAD_CHUNK_PIXELS: i64 = 1 << 16;
+
 /// Channels of the five compared activations.
 const CHANNELS: [i64; 5] = [64, 128, 256, 512, 512];
 
@@ -114,20 +119,49 @@ impl Lpips {
 
     /// The distance between image batches `x0` and `x1` (`[B, C, H, W]` in [-1, 1]; one
     /// channel is read as grey and repeated to three), one number per image, in float32.
-    /// The convolutions run in `kind`.
+    /// The convolutions run in `kind`. A gradient with respect to `x1`, when it needs one, is
+    /// computed here, chunk by chunk, for batches of more than [`GRAD_CHUNK_PIXELS`] (not in
+    /// float16, whose backward needs the step's loss scale) and carried by the result.
     pub fn distance(&self, x0: &Tensor, x1: &Tensor, kind: Kind) -> Tensor {
-        let batch = x0.size()[0];
+        let size = x1.size();
+        let (batch, pixels) = (size[0], size[2] * size[3]);
+        let grad_chunk = (GRAD_CHUNK_PIXELS / pixels).max(1);
+        if x1.requires_grad() && kind != Kind::Half && batch > grad_chunk {
+            let (values, grads): (Vec<Tensor>, Vec<Tensor>) = (0..batch)
+                .step_by(grad_chunk as usize)
+                .map(|i| {
+                    let n = grad_chunk.min(batch - i);
+                    let part = x1.narrow(0, i, n).detach().set_requires_grad(true);
+                    let d = self.pass(&x0.narrow(0, i, n), &part, kind);
+                    let grad = Tensor::run_backward(&[d.sum(Kind::Float)], &[&part], false, false).pop();
+                    (d.detach(), grad.expect("one input, one gradient"))
+                })
+                .unzip();
+            // Adds zero with the gradient `grads` (each distance is its own image's).
+            let carried = ((x1 - x1.detach()) * Tensor::cat(&grads, 0)).sum_dim_intlist(
+                [1i64, 2, 3].as_slice(),
+                false,
+                Kind::Float,
+            );
+            return Tensor::cat(&values, 0) + carried;
+        }
         if batch > CHUNK {
             // Evaluation batches are large; VGG's activations of a chunk are bounded.
             let parts: Vec<Tensor> = (0..batch)
                 .step_by(CHUNK as usize)
                 .map(|i| {
                     let n = CHUNK.min(batch - i);
-                    self.distance(&x0.narrow(0, i, n), &x1.narrow(0, i, n), kind)
+                    self.pass(&x0.narrow(0, i, n), &x1.narrow(0, i, n), kind)
                 })
                 .collect();
             return Tensor::cat(&parts, 0);
         }
+        self.pass(x0, x1, kind)
+    }
+
+    /// [`distance`](Lpips::distance) in one pass through the trunk.
+    fn pass(&self, x0: &Tensor, x1: &Tensor, kind: Kind) -> Tensor {
+        let batch = x0.size()[0];
         // Each batch through the trunk on its own: in training only the reconstructions need
         // a gradient, and a joint pass would run the trunk's backward over the originals too.
         let unit_features = |x: &Tensor| {
