@@ -76,12 +76,12 @@ impl Cut {
         weight: f64,
         loss_scale: Option<f64>,
     ) -> (Tensor, Tensor) {
-        let scale = loss_scale.unwrap_or(1.0);
-        let backward = |loss: &Tensor, inputs: &[&Tensor]| {
-            let grads = Tensor::run_backward(&[loss * scale], inputs, false, false);
-            tch::no_grad(|| {
-                grads.into_iter().map(|g| if scale == 1.0 { g } else { g / scale }).collect::<Vec<_>>()
-            })
+        let backward = |loss: &Tensor, inputs: &[&Tensor]| match loss_scale {
+            None => Tensor::run_backward(&[loss], inputs, false, false),
+            Some(scale) => {
+                let grads = Tensor::run_backward(&[loss * scale], inputs, false, false);
+                tch::no_grad(|| grads.into_iter().map(|g| g / scale).collect())
+            }
         };
         let [nll_at_leaf, nll_at_logvar] =
             <[Tensor; 2]>::try_from(backward(nll, &[&self.leaf, logvar])).expect("two inputs, two gradients");

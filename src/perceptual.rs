@@ -39,6 +39,11 @@ const CHUNK: i64 = 32;
 /// never held beside the autoencoder's.
 const GRAD_CHUNK_PIXELS: i64 = 1 << 16;
 
+/// `(first, count)` of the consecutive passes of at most `size` images over `batch`.
+fn passes(batch: i64, size: i64) -> impl Iterator<Item = (i64, i64)> {
+    (0..batch).step_by(size as usize).map(move |i| (i, size.min(batch - i)))
+}
+
 /// Channels of the five compared activations.
 const CHANNELS: [i64; 5] = [64, 128, 256, 512, 512];
 
@@ -127,10 +132,8 @@ impl Lpips {
         let (batch, pixels) = (size[0], size[2] * size[3]);
         let grad_chunk = (GRAD_CHUNK_PIXELS / pixels).max(1);
         if x1.requires_grad() && kind != Kind::Half && batch > grad_chunk {
-            let (values, grads): (Vec<Tensor>, Vec<Tensor>) = (0..batch)
-                .step_by(grad_chunk as usize)
-                .map(|i| {
-                    let n = grad_chunk.min(batch - i);
+            let (values, grads): (Vec<Tensor>, Vec<Tensor>) = passes(batch, grad_chunk)
+                .map(|(i, n)| {
                     let part = x1.narrow(0, i, n).detach().set_requires_grad(true);
                     let d = self.pass(&x0.narrow(0, i, n), &part, kind);
                     let grad = Tensor::run_backward(&[d.sum(Kind::Float)], &[&part], false, false).pop();
@@ -147,12 +150,8 @@ impl Lpips {
         }
         if batch > CHUNK {
             // Evaluation batches are large; VGG's activations of a chunk are bounded.
-            let parts: Vec<Tensor> = (0..batch)
-                .step_by(CHUNK as usize)
-                .map(|i| {
-                    let n = CHUNK.min(batch - i);
-                    self.pass(&x0.narrow(0, i, n), &x1.narrow(0, i, n), kind)
-                })
+            let parts: Vec<Tensor> = passes(batch, CHUNK)
+                .map(|(i, n)| self.pass(&x0.narrow(0, i, n), &x1.narrow(0, i, n), kind))
                 .collect();
             return Tensor::cat(&parts, 0);
         }
