@@ -274,11 +274,11 @@ impl Adam {
         self.slots.iter().fold(zero, |acc, s| acc + s.param.sum(Kind::Float) * 0.0)
     }
 
+    /// Drops the gradients (`set_to_none`, as PyTorch's `zero_grad` does by default), so a
+    /// step's peak memory holds the activations or the gradients, not both.
     pub fn zero_grad(&mut self) {
-        let grads = self.gradients();
-        if !grads.is_empty() {
-            tch::no_grad(|| native::zero_(&grads));
-        }
+        let params: Vec<Tensor> = self.slots.iter().map(|s| s.param.shallow_clone()).collect();
+        native::clear_grads(&params);
     }
 
     /// One update from the gradients accumulated in the parameters.

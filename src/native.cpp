@@ -34,8 +34,13 @@ int guarded(char* err, size_t len, F f) {
 
 extern "C" {
 
-int vae_foreach_zero(at::Tensor** t, size_t n, char* err, size_t len) {
-  return guarded(err, len, [&] { at::_foreach_zero_(vae_tensor_list(t, n)); });
+// Drops the gradients of the parameters `t` (`zero_grad(set_to_none=True)`, PyTorch's
+// default): their memory is free for the next forward's activations, and the next backward
+// hands each parameter its gradient instead of adding it to zeros.
+int vae_clear_grads(at::Tensor** t, size_t n, char* err, size_t len) {
+  return guarded(err, len, [&] {
+    for (size_t i = 0; i < n; ++i) t[i]->mutable_grad().reset();
+  });
 }
 
 int vae_foreach_mul(at::Tensor** t, size_t n, const at::Tensor* factor, char* err, size_t len) {

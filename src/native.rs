@@ -11,7 +11,7 @@ use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
 extern "C" {
-    fn vae_foreach_zero(t: *mut *mut C_tensor, n: usize, err: *mut c_char, len: usize) -> c_int;
+    fn vae_clear_grads(t: *mut *mut C_tensor, n: usize, err: *mut c_char, len: usize) -> c_int;
     fn vae_leaky_relu_(t: *mut C_tensor, slope: f64, err: *mut c_char, len: usize) -> c_int;
     fn vae_foreach_mul(
         t: *mut *mut C_tensor,
@@ -77,17 +77,18 @@ fn handles(tensors: &[Tensor]) -> Vec<*mut C_tensor> {
     tensors.iter().map(|t| t.as_ptr().cast_mut()).collect()
 }
 
-/// Zeroes every tensor in place.
-pub fn zero_(tensors: &[Tensor]) {
-    let mut t = handles(tensors);
-    // SAFETY: the handles stay valid while `tensors` is borrowed; the shim copies nothing.
-    call("_foreach_zero_", |err, len| unsafe { vae_foreach_zero(t.as_mut_ptr(), t.len(), err, len) });
+/// Drops the gradients of `params` (PyTorch's `zero_grad(set_to_none=True)`): the memory is
+/// free until the next backward, which gives each parameter its gradient afresh.
+pub fn clear_grads(params: &[Tensor]) {
+    let mut t = handles(params);
+    // SAFETY: the handles stay valid while `params` is borrowed; the shim copies nothing.
+    call("clear_grads", |err, len| unsafe { vae_clear_grads(t.as_mut_ptr(), t.len(), err, len) });
 }
 
 /// Multiplies every tensor in place by the scalar tensor `factor` (no host sync).
 pub fn mul_(tensors: &[Tensor], factor: &Tensor) {
     let mut t = handles(tensors);
-    // SAFETY: as in zero_.
+    // SAFETY: as in clear_grads.
     call("_foreach_mul_", |err, len| unsafe {
         vae_foreach_mul(t.as_mut_ptr(), t.len(), factor.as_ptr().cast_mut(), err, len)
     });
@@ -97,7 +98,7 @@ pub fn mul_(tensors: &[Tensor], factor: &Tensor) {
 pub fn lerp_(tensors: &[Tensor], ends: &[Tensor], weight: f64) {
     assert_eq!(tensors.len(), ends.len(), "lerp_ of lists of different lengths");
     let (mut t, mut e) = (handles(tensors), handles(ends));
-    // SAFETY: as in zero_.
+    // SAFETY: as in clear_grads.
     call("_foreach_lerp_", |err, len| unsafe {
         vae_foreach_lerp(t.as_mut_ptr(), e.as_mut_ptr(), t.len(), weight, err, len)
     });
@@ -114,7 +115,7 @@ pub fn leaky_relu_(x: &Tensor, slope: f64) {
 pub fn norm(tensors: &[Tensor]) -> Tensor {
     let mut t = handles(tensors);
     let mut out: *mut C_tensor = std::ptr::null_mut();
-    // SAFETY: as in zero_; on success the shim hands over a new tensor that we own.
+    // SAFETY: as in clear_grads; on success the shim hands over a new tensor that we own.
     call("_foreach_norm", |err, len| unsafe {
         vae_foreach_norm(t.as_mut_ptr(), t.len(), &mut out, err, len)
     });
@@ -149,7 +150,7 @@ pub fn adam_(
     );
     let (mut p, mut g, mut m, mut v) =
         (handles(params), handles(grads), handles(exp_avgs), handles(exp_avg_sqs));
-    // SAFETY: as in zero_.
+    // SAFETY: as in clear_grads.
     call("_fused_adam_", |err, len| unsafe {
         vae_fused_adam(
             p.as_mut_ptr(),
@@ -213,9 +214,20 @@ mod tests {
         let flat = Tensor::cat(&eager.iter().map(|t| t.flatten(0, -1)).collect::<Vec<_>>(), 0);
         let worst = (norm(&ours) - flat.norm()).abs().double_value(&[]);
         assert!(worst < 1e-6, "norm differs by {worst}");
+    }
 
-        zero_(&ours);
-        assert!(ours.iter().all(|t| t.abs().sum(Kind::Float).double_value(&[]) == 0.0));
+    #[test]
+    fn cleared_gradients_are_undefined_and_come_back_fresh() {
+        let params: Vec<Tensor> = tensors(0).into_iter().map(|t| t.set_requires_grad(true)).collect();
+        let loss =
+            |k: f64| params.iter().map(|p| p.sum(Kind::Float) * k).fold(Tensor::from(0f32), |a, b| a + b);
+        loss(2.0).backward();
+        assert!(params.iter().all(|p| p.grad().defined()));
+        clear_grads(&params);
+        assert!(params.iter().all(|p| !p.grad().defined()), "a gradient survived");
+        // Not added to the old ones: the new backward's alone.
+        loss(3.0).backward();
+        assert!(params.iter().all(|p| p.grad().equal(&p.ones_like().detach().fill_(3.0))));
     }
 
     #[test]

@@ -344,7 +344,11 @@ impl Trainer {
         let kind = self.cfg.precision.compute_kind();
         // Latent diffusion's discriminator factor: 0 before --disc-start, 1 from it.
         let disc_on = self.adversary.is_some() && self.step >= self.cfg.disc_start;
+        // The discriminator's too: the generator's pass computes none for it.
         self.adam.zero_grad();
+        if let Some(adv) = &mut self.adversary {
+            adv.adam.zero_grad();
+        }
         // The rank's rows in micro-batches (--grad-accum), one after another, their gradients
         // summed. Each loss is its rows' mean weighted by their share of the global batch, so
         // the summed gradient is the global batch's mean's, whatever the ranks and micro-batches.
@@ -401,8 +405,6 @@ impl Trainer {
         }
         let mut disc_grads = Vec::new();
         if let Some(adv) = adversary {
-            // Its gradients start from zero (the generator's pass computes none for it).
-            adv.adam.zero_grad();
             // d_loss, logits_real and logits_fake, for their places among the statistics.
             let mut values = Tensor::zeros([3], (Kind::Float, device));
             for (real, fake, len) in &shown {
