@@ -129,6 +129,28 @@ impl Stats {
     pub fn sharpness_named(&self) -> Vec<(&'static str, f64)> {
         self.sharpness.map_or(Vec::new(), |values| SHARPNESS.iter().copied().zip(values).collect())
     }
+
+    /// What the console shows of the sharpness terms that were on: the mean LPIPS distance
+    /// with `perceptual`, the GAN's losses and adaptive weight with `adversarial`; empty when
+    /// neither.
+    pub fn sharpness_summary(&self, perceptual: bool, adversarial: bool) -> String {
+        let shown = |name: &str| match name {
+            "lpips" => perceptual,
+            "g_loss" | "d_loss" | "d_weight" => adversarial,
+            _ => false,
+        };
+        let parts: Vec<String> = self
+            .sharpness_named()
+            .into_iter()
+            .filter(|(name, _)| shown(name))
+            .map(|(name, value)| format!("{name} {value:.4}"))
+            .collect();
+        if parts.is_empty() {
+            String::new()
+        } else {
+            format!(" [{}]", parts.join(", "))
+        }
+    }
 }
 
 impl std::fmt::Display for Stats {
@@ -169,5 +191,20 @@ mod tests {
         let free = Elbo::from_terms(nll, &q, KlWeight { beta: 1.0, free_bits: 0.8 });
         let got = Vec::<f32>::try_from(free.stacked()).unwrap();
         assert!((got[0] - 3.4).abs() < 1e-6 && got[2] == 1.5, "{got:?}");
+    }
+
+    #[test]
+    fn the_console_shows_the_sharpness_terms_that_were_on() {
+        // [loss, reconstruction, kl] then lpips, g_loss, d_weight, d_loss, logits, logvar.
+        let sums = Tensor::from_slice(&[9.0f64, 6.0, 3.0, 0.3, -0.6, 1.5, 1.8, 0.0, 0.0, 0.0]);
+        let stats = Stats::from_sums(&sums, 3);
+        assert_eq!(stats.sharpness_summary(true, false), " [lpips 0.1000]");
+        assert_eq!(
+            stats.sharpness_summary(true, true),
+            " [lpips 0.1000, g_loss -0.2000, d_weight 0.5000, d_loss 0.6000]"
+        );
+        assert_eq!(stats.sharpness_summary(false, false), "");
+        let plain = Stats::from_sums(&Tensor::from_slice(&[9.0f64, 6.0, 3.0]), 3);
+        assert_eq!(plain.sharpness_summary(true, true), "");
     }
 }

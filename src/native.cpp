@@ -1,8 +1,9 @@
 // ATen calls that tch 0.24 does not bind, behind a C ABI for Rust (src/native.rs): the
 // multi-tensor ("foreach") kernels and fused Adam, which update every parameter in a few
 // launches instead of several per tensor (on a GPU those launches, not the arithmetic, bound a
-// small model's step), LeakyReLU's slope, and the caching allocator's peak-memory counter. Tensors are the
-// `at::Tensor*` that tch owns. Every call catches C++ exceptions and returns their message.
+// small model's step), dropping gradients, LeakyReLU's slope, and the caching allocator's
+// peak-memory counter. Tensors are the `at::Tensor*` that tch owns. Every call catches C++
+// exceptions and returns their message.
 #include "tensor_list.h"
 
 #include <ATen/ATen.h>

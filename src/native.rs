@@ -1,7 +1,7 @@
 //! ATen calls that tch does not bind (src/native.cpp): multi-tensor kernels and fused Adam,
 //! which touch every parameter in a few launches where a loop of tch calls makes several per
-//! tensor (on a GPU the launches, not the arithmetic, bound a small model's step), and the
-//! CUDA caching allocator's peak-memory counter.
+//! tensor (on a GPU the launches, not the arithmetic, bound a small model's step), dropping
+//! gradients (`set_to_none`), and the CUDA caching allocator's peak-memory counter.
 //!
 //! The wrappers panic on a libtorch error, as tch's own non-`f_` methods do: these calls fail
 //! only on a broken invariant (tensors on different devices or of different sizes).

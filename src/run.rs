@@ -399,8 +399,13 @@ pub fn run(
                 let gpu = crate::native::cuda_peak_mib(trainer.device, true)
                     .map(|mib| format!("  peak GPU {mib:.0} MiB"))
                     .unwrap_or_default();
+                // The discriminator's terms once it has run (its start is a step count).
+                let sharp = train.sharpness_summary(
+                    cfg.perceptual_weight > 0.0,
+                    cfg.disc_weight > 0.0 && trainer.step > cfg.disc_start,
+                );
                 println!(
-                    "epoch {}/{}  train {train}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
+                    "epoch {}/{}  train {train}{sharp}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
                     row.epoch,
                     cfg.epochs,
                     row.images_per_s,
