@@ -38,6 +38,8 @@ pub struct Metadata {
     pub history: Vec<Resume>,
     /// Ranks of the data-parallel run that wrote it (1: one process).
     pub world_size: usize,
+    /// CRC-32 of the LPIPS weights file the run computes its perceptual term with.
+    pub lpips_crc32: Option<u32>,
 }
 
 /// A resume that made the run differ from an uninterrupted one, or moved it to a new folder.
@@ -65,6 +67,7 @@ impl Metadata {
             run_id: run_id.to_string(),
             history: history.to_vec(),
             world_size: trainer.group.as_ref().map_or(1, |g| g.world),
+            lpips_crc32: trainer.lpips.as_ref().map(|l| l.checksum),
         }
     }
 }
@@ -102,6 +105,9 @@ impl Metadata {
         put("run_id", self.run_id.clone());
         put("history", serde_json::to_string(&self.history)?);
         put("world_size", self.world_size.to_string());
+        if let Some(crc) = self.lpips_crc32 {
+            put("lpips_crc32", format!("{crc:08x}"));
+        }
         Ok(map)
     }
 
@@ -171,6 +177,12 @@ impl Metadata {
             world_size: match map.get("world_size") {
                 Some(_) => number("world_size")? as usize,
                 None => 1,
+            },
+            lpips_crc32: match map.get("lpips_crc32") {
+                Some(crc) => Some(u32::from_str_radix(crc, 16).with_context(|| {
+                    format!("{}: metadata field \"lpips_crc32\" is not 8 hex digits", path.display())
+                })?),
+                None => None,
             },
         })
     }
@@ -552,6 +564,7 @@ mod tests {
             run_id: "0123456789abcdef".into(),
             history: vec![Resume { epoch: 1, step: 25, from_run: None, changes: Vec::new() }],
             world_size: 2,
+            lpips_crc32: Some(0x0badf00d),
         };
         let path = Path::new("old.safetensors");
         let mut map = meta.to_map().unwrap();
@@ -560,12 +573,13 @@ mod tests {
         map.remove("run_id");
         map.remove("history");
         map.remove("world_size");
+        map.remove("lpips_crc32");
         let config = map["config"].replace("\"arch\":\"conv\",", "");
         assert!(!config.contains("arch"), "{config}");
         map.insert("config".into(), config);
         let old = Metadata::from_map(path, Some(&map)).unwrap();
         assert_eq!(old.config, meta.config);
         assert!(old.run_id.starts_with("config-") && old.history.is_empty(), "{old:?}");
-        assert_eq!(old.world_size, 1);
+        assert_eq!((old.world_size, old.lpips_crc32), (1, None));
     }
 }

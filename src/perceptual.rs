@@ -54,6 +54,8 @@ struct Conv {
 }
 
 pub struct Lpips {
+    /// CRC-32 of the weights file's bytes: a resume tells a changed file from a moved one.
+    pub checksum: u32,
     convs: Vec<Conv>,
     /// The 1x1 heads, `[1, C, 1, 1]` each.
     heads: Vec<Tensor>,
@@ -66,6 +68,10 @@ impl Lpips {
     /// Reads the package's state dict from `path` (names such as `net.slice1.0.weight`,
     /// `lin0.model.1.weight`, `scaling_layer.shift`) onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading LPIPS weights {} (--lpips-weights)", path.display()))?;
+        let checksum = crc32fast::hash(&bytes);
+        drop(bytes);
         let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
             .with_context(|| format!("reading LPIPS weights {} (--lpips-weights)", path.display()))?
             .into_iter()
@@ -103,7 +109,7 @@ impl Lpips {
             .collect::<Result<Vec<_>>>()?;
         let shift = take("scaling_layer.shift", &[1, 3, 1, 1])?;
         let scale = take("scaling_layer.scale", &[1, 3, 1, 1])?;
-        Ok(Self { convs, heads, shift, scale })
+        Ok(Self { checksum, convs, heads, shift, scale })
     }
 
     /// The five compared activations of `x` (`[B, 3, H, W]`, scaled).

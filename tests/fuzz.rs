@@ -94,6 +94,7 @@ fn the_checkpoint_loader_takes_any_bytes() {
         run_id: "fuzz".into(),
         history: Vec::new(),
         world_size: 1,
+        lpips_crc32: Some(0x1234abcd),
     };
     let seed = checkpoint::to_bytes(&vs, &adam, None, None, &meta).unwrap();
     let path = Path::new("fuzz.safetensors");

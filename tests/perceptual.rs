@@ -7,7 +7,7 @@ mod common;
 use common::{ok, python_script, random_lpips, stderr, stdout, train_tiny_resnet, vae, TINY_MODEL};
 use std::path::Path;
 use tch::{Device, Kind, Tensor};
-use vae::checkpoint::Checkpoint;
+use vae::checkpoint::{Checkpoint, Resume};
 use vae::perceptual::Lpips;
 
 fn relative(a: &Tensor, b: &Tensor) -> f64 {
@@ -84,6 +84,22 @@ fn training_with_lpips_resumes_bitwise_and_eval_reports_it() {
     for (name, t) in &a.tensors {
         assert!(t.equal(&b.tensors[name]), "{name} differs after resuming");
     }
+    // The weights file may move; other weights change the loss: said, and kept in the history.
+    let resume = |epochs: &str, weights: &Path| {
+        let (run, weights) = (split.to_str().unwrap(), weights.to_str().unwrap());
+        ok(vae(&["train", "--resume", run, "--epochs", epochs, "--threads", "1", "--lpips-weights", weights]))
+    };
+    let moved = dir.path().join("moved.safetensors");
+    std::fs::copy(&file, &moved).unwrap();
+    let out = resume("3", &moved);
+    assert!(!stderr(&out).contains("--lpips-weights"), "{}", stderr(&out));
+    let other = dir.path().join("other.safetensors");
+    python_script("lpips_weights.py", &[other.to_str().unwrap(), "--random-trunk", "--seed", "1"]);
+    let out = resume("4", &other);
+    assert!(stderr(&out).contains("--lpips-weights (contents) crc32 "), "{}", stderr(&out));
+    let history = Checkpoint::load(&split.join("last.safetensors")).unwrap().meta.history;
+    let said = |r: &Resume| r.changes.iter().any(|c| c.flag == "--lpips-weights (contents)");
+    assert_eq!(history.iter().map(said).collect::<Vec<_>>(), [false, false, true], "{history:?}");
     // The term is in what is minimised: the same run without it trains other weights.
     ok(train(&plain, "2", &[]));
     let c = Checkpoint::load(&plain.join("last.safetensors")).unwrap();

@@ -162,7 +162,7 @@ impl TrainCommand {
         let path = run_dir::resolve(from)?;
         let ckpt = Checkpoint::load(&path)?;
         TrainArgs::check_arch_flags(matches, ckpt.meta.config.model.arch())?;
-        let (cfg, changes) = self.settings.resumed(&ckpt.meta.config, matches, &path)?;
+        let (cfg, mut changes) = self.settings.resumed(&ckpt.meta.config, matches, &path)?;
         ensure!(
             cfg.epochs >= ckpt.meta.epoch,
             "--epochs {} is below the {} epochs {} has already completed",
@@ -176,6 +176,14 @@ impl TrainCommand {
         let out_dir = self.run.out.clone().unwrap_or_else(|| home.clone());
         // Everything that can be wrong with the checkpoint shows before the folder is touched.
         let trainer = ckpt.trainer(cfg, device)?;
+        // The file may move (a Process setting); what it holds is part of the loss.
+        let crc = trainer.lpips.as_ref().map(|l| l.checksum);
+        if let (Some(was), Some(now)) = (ckpt.meta.lpips_crc32, crc) {
+            if was != now {
+                let (was, now) = (format!("crc32 {was:08x}"), format!("crc32 {now:08x}"));
+                changes.push(Change { flag: "--lpips-weights (contents)".into(), was, now });
+            }
+        }
         if trainer.epoch >= trainer.cfg.epochs {
             println!(
                 "the run in {} has completed its {} epochs; pass --epochs N to train further",
