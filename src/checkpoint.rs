@@ -453,6 +453,9 @@ impl Checkpoint {
             .map_or("none yet".to_string(), |l| format!("{l:.4} {}", m.config.model.likelihood().unit()));
         writeln!(s, "best test loss {best}")?;
         writeln!(s, "run {}, trained by {} rank(s)", m.run_id, m.world_size)?;
+        if let Some(crc) = m.lpips_crc32 {
+            writeln!(s, "LPIPS weights crc32 {crc:08x}")?;
+        }
         for r in &m.history {
             let from = r
                 .from_run

@@ -97,7 +97,12 @@ fn training_with_lpips_resumes_bitwise_and_eval_reports_it() {
     python_script("lpips_weights.py", &[other.to_str().unwrap(), "--random-trunk", "--seed", "1"]);
     let out = resume("4", &other);
     assert!(stderr(&out).contains("--lpips-weights (contents) crc32 "), "{}", stderr(&out));
-    let history = Checkpoint::load(&split.join("last.safetensors")).unwrap().meta.history;
+    let meta = Checkpoint::load(&split.join("last.safetensors")).unwrap().meta;
+    let crc = Lpips::load(&other, Device::Cpu).unwrap().checksum;
+    assert_eq!(meta.lpips_crc32, Some(crc), "the checkpoint keeps the file it now uses");
+    let info = stdout(&ok(vae(&["info", split.to_str().unwrap()])));
+    assert!(info.contains(&format!("LPIPS weights crc32 {crc:08x}")), "{info}");
+    let history = meta.history;
     let said = |r: &Resume| r.changes.iter().any(|c| c.flag == "--lpips-weights (contents)");
     assert_eq!(history.iter().map(said).collect::<Vec<_>>(), [false, false, true], "{history:?}");
     // The term is in what is minimised: the same run without it trains other weights.
