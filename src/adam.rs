@@ -277,8 +277,7 @@ impl Adam {
     /// Drops the gradients (`set_to_none`, as PyTorch's `zero_grad` does by default), so a
     /// step's peak memory holds the activations or the gradients, not both.
     pub fn zero_grad(&mut self) {
-        let params: Vec<Tensor> = self.slots.iter().map(|s| s.param.shallow_clone()).collect();
-        native::clear_grads(&params);
+        native::clear_grads(self.slots.iter().map(|s| &s.param));
     }
 
     /// One update from the gradients accumulated in the parameters.

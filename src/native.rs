@@ -72,16 +72,16 @@ fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) {
 }
 
 /// The handles of `tensors`, for a call that reads them while they are borrowed.
-fn handles(tensors: &[Tensor]) -> Vec<*mut C_tensor> {
+fn handles<'a>(tensors: impl IntoIterator<Item = &'a Tensor>) -> Vec<*mut C_tensor> {
     // In-place kernels change the tensors' data, never the handles.
-    tensors.iter().map(|t| t.as_ptr().cast_mut()).collect()
+    tensors.into_iter().map(|t| t.as_ptr().cast_mut()).collect()
 }
 
 /// Drops the gradients of `params` (PyTorch's `zero_grad(set_to_none=True)`): the memory is
 /// free until the next backward, which gives each parameter its gradient afresh.
-pub fn clear_grads(params: &[Tensor]) {
+pub fn clear_grads<'a>(params: impl IntoIterator<Item = &'a Tensor>) {
     let mut t = handles(params);
-    // SAFETY: the handles stay valid while `params` is borrowed; the shim copies nothing.
+    // SAFETY: the handles stay valid while the tensors are borrowed; the shim copies nothing.
     call("clear_grads", |err, len| unsafe { vae_clear_grads(t.as_mut_ptr(), t.len(), err, len) });
 }
 

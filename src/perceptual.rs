@@ -68,14 +68,11 @@ impl Lpips {
     /// Reads the package's state dict from `path` (names such as `net.slice1.0.weight`,
     /// `lin0.model.1.weight`, `scaling_layer.shift`) onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("reading LPIPS weights {} (--lpips-weights)", path.display()))?;
-        let checksum = crc32fast::hash(&bytes);
-        drop(bytes);
-        let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)
-            .with_context(|| format!("reading LPIPS weights {} (--lpips-weights)", path.display()))?
-            .into_iter()
-            .collect();
+        let reading = || format!("reading LPIPS weights {} (--lpips-weights)", path.display());
+        // Read once more by tch below (at start only): the bytes are not kept meanwhile.
+        let checksum = crc32fast::hash(&std::fs::read(path).with_context(reading)?);
+        let tensors: HashMap<String, Tensor> =
+            Tensor::read_safetensors(path).with_context(reading)?.into_iter().collect();
         let take = |name: &str, shape: &[i64]| -> Result<Tensor> {
             let t = tensors.get(name).with_context(|| {
                 format!(

@@ -344,8 +344,9 @@ impl Trainer {
         let kind = self.cfg.precision.compute_kind();
         // Latent diffusion's discriminator factor: 0 before --disc-start, 1 from it.
         let disc_on = self.adversary.is_some() && self.step >= self.cfg.disc_start;
-        // The discriminator's too: the generator's pass computes none for it.
         self.adam.zero_grad();
+        // The discriminator's too, here: the generator's pass computes none for it, and a rank
+        // without rows defines them all with its zero loss below.
         if let Some(adv) = &mut self.adversary {
             adv.adam.zero_grad();
         }
