@@ -1,11 +1,12 @@
 //! The bound on a split, in nats per image and bits per dimension: the negative ELBO, and the
 //! importance-weighted bound (IWAE, Burda et al. 2016), a tighter estimate of -log p(x):
-//! log p(x) >= E[log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)], z_k ~ q(z|x).
+//! log p(x) >= E[log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)], z_k ~ q(z|x); and the quality of
+//! the reconstructions (PSNR, SSIM, LPIPS), which training also measures after every epoch.
 
 use crate::config::TrainConfig;
 use crate::data::{Binarize, Dataset, Loader};
 use crate::loss::{Elbo, KlWeight, Perceptual, Stats};
-use crate::models::{Model, Posterior};
+use crate::models::{in_passes, Forward, Model, Posterior};
 use crate::perceptual::Lpips;
 use crate::rng::{seed_torch, Stream};
 use anyhow::Result;
@@ -31,40 +32,88 @@ pub fn prepared(data: &Dataset, cfg: &TrainConfig) -> Dataset {
 /// do not depend on the training batch size.
 const ELBO_BATCH: usize = 500;
 
-/// The bound's terms over this rank's share of `data` (the loss as `weight` makes it: the
-/// ELBO for [`KlWeight::ELBO`]): evaluation batch i is rank i mod `world`'s, its noise fixed
-/// by (seed, i), so the sums over ranks are one process's. Returns the `[loss, reconstruction,
-/// kl]` sums and the posterior means' per-dimension sums and sums of squares (`[2, D]`), all
-/// doubles on the device, ready to be summed over ranks.
-pub fn elbo_sums(
+/// How a pass over a split measures it: the bound as `weight` makes it (the ELBO for
+/// [`KlWeight::ELBO`]), with the perceptual term where the run has one, its noise fixed by
+/// `seed`; and the network for the reconstructions' LPIPS in [`Quality`], if any.
+#[derive(Clone, Copy)]
+pub struct Measure<'a> {
+    pub seed: u64,
+    pub weight: KlWeight,
+    pub perceptual: Option<Perceptual<'a>>,
+    pub lpips: Option<&'a Lpips>,
+}
+
+/// A split's sums from [`split_sums`], doubles on the device, ready to be summed over ranks.
+pub struct SplitSums {
+    /// `[loss, reconstruction, kl]` over images.
+    pub bound: Tensor,
+    /// The posterior means' per-dimension sums and sums of squares, `[2, D]`.
+    pub moments: Tensor,
+    /// `[psnr, ssim, l1, mse, lpips]` over images.
+    pub quality: Tensor,
+}
+
+/// A split's figures: the bound's means, the reconstructions' quality and the posterior
+/// means' moments (for the active dimensions).
+pub struct SplitFigures {
+    pub stats: Stats,
+    pub quality: Quality,
+    pub moments: Tensor,
+}
+
+impl SplitSums {
+    /// The means over the `data` these sums were taken on (every rank's share of it), LPIPS
+    /// among them where a network measured it.
+    pub fn figures(self, data: &Dataset, with_lpips: bool) -> SplitFigures {
+        let n = data.len();
+        let [_, h, w] = data.image_shape();
+        SplitFigures {
+            stats: Stats::from_sums(&self.bound, n),
+            quality: Quality::from_sums(&self.quality, n, ssim_applies(h, w), with_lpips),
+            moments: self.moments,
+        }
+    }
+}
+
+/// One pass over this rank's share of `data`: evaluation batch i is rank i mod `world`'s,
+/// its noise fixed by (seed, i), so the sums over ranks are one process's. Each batch is
+/// encoded once, for the bound at a sample and the reconstruction at the posterior mean.
+pub fn split_sums(
     model: &dyn Model,
     data: &Dataset,
-    seed: u64,
-    weight: KlWeight,
-    perceptual: Option<Perceptual>,
+    measure: Measure,
     device: Device,
     (rank, world): (usize, usize),
-) -> Result<(Tensor, Tensor)> {
+) -> Result<SplitSums> {
     let loader = Loader::new(data, device, ELBO_BATCH);
-    let mut sums = Tensor::zeros([3], (Kind::Double, device));
-    let mut moments = Tensor::zeros([2, model.latent_dim()], (Kind::Double, device));
+    let double = |shape: &[i64]| Tensor::zeros(shape, (Kind::Double, device));
+    let mut sums =
+        SplitSums { bound: double(&[3]), moments: double(&[2, model.latent_dim()]), quality: double(&[5]) };
+    let [_, h, w] = data.image_shape();
+    let with_ssim = ssim_applies(h, w);
     for (i, x) in loader.shard(rank, world) {
         let x = x?;
-        seed_torch(seed, Stream::Eval, i as u64);
+        seed_torch(measure.seed, Stream::Eval, i as u64);
         tch::no_grad(|| {
-            let out = model.forward(&x);
-            let stacked = Elbo::new(model.likelihood(), &out, &x, weight)
-                .with_perceptual(perceptual, &out, &x)
+            // As `model.forward` draws it (the same noise), in passes.
+            let posterior = model.encode_in_passes(&x);
+            let z = posterior.sample();
+            let likelihood_params = in_passes(&z, [h, w], |_, z| model.decode(z));
+            let out = Forward { posterior, likelihood_params };
+            let stacked = Elbo::new(model.likelihood(), &out, &x, measure.weight)
+                .with_perceptual(measure.perceptual, &out, &x)
                 .stacked();
-            sums += stacked.to_kind(Kind::Double) * x.size()[0] as f64;
+            sums.bound += stacked.to_kind(Kind::Double) * x.size()[0] as f64;
             let mean = out.posterior.mean.to_kind(Kind::Double);
-            moments += Tensor::stack(
+            sums.moments += Tensor::stack(
                 &[mean.sum_dim_intlist(0, false, None), mean.square().sum_dim_intlist(0, false, None)],
                 0,
             );
+            let x_hat = in_passes(&out.posterior.mean, [h, w], |_, mean| model.decode_mean(mean));
+            sums.quality += quality_sums(&x, &x_hat, with_ssim, measure.lpips);
         });
     }
-    Ok((sums, moments))
+    Ok(sums)
 }
 
 /// Images whose latents set the scale factor.
@@ -79,7 +128,7 @@ pub fn latent_scale(model: &dyn Model, data: &Dataset, seed: u64, device: Device
     for (i, x) in loader.sequential().enumerate().take(SCALE_IMAGES.div_ceil(ELBO_BATCH)) {
         let x = x?;
         seed_torch(seed, Stream::Eval, i as u64);
-        let z = tch::no_grad(|| model.encode(&x).sample()).to_kind(Kind::Double);
+        let z = tch::no_grad(|| model.encode_in_passes(&x).sample()).to_kind(Kind::Double);
         sum += z.sum(None).double_value(&[]);
         squares += z.square().sum(None).double_value(&[]);
         count += z.numel() as f64;
@@ -94,11 +143,13 @@ pub fn latent_scale(model: &dyn Model, data: &Dataset, seed: u64, device: Device
 pub fn log_weights(model: &dyn Model, x: &Tensor, posterior: &Posterior, eps: &Tensor) -> Tensor {
     let [k, b, _]: [i64; 3] = eps.size().try_into().expect("eps is [K, B, D]");
     let z = &posterior.mean + (&posterior.logvar * 0.5).exp() * eps;
-    let params = model.decode(&z.flatten(0, 1));
-    let mut shape = vec![k];
-    shape.extend(x.size());
-    let targets = x.unsqueeze(0).expand(shape.as_slice(), false).flatten(0, 1);
-    let log_px = -model.likelihood().reconstruction_nll(&params, &targets).view([k, b]);
+    // Decoded in passes, each against its images: row r of the K x B decodes is image r mod B.
+    let size = x.size();
+    let nll = in_passes(&z.flatten(0, 1), [size[2], size[3]], |first, z| {
+        let rows = Tensor::arange_start(first, first + z.size()[0], (Kind::Int64, x.device())).remainder(b);
+        model.likelihood().reconstruction_nll(&model.decode(z), &x.index_select(0, &rows))
+    });
+    let log_px = -nll.view([k, b]);
     let log_2pi = (2.0 * PI).ln();
     let log_pz = (z.square() + log_2pi).sum_dim_intlist(-1, false, None) * -0.5;
     let log_qz = (eps.square() + &posterior.logvar + log_2pi).sum_dim_intlist(-1, false, None) * -0.5;
@@ -108,7 +159,7 @@ pub fn log_weights(model: &dyn Model, x: &Tensor, posterior: &Posterior, eps: &T
 /// -log p(x) estimated with `k` importance samples, one value per image of `x`; the samples
 /// are drawn from libtorch's generator `chunk` at a time.
 pub fn iwae_nll(model: &dyn Model, x: &Tensor, k: i64, chunk: i64) -> Tensor {
-    let posterior = model.encode(x);
+    let posterior = model.encode_in_passes(x);
     let [b, d]: [i64; 2] = posterior.mean.size().try_into().expect("mean is [B, D]");
     let mut total: Option<Tensor> = None;
     for start in (0..k).step_by(chunk.max(1) as usize) {
@@ -153,7 +204,7 @@ pub struct Report {
 
 /// How close the reconstructions at the posterior mean are to the images, in [0, 1] pixels:
 /// the figures people report for autoencoders (means over images).
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Quality {
     /// 10 log10(1 / MSE) per image.
     pub psnr_db: f64,
@@ -178,6 +229,15 @@ const SSIM_RADIUS: i64 = 5;
 /// `reflect` borders, sample covariance, the window's radius cropped from the map, channels
 /// averaged. `[B]`, in double precision.
 pub fn ssim(a: &Tensor, b: &Tensor) -> Tensor {
+    // A few images at a time: the double-precision blurs' buffers are several times the images'.
+    let pairs = a.split(SSIM_IMAGES_PER_PASS, 0).into_iter().zip(b.split(SSIM_IMAGES_PER_PASS, 0));
+    Tensor::cat(&pairs.map(|(a, b)| ssim_of(&a, &b)).collect::<Vec<_>>(), 0)
+}
+
+/// Images per pass of [`ssim`].
+const SSIM_IMAGES_PER_PASS: i64 = 32;
+
+fn ssim_of(a: &Tensor, b: &Tensor) -> Tensor {
     let [n, c, h, w]: [i64; 4] = a.size().try_into().expect("images [B, C, H, W]");
     let r = SSIM_RADIUS;
     assert!(h > 2 * r && w > 2 * r, "SSIM needs images of at least {} pixels a side", 2 * r + 1);
@@ -212,40 +272,53 @@ pub fn ssim(a: &Tensor, b: &Tensor) -> Tensor {
     cropped.mean_dim([1, 2, 3].as_slice(), false, Kind::Double).view([n, c]).mean_dim(1, false, Kind::Double)
 }
 
-/// [`Quality`] of the reconstructions at the posterior mean over `data`.
-pub fn quality(model: &dyn Model, data: &Dataset, lpips: Option<&Lpips>, device: Device) -> Result<Quality> {
-    let loader = Loader::new(data, device, ELBO_BATCH);
-    let [_, h, w] = data.image_shape();
-    let with_ssim = h > 2 * SSIM_RADIUS && w > 2 * SSIM_RADIUS;
-    // Sums over images of [psnr, ssim, l1, mse, lpips].
-    let mut sums = Tensor::zeros([5], (Kind::Double, device));
-    for x in loader.sequential() {
-        let x = x?;
-        tch::no_grad(|| {
-            let x_hat = model.reconstruct(&x);
-            let diff = (&x_hat - &x).to_kind(Kind::Double).flatten(1, -1);
-            let mse = diff.square().mean_dim(1, false, Kind::Double);
-            let psnr = mse.clamp_min(1e-10).log10() * -10.0;
-            let ssim = if with_ssim { ssim(&x_hat, &x) } else { mse.zeros_like() };
-            let l1 = diff.abs().mean_dim(1, false, Kind::Double);
-            let perceptual = match lpips {
-                Some(net) => {
-                    net.distance(&(&x * 2.0 - 1.0), &(&x_hat * 2.0 - 1.0), Kind::Float).to_kind(Kind::Double)
-                }
-                None => mse.zeros_like(),
-            };
-            sums += Tensor::stack(&[psnr, ssim, l1, mse, perceptual], 1).sum_dim_intlist(0, false, None);
-        });
+/// Whether images of `h` x `w` are large enough for SSIM's window.
+fn ssim_applies(h: i64, w: i64) -> bool {
+    h > 2 * SSIM_RADIUS && w > 2 * SSIM_RADIUS
+}
+
+/// The batch's `[psnr, ssim, l1, mse, lpips]` sums over images `x` and their
+/// reconstructions `x_hat` (SSIM and LPIPS 0 where not measured).
+fn quality_sums(x: &Tensor, x_hat: &Tensor, with_ssim: bool, lpips: Option<&Lpips>) -> Tensor {
+    let diff = (x_hat - x).to_kind(Kind::Double).flatten(1, -1);
+    let mse = diff.square().mean_dim(1, false, Kind::Double);
+    let psnr = mse.clamp_min(1e-10).log10() * -10.0;
+    let ssim = if with_ssim { ssim(x_hat, x) } else { mse.zeros_like() };
+    let l1 = diff.abs().mean_dim(1, false, Kind::Double);
+    let perceptual = match lpips {
+        Some(net) => net.distance(&(x * 2.0 - 1.0), &(x_hat * 2.0 - 1.0), Kind::Float).to_kind(Kind::Double),
+        None => mse.zeros_like(),
+    };
+    Tensor::stack(&[psnr, ssim, l1, mse, perceptual], 1).sum_dim_intlist(0, false, None)
+}
+
+impl Quality {
+    /// The means of [`quality_sums`]' sums over `count` images.
+    fn from_sums(sums: &Tensor, count: usize, with_ssim: bool, with_lpips: bool) -> Self {
+        let n = count.max(1) as f64;
+        let v = Vec::<f64>::try_from(sums.to_device(Device::Cpu)).expect("five sums");
+        Quality {
+            psnr_db: v[0] / n,
+            ssim: with_ssim.then(|| v[1] / n),
+            l1: v[2] / n,
+            mse: v[3] / n,
+            lpips: with_lpips.then(|| v[4] / n),
+        }
     }
-    let n = data.len().max(1) as f64;
-    let v = Vec::<f64>::try_from(sums.to_device(Device::Cpu)).expect("five sums");
-    Ok(Quality {
-        psnr_db: v[0] / n,
-        ssim: with_ssim.then(|| v[1] / n),
-        l1: v[2] / n,
-        mse: v[3] / n,
-        lpips: lpips.map(|_| v[4] / n),
-    })
+}
+
+impl std::fmt::Display for Quality {
+    /// The console's form: PSNR, and SSIM and LPIPS where measured.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PSNR {:.2} dB", self.psnr_db)?;
+        if let Some(ssim) = self.ssim {
+            write!(f, "  SSIM {ssim:.4}")?;
+        }
+        if let Some(lpips) = self.lpips {
+            write!(f, "  LPIPS {lpips:.4}")?;
+        }
+        Ok(())
+    }
 }
 
 pub fn bits_per_dim(nats: f64, dimensions: i64) -> f64 {
@@ -280,9 +353,9 @@ pub fn evaluate(
     let density = model.likelihood().is_density();
     // The bound where the likelihood is a density; otherwise the loss the run minimised.
     let weight = if density { KlWeight::ELBO } else { KlWeight { beta: cfg.beta, free_bits: 0.0 } };
-    let perceptual = cfg.perceptual(lpips)?;
-    let (sums, _) = elbo_sums(model, data, cfg.seed, weight, perceptual, device, (0, 1))?;
-    let elbo = Stats::from_sums(&sums, data.len());
+    let measure = Measure { seed: cfg.seed, weight, perceptual: cfg.perceptual(lpips)?, lpips };
+    let SplitFigures { stats: elbo, quality, .. } =
+        split_sums(model, data, measure, device, (0, 1))?.figures(data, lpips.is_some());
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
     let iwae_nll = if iw_samples > 0 && density {
@@ -312,7 +385,7 @@ pub fn evaluate(
         iw_samples: if density { iw_samples } else { 0 },
         iwae_nll,
         iwae_bits_per_dim: iwae_nll.map(|n| bits_per_dim(n, dimensions)),
-        quality: quality(model, data, lpips, device)?,
+        quality,
         scaling_factor: None,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -105,7 +105,7 @@ pub fn encode_all(model: &dyn Model, data: &Dataset, device: tch::Device) -> Res
     let (mut means, mut logvars) = (Vec::new(), Vec::new());
     for x in loader.sequential() {
         let x = x?;
-        let q = tch::no_grad(|| model.encode(&x));
+        let q = tch::no_grad(|| model.encode_in_passes(&x));
         means.push(q.mean);
         logvars.push(q.logvar);
     }

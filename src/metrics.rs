@@ -1,25 +1,17 @@
 //! The run's learning curves: `metrics.csv` in the run folder, one row per epoch, appended as
 //! epochs finish so an interrupted or resumed run keeps one continuous file.
 
+use crate::eval::Quality;
 use crate::loss::Stats;
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use tch::Tensor;
 
+/// The columns every row has, in order; [`EpochRow::columns`] adds the test split's SSIM and
+/// LPIPS where measured and the train split's sharpness statistics where logged.
 const HEADER: &str = "epoch,step,train_loss,train_reconstruction,train_kl,test_loss,test_reconstruction,\
-test_kl,active_dims,lr,images_per_s,seconds";
-
-/// The header for `row`: [`HEADER`], then `train_<name>` for each sharpness statistic a run
-/// with a perceptual or adversarial term logs.
-fn header(row: &EpochRow) -> String {
-    let mut header = HEADER.to_string();
-    for (name, _) in row.train.sharpness_named() {
-        header.push_str(",train_");
-        header.push_str(name);
-    }
-    header
-}
+test_kl,test_psnr,active_dims,lr,images_per_s,seconds";
 
 /// Posterior means vary across the data by more than this in an active latent dimension
 /// (Burda et al. 2016): below it, the dimension ignores its input.
@@ -44,10 +36,45 @@ pub struct EpochRow {
     pub step: u64,
     pub train: Stats,
     pub test: Stats,
+    /// The test split's reconstructions.
+    pub quality: Quality,
     pub active_dims: i64,
     pub lr: f64,
     pub images_per_s: f64,
     pub seconds: f64,
+}
+
+impl EpochRow {
+    /// The row's `(column, value)` pairs: [`HEADER`]'s, `test_ssim` and `test_lpips` after
+    /// `test_psnr` where measured, then `train_<name>` for each sharpness statistic a run with
+    /// a perceptual or adversarial term logs.
+    fn columns(&self) -> Vec<(String, String)> {
+        let q = &self.quality;
+        let values = [
+            self.epoch.to_string(),
+            self.step.to_string(),
+            format!("{:.4}", self.train.loss),
+            format!("{:.4}", self.train.reconstruction),
+            format!("{:.4}", self.train.kl),
+            format!("{:.4}", self.test.loss),
+            format!("{:.4}", self.test.reconstruction),
+            format!("{:.4}", self.test.kl),
+            format!("{:.4}", q.psnr_db),
+            self.active_dims.to_string(),
+            self.lr.to_string(),
+            format!("{:.1}", self.images_per_s),
+            format!("{:.2}", self.seconds),
+        ];
+        let mut columns: Vec<(String, String)> = HEADER.split(',').map(String::from).zip(values).collect();
+        let at = columns.iter().position(|(c, _)| c == "test_psnr").expect("test_psnr is a column") + 1;
+        let measured = [("test_ssim", q.ssim), ("test_lpips", q.lpips)];
+        let extra = measured.into_iter().filter_map(|(c, v)| Some((c.to_string(), format!("{:.4}", v?))));
+        columns.splice(at..at, extra);
+        for (name, value) in self.train.sharpness_named() {
+            columns.push((format!("train_{name}"), format!("{value:.4}")));
+        }
+        columns
+    }
 }
 
 pub struct MetricsLog {
@@ -63,54 +90,57 @@ impl MetricsLog {
     /// Appends a row, writing the header first into a new file. Rows of epochs at or after
     /// `row.epoch` (left by a run resumed from an earlier checkpoint) are dropped first, so
     /// the file always describes the run that leads to the latest checkpoint. A row with
-    /// other columns (a resume that turned a term on or off) rewrites the header; earlier
-    /// rows keep their values.
+    /// new columns (a resume that turned a term on, a file of an older version) rewrites the
+    /// file with them added, each earlier value under its own column's name; a row leaves
+    /// empty the columns it lacks (a term turned off): no figure is lost or misplaced.
     pub fn append(&self, row: &EpochRow) -> Result<()> {
         let context = || format!("writing {}", self.path.display());
         let existing = std::fs::read_to_string(&self.path).unwrap_or_default();
-        let kept: Vec<&str> = existing
-            .lines()
-            .skip(1)
+        let mut lines = existing.lines();
+        let old_header: Vec<&str> = lines.next().map_or(Vec::new(), |h| h.split(',').collect());
+        let kept: Vec<&str> = lines
             .filter(|l| {
                 l.split(',').next().and_then(|e| e.parse::<u64>().ok()).is_some_and(|e| e < row.epoch)
             })
             .collect();
-        let header = header(row);
-        let rewrite =
-            existing.lines().next() != Some(header.as_str()) || kept.len() + 1 != existing.lines().count();
-        let mut line = format!(
-            "{},{},{:.4},{:.4},{:.4},{:.4},{:.4},{:.4},{},{},{:.1},{:.2}\n",
-            row.epoch,
-            row.step,
-            row.train.loss,
-            row.train.reconstruction,
-            row.train.kl,
-            row.test.loss,
-            row.test.reconstruction,
-            row.test.kl,
-            row.active_dims,
-            row.lr,
-            row.images_per_s,
-            row.seconds
-        );
-        for (_, value) in row.train.sharpness_named() {
-            line.insert_str(line.len() - 1, &format!(",{value:.4}"));
-        }
-        if rewrite {
-            let mut text = format!("{header}\n");
-            for l in kept {
-                text.push_str(l);
-                text.push('\n');
+        let values = row.columns();
+        // The file's columns in their order, each new one after the row's column before it.
+        let mut header = old_header.clone();
+        let mut at = 0;
+        for (column, _) in &values {
+            match header.iter().position(|h| h == column) {
+                Some(i) => at = i + 1,
+                None => {
+                    header.insert(at, column);
+                    at += 1;
+                }
             }
-            text.push_str(&line);
+        }
+        // A row laid out under `header` from its (column, value) pairs.
+        let line = |pairs: &[(&str, &str)]| {
+            let cells: Vec<&str> =
+                header.iter().map(|h| pairs.iter().find(|(c, _)| c == h).map_or("", |(_, v)| v)).collect();
+            cells.join(",") + "\n"
+        };
+        let pairs: Vec<(&str, &str)> = values.iter().map(|(c, v)| (c.as_str(), v.as_str())).collect();
+        let new_line = line(&pairs);
+        let rewrite = old_header != header || kept.len() + 1 != existing.lines().count();
+        if rewrite {
+            let mut text = header.join(",") + "\n";
+            for l in kept {
+                let pairs: Vec<(&str, &str)> = old_header.iter().copied().zip(l.split(',')).collect();
+                text.push_str(&line(&pairs));
+            }
+            text.push_str(&new_line);
             crate::fsio::write_atomic(&self.path, text.as_bytes()).with_context(context)
         } else {
             let mut file = std::fs::OpenOptions::new().append(true).open(&self.path).with_context(context)?;
-            file.write_all(line.as_bytes()).with_context(context)
+            file.write_all(new_line.as_bytes()).with_context(context)
         }
     }
 
-    /// The rows as (header, values) pairs per epoch, for plots and tests.
+    /// The rows as (column, value) pairs per epoch, a row's empty cells left out, for plots
+    /// and tests.
     pub fn read(&self) -> Result<Vec<Vec<(String, f64)>>> {
         let text = std::fs::read_to_string(&self.path)
             .with_context(|| format!("reading {}", self.path.display()))?;
@@ -120,6 +150,7 @@ impl MetricsLog {
             .map(|l| {
                 l.split(',')
                     .zip(&header)
+                    .filter(|(v, _)| !v.is_empty())
                     .map(|(v, h)| {
                         let value =
                             v.parse().with_context(|| format!("{}: {h} = {v:?}", self.path.display()))?;
@@ -137,11 +168,13 @@ mod tests {
 
     fn row(epoch: u64) -> EpochRow {
         let stats = Stats { loss: 3.0, reconstruction: 2.0, kl: 1.0, sharpness: None };
+        let quality = Quality { psnr_db: 20.0, ssim: Some(0.5), l1: 0.1, mse: 0.01, lpips: None };
         EpochRow {
             epoch,
             step: epoch * 10,
             train: stats,
             test: stats,
+            quality,
             active_dims: 4,
             lr: 1e-3,
             images_per_s: 100.0,
@@ -161,25 +194,58 @@ mod tests {
         let rows = log.read().unwrap();
         let epochs: Vec<f64> = rows.iter().map(|r| r[0].1).collect();
         assert_eq!(epochs, vec![1.0, 2.0]);
-        assert_eq!(rows[0].len(), HEADER.split(',').count());
-        assert_eq!(rows[1][8], ("active_dims".to_string(), 4.0));
+        let header = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert!(header.starts_with(&HEADER.replace("test_psnr", "test_psnr,test_ssim")), "{header}");
+        assert_eq!(rows[0].len(), HEADER.split(',').count() + 1);
+        assert_eq!(rows[1][10], ("active_dims".to_string(), 4.0));
+        assert_eq!(rows[1][8..10], [("test_psnr".to_string(), 20.0), ("test_ssim".to_string(), 0.5)]);
     }
 
     #[test]
-    fn a_run_with_sharpness_terms_logs_them_and_a_change_of_columns_rewrites_the_header() {
+    fn a_change_of_columns_rewrites_the_file_with_every_value_under_its_own_column() {
         let dir = tempfile::tempdir().unwrap();
-        let log = MetricsLog::new(&dir.path().join("metrics.csv"));
+        let path = dir.path().join("metrics.csv");
+        let log = MetricsLog::new(&path);
         log.append(&row(1)).unwrap();
+        // A resume that turned LPIPS and the GAN on, then one that turned them off again.
         let mut gan = row(2);
         gan.train.sharpness = Some([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]);
+        gan.quality.lpips = Some(0.25);
         log.append(&gan).unwrap();
-        let text = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        log.append(&row(3)).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
         let header = text.lines().next().unwrap();
-        assert!(header.ends_with(",train_lpips,train_g_loss,train_d_weight,train_d_loss,train_logits_real,train_logits_fake,train_logvar"), "{header}");
+        assert!(header.contains(",test_psnr,test_ssim,test_lpips,active_dims,"), "{header}");
+        assert!(header.ends_with(",seconds,train_lpips,train_g_loss,train_d_weight,train_d_loss,train_logits_real,train_logits_fake,train_logvar"), "{header}");
         let rows = log.read().unwrap();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[1].last().unwrap(), &("train_logvar".to_string(), 0.7));
-        assert_eq!(rows[0].len(), HEADER.split(',').count(), "the earlier row keeps its values");
+        let get = |r: usize, k: &str| rows[r].iter().find(|(c, _)| c == k).map(|(_, v)| *v);
+        assert_eq!((get(1, "train_logvar"), get(1, "test_lpips")), (Some(0.7), Some(0.25)));
+        for r in [0, 2] {
+            assert_eq!((get(r, "train_lpips"), get(r, "test_lpips")), (None, None), "row {r}: {text}");
+            assert_eq!(rows[r].len(), HEADER.split(',').count() + 1);
+        }
+    }
+
+    #[test]
+    fn a_file_of_an_older_layout_keeps_its_rows_under_their_own_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.csv");
+        // Before test_psnr: the sharpness columns came right after `seconds`.
+        let old = "epoch,step,train_loss,train_reconstruction,train_kl,test_loss,test_reconstruction,\
+                   test_kl,active_dims,lr,images_per_s,seconds,train_lpips\n\
+                   1,10,3.0,2.0,1.0,3.5,2.5,1.0,4,0.001,100.0,1.00,0.125\n";
+        std::fs::write(&path, old).unwrap();
+        let log = MetricsLog::new(&path);
+        let mut next = row(2);
+        next.train.sharpness = Some([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]);
+        log.append(&next).unwrap();
+        let rows = log.read().unwrap();
+        let get = |r: usize, k: &str| rows[r].iter().find(|(c, _)| c == k).map(|(_, v)| *v);
+        assert_eq!(
+            (get(0, "train_lpips"), get(0, "test_psnr"), get(0, "seconds")),
+            (Some(0.125), None, Some(1.0))
+        );
+        assert_eq!((get(1, "train_lpips"), get(1, "test_psnr")), (Some(0.1), Some(20.0)));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 use crate::checkpoint::{self, Metadata, Resume};
 use crate::data::{Dataset, Loader, Splits};
 use crate::dist::Backend;
+use crate::eval::SplitFigures;
 use crate::export::{self, GRID_COLS};
 use crate::fsio::write_atomic;
 use crate::loss::Stats;
@@ -188,13 +189,19 @@ impl Outputs<'_> {
     fn log_epoch(&mut self, row: &EpochRow) -> Result<()> {
         let Some(tb) = self.events.as_mut() else { return Ok(()) };
         let step = row.step;
+        let quality = &row.quality;
+        let measured = [("test/ssim", quality.ssim), ("test/lpips", quality.lpips)];
         for (tag, value) in [
             ("epoch/train_loss", row.train.loss),
             ("test/loss", row.test.loss),
             ("test/reconstruction", row.test.reconstruction),
             ("test/kl", row.test.kl),
+            ("test/psnr", quality.psnr_db),
             ("test/active_dims", row.active_dims as f64),
-        ] {
+        ]
+        .into_iter()
+        .chain(measured.into_iter().filter_map(|(tag, v)| Some((tag, v?))))
+        {
             tb.scalar(tag, step, value)?;
         }
         for (tag, file) in [("reconstructions", RECONSTRUCTIONS), ("samples", SAMPLES)] {
@@ -293,19 +300,20 @@ fn train_epoch(
     Ok(train)
 }
 
-/// The test split's statistics and active dimensions (every rank computes its share); a test
+/// The test split's figures and active dimensions (every rank computes its share); a test
 /// loss that is not finite ends the run, on every rank, before anything is saved.
-fn evaluate(trainer: &Trainer, test: &Dataset, folder: Option<&RunDir>) -> Result<(Stats, i64)> {
-    let (stats, moments) = trainer.evaluate(test)?;
+fn evaluate(trainer: &Trainer, test: &Dataset, folder: Option<&RunDir>) -> Result<(SplitFigures, i64)> {
+    let figures = trainer.evaluate(test)?;
     ensure!(
-        stats.loss.is_finite(),
+        figures.stats.loss.is_finite(),
         "epoch {}: the test loss is not finite ({}); the run has diverged, and {} keeps the last \
          checkpoint with a finite one",
         trainer.epoch,
-        stats.loss,
+        figures.stats.loss,
         folder.map_or("rank 0's run folder".into(), |f| f.last().display().to_string())
     );
-    Ok((stats, active_dimensions(&moments, test.len())))
+    let active = active_dimensions(&figures.moments, test.len());
+    Ok((figures, active))
 }
 
 /// Trains until `trainer.cfg.epochs` in `folder` (held by this process), writing checkpoints
@@ -362,8 +370,9 @@ pub fn run(
         };
         let seconds = started.elapsed().as_secs_f64();
         // Judged (and pictured, below) with the weights' moving average, where one is kept.
-        let (test_stats, active_dims) =
+        let (figures, active_dims) =
             trainer.averaged(|| evaluate(trainer, &test, out.as_ref().map(|o| o.folder)))?;
+        let test_stats = figures.stats;
         // The other ranks go on to the next epoch and wait for this one at its first step.
         if let Some(out) = out.as_mut() {
             let row = EpochRow {
@@ -371,6 +380,7 @@ pub fn run(
                 step: trainer.step,
                 train,
                 test: test_stats,
+                quality: figures.quality,
                 active_dims,
                 lr: schedule.lr_at(trainer.step.saturating_sub(1)),
                 images_per_s: loader.len() as f64 / seconds,
@@ -405,9 +415,10 @@ pub fn run(
                     cfg.disc_weight > 0.0 && trainer.step > cfg.disc_start,
                 );
                 println!(
-                    "epoch {}/{}  train {train}{sharp}  test {test_stats}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
+                    "epoch {}/{}  train {train}{sharp}  test {test_stats}  {}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
                     row.epoch,
                     cfg.epochs,
+                    row.quality,
                     row.images_per_s,
                     cfg.model.latent_dim()
                 );

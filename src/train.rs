@@ -8,6 +8,7 @@ use crate::config::TrainConfig;
 use crate::data::{Binarize, Dataset, Loader};
 use crate::dist::ProcessGroup;
 use crate::ema::Ema;
+use crate::eval::{Measure, SplitFigures};
 use crate::loss::{Elbo, KlWeight, Stats, SHARPNESS};
 use crate::models::{Compute, Model};
 use crate::perceptual::Lpips;
@@ -542,26 +543,24 @@ impl Trainer {
         }
     }
 
-    /// The bound on a split (noise fixed per evaluation batch by the seed), and the posterior
-    /// means' per-dimension sums and sums of squares (`[2, D]`); every rank evaluates its
-    /// share and the sums are exchanged, so all of them return the whole split's.
-    pub fn evaluate(&self, data: &Dataset) -> Result<(Stats, Tensor)> {
-        let weight = KlWeight { beta: self.cfg.beta, free_bits: 0.0 };
+    /// The bound on a split (noise fixed per evaluation batch by the seed), the
+    /// reconstructions' quality (LPIPS in runs with the perceptual term) and the posterior
+    /// means' moments; every rank evaluates its share and the sums are exchanged, so all of
+    /// them return the whole split's.
+    pub fn evaluate(&self, data: &Dataset) -> Result<SplitFigures> {
+        let measure = Measure {
+            seed: self.cfg.seed,
+            weight: KlWeight { beta: self.cfg.beta, free_bits: 0.0 },
+            perceptual: self.cfg.perceptual(self.lpips.as_ref())?,
+            lpips: self.lpips.as_ref(),
+        };
         let shard = self.group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
-        let perceptual = self.cfg.perceptual(self.lpips.as_ref())?;
-        let (sums, moments) = crate::eval::elbo_sums(
-            self.model.as_ref(),
-            data,
-            self.cfg.seed,
-            weight,
-            perceptual,
-            self.device,
-            shard,
-        )?;
+        let sums = crate::eval::split_sums(self.model.as_ref(), data, measure, self.device, shard)?;
         if let Some(group) = &self.group {
-            group.all_reduce_sum(&[sums.shallow_clone(), moments.shallow_clone()])?;
+            let all = [&sums.bound, &sums.moments, &sums.quality].map(Tensor::shallow_clone);
+            group.all_reduce_sum(&all)?;
         }
-        Ok((Stats::from_sums(&sums, data.len()), moments))
+        Ok(sums.figures(data, self.lpips.is_some()))
     }
 }
 

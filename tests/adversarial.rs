@@ -197,9 +197,15 @@ fn a_gan_run_resumes_bitwise_across_the_start_logs_and_exports_the_autoencoder()
     // metrics.csv: the GAN's numbers beside the bound's.
     let metrics = std::fs::read_to_string(straight.join("metrics.csv")).unwrap();
     let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
-    for column in
-        ["train_lpips", "train_g_loss", "train_d_weight", "train_d_loss", "train_logits_real", "train_logvar"]
-    {
+    for column in [
+        "train_lpips",
+        "train_g_loss",
+        "train_d_weight",
+        "train_d_loss",
+        "train_logits_real",
+        "train_logvar",
+        "test_psnr",
+    ] {
         assert!(header.contains(&column), "{column} not in {header:?}");
     }
     let last: Vec<f64> = metrics.lines().last().unwrap().split(',').map(|v| v.parse().unwrap()).collect();

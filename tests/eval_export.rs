@@ -6,8 +6,8 @@ mod common;
 use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::path::Path;
 use tch::{nn::VarStore, Device, Kind, Tensor};
-use vae::eval::iwae_nll;
-use vae::models::{ConvConfig, ConvVae, Model};
+use vae::eval::{iwae_nll, log_weights};
+use vae::models::{ConvConfig, ConvVae, Likelihood, Model, Posterior, ResnetConfig, ResnetVae};
 
 const DATA: &[&str] =
     &["--train-size", "640", "--test-size", "120", "--batch-size", "32", "--binarize", "dynamic"];
@@ -85,6 +85,50 @@ fn iwae_equals_a_brute_force_sum_over_the_same_samples() {
             nll[b]
         );
     }
+}
+
+/// Evaluation takes large images through the model a few at a time (8 of 512 x 512 to a
+/// pass): ten images encode in two passes as in one, and the 2 x 10 decodes of an
+/// importance-weighted bound, in three passes, are each scored against their own image.
+#[test]
+fn large_images_go_through_the_model_in_passes_each_against_its_own_image() {
+    let cfg = ResnetConfig {
+        image_size: 512,
+        in_channels: 1,
+        block_channels: vec![4, 4],
+        layers_per_block: 1,
+        latent_channels: 1,
+        norm_groups: 2,
+        mid_attention: false,
+        likelihood: Likelihood::Bernoulli,
+    };
+    let vs = VarStore::new(Device::Cpu);
+    let model = ResnetVae::new(vs.root(), &cfg);
+    // Fixed images and noise, each image and draw its own.
+    let pattern = |shape: &[i64], k: f64| {
+        let n: i64 = shape.iter().product();
+        (Tensor::arange(n, (Kind::Float, Device::Cpu)) * k).sin().view(shape)
+    };
+    let x = (pattern(&[10, 1, 512, 512], 0.37) + 1.0).round() / 2.0;
+    tch::no_grad(|| {
+        let q = model.encode_in_passes(&x);
+        let whole = model.encode(&x);
+        assert!(
+            q.mean.allclose(&whole.mean, 1e-5, 1e-5, false)
+                && q.logvar.allclose(&whole.logvar, 1e-5, 1e-5, false)
+        );
+        let eps = pattern(&[2, 10, model.latent_dim()], 0.91);
+        let weights = log_weights(&model, &x, &q, &eps);
+        for (s, b) in [(0, 0), (0, 7), (0, 9), (1, 0), (1, 5), (1, 9)] {
+            let (e, one) = (
+                eps.get(s).narrow(0, b, 1),
+                Posterior { mean: q.mean.narrow(0, b, 1), logvar: q.logvar.narrow(0, b, 1) },
+            );
+            let alone = log_weights(&model, &x.narrow(0, b, 1), &one, &e.unsqueeze(0));
+            let (a, w) = (alone.double_value(&[0, 0]), weights.double_value(&[s, b]));
+            assert!((a - w).abs() < 1e-4 * a.abs(), "sample {s}, image {b}: {w} in passes, {a} alone");
+        }
+    });
 }
 
 fn eval_json(run: &Path, k: &str) -> serde_json::Value {

@@ -86,6 +86,23 @@ fn a_run_logs_metrics_a_plot_and_tensorboard_events() {
     assert!(beta[0][1].as_f64().unwrap() < 1.0 && beta[1][1].as_f64().unwrap() == 1.0, "{beta}");
     let test_loss = events["scalars"]["test/loss"][1][1].as_f64().unwrap();
     assert!((test_loss - get(1, "test_loss")).abs() < 1e-3 * test_loss, "events and metrics.csv disagree");
+    // The epoch's PSNR and SSIM of the test split are what `vae eval` measures on its checkpoint.
+    let eval = ok(vae(&["eval", run.to_str().unwrap(), "--iw-samples", "0", "--json", "--device", "cpu"]));
+    let report: serde_json::Value = serde_json::from_str(stdout(&eval).trim()).unwrap();
+    for (tag, column, key) in [("test/psnr", "test_psnr", "psnr_db"), ("test/ssim", "test_ssim", "ssim")] {
+        let logged = events["scalars"][tag][1][1].as_f64().unwrap_or_else(|| panic!("no {tag} in {events}"));
+        let measured = report["quality"][key].as_f64().unwrap();
+        assert!(
+            (logged - get(1, column)).abs() < 1e-4,
+            "{tag}: events {logged}, metrics.csv {}",
+            get(1, column)
+        );
+        assert!(
+            (measured - get(1, column)).abs() < 1e-3,
+            "{column}: eval {measured}, metrics.csv {}",
+            get(1, column)
+        );
+    }
     for tag in ["reconstructions", "samples"] {
         let images = events["images"][tag].as_array().unwrap();
         assert_eq!(images.len(), 2, "{tag}");

@@ -115,6 +115,10 @@ fn training_with_lpips_resumes_bitwise_and_eval_reports_it() {
     let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     let lpips = report["quality"]["lpips"].as_f64().expect("LPIPS in the report");
     assert!(lpips > 0.0, "{out}");
+    // Training measured the same LPIPS of the test split after its last epoch.
+    let rows = vae::metrics::MetricsLog::new(&straight.join("metrics.csv")).read().unwrap();
+    let logged = rows[1].iter().find(|(c, _)| c == "test_lpips").expect("test_lpips in metrics.csv").1;
+    assert!((logged - lpips).abs() < 2e-4, "metrics.csv {logged}, eval {lpips}");
     // The loss has the term; the reconstruction reported beside it is the pixel loss alone.
     let [loss, reconstruction, kl] =
         ["negative_elbo", "reconstruction", "kl"].map(|k| report[k].as_f64().unwrap());

@@ -215,6 +215,24 @@ pub fn cast(t: &Tensor, kind: Kind) -> Tensor {
 }
 
 /// What the rest of the crate needs of a model: the two halves of the VAE.
+/// Pixels (images x height x width) of one pass of a model in evaluation: a whole evaluation
+/// batch of small images (500 of 64 x 64), 128 images of 128 x 128, 32 of 256 x 256, 8 of
+/// 512 x 512; a batch of any image size then holds one pass's activations, not its own.
+const PIXELS_PER_PASS: i64 = 1 << 21;
+
+/// `f(first, part)` over consecutive parts of `rows` (dimension 0), each as many rows as
+/// images of `h` x `w` fill [`PIXELS_PER_PASS`], the results concatenated (one part: `rows`
+/// itself, no copy). For evaluation, without a gradient.
+pub fn in_passes(rows: &Tensor, [h, w]: [i64; 2], f: impl Fn(i64, &Tensor) -> Tensor) -> Tensor {
+    let (count, size) = (rows.size()[0], (PIXELS_PER_PASS / (h * w).max(1)).max(1));
+    if count <= size {
+        return f(0, rows);
+    }
+    let parts: Vec<Tensor> =
+        (0..count).step_by(size as usize).map(|i| f(i, &rows.narrow(0, i, size.min(count - i)))).collect();
+    Tensor::cat(&parts, 0)
+}
+
 pub trait Model {
     /// q(z|x)'s parameters, in float32 whatever dtype the layers ran in.
     fn encode(&self, x: &Tensor) -> Posterior;
@@ -246,6 +264,18 @@ pub trait Model {
     /// Images in [0, 1] that the decoder expects at `z` (its mean, not a sample).
     fn decode_mean(&self, z: &Tensor) -> Tensor {
         self.likelihood().mean(&self.decode(z))
+    }
+
+    /// [`encode`](Model::encode) for an evaluation batch of any size, in passes (see
+    /// [`in_passes`]).
+    fn encode_in_passes(&self, x: &Tensor) -> Posterior {
+        let size = x.size();
+        let d = self.latent_dim();
+        let both = in_passes(x, [size[2], size[3]], |_, x| {
+            let q = self.encode(x);
+            Tensor::cat(&[q.mean, q.logvar], 1)
+        });
+        Posterior { mean: both.narrow(1, 0, d), logvar: both.narrow(1, d, d) }
     }
 
     /// `x` decoded from its posterior mean, in [0, 1]: images of any size the model takes.
