@@ -94,8 +94,9 @@ use vae::checkpoint::Checkpoint;
 const DATA: &[&str] = &[
     "--train-size",
     "641",
+    // Two evaluation batches of 500: one for each of two ranks.
     "--test-size",
-    "64",
+    "1000",
     "--batch-size",
     "32",
     "--binarize",
@@ -195,6 +196,16 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     ok(train(&two, "1", &["--nproc", "2"]));
     let worst = relative_difference(&one.join("last.safetensors"), &two.join("last.safetensors"));
     assert!(worst <= 1e-5, "2 ranks differ from 1 process by {worst:e} (relative)");
+    // Each rank evaluates its share of the test split; the exchanged sums give one process's
+    // figures.
+    let last_row =
+        |run: &Path| vae::metrics::MetricsLog::new(&run.join("metrics.csv")).read().unwrap().remove(0);
+    let (a, b) = (last_row(&one), last_row(&two));
+    for column in ["test_loss", "test_kl", "test_psnr", "test_ssim", "active_dims"] {
+        let get = |row: &[(String, f64)]| row.iter().find(|(c, _)| c == column).expect(column).1;
+        let (a, b) = (get(&a), get(&b));
+        assert!((a - b).abs() <= 1e-3 * a.abs(), "{column}: 1 process {a}, 2 ranks {b}");
+    }
     // torchrun starts the same ranks, its elastic agent serving the store.
     let torchrun = Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/torchrun");
     assert!(torchrun.exists(), "{} missing: run scripts/setup", torchrun.display());
