@@ -2,7 +2,7 @@
 //! interpolations and latent traversals, drawn as PNG grids; and latents as tensors.
 
 use crate::data::{to_unit_float, Dataset, Loader};
-use crate::models::{Model, Posterior};
+use crate::models::{in_passes, Model, Posterior};
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -16,7 +16,8 @@ pub fn reconstruction_grid(model: &dyn Model, x: &Tensor, cols: usize) -> Tensor
     let n = x.size()[0] as usize;
     let cols = cols.min(n).max(1);
     let x = x.narrow(0, 0, ((n / cols).max(1) * cols) as i64);
-    let recon = tch::no_grad(|| model.reconstruct(&x));
+    let size = x.size();
+    let recon = tch::no_grad(|| in_passes(&x, [size[2], size[3]], |_, x| model.reconstruct(x)));
     let rows: Vec<Tensor> = x
         .split(cols as i64, 0)
         .into_iter()
@@ -26,10 +27,11 @@ pub fn reconstruction_grid(model: &dyn Model, x: &Tensor, cols: usize) -> Tensor
     Tensor::cat(&rows, 0)
 }
 
-/// Decoded draws z ~ N(0, temperature^2 I) from libtorch's generator.
-pub fn samples(model: &dyn Model, count: i64, temperature: f64, device: tch::Device) -> Tensor {
+/// Decoded draws z ~ N(0, temperature^2 I) from libtorch's generator, images of `[h, w]` (the
+/// model's), decoded a pass at a time.
+pub fn samples(model: &dyn Model, count: i64, temperature: f64, hw: [i64; 2], device: tch::Device) -> Tensor {
     let z = Tensor::randn([count, model.latent_dim()], (Kind::Float, device)) * temperature;
-    tch::no_grad(|| model.decode_mean(&z))
+    tch::no_grad(|| in_passes(&z, hw, |_, z| model.decode_mean(z)))
 }
 
 /// Points t = 0, 1/(steps-1), ..., 1 along the path from `a` to `b` (`[D]` each): linear, or

@@ -181,7 +181,8 @@ impl Outputs<'_> {
         let path = self.folder.file(RECONSTRUCTIONS);
         export::save_grid(&path, &export::reconstruction_grid(model, &x, cols), cols)?;
         crate::rng::seed_torch(trainer.cfg.seed, crate::rng::Stream::Eval, u64::MAX);
-        let images = export::samples(model, 4 * GRID_COLS as i64, 1.0, trainer.device);
+        let [_, h, w] = trainer.cfg.model.image_shape();
+        let images = export::samples(model, 4 * GRID_COLS as i64, 1.0, [h, w], trainer.device);
         export::save_grid(&self.folder.file(SAMPLES), &images, GRID_COLS)
     }
 

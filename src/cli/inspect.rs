@@ -375,7 +375,9 @@ impl SampleArgs {
             );
         }
         vae::rng::seed_torch(seed.unwrap_or(loaded.config().seed), vae::rng::Stream::Eval, u64::MAX);
-        let images = vae::export::samples(loaded.model.as_ref(), n as i64, temperature, loaded.device);
+        let [_, h, w] = loaded.config().model.image_shape();
+        let images =
+            vae::export::samples(loaded.model.as_ref(), n as i64, temperature, [h, w], loaded.device);
         let path = loaded.output(out, "sample.png");
         vae::export::save_grid(&path, &images, (n as f64).sqrt().ceil() as usize)?;
         saved(&path);
