@@ -7,6 +7,7 @@
 //! images) and its weights come from a safetensors file holding the package's state dict
 //! (`scripts/lpips_weights.py` writes it): nothing is downloaded at run time.
 
+use crate::models::in_passes;
 use anyhow::{ensure, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -30,9 +31,6 @@ const CONVS: [(usize, usize, i64, i64); 13] = [
     (5, 26, 512, 512),
     (5, 28, 512, 512),
 ];
-
-/// Images per pass through the trunk: its activations are 20 times an image's size.
-const CHUNK: i64 = 32;
 
 /// Pixels per pass when the gradient is wanted (4 images of 128 x 128): each pass goes
 /// backward at once and frees its activations, so the trunk's graph for the whole batch is
@@ -151,14 +149,10 @@ impl Lpips {
             );
             return Tensor::cat(&values, 0) + carried;
         }
-        if batch > CHUNK {
-            // Evaluation batches are large; VGG's activations of a chunk are bounded.
-            let parts: Vec<Tensor> = passes(batch, CHUNK)
-                .map(|(i, n)| self.pass(&x0.narrow(0, i, n), &x1.narrow(0, i, n), kind))
-                .collect();
-            return Tensor::cat(&parts, 0);
-        }
-        self.pass(x0, x1, kind)
+        // Evaluation batches are large: passes bound VGG's activations (20 times the images').
+        in_passes(x1, [size[2], size[3]], |first, part| {
+            self.pass(&x0.narrow(0, first, part.size()[0]), part, kind)
+        })
     }
 
     /// [`distance`](Lpips::distance) in one pass through the trunk.
