@@ -214,7 +214,6 @@ pub fn cast(t: &Tensor, kind: Kind) -> Tensor {
     t.to_kind(kind)
 }
 
-/// What the rest of the crate needs of a model: the two halves of the VAE.
 /// Pixels (images x height x width) of one pass of a model in evaluation: a whole evaluation
 /// batch of small images (500 of 64 x 64), 128 images of 128 x 128, 32 of 256 x 256, 8 of
 /// 512 x 512; a batch of any image size then holds one pass's activations, not its own.
@@ -222,7 +221,8 @@ const PIXELS_PER_PASS: i64 = 1 << 21;
 
 /// `f(first, part)` over consecutive parts of `rows` (dimension 0), each as many rows as
 /// images of `h` x `w` fill [`PIXELS_PER_PASS`], the results concatenated (one part: `rows`
-/// itself, no copy). For evaluation, without a gradient.
+/// itself, no copy). Bounds memory without a gradient (evaluation); with one, every part's
+/// graph is held until the backward.
 pub fn in_passes(rows: &Tensor, [h, w]: [i64; 2], f: impl Fn(i64, &Tensor) -> Tensor) -> Tensor {
     let (count, size) = (rows.size()[0], (PIXELS_PER_PASS / (h * w).max(1)).max(1));
     if count <= size {
@@ -233,6 +233,7 @@ pub fn in_passes(rows: &Tensor, [h, w]: [i64; 2], f: impl Fn(i64, &Tensor) -> Te
     Tensor::cat(&parts, 0)
 }
 
+/// What the rest of the crate needs of a model: the two halves of the VAE.
 pub trait Model {
     /// q(z|x)'s parameters, in float32 whatever dtype the layers ran in.
     fn encode(&self, x: &Tensor) -> Posterior;
