@@ -7,7 +7,7 @@
 //! images) and its weights come from a safetensors file holding the package's state dict
 //! (`scripts/lpips_weights.py` writes it): nothing is downloaded at run time.
 
-use crate::models::in_passes;
+use crate::models::{in_passes, passes};
 use anyhow::{ensure, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -36,11 +36,6 @@ const CONVS: [(usize, usize, i64, i64); 13] = [
 /// backward at once and frees its activations, so the trunk's graph for the whole batch is
 /// never held beside the autoencoder's.
 const GRAD_CHUNK_PIXELS: i64 = 1 << 16;
-
-/// `(first, count)` of the consecutive passes of at most `size` images over `batch`.
-fn passes(batch: i64, size: i64) -> impl Iterator<Item = (i64, i64)> {
-    (0..batch).step_by(size as usize).map(move |i| (i, size.min(batch - i)))
-}
 
 /// Channels of the five compared activations.
 const CHANNELS: [i64; 5] = [64, 128, 256, 512, 512];

@@ -228,9 +228,13 @@ pub fn in_passes(rows: &Tensor, [h, w]: [i64; 2], f: impl Fn(i64, &Tensor) -> Te
     if count <= size {
         return f(0, rows);
     }
-    let parts: Vec<Tensor> =
-        (0..count).step_by(size as usize).map(|i| f(i, &rows.narrow(0, i, size.min(count - i)))).collect();
+    let parts: Vec<Tensor> = passes(count, size).map(|(i, n)| f(i, &rows.narrow(0, i, n))).collect();
     Tensor::cat(&parts, 0)
+}
+
+/// `(first, count)` of the consecutive passes of at most `size` rows over `count`.
+pub fn passes(count: i64, size: i64) -> impl Iterator<Item = (i64, i64)> {
+    (0..count).step_by(size as usize).map(move |i| (i, size.min(count - i)))
 }
 
 /// What the rest of the crate needs of a model: the two halves of the VAE.
