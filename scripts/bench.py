@@ -105,15 +105,18 @@ def resnet_section(vae_bin, args):
     """`--arch resnet` (a small Stable-Diffusion-like config) against diffusers' AutoencoderKL
     of the same config trained by PyTorch eager, alternating, at 64x64 and 128x128."""
     flags = [x for k, v in RESNET.items() for x in (f"--{k}", v)]
-    perceptual = []
+    # The flags both sides take beyond the architecture: loss terms, checkpointing.
+    extra = []
     if args.perceptual_weight > 0:
         # A random VGG16 trunk (no download): the same work as the ImageNet one.
         weights = os.path.join(tempfile.mkdtemp(), "lpips.safetensors")
         subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "lpips_weights.py"), weights, "--random-trunk"],
                        check=True, capture_output=True)
-        perceptual = ["--perceptual-weight", str(args.perceptual_weight), "--lpips-weights", weights]
+        extra = ["--perceptual-weight", str(args.perceptual_weight), "--lpips-weights", weights]
     if args.disc_weight > 0:
-        perceptual += ["--disc-weight", str(args.disc_weight)]
+        extra += ["--disc-weight", str(args.disc_weight)]
+    if args.gradient_checkpointing:
+        extra.append("--gradient-checkpointing")
     devices = ["cuda"] if args.cuda_only else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     # A CPU step takes seconds, a GPU step tens of milliseconds: each gets enough steps to time.
     timing = {"cpu": (min(args.steps, 5), min(args.warmup, 2)), "cuda": (min(args.steps, 50), min(args.warmup, 10))}
@@ -122,25 +125,26 @@ def resnet_section(vae_bin, args):
     print(f"--arch resnet, block channels {RESNET['block-channels']}, {RESNET['layers-per-block']} layers per "
           f"block, {RESNET['latent-channels']} latent channels"
           f"{f', LPIPS weight {args.perceptual_weight}' if args.perceptual_weight > 0 else ''}"
-          f"{f', PatchGAN weight {args.disc_weight}' if args.disc_weight > 0 else ''}; timed steps after warm-up: "
+          f"{f', PatchGAN weight {args.disc_weight}' if args.disc_weight > 0 else ''}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; timed steps after warm-up: "
           f"{', '.join(f'{d} {timing[d][0]} after {timing[d][1]}' for d in devices)}; median of "
           f"{args.repeats} alternating runs; random RGB images (ours: generated shapes), threads {args.threads}\n")
     print(f"{'case':<24} {'vae img/s':>10} {'diffusers img/s':>16} {'ratio':>6}  {'vae peak':>9} {'pt peak':>9}")
     results = {}
     for device in devices:
         steps, warmup = timing[device]
-        for side, batch in ((64, 16), (128, 16)):
+        for side, batch in ((int(side), 16) for side in args.sizes.split(",")):
             common = ["--device", device, "--batch-size", str(batch), "--threads", str(args.threads),
-                      "--steps", str(steps), "--warmup", str(warmup)] + flags + perceptual
+                      "--steps", str(steps), "--warmup", str(warmup)] + flags + extra
             ours = [vae_bin, "bench", "--arch", "resnet", "--dataset", "shapes", "--channels", "3",
                     "--image-size", str(side), "--train-size", "512", "--test-size", "16"] + common
             reference = [sys.executable, os.path.join(ROOT, "scripts", "bench_resnet_reference.py"),
                          "--image-size", str(side)] + common
-            runs = {"vae": [], "pytorch": []}
-            for _ in range(args.repeats):
-                runs["vae"].append(run_json(ours, dict(os.environ)))
-                runs["pytorch"].append(run_json(reference, dict(os.environ)))
             name = f"{device} f32 {side}x{side} b{batch}"
+            runs = {"vae": [], "pytorch": []}
+            for repeat in range(args.repeats):
+                for run, cmd in (("vae", ours), ("pytorch", reference)):
+                    runs[run].append(run_json(cmd + traced(args, name, run, repeat, steps), dict(os.environ)))
             r = {impl: {"images_per_s": statistics.median(x["images_per_s"] for x in rs),
                         "peak_mib": max((x.get("peak_cuda_mib") if device == "cuda" else x["peak_rss_mib"]) or 0
                                         for x in rs)}
@@ -150,12 +154,40 @@ def resnet_section(vae_bin, args):
             print(f"{name:<24} {r['vae']['images_per_s']:>10.1f} {r['pytorch']['images_per_s']:>16.1f} "
                   f"{r['vae']['images_per_s'] / r['pytorch']['images_per_s']:>5.2f}x  "
                   f"{r['vae']['peak_mib']:>6.0f} MiB {r['pytorch']['peak_mib']:>6.0f} MiB ({unit})", flush=True)
+    for name in results:
+        print_traces(args, name, timing[name.split()[0]][0])
     return results
 
 
 def run_json(cmd, env):
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)}\nfailed with status {out.returncode}:\n{out.stderr.strip()}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def traced(args, name, run, repeat, steps):
+    """run's flags to record its last repeat's first timed steps into args.trace (the steps are
+    timed first: tracing does not touch the figures)."""
+    if not args.trace or repeat < args.repeats - 1:
+        return []
+    path = os.path.join(args.trace, f"{name.replace(' ', '-')}-{run}.json")
+    return ["--trace", path, "--trace-steps", str(min(steps, args.trace_steps))]
+
+
+def print_traces(args, name, steps):
+    """The two traces of case `name` side by side (scripts/trace_summary.py)."""
+    if not args.trace:
+        return
+    from trace_summary import summarise, table
+
+    flags = {run: traced(args, name, run, args.repeats - 1, steps) for run in ("vae", "pytorch")}
+    count = int(flags["vae"][3])
+    print(f"\n{name}: where the time of {count} traced steps goes ({', '.join(f[1] for f in flags.values())})")
+    try:
+        print(table({run: summarise(f[1]) for run, f in flags.items()}, count), flush=True)
+    except Exception as e:  # the figures above stand; the traces stay for another look
+        print(f"could not tabulate the traces: {e!r}", flush=True)
 
 
 def measure(vae_bin, case, args, data_dir, full_epoch=False, profile=False):
@@ -172,9 +204,10 @@ def measure(vae_bin, case, args, data_dir, full_epoch=False, profile=False):
     reference = [sys.executable, os.path.join(ROOT, "scripts", "bench_reference.py")] + common
     env = dict(os.environ)
     runs = {"vae": [], "pytorch": []}
-    for _ in range(args.repeats):
-        runs["vae"].append(run_json(ours, env))
-        runs["pytorch"].append(run_json(reference, env))
+    for repeat in range(args.repeats):
+        for run, cmd in (("vae", ours), ("pytorch", reference)):
+            trace = [] if full_epoch or profile else traced(args, label(case), run, repeat, args.steps)
+            runs[run].append(run_json(cmd + trace, env))
     key = "epoch_s" if full_epoch else "images_per_s"
     summary = {}
     for impl, results in runs.items():
@@ -224,7 +257,16 @@ def main():
                    help="--arch resnet: with the PatchGAN discriminator in both (from the first step)")
     p.add_argument("--cuda-only", action="store_true",
                    help="only the CUDA cases (scripts/gpu-check): no CPU cases, no loader section")
+    p.add_argument("--trace", metavar="DIR",
+                   help="also record each case's steps with the profiler on both sides into DIR (created; its "
+                        "traces must be new) and print where the time goes, side by side")
+    p.add_argument("--trace-steps", type=int, default=5, help="timed steps each --trace records")
+    p.add_argument("--sizes", default="64,128", help="--arch resnet: image sides, comma-separated")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="--arch resnet: both sides checkpoint each down, middle and up block")
     args = p.parse_args()
+    if args.trace:
+        os.makedirs(args.trace, exist_ok=True)
     if args.quick:
         args.repeats, args.steps, args.warmup = 1, 5, 2
     if args.arch == "resnet":
@@ -263,6 +305,8 @@ def main():
             if r["pytorch"]["peak_cuda_mib"]:
                 line += (f"  peak CUDA {r['vae']['peak_cuda_mib'] or 0:.0f} vs {r['pytorch']['peak_cuda_mib']:.0f} MiB")
             print(line, flush=True)
+        for case in cases:
+            print_traces(args, label(case), args.steps)
         f32 = results.get("cpu f32 128")
         bf16 = results.get("cpu bf16 128")
         if f32 and bf16:

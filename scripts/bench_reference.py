@@ -48,7 +48,11 @@ def main():
     p.add_argument("--data-dir", default=FASHION)
     p.add_argument("--full-epoch", action="store_true", help="time data loading + one epoch + test eval instead")
     p.add_argument("--profile", action="store_true", help="then split the timed steps into phases")
+    p.add_argument("--trace", help="then record the first --trace-steps timed steps with torch.profiler here")
+    p.add_argument("--trace-steps", type=int, default=5)
     args = p.parse_args()
+    if args.trace and args.full_epoch:
+        p.error("--trace records the timed steps; it does not go with --full-epoch")
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -136,6 +140,11 @@ def main():
     result["peak_rss_mib"] = peak_rss_mib()
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.trace:
+        from trace_summary import record
+
+        traced = batches[args.warmup : args.warmup + min(args.steps, args.trace_steps)]
+        record(args.trace, device.type == "cuda", lambda: [step(idx, sums) for idx in traced])
     print(json.dumps(result))
 
 

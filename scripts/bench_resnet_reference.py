@@ -33,6 +33,10 @@ def main():
     p.add_argument("--lpips-weights", help="the safetensors state dict of scripts/lpips_weights.py")
     p.add_argument("--disc-weight", type=float, default=0.0,
                    help="train taming's PatchGAN beside it, its term balanced by the adaptive weight")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="diffusers' enable_gradient_checkpointing (per down, middle and up block)")
+    p.add_argument("--trace", help="then record the first --trace-steps timed steps with torch.profiler here")
+    p.add_argument("--trace-steps", type=int, default=5)
     args = p.parse_args()
 
     if args.threads:
@@ -49,6 +53,8 @@ def main():
         down_block_types=["DownEncoderBlock2D"] * len(blocks), up_block_types=["UpDecoderBlock2D"] * len(blocks),
         sample_size=args.image_size,
     ).to(device).train()
+    if args.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
     params = list(vae.parameters())
     disc = None
     if args.disc_weight > 0:
@@ -120,6 +126,11 @@ def main():
               "threads": torch.get_num_threads()}
     if device.type == "cuda":
         result["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if args.trace:
+        from trace_summary import record
+
+        traced = range(args.warmup, args.warmup + min(args.steps, args.trace_steps))
+        record(args.trace, device.type == "cuda", lambda: [step(i) for i in traced])
     print(json.dumps(result))
 
 

@@ -9,10 +9,11 @@ use crate::native;
 use crate::train::{StepTimes, Trainer};
 use anyhow::{ensure, Result};
 use serde::Serialize;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub warmup: usize,
     pub steps: usize,
@@ -20,6 +21,24 @@ pub struct BenchOptions {
     pub full_epoch: bool,
     /// Also split the timed steps into their phases (syncing the device between them).
     pub profile: bool,
+    /// Then record the first `trace_steps` of the timed batches with libtorch's profiler into
+    /// this file (a Chrome trace), after the timing, so the profiler's cost is not timed.
+    pub trace: Option<PathBuf>,
+    pub trace_steps: usize,
+}
+
+impl BenchOptions {
+    /// Refuses a trace that could not be written before anything runs: an existing file is
+    /// never replaced, and a missing folder would show only after minutes of steps.
+    pub fn check(&self) -> Result<()> {
+        let Some(path) = &self.trace else { return Ok(()) };
+        ensure!(!self.full_epoch, "--trace records the timed steps; it does not go with --full-epoch");
+        ensure!(self.trace_steps > 0, "--trace-steps must be at least 1");
+        ensure!(!path.exists(), "--trace {}: the file exists; name a new one", path.display());
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        ensure!(dir.is_dir(), "--trace {}: no folder {}", path.display(), dir.display());
+        Ok(())
+    }
 }
 
 /// One JSON line of figures; the field names match the reference script's.
@@ -76,6 +95,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 }
 
 pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<BenchReport> {
+    opts.check()?;
     let started = Instant::now();
     let splits = DataConfig::load(&cfg.data, cfg.seed)?;
     let load_s = started.elapsed().as_secs_f64();
@@ -128,6 +148,15 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
             let mut times = StepTimes::default();
             let _profiled = steps(&mut trainer, &loader, timed, Some(&mut times))?;
             report.profile_ms = Some(PhaseMs::from(&times));
+        }
+        if let Some(path) = &opts.trace {
+            // The profiler's records take host memory: the figure is the steps' own.
+            report.peak_rss_mib = peak_rss_mib();
+            let trace = native::Trace::start(device)?;
+            let _traced = steps(&mut trainer, &loader, &timed[..opts.trace_steps.min(timed.len())], None)?;
+            crate::device::synchronize(device);
+            trace.save(path)?;
+            return Ok(report);
         }
     }
     report.peak_rss_mib = peak_rss_mib();

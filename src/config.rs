@@ -75,6 +75,10 @@ pub struct TrainConfig {
     /// The discriminator's Adam.
     #[serde(default = "disc_adam")]
     pub disc_adam: AdamConfig,
+    /// Keep only each block's input in the forward and compute the block again in the backward
+    /// (resnet family): the same numbers in less memory, for a second forward's time.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
 }
 
 fn one() -> usize {
@@ -214,6 +218,13 @@ pub struct TrainArgs {
     /// What the convs and matmuls compute in (weights and Adam stay float32); f16 needs CUDA.
     #[arg(long, value_enum, default_value = "f32")]
     pub precision: Precision,
+    /// Resnet: gradient checkpointing, as diffusers' enable_gradient_checkpointing: keep only
+    /// each down, middle and up block's input and compute the block again in the backward.
+    /// The same numbers in far less activation memory, for about one more forward's time. A
+    /// resumed run keeps the checkpoint's choice unless given `--gradient-checkpointing false`.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", default_value_t = false,
+          action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub gradient_checkpointing: bool,
     /// Add W x LPIPS(x, x̂) to each pixel's reconstruction loss (latent diffusion's perceptual
     /// term; needs --recon l1 or l2 and --lpips-weights). 0: off.
     #[arg(long, default_value_t = 0.0)]
@@ -304,6 +315,7 @@ const FAMILY_FLAGS: &[(Arch, &[&str])] = &[
             "norm_groups",
             "mid_attention",
             "no_mid_attention",
+            "gradient_checkpointing",
         ],
     ),
 ];
@@ -362,6 +374,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("ema_decay", Fixed, |a, c| c.ema_decay = a.ema_decay),
     setting("grad_accum", Changeable, |a, c| c.grad_accum = a.grad_accum),
     setting("precision", Changeable, |a, c| c.precision = a.precision),
+    setting("gradient_checkpointing", Process, |a, c| c.gradient_checkpointing = a.gradient_checkpointing),
     setting("perceptual_weight", Changeable, |a, c| c.perceptual_weight = a.perceptual_weight),
     setting("lpips_weights", Process, |a, c| c.lpips_weights = a.lpips_weights.clone()),
     setting("disc_weight", Changeable, |a, c| c.disc_weight = a.disc_weight),
@@ -452,6 +465,7 @@ impl TrainArgs {
             disc_start: 0,
             disc_loss: DiscLoss::Hinge,
             disc_adam: disc_adam(),
+            gradient_checkpointing: false,
         };
         for s in SETTINGS {
             (s.apply)(self, &mut cfg);
@@ -573,6 +587,10 @@ impl TrainConfig {
             "--grad-accum must be between 1 and --batch-size {}, found {}",
             self.batch_size,
             self.grad_accum
+        );
+        ensure!(
+            !self.gradient_checkpointing || self.model.arch() == Arch::Resnet,
+            "--gradient-checkpointing applies to --arch resnet (the conv family has no blocks to checkpoint)"
         );
         let pw = self.perceptual_weight;
         ensure!(pw >= 0.0 && pw.is_finite(), "--perceptual-weight must be >= 0, found {pw}");

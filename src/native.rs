@@ -1,12 +1,17 @@
 //! ATen calls that tch does not bind (src/native.cpp): multi-tensor kernels and fused Adam,
 //! which touch every parameter in a few launches where a loop of tch calls makes several per
 //! tensor (on a GPU the launches, not the arithmetic, bound a small model's step), dropping
-//! gradients (`set_to_none`), and the CUDA caching allocator's peak-memory counter.
+//! gradients (`set_to_none`), the CUDA caching allocator's peak-memory counter, libtorch's
+//! profiler ([`Trace`]), and activation checkpointing ([`checkpoint`]).
 //!
 //! The wrappers panic on a libtorch error, as tch's own non-`f_` methods do: these calls fail
 //! only on a broken invariant (tensors on different devices or of different sizes).
 
-use std::os::raw::{c_char, c_int};
+use anyhow::{bail, ensure, Context, Result};
+use std::ffi::CString;
+use std::os::raw::{c_char, c_int, c_void};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use tch::{Device, Tensor};
 use torch_sys::C_tensor;
 
@@ -57,17 +62,36 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+    fn vae_checkpoint(
+        input: *const C_tensor,
+        closure: *mut c_void,
+        run: SegmentRun,
+        drop: unsafe extern "C" fn(*mut c_void),
+        out: *mut *mut C_tensor,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
+    fn vae_trace_start(cuda: c_int, err: *mut c_char, len: usize) -> c_int;
+    fn vae_trace_stop(path: *const c_char, err: *mut c_char, len: usize) -> c_int;
 }
 
 const ERR_LEN: usize = 1024;
 
-/// Runs one shim call with an error buffer; panics with libtorch's message if it failed.
-fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) {
+/// Runs one shim call with an error buffer; libtorch's message if it failed.
+fn try_call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) -> Result<()> {
     let mut err = [0u8; ERR_LEN];
     if f(err.as_mut_ptr().cast(), ERR_LEN) != 0 {
         let end = err.iter().position(|&b| b == 0).unwrap_or(ERR_LEN);
         let text = String::from_utf8_lossy(&err[..end]);
-        panic!("{what}: {}", text.split("\nException raised from").next().unwrap_or_default());
+        bail!("{what}: {}", text.split("\nException raised from").next().unwrap_or_default());
+    }
+    Ok(())
+}
+
+/// [`try_call`] for the calls that fail only on a broken invariant: panics with the message.
+fn call(what: &str, f: impl FnOnce(*mut c_char, usize) -> c_int) {
+    if let Err(e) = try_call(what, f) {
+        panic!("{e:#}");
     }
 }
 
@@ -183,6 +207,118 @@ pub fn cuda_peak_mib(device: Device, reset: bool) -> Option<f64> {
     Some(bytes as f64 / (1u64 << 20) as f64)
 }
 
+/// A segment of a network for [`checkpoint`]: it may run on autograd's thread (CUDA's
+/// backward), hence `Send`.
+type Segment = Box<dyn Fn(&Tensor) -> Tensor + Send>;
+
+type SegmentRun =
+    unsafe extern "C" fn(*mut c_void, *const C_tensor, *mut *mut C_tensor, *mut c_char, usize) -> c_int;
+
+/// `f(x)` keeping only `x` for the backward, which computes `f` again to back-propagate
+/// through it (torch.utils.checkpoint, reentrant): a segment's activations are held one
+/// segment at a time, for a second forward's compute. The result and every gradient are those
+/// of `f(x)` itself, provided `f` is deterministic (no random draws). Gradients reach `f`'s
+/// parameters only if `x` requires a gradient; without one, or under `no_grad`, it is `f(x)`.
+pub fn checkpoint(x: &Tensor, f: impl Fn(&Tensor) -> Tensor + Send + 'static) -> Tensor {
+    let closure = Box::into_raw(Box::new(Box::new(f) as Segment));
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: `closure` passes to the shim, which frees it through `drop_segment` exactly
+    // once (with the graph, or before returning); on success `out` is a new tensor we own.
+    call("checkpoint", |err, len| unsafe {
+        vae_checkpoint(x.as_ptr(), closure.cast(), run_segment, drop_segment, &mut out, err, len)
+    });
+    // SAFETY: allocated by the shim as an at::Tensor, as tch's own calls do.
+    unsafe { Tensor::from_ptr(out) }
+}
+
+/// The shim's call of a [`Segment`]: its result in `*out`, or a panic's message in `err`.
+unsafe extern "C" fn run_segment(
+    closure: *mut c_void,
+    input: *const C_tensor,
+    out: *mut *mut C_tensor,
+    err: *mut c_char,
+    len: usize,
+) -> c_int {
+    // SAFETY: `closure` is the live Segment the shim holds; `input` a tensor the shim owns for
+    // the call, which the handle must not free (ManuallyDrop).
+    let (f, input) = unsafe {
+        (&*closure.cast::<Segment>(), std::mem::ManuallyDrop::new(Tensor::from_ptr(input.cast_mut())))
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&input))) {
+        Ok(output) => {
+            let output = std::mem::ManuallyDrop::new(output);
+            // SAFETY: the shim takes the handle over and frees it.
+            unsafe { *out = output.as_ptr().cast_mut() };
+            0
+        }
+        Err(panic) => {
+            let text = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            let bytes = &text.as_bytes()[..text.len().min(len.saturating_sub(1))];
+            // SAFETY: `err` holds `len` bytes; the copy and its NUL fit.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), err.cast::<u8>(), bytes.len());
+                *err.add(bytes.len()) = 0;
+            }
+            1
+        }
+    }
+}
+
+/// Frees a [`Segment`] the shim held.
+unsafe extern "C" fn drop_segment(closure: *mut c_void) {
+    // SAFETY: made by Box::into_raw in `checkpoint`, freed once.
+    drop(unsafe { Box::from_raw(closure.cast::<Segment>()) });
+}
+
+/// libtorch's profiler (Kineto, the engine of torch.profiler) from [`Trace::start`] to
+/// [`Trace::save`]: what each operator cost on the host and, on CUDA, each kernel on the
+/// device, as a Chrome trace (Perfetto, chrome://tracing, scripts/trace_summary.py). Dropped
+/// unsaved, it stops the profiler and keeps nothing.
+pub struct Trace {
+    running: bool,
+}
+
+impl Trace {
+    /// Starts recording; on CUDA devices the kernels too. One trace at a time per process.
+    pub fn start(device: Device) -> Result<Self> {
+        // SAFETY: plain values and the error buffer.
+        try_call("starting the profiler", |err, len| unsafe {
+            vae_trace_start(device.is_cuda() as c_int, err, len)
+        })?;
+        Ok(Self { running: true })
+    }
+
+    /// Stops recording and writes the trace to `path`, which must not exist yet: Kineto fills
+    /// a temporary file beside it, which then takes the name only if nothing else has.
+    pub fn save(mut self, path: &Path) -> Result<()> {
+        self.running = false;
+        let tmp = crate::fsio::temporary_path(path)?;
+        let name = CString::new(tmp.as_os_str().as_bytes()).context("a trace path with a NUL byte")?;
+        // SAFETY: a NUL-terminated path that outlives the call.
+        try_call("writing the profiler's trace", |err, len| unsafe {
+            vae_trace_stop(name.as_ptr(), err, len)
+        })?;
+        // Kineto logs, rather than throws, when it cannot create the file.
+        ensure!(tmp.is_file(), "the profiler could not write {}", tmp.display());
+        let linked = std::fs::hard_link(&tmp, path);
+        let _ = std::fs::remove_file(&tmp);
+        linked.with_context(|| format!("writing the trace to {}", path.display()))
+    }
+}
+
+impl Drop for Trace {
+    fn drop(&mut self) {
+        if self.running {
+            // SAFETY: a null path: the shim stops the profiler and discards what it recorded.
+            call("stopping the profiler", |err, len| unsafe { vae_trace_stop(std::ptr::null(), err, len) });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,6 +368,76 @@ mod tests {
         // Not added to the old ones: the new backward's alone.
         loss(3.0).backward();
         assert!(params.iter().all(|p| p.grad().equal(&p.ones_like().detach().fill_(3.0))));
+    }
+
+    #[test]
+    fn a_checkpointed_segment_gives_the_same_values_and_gradients() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::sync::Arc;
+        let weight = tensors(1)[0].set_requires_grad(true); // [3, 4]
+        let calls = Arc::new(AtomicUsize::new(0));
+        let segment = |w: Tensor| {
+            let calls = Arc::clone(&calls);
+            move |x: &Tensor| {
+                calls.fetch_add(1, SeqCst);
+                x.matmul(&w.tr()).tanh().matmul(&w).sin()
+            }
+        };
+        let run = |checkpointed: bool| {
+            let x = tensors(0)[0].set_requires_grad(true); // [3, 4]
+            let y = if checkpointed {
+                checkpoint(&x, segment(weight.shallow_clone()))
+            } else {
+                segment(weight.shallow_clone())(&x)
+            };
+            (y.square().sum(Kind::Float) * 3.0).backward();
+            let grads = (x.grad(), weight.grad().copy());
+            clear_grads([&weight]);
+            (y.detach(), grads)
+        };
+        let (y, (dx, dw)) = run(false);
+        assert_eq!(calls.swap(0, SeqCst), 1);
+        let (y_c, (dx_c, dw_c)) = run(true);
+        // Run without a graph, then again for the backward.
+        assert_eq!(calls.swap(0, SeqCst), 2);
+        assert!(y.equal(&y_c) && dx.equal(&dx_c) && dw.equal(&dw_c), "checkpointing changed a value");
+        assert!(dx.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+
+        // No gradient wanted: the segment runs as it is, and nothing is recorded.
+        let plain = tensors(0)[0].set_requires_grad(true);
+        let y = tch::no_grad(|| checkpoint(&plain, segment(weight.shallow_clone())));
+        assert!(!y.requires_grad());
+        // A panic in the segment is an error with its message, not an abort.
+        let failed =
+            std::panic::catch_unwind(|| checkpoint(&tensors(0)[0], |_: &Tensor| panic!("no such layer")));
+        let message = failed.unwrap_err();
+        let message = message.downcast_ref::<String>().map(String::as_str).unwrap_or_default();
+        assert!(message.contains("no such layer"), "{message}");
+    }
+
+    /// The only test that starts the profiler (one per process at a time).
+    #[test]
+    fn a_trace_holds_the_operators_run_while_it_records_and_refuses_to_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("trace.json");
+        // Dropped unsaved: the profiler stops, so the next start succeeds.
+        let discarded = Trace::start(Device::Cpu).unwrap();
+        let _ = tensors(0)[0].matmul(&tensors(1)[0].tr());
+        drop(discarded);
+        let trace = Trace::start(Device::Cpu).unwrap();
+        let _ = tensors(0)[0].matmul(&tensors(1)[0].tr());
+        trace.save(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let names: Vec<&str> =
+            json["traceEvents"].as_array().unwrap().iter().filter_map(|e| e["name"].as_str()).collect();
+        assert!(names.contains(&"aten::mm"), "no aten::mm in {names:?}");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a temporary file was left");
+
+        let again = Trace::start(Device::Cpu).unwrap();
+        let err = again.save(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("trace.json"), "{err:#}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text, "the first trace was replaced");
     }
 
     #[test]

@@ -168,7 +168,8 @@ impl Trainer {
         }
         let mut vs = VarStore::new(Device::Cpu);
         let mut model = cfg.model.build(vs.root());
-        model.set_compute(Compute::for_device(cfg.precision.compute_kind(), device));
+        let compute = Compute::for_device(cfg.precision.compute_kind(), device);
+        model.set_compute(Compute { checkpoint: cfg.gradient_checkpointing, ..compute });
         vs.set_device(device);
         let adversary = (cfg.disc_weight > 0.0).then(|| Adversary::new(&cfg, device));
         let mut params = adam::trainable(&vs);

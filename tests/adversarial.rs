@@ -164,8 +164,13 @@ fn a_gan_run_resumes_bitwise_across_the_start_logs_and_exports_the_autoencoder()
     ];
     let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
     ok(train(&straight, "2", &gan));
-    ok(train(&split, "1", &gan));
-    ok(vae(&["train", "--resume", split.to_str().unwrap(), "--epochs", "2", "--quiet", "--threads", "1"]));
+    // The split run's first half checkpoints its gradients (memory, not numbers): the run stays
+    // bitwise the straight one; the choice is kept on resume unless the flag says otherwise.
+    ok(train(&split, "1", &[&gan[..], &["--gradient-checkpointing"]].concat()));
+    let half = Checkpoint::load(&split.join("last.safetensors")).unwrap();
+    assert!(half.meta.config.gradient_checkpointing);
+    let resume = ["train", "--resume", split.to_str().unwrap(), "--epochs", "2", "--quiet", "--threads", "1"];
+    ok(vae(&[&resume[..], &["--gradient-checkpointing", "false"]].concat()));
     let (a, b) = (
         Checkpoint::load(&straight.join("last.safetensors")).unwrap(),
         Checkpoint::load(&split.join("last.safetensors")).unwrap(),
@@ -174,6 +179,7 @@ fn a_gan_run_resumes_bitwise_across_the_start_logs_and_exports_the_autoencoder()
     for (name, t) in &a.tensors {
         assert!(t.equal(&b.tensors[name]), "{name} differs after resuming");
     }
+    assert!(!b.meta.config.gradient_checkpointing, "--gradient-checkpointing false was not taken");
     for name in [
         "discriminator.main.0.weight",
         "discriminator.main.3.running_mean",

@@ -118,6 +118,12 @@ fn bad_settings_fail_before_any_work_with_a_message() {
         (&["--train-size", "0"], "--train-size and --test-size must be positive"),
         (&["--threads", "0"], "--threads must be at least 1, found 0"),
         (&["--lr", "nan"], "--lr must be positive, found NaN"),
+        (
+            &["--block-channels", "8,16"],
+            "--block-channels applies to --arch resnet; this model is --arch conv",
+        ),
+        (&["--gradient-checkpointing"], "--gradient-checkpointing applies to --arch resnet"),
+        (&["--arch", "resnet", "--gradient-checkpointing", "maybe"], "invalid value 'maybe'"),
     ];
     for (flags, message) in cases {
         let mut args = vec!["train", "--out", out_arg];

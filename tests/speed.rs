@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ok, stderr, stdout, vae, TINY_MODEL};
+use common::{ok, python_script, stderr, stdout, vae, TINY_MODEL};
 use std::path::Path;
 use tch::Device;
 use vae::checkpoint::{self, Checkpoint};
@@ -97,9 +97,11 @@ fn the_quick_benchmark_runs_both_implementations() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv/bin/python");
     assert!(python.exists(), "{} missing: run scripts/setup", python.display());
+    let traces = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(python)
         .arg(root.join("scripts/bench.py"))
-        .args(["--quick", "--threads", "1"])
+        .args(["--quick", "--threads", "1", "--trace"])
+        .arg(traces.path())
         .env("VAE_BIN", env!("CARGO_BIN_EXE_vae"))
         .output()
         .unwrap();
@@ -125,4 +127,99 @@ fn the_quick_benchmark_runs_both_implementations() {
         let ratio: f64 = ratio.trim_end_matches('x').parse().unwrap_or_else(|_| panic!("{row}"));
         assert!(ratio > 0.0, "{row}");
     }
+    // --trace: each case's two profiler traces, side by side; the convolutions' self time is
+    // measured on both sides (two figures in ms on the row).
+    for case in ["cpu f32 batch 32", "cpu f32 batch 128", "cpu bf16 batch 128"] {
+        let table = text.split(&format!("{case}: where the time of 5 traced steps goes")).nth(1);
+        let table = table.unwrap_or_else(|| panic!("no traces of {case} in:\n{text}"));
+        let row = table.lines().find(|l| l.ends_with("   convolution")).unwrap_or_else(|| panic!("{table}"));
+        let figures: Vec<f64> = row.split(" ms").filter_map(|f| f.trim().parse().ok()).collect();
+        assert!(figures.len() == 2 && figures.iter().all(|&ms| ms > 0.0), "{row}");
+        for side in ["vae", "pytorch"] {
+            let file = traces.path().join(format!("{}-{side}.json", case.replace(' ', "-")));
+            assert!(file.is_file(), "no {}", file.display());
+        }
+    }
+}
+
+#[test]
+fn a_trace_is_refused_where_it_would_replace_a_file_or_has_no_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let existing = dir.path().join("last.safetensors");
+    std::fs::write(&existing, b"a checkpoint").unwrap();
+    let bench = |trace: &Path, extra: &[&str]| {
+        let trace = trace.to_str().unwrap();
+        vae(&[&["bench", "--dataset", "shapes", "--steps", "2", "--warmup", "1", "--trace", trace], extra]
+            .concat())
+    };
+    for (trace, extra, expected) in [
+        (existing.clone(), &[][..], "the file exists"),
+        (dir.path().join("no/such/trace.json"), &[], "no folder"),
+        (dir.path().join("t.json"), &["--full-epoch"], "does not go with --full-epoch"),
+        (dir.path().join("t.json"), &["--trace-steps", "0"], "--trace-steps must be at least 1"),
+    ] {
+        let out = bench(&trace, extra);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        assert!(err.contains("--trace") && err.contains(expected), "{err}");
+    }
+    assert_eq!(std::fs::read(&existing).unwrap(), b"a checkpoint");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "a refused run left a file");
+}
+
+/// scripts/trace_summary.py on CUDA traces (Kineto's format, as a GPU run writes them; no GPU
+/// here): kernels by device time and category, how busy the device was, launches per step.
+#[test]
+fn the_trace_summary_tabulates_kernels_of_cuda_traces() {
+    let dir = tempfile::tempdir().unwrap();
+    let event = |cat: &str, name: &str, ts: f64, dur: f64| serde_json::json!({"ph": "X", "cat": cat, "name": name, "pid": 0, "tid": 7, "ts": ts, "dur": dur});
+    let conv = "sm90_xmma_fprop_implicit_gemm_f32f32_tf32f32_f32_nhwckrsc_nchw_tilesize128x128x32";
+    let norm =
+        "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>(long, float, float const*)";
+    let add =
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>(int, float*)";
+    let mut paths = Vec::new();
+    for (side, conv_us) in [("ours", 3000.0), ("theirs", 3600.0)] {
+        // Two steps, each one convolution, one norm and one add, back to back from t = 0.
+        let mut events = vec![event("user_annotation", "ProfilerStep", 0.0, 10_000.0)];
+        for step in 0..2 {
+            let t = 5000.0 * step as f64;
+            events.push(event("cpu_op", "aten::convolution", t, 50.0));
+            for (cat, name) in [
+                ("cuda_runtime", "cudaLaunchKernel"),
+                ("cuda_runtime", "cudaLaunchKernel"),
+                ("cuda_driver", "cuLaunchKernelEx"),
+                ("cuda_runtime", "cudaMemcpyAsync"),
+            ] {
+                events.push(event(cat, name, t, 5.0));
+            }
+            events.push(event("kernel", conv, t + 100.0, conv_us));
+            events.push(event("kernel", norm, t + 100.0 + conv_us, 200.0));
+            events.push(event("kernel", add, t + 100.0 + conv_us + 100.0, 300.0));
+            // overlaps the norm
+        }
+        let path = dir.path().join(format!("{side}.json"));
+        std::fs::write(&path, serde_json::json!({"traceEvents": events}).to_string()).unwrap();
+        paths.push(format!("{side}={}", path.display()));
+    }
+    let out = python_script("trace_summary.py", &["--steps", "2", &paths[0], &paths[1]]);
+    let text = stdout(&out);
+    let row = |title: &str| {
+        let line = text
+            .lines()
+            .find(|l| l.ends_with(&format!("   {title}")))
+            .unwrap_or_else(|| panic!("no {title}:\n{text}"));
+        line.split_whitespace()
+            .filter(|w| *w != "ms")
+            .take(2)
+            .map(|v| v.parse::<f64>().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(row("convolution"), [3.0, 3.6], "{text}");
+    assert_eq!(row("normalisation"), [0.2, 0.2], "{text}");
+    assert_eq!(row("elementwise and other"), [0.3, 0.3], "{text}");
+    // Busy: the convolution, then the norm and the add that overlaps it, one span of 400 us.
+    assert_eq!(row("device busy (kernels and copies)"), [3.4, 4.0], "{text}");
+    assert_eq!(row("kernels launched"), [3.0, 3.0], "{text}");
+    assert!(text.contains("RowwiseMomentsCUDAKernel<float>") && !text.contains("long, float"), "{text}");
 }

@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use clap::Args;
+use std::path::PathBuf;
 use vae::bench::BenchOptions;
 use vae::config::TrainArgs;
 
@@ -23,6 +24,14 @@ pub struct BenchArgs {
     /// Then run the timed steps again, split into data, forward, backward and optimizer.
     #[arg(long)]
     profile: bool,
+    /// Then record timed steps with libtorch's profiler (torch.profiler's engine) into FILE, a
+    /// Chrome trace of every operator and, on CUDA, every kernel (scripts/trace_summary.py
+    /// tabulates it; Perfetto shows it). FILE must not exist.
+    #[arg(long, value_name = "FILE")]
+    trace: Option<PathBuf>,
+    /// How many of the timed steps --trace records.
+    #[arg(long, default_value_t = 5)]
+    trace_steps: usize,
 }
 
 impl BenchArgs {
@@ -35,6 +44,8 @@ impl BenchArgs {
             steps: self.steps,
             full_epoch: self.full_epoch,
             profile: self.profile,
+            trace: self.trace.clone(),
+            trace_steps: self.trace_steps,
         };
         println!("{}", serde_json::to_string(&vae::bench::run(cfg, device, opts)?)?);
         Ok(())

@@ -117,7 +117,7 @@ pub struct Forward {
     pub likelihood_params: Tensor,
 }
 
-/// How the layers compute: neither field changes the function, only speed and rounding.
+/// How the layers compute: no field changes the function, only speed, memory and rounding.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Compute {
     /// The dtype of the convs and matmuls (see [`crate::precision`]).
@@ -125,11 +125,14 @@ pub struct Compute {
     /// Feature maps laid out NHWC in memory (still indexed NCHW): oneDNN's convs run much
     /// faster on it on the CPU.
     pub channels_last: bool,
+    /// Gradient checkpointing: the forward keeps each block's input alone and the backward
+    /// computes the block again (families that have blocks; see [`crate::native::checkpoint`]).
+    pub checkpoint: bool,
 }
 
 impl Default for Compute {
     fn default() -> Self {
-        Self { kind: Kind::Float, channels_last: false }
+        Self { kind: Kind::Float, channels_last: false, checkpoint: false }
     }
 }
 
@@ -137,7 +140,7 @@ impl Compute {
     /// `kind`, in the layout that measured fastest on `device`: channels-last on the CPU;
     /// on CUDA the standard layout, as eager PyTorch uses (not measured here yet).
     pub fn for_device(kind: Kind, device: tch::Device) -> Self {
-        Self { kind, channels_last: device == tch::Device::Cpu }
+        Self { kind, channels_last: device == tch::Device::Cpu, checkpoint: false }
     }
 
     /// A feature map `[N, C, H, W]` in this dtype and layout. Either way the layout is made

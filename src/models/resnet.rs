@@ -11,6 +11,7 @@
 use super::{cast, run_conv, run_linear, Compute, Likelihood, Model, Posterior};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use tch::{nn, Kind, Tensor};
 
 /// Architecture, in diffusers' terms; stored in every checkpoint.
@@ -305,10 +306,54 @@ impl Block {
     }
 }
 
+/// A block that the autograd graph may compute again in the backward (gradient
+/// checkpointing), on autograd's thread on CUDA; the model and the graph share it.
+struct Shared<T>(Arc<T>);
+
+impl<T> Shared<T> {
+    // Arc, not Rc: the graph may drop its clone on autograd's thread (see Send below).
+    #[allow(clippy::arc_with_non_send_sync)]
+    fn new(block: T) -> Self {
+        Self(Arc::new(block))
+    }
+
+    fn get(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+// SAFETY: a block's tensors are only read. The graph runs the block from within a backward
+// that the thread owning the model waits on, never beside it; the Arc's counts are atomic and
+// libtorch frees a tensor from any thread.
+unsafe impl<T> Send for Shared<T> {}
+
+/// `run(block, x)`, and with `compute.checkpoint` through [`crate::native::checkpoint`]: the
+/// forward keeps the block's input alone. Per down, middle and up block, as diffusers'
+/// `enable_gradient_checkpointing` does.
+fn segment<T: 'static>(
+    block: &Shared<T>,
+    x: &Tensor,
+    compute: Compute,
+    run: fn(&T, &Tensor, Kind) -> Tensor,
+) -> Tensor {
+    let kind = compute.kind;
+    if !compute.checkpoint {
+        return run(block.get(), x, kind);
+    }
+    let shared = block.clone();
+    crate::native::checkpoint(x, move |x| run(shared.get(), x, kind))
+}
+
 pub struct Encoder {
     conv_in: nn::Conv2D,
-    down_blocks: Vec<Block>,
-    mid_block: MidBlock,
+    down_blocks: Vec<Shared<Block>>,
+    mid_block: Shared<MidBlock>,
     conv_norm_out: Norm,
     conv_out: nn::Conv2D,
 }
@@ -331,30 +376,31 @@ impl Encoder {
                     resample,
                 );
                 prev = out;
-                block
+                Shared::new(block)
             })
             .collect();
         Self {
             conv_in: conv(&vs / "conv_in", cfg.in_channels, chans[0], 3),
             down_blocks,
-            mid_block: MidBlock::new(&vs / "mid_block", cfg, last),
+            mid_block: Shared::new(MidBlock::new(&vs / "mid_block", cfg, last)),
             conv_norm_out: Norm::new(&vs / "conv_norm_out", cfg.norm_groups, last),
             conv_out: conv(&vs / "conv_out", last, 2 * cfg.latent_channels, 3),
         }
     }
 
-    fn forward(&self, x: &Tensor, kind: Kind) -> Tensor {
+    fn forward(&self, x: &Tensor, compute: Compute) -> Tensor {
+        let kind = compute.kind;
         let h = same(&self.conv_in, x, kind);
-        let h = self.down_blocks.iter().fold(h, |h, block| block.down(&h, kind));
-        let h = self.mid_block.forward(&h, kind);
+        let h = self.down_blocks.iter().fold(h, |h, block| segment(block, &h, compute, Block::down));
+        let h = segment(&self.mid_block, &h, compute, MidBlock::forward);
         same(&self.conv_out, &self.conv_norm_out.forward(&h, kind).silu(), kind)
     }
 }
 
 pub struct Decoder {
     conv_in: nn::Conv2D,
-    mid_block: MidBlock,
-    up_blocks: Vec<Block>,
+    mid_block: Shared<MidBlock>,
+    up_blocks: Vec<Shared<Block>>,
     conv_norm_out: Norm,
     conv_out: nn::Conv2D,
 }
@@ -373,22 +419,23 @@ impl Decoder {
                 let layers = cfg.layers_per_block + 1;
                 let block = Block::new(&vs / "up_blocks" / i, cfg.norm_groups, (prev, out), layers, resample);
                 prev = out;
-                block
+                Shared::new(block)
             })
             .collect();
         Self {
             conv_in: conv(&vs / "conv_in", cfg.latent_channels, last, 3),
-            mid_block: MidBlock::new(&vs / "mid_block", cfg, last),
+            mid_block: Shared::new(MidBlock::new(&vs / "mid_block", cfg, last)),
             up_blocks,
             conv_norm_out: Norm::new(&vs / "conv_norm_out", cfg.norm_groups, chans[0]),
             conv_out: conv(&vs / "conv_out", chans[0], cfg.in_channels, 3),
         }
     }
 
-    fn forward(&self, z: &Tensor, kind: Kind) -> Tensor {
+    fn forward(&self, z: &Tensor, compute: Compute) -> Tensor {
+        let kind = compute.kind;
         let h = same(&self.conv_in, z, kind);
-        let h = self.mid_block.forward(&h, kind);
-        let h = self.up_blocks.iter().fold(h, |h, block| block.up(&h, kind));
+        let h = segment(&self.mid_block, &h, compute, MidBlock::forward);
+        let h = self.up_blocks.iter().fold(h, |h, block| segment(block, &h, compute, Block::up));
         same(&self.conv_out, &self.conv_norm_out.forward(&h, kind).silu(), kind)
     }
 }
@@ -421,7 +468,8 @@ impl ResnetVae {
     pub fn encode_spatial(&self, x: &Tensor) -> (Tensor, Tensor) {
         let kind = self.compute.kind;
         let x = self.compute.feature_map(&(x * 2.0 - 1.0));
-        let moments = same(&self.quant_conv, &self.encoder.forward(&x, kind), kind).to_kind(Kind::Float);
+        let moments =
+            same(&self.quant_conv, &self.encoder.forward(&x, self.compute), kind).to_kind(Kind::Float);
         let [mean, logvar]: [Tensor; 2] = moments.chunk(2, 1).try_into().expect("two halves");
         (mean, logvar.clamp(-30.0, 20.0))
     }
@@ -444,7 +492,7 @@ impl Model for ResnetVae {
             z.shallow_clone()
         };
         let z = same(&self.post_quant_conv, &self.compute.feature_map(&z), kind);
-        self.decoder.forward(&z, kind).to_kind(Kind::Float)
+        self.decoder.forward(&z, self.compute).to_kind(Kind::Float)
     }
 
     fn likelihood(&self) -> Likelihood {
@@ -524,6 +572,31 @@ mod tests {
             ] {
                 assert!(names.contains_key(name), "{name}");
             }
+        }
+    }
+
+    #[test]
+    fn gradient_checkpointing_changes_no_value_or_gradient() {
+        let vs = VarStore::new(Device::Cpu);
+        let mut vae = ResnetVae::new(vs.root(), &ResnetConfig { block_channels: vec![8, 8, 16], ..tiny() });
+        let x = Tensor::rand([2, 3, 16, 16], (Kind::Float, Device::Cpu));
+        let eps = Tensor::randn([2, vae.latent_dim()], (Kind::Float, Device::Cpu));
+        let mut run = |checkpoint: bool| {
+            vae.set_compute(Compute { checkpoint, ..Compute::default() });
+            let out = vae.forward_with_noise(&x, &eps);
+            let loss = vae.likelihood().reconstruction_nll(&out.likelihood_params, &x).sum(Kind::Float)
+                + out.posterior.kl_to_standard_normal().sum(Kind::Float);
+            loss.backward();
+            let grads: std::collections::BTreeMap<String, Tensor> =
+                vs.variables().into_iter().map(|(n, t)| (n, t.grad().copy())).collect();
+            crate::native::clear_grads(vs.trainable_variables().iter());
+            (loss.detach(), grads)
+        };
+        let (loss, grads) = run(false);
+        let (loss_c, grads_c) = run(true);
+        assert!(loss.equal(&loss_c), "the loss changed");
+        for ((name, g), (_, g_c)) in grads.iter().zip(&grads_c) {
+            assert!(g.defined() && g.equal(g_c), "{name}'s gradient changed");
         }
     }
 
