@@ -77,6 +77,7 @@ struct Checkpoint : torch::autograd::Function<Checkpoint> {
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor()};
     auto segment = c10::static_intrusive_pointer_cast<Segment>(ctx->saved_data["segment"].toCapsule());
     auto input = ctx->get_saved_variables()[0].detach().requires_grad_(true);
     at::Tensor output;
