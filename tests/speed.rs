@@ -10,7 +10,7 @@ use tch::Device;
 use vae::checkpoint::{self, Checkpoint};
 use vae::config::TrainConfig;
 use vae::data::{DataConfig, Loader};
-use vae::models::{ConvConfig, ModelConfig};
+use vae::models::{ConvConfig, ModelConfig, ResnetConfig};
 use vae::precision::Precision;
 use vae::train::{Flow, Trainer};
 
@@ -222,4 +222,22 @@ fn the_trace_summary_tabulates_kernels_of_cuda_traces() {
     assert_eq!(row("device busy (kernels and copies)"), [3.4, 4.0], "{text}");
     assert_eq!(row("kernels launched"), [3.0, 3.0], "{text}");
     assert!(text.contains("RowwiseMomentsCUDAKernel<float>") && !text.contains("long, float"), "{text}");
+}
+
+/// The flag reaches the model the trainer builds (the runs with and without it are equal to the
+/// bit, so only this shows it is in effect).
+#[test]
+fn gradient_checkpointing_reaches_the_trained_resnet() {
+    for on in [false, true] {
+        let model = ModelConfig::Resnet(ResnetConfig {
+            block_channels: vec![8, 16],
+            layers_per_block: 1,
+            latent_channels: 2,
+            norm_groups: 4,
+            ..ResnetConfig::default()
+        });
+        let cfg = TrainConfig { model, gradient_checkpointing: on, ..TrainConfig::default() };
+        let trainer = Trainer::new(cfg, Device::Cpu).unwrap();
+        assert_eq!(trainer.model.compute().checkpoint, on);
+    }
 }

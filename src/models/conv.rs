@@ -226,6 +226,10 @@ impl Model for ConvVae {
         self.compute = compute;
     }
 
+    fn compute(&self) -> Compute {
+        self.compute
+    }
+
     fn last_layer(&self) -> Tensor {
         self.decoder.deconvs.last().expect("validated: at least one stage").ws.shallow_clone()
     }

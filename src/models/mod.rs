@@ -251,6 +251,8 @@ pub trait Model {
     fn latent_dim(&self) -> i64;
     /// Set once by the trainer for the device and precision; the function is unchanged.
     fn set_compute(&mut self, compute: Compute);
+    /// How the layers compute now.
+    fn compute(&self) -> Compute;
     /// The weight of the decoder's last layer, where the adversarial term's adaptive weight
     /// compares gradient norms.
     fn last_layer(&self) -> Tensor;

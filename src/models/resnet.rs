@@ -518,6 +518,10 @@ impl Model for ResnetVae {
         self.compute = Compute { channels_last: false, ..compute };
     }
 
+    fn compute(&self) -> Compute {
+        self.compute
+    }
+
     /// `decoder.conv_out.weight`, as latent diffusion's `get_last_layer`.
     fn last_layer(&self) -> Tensor {
         self.decoder.conv_out.ws.shallow_clone()
