@@ -257,11 +257,13 @@ unsafe extern "C" fn run_segment(
                 .map(String::as_str)
                 .or_else(|| panic.downcast_ref::<&str>().copied())
                 .unwrap_or("a panic");
-            let bytes = &text.as_bytes()[..text.len().min(len.saturating_sub(1))];
-            // SAFETY: `err` holds `len` bytes; the copy and its NUL fit.
-            unsafe {
-                std::ptr::copy_nonoverlapping(bytes.as_ptr(), err.cast::<u8>(), bytes.len());
-                *err.add(bytes.len()) = 0;
+            if len > 0 {
+                let bytes = &text.as_bytes()[..text.len().min(len - 1)];
+                // SAFETY: `err` holds `len` bytes; the copy and its NUL fit.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), err.cast::<u8>(), bytes.len());
+                    *err.add(bytes.len()) = 0;
+                }
             }
             1
         }
@@ -299,14 +301,16 @@ impl Trace {
         let tmp = crate::fsio::temporary_path(path)?;
         let name = CString::new(tmp.as_os_str().as_bytes()).context("a trace path with a NUL byte")?;
         // SAFETY: a NUL-terminated path that outlives the call.
-        try_call("writing the profiler's trace", |err, len| unsafe {
+        let written = try_call("writing the profiler's trace", |err, len| unsafe {
             vae_trace_stop(name.as_ptr(), err, len)
-        })?;
-        // Kineto logs, rather than throws, when it cannot create the file.
-        ensure!(tmp.is_file(), "the profiler could not write {}", tmp.display());
-        let linked = std::fs::hard_link(&tmp, path);
+        })
+        .and_then(|()| {
+            // Kineto logs, rather than throws, when it cannot create the file.
+            ensure!(tmp.is_file(), "the profiler could not write {}", tmp.display());
+            std::fs::hard_link(&tmp, path).with_context(|| format!("writing the trace to {}", path.display()))
+        });
         let _ = std::fs::remove_file(&tmp);
-        linked.with_context(|| format!("writing the trace to {}", path.display()))
+        written
     }
 }
 

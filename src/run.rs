@@ -349,12 +349,13 @@ pub fn run(
     if let (false, Some(folder)) = (opts.quiet, folder) {
         let [c, h, w] = shape;
         println!(
-            "training on {} images of {c}x{h}x{w} ({}{}), {} test images, on {}; run folder {}",
+            "training on {} images of {c}x{h}x{w} ({}{}), {} test images, on {}{}; run folder {}",
             loader.len(),
             cfg.data.name(),
             if splits.train.is_streamed() { ", streamed from disk" } else { "" },
             test.len(),
             crate::device::describe(trainer.device),
+            if cfg.gradient_checkpointing { " with gradient checkpointing" } else { "" },
             folder.path().display()
         );
     }
