@@ -83,29 +83,26 @@ def union_length(intervals):
 
 
 def summarise(path):
-    """Microseconds in the whole trace: per name (kernels on CUDA, else operators' self time),
-    the device's busy time, the traced window, the host's kernel launches."""
+    """Microseconds in the whole trace: per kernel on the device (CUDA traces) and per host
+    operator (self time), the device's busy time, the traced window, the kernels launched."""
     with open(path) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and "dur" in e]
     device = [e for e in events if e.get("cat") in DEVICE_CATEGORIES]
     host = [e for e in events if e.get("cat") == "cpu_op"]
     if not host and not device:
         raise SystemExit(f"{path}: no operators or kernels in the trace")
-    window = max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)
-    if device:
-        names = defaultdict(float)
-        for e in device:
-            names[short(e["name"])] += e["dur"]
-        busy = union_length((e["ts"], e["ts"] + e["dur"]) for e in device)
-    else:
-        names, busy = self_times(host), None
+    kernels = defaultdict(float)
+    for e in device:
+        kernels[short(e["name"])] += e["dur"]
     launches = sum(1 for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "Launch" in e["name"])
-    return {"on": "device" if device else "host", "names": dict(names), "busy": busy, "window": window,
-            "host_ops": sum(self_times(host).values()), "launches": launches}
+    return {"device": dict(kernels), "host": dict(self_times(host)), "launches": launches,
+            "busy": union_length((e["ts"], e["ts"] + e["dur"]) for e in device),
+            "window": max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)}
 
 
 def table(summaries, steps, top=15):
-    """The side-by-side table: a column per trace, in milliseconds (or counts) per step."""
+    """The side-by-side table: a column per trace, in milliseconds (or counts) per step. CUDA
+    traces list kernels first, then the host's operators (what launches them)."""
     width = max(12, *(len(label) + 2 for label in summaries))
     per = lambda us: us / 1e3 / steps  # noqa: E731
     lines = ["".join(f"{label:>{width}}" for label in summaries) + "   per step"]
@@ -114,27 +111,31 @@ def table(summaries, steps, top=15):
         lines.append("".join(f"{fmt.format(v) if v is not None else '-':>{width}}" for v in values) + "   " + title)
 
     traces = list(summaries.values())
-    on_device = all(s["on"] == "device" for s in traces)
+    on_device = all(s["device"] for s in traces)
+    host_ops = [sum(s["host"].values()) for s in traces]
     row("traced window", [per(s["window"]) for s in traces])
     if on_device:
         row("device busy (kernels and copies)", [per(s["busy"]) for s in traces])
         row("kernels launched", [s["launches"] / steps for s in traces], "{:.0f}")
-        row("host: operators' self time", [per(s["host_ops"]) for s in traces])
+        row("host: operators' self time", [per(us) for us in host_ops])
+        sections = [("kernel time on the device", "device", top), ("host: operators' self time", "host", top // 2)]
     else:
-        row("operators' self time", [per(s["host_ops"]) for s in traces])
-        row("outside any operator (code of one's own)", [per(s["window"] - s["host_ops"]) for s in traces])
-    lines.append("\n" + ("kernel time on the device" if on_device else "operators' self time") + ", by category:")
-    cats = defaultdict(lambda: [0.0] * len(traces))
-    for i, s in enumerate(traces):
-        for name, us in s["names"].items():
-            cats[category(name)][i] += us
-    for cat, values in sorted(cats.items(), key=lambda kv: -max(kv[1])):
-        row(cat, [per(v) for v in values])
-    lines.append(f"\nthe {top} largest, by name:")
-    names = set().union(*(s["names"] for s in traces))
-    ranked = sorted(names, key=lambda n: -max(s["names"].get(n, 0.0) for s in traces))
-    for name in ranked[:top]:
-        row(name, [per(s["names"][name]) if name in s["names"] else None for s in traces])
+        row("operators' self time", [per(us) for us in host_ops])
+        row("outside any operator (code of one's own)", [per(s["window"] - us) for s, us in zip(traces, host_ops)])
+        sections = [("operators' self time", "host", top)]
+    for title, key, count in sections:
+        lines.append(f"\n{title}, by category:")
+        cats = defaultdict(lambda: [0.0] * len(traces))
+        for i, s in enumerate(traces):
+            for name, us in s[key].items():
+                cats[category(name)][i] += us
+        for cat, values in sorted(cats.items(), key=lambda kv: -max(kv[1])):
+            row(cat, [per(v) for v in values])
+        lines.append(f"\nthe {count} largest, by name:")
+        names = set().union(*(s[key] for s in traces))
+        ranked = sorted(names, key=lambda n: -max(s[key].get(n, 0.0) for s in traces))
+        for name in ranked[:count]:
+            row(name, [per(s[key][name]) if name in s[key] else None for s in traces])
     return "\n".join(lines)
 
 

@@ -222,6 +222,8 @@ fn the_trace_summary_tabulates_kernels_of_cuda_traces() {
     assert_eq!(row("device busy (kernels and copies)"), [3.4, 4.0], "{text}");
     assert_eq!(row("kernels launched"), [3.0, 3.0], "{text}");
     assert!(text.contains("RowwiseMomentsCUDAKernel<float>") && !text.contains("long, float"), "{text}");
+    // Then the host's side: the operators that launched them.
+    assert_eq!(row("aten::convolution"), [0.05, 0.05], "{text}");
 }
 
 /// The flag reaches the model the trainer builds (the runs with and without it are equal to the
