@@ -3,8 +3,8 @@
 // launches instead of several per tensor (on a GPU those launches, not the arithmetic, bound a
 // small model's step), dropping gradients, LeakyReLU's slope, the caching allocator's
 // peak-memory counter, libtorch's profiler, and activation checkpointing (a custom autograd
-// function that calls back into Rust). Tensors are the `at::Tensor*` that tch owns. Every call catches C++
-// exceptions and returns their message.
+// function that calls back into Rust). Tensors are the `at::Tensor*` that tch owns. Every
+// call catches C++ exceptions and returns their message.
 #include "tensor_list.h"
 
 #include <ATen/ATen.h>
