@@ -315,7 +315,6 @@ const FAMILY_FLAGS: &[(Arch, &[&str])] = &[
             "norm_groups",
             "mid_attention",
             "no_mid_attention",
-            "gradient_checkpointing",
         ],
     ),
 ];

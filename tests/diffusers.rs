@@ -85,14 +85,15 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     let (vs, model) = load(&theirs);
     assert_same(&outputs(&model, &io), &io, "diffusers' folder loaded into ours");
 
-    // 2. Through the command line: a run started from the folder, exported back, loaded by
-    // diffusers (which the script checks for missing and unexpected keys).
+    // 2. Through the command line: a run started from the folder (fine-tuned with gradient
+    // checkpointing, which is no architecture flag), exported back, loaded by diffusers (which
+    // the script checks for missing and unexpected keys).
     let run = tmp.path().join("run");
     let data = ["--dataset", "shapes", "--channels", "3", "--image-size", "16", "--train-size", "64"];
     ok(vae(&[
         &["train", "--init-from", theirs.to_str().unwrap(), "--epochs", "1", "--test-size", "32"][..],
         &data[..],
-        &["--batch-size", "32", "--out", run.to_str().unwrap(), "--threads", "1"],
+        &["--batch-size", "32", "--out", run.to_str().unwrap(), "--threads", "1", "--gradient-checkpointing"],
     ]
     .concat()));
     let exported = tmp.path().join("exported");
@@ -106,6 +107,7 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
         their_outputs.to_str().unwrap(),
     ]);
     let ckpt = Checkpoint::load(&run.join("last.safetensors")).unwrap();
+    assert!(ckpt.meta.config.gradient_checkpointing);
     let ModelConfig::Resnet(cfg) = &ckpt.meta.config.model else { panic!("a resnet run") };
     let trained_vs = VarStore::new(Device::Cpu);
     let trained = ResnetVae::new(trained_vs.root(), cfg);
