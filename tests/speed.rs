@@ -142,6 +142,29 @@ fn the_quick_benchmark_runs_both_implementations() {
     }
 }
 
+/// scripts/gpu-check's resnet groups run this section on the GPU: here its CPU case, with every
+/// option they use (the loss terms, checkpointing, traces), at 32 x 32.
+#[test]
+fn the_resnet_benchmark_runs_ours_beside_diffusers_with_every_option() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let traces = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("scripts/bench.py"))
+        .args(["--arch", "resnet", "--quick", "--threads", "1", "--sizes", "32", "--gradient-checkpointing"])
+        .args(["--perceptual-weight", "1", "--disc-weight", "0.5", "--trace"])
+        .arg(traces.path())
+        .env("VAE_BIN", env!("CARGO_BIN_EXE_vae"))
+        .output()
+        .unwrap();
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    assert!(text.contains("LPIPS weight 1.0, PatchGAN weight 0.5, gradient checkpointing"), "{text}");
+    let row = text.lines().find(|l| l.starts_with("cpu f32 32x32 b16")).unwrap_or_else(|| panic!("{text}"));
+    let ratio: f64 = row.split_whitespace().nth(5).unwrap().trim_end_matches('x').parse().unwrap();
+    assert!(ratio > 0.0, "{row}");
+    assert!(text.contains("cpu f32 32x32 b16: where the time of 2 traced steps goes"), "{text}");
+}
+
 #[test]
 fn a_trace_is_refused_where_it_would_replace_a_file_or_has_no_folder() {
     let dir = tempfile::tempdir().unwrap();
