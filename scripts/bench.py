@@ -166,13 +166,17 @@ def run_json(cmd, env):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def trace_file(args, name, run):
+    """Where --trace puts case `name`'s trace of `run` (vae or pytorch)."""
+    return os.path.join(args.trace, f"{name.replace(' ', '-')}-{run}.json")
+
+
 def traced(args, name, run, repeat, steps):
     """run's flags to record its last repeat's first timed steps into args.trace (the steps are
     timed first: tracing does not touch the figures)."""
     if not args.trace or repeat < args.repeats - 1:
         return []
-    path = os.path.join(args.trace, f"{name.replace(' ', '-')}-{run}.json")
-    return ["--trace", path, "--trace-steps", str(min(steps, args.trace_steps))]
+    return ["--trace", trace_file(args, name, run), "--trace-steps", str(min(steps, args.trace_steps))]
 
 
 def print_traces(args, name, steps):
@@ -181,11 +185,11 @@ def print_traces(args, name, steps):
         return
     from trace_summary import summarise, table
 
-    flags = {run: traced(args, name, run, args.repeats - 1, steps) for run in ("vae", "pytorch")}
-    count = int(flags["vae"][3])
-    print(f"\n{name}: where the time of {count} traced steps goes ({', '.join(f[1] for f in flags.values())})")
+    paths = {run: trace_file(args, name, run) for run in ("vae", "pytorch")}
+    count = min(steps, args.trace_steps)
+    print(f"\n{name}: where the time of {count} traced steps goes ({', '.join(paths.values())})")
     try:
-        print(table({run: summarise(f[1]) for run, f in flags.items()}, count), flush=True)
+        print(table({run: summarise(path) for run, path in paths.items()}, count), flush=True)
     except Exception as e:  # the figures above stand; the traces stay for another look
         print(f"could not tabulate the traces: {e!r}", flush=True)
 

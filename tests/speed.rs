@@ -94,19 +94,11 @@ fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
 
 #[test]
 fn the_quick_benchmark_runs_both_implementations() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join(".venv/bin/python");
-    assert!(python.exists(), "{} missing: run scripts/setup", python.display());
     let traces = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(python)
-        .arg(root.join("scripts/bench.py"))
-        .args(["--quick", "--threads", "1", "--trace"])
-        .arg(traces.path())
-        .env("VAE_BIN", env!("CARGO_BIN_EXE_vae"))
-        .output()
-        .unwrap();
-    let text = stdout(&out);
-    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    let text = stdout(&python_script(
+        "bench.py",
+        &["--quick", "--threads", "1", "--trace", traces.path().to_str().unwrap()],
+    ));
     for case in [
         "cpu f32 batch 32",
         "cpu f32 batch 128",
@@ -146,18 +138,32 @@ fn the_quick_benchmark_runs_both_implementations() {
 /// option they use (the loss terms, checkpointing, traces), at 32 x 32.
 #[test]
 fn the_resnet_benchmark_runs_ours_beside_diffusers_with_every_option() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let traces = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(root.join(".venv/bin/python"))
-        .arg(root.join("scripts/bench.py"))
-        .args(["--arch", "resnet", "--quick", "--threads", "1", "--sizes", "32", "--gradient-checkpointing"])
-        .args(["--perceptual-weight", "1", "--disc-weight", "0.5", "--trace"])
-        .arg(traces.path())
-        .env("VAE_BIN", env!("CARGO_BIN_EXE_vae"))
-        .output()
-        .unwrap();
-    let text = stdout(&out);
-    assert!(out.status.success(), "{text}\n{}", stderr(&out));
+    let text =
+        stdout(&python_script(
+            "bench.py",
+            &[
+                &[
+                    "--arch",
+                    "resnet",
+                    "--quick",
+                    "--threads",
+                    "1",
+                    "--sizes",
+                    "32",
+                    "--gradient-checkpointing",
+                ][..],
+                &[
+                    "--perceptual-weight",
+                    "1",
+                    "--disc-weight",
+                    "0.5",
+                    "--trace",
+                    traces.path().to_str().unwrap(),
+                ],
+            ]
+            .concat(),
+        ));
     assert!(text.contains("LPIPS weight 1.0, PatchGAN weight 0.5, gradient checkpointing"), "{text}");
     let row = text.lines().find(|l| l.starts_with("cpu f32 32x32 b16")).unwrap_or_else(|| panic!("{text}"));
     let ratio: f64 = row.split_whitespace().nth(5).unwrap().trim_end_matches('x').parse().unwrap();

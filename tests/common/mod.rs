@@ -44,13 +44,19 @@ pub fn ok(out: Output) -> Output {
     out
 }
 
-/// Runs `scripts/<script>` with `args` in `.venv`'s Python, asserting it succeeds.
+/// Runs `scripts/<script>` with `args` in `.venv`'s Python, asserting it succeeds; scripts
+/// that run `vae` (the benchmarks) get the binary under test.
 #[allow(dead_code)]
 pub fn python_script(script: &str, args: &[&str]) -> Output {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join(".venv/bin/python");
     assert!(python.exists(), "{} missing: run scripts/setup", python.display());
-    let out = Command::new(python).arg(root.join("scripts").join(script)).args(args).output().unwrap();
+    let out = Command::new(python)
+        .arg(root.join("scripts").join(script))
+        .args(args)
+        .env("VAE_BIN", env!("CARGO_BIN_EXE_vae"))
+        .output()
+        .unwrap();
     assert!(out.status.success(), "{script} {args:?}: {}", stderr(&out));
     out
 }
