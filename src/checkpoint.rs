@@ -359,6 +359,22 @@ fn copy_part(
     Ok(())
 }
 
+/// A model of architecture `model` holding `weights` (read from `path`, which errors name),
+/// in float32 on `device`: for evaluation and export.
+pub fn built_model(
+    model: &ModelConfig,
+    path: &Path,
+    weights: &HashMap<String, Tensor>,
+    device: Device,
+) -> Result<(VarStore, Box<dyn Model>)> {
+    let mut vs = VarStore::new(Device::Cpu);
+    let mut built = model.build(vs.root());
+    copy_weights(path, weights, &vs)?;
+    vs.set_device(device);
+    built.set_compute(Compute::for_device(Kind::Float, device));
+    Ok((vs, built))
+}
+
 /// A checkpoint read back: its metadata and its tensors (on the CPU).
 pub struct Checkpoint {
     pub path: PathBuf,
@@ -491,15 +507,10 @@ impl Checkpoint {
     /// With `averaged`, the weights' moving average where the run kept one.
     pub fn model(&self, device: Device, averaged: bool) -> Result<(VarStore, Box<dyn Model>)> {
         self.check_finite()?;
-        let mut vs = VarStore::new(Device::Cpu);
-        let mut model = self.meta.config.model.build(vs.root());
         match ema::averaged_weights(&self.tensors).filter(|_| averaged) {
-            Some(weights) => copy_weights(&self.path, &weights, &vs)?,
-            None => self.load_weights(&vs)?,
+            Some(weights) => built_model(&self.meta.config.model, &self.path, &weights, device),
+            None => built_model(&self.meta.config.model, &self.path, &self.tensors, device),
         }
-        vs.set_device(device);
-        model.set_compute(Compute::for_device(Kind::Float, device));
-        Ok((vs, model))
     }
 
     /// The model, optimizer and position this checkpoint holds, on `device`, continuing with

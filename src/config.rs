@@ -5,7 +5,7 @@
 
 use crate::adam::AdamConfig;
 use crate::adversarial::{self, DiscLoss};
-use crate::data::{Binarize, DataConfig, DataLocation, DatasetKind};
+use crate::data::{Binarize, DataArgs, DataConfig};
 use crate::device::DeviceArgs;
 use crate::loss::Perceptual;
 use crate::models::{Arch, ConvConfig, Likelihood, ModelConfig, ResnetConfig};
@@ -103,37 +103,11 @@ impl Default for TrainConfig {
 pub struct TrainArgs {
     #[command(flatten)]
     pub device: DeviceArgs,
-    /// Dataset to train on.
-    #[arg(long, value_enum, default_value = "shapes")]
-    pub dataset: DatasetKind,
     #[command(flatten)]
-    pub location: DataLocation,
-    /// Side of the generated shapes or of a folder's crops [default: 28 for shapes, 64 for
-    /// folder].
-    #[arg(long)]
-    pub image_size: Option<i64>,
-    /// Channels of the generated shapes or of a folder's images, 1 or 3 [default: 1 for
-    /// shapes, 3 for folder].
-    #[arg(long)]
-    pub channels: Option<i64>,
-    /// Share of a folder's files held out as the test split, chosen by a hash of each path.
-    #[arg(long, default_value_t = DataConfig::default().test_fraction)]
-    pub test_fraction: f64,
-    /// Where decoded image folders are cached, keyed by the listing and the transform.
-    #[arg(long, default_value = "checkpoints/.cache")]
-    pub cache_dir: PathBuf,
-    /// Decode an image folder every time instead.
-    #[arg(long)]
-    pub no_cache: bool,
+    pub data: DataArgs,
     /// Flip each training image left-right with probability 1/2 each time it is seen.
     #[arg(long)]
     pub hflip: bool,
-    /// Train images to use (shapes: how many to generate) [default: all; shapes 16000].
-    #[arg(long)]
-    pub train_size: Option<usize>,
-    /// Test images to use (shapes: how many to generate) [default: all; shapes 2000].
-    #[arg(long)]
-    pub test_size: Option<usize>,
     /// How pixel intensities become targets.
     #[arg(long, value_enum, default_value = "none")]
     pub binarize: Binarize,
@@ -324,17 +298,21 @@ const FAMILY_FLAGS: &[(Arch, &[&str])] = &[
 pub const SETTINGS: &[Setting] = &[
     setting("device", Process, nothing),
     setting("threads", Process, nothing),
-    setting("dataset", Fixed, |a, c| c.data.kind = a.dataset),
-    setting("data_dir", Process, |a, c| c.data.data_dir = a.location.data_dir.clone()),
-    setting("max_memory", Process, |a, c| c.data.max_memory = a.location.max_memory),
-    setting("image_size", Fixed, |a, c| c.data.image_size = a.image_size.unwrap_or(a.dataset.default_side())),
-    setting("channels", Fixed, |a, c| c.data.channels = a.channels.unwrap_or(a.dataset.default_channels())),
-    setting("test_fraction", Fixed, |a, c| c.data.test_fraction = a.test_fraction),
-    setting("cache_dir", Process, |a, c| c.data.cache_dir = (!a.no_cache).then(|| a.cache_dir.clone())),
-    setting("no_cache", Process, |a, c| c.data.cache_dir = (!a.no_cache).then(|| a.cache_dir.clone())),
+    setting("dataset", Fixed, |a, c| c.data.kind = a.data.dataset),
+    setting("data_dir", Process, |a, c| c.data.data_dir = a.data.location.data_dir.clone()),
+    setting("max_memory", Process, |a, c| c.data.max_memory = a.data.location.max_memory),
+    setting("image_size", Fixed, |a, c| c.data.image_size = a.data.side()),
+    setting("channels", Fixed, |a, c| c.data.channels = a.data.channel_count()),
+    setting("test_fraction", Fixed, |a, c| c.data.test_fraction = a.data.test_fraction),
+    setting("cache_dir", Process, |a, c| {
+        c.data.cache_dir = (!a.data.no_cache).then(|| a.data.cache_dir.clone())
+    }),
+    setting("no_cache", Process, |a, c| {
+        c.data.cache_dir = (!a.data.no_cache).then(|| a.data.cache_dir.clone())
+    }),
+    setting("train_size", Fixed, |a, c| c.data.train_size = a.data.train_size),
+    setting("test_size", Fixed, |a, c| c.data.test_size = a.data.test_size),
     setting("hflip", Fixed, |a, c| c.hflip = a.hflip),
-    setting("train_size", Fixed, |a, c| c.data.train_size = a.train_size),
-    setting("test_size", Fixed, |a, c| c.data.test_size = a.test_size),
     setting("binarize", Fixed, |a, c| c.binarize = a.binarize),
     setting("arch", Fixed, |a, c| {
         if c.model.arch() != a.arch {
@@ -342,7 +320,7 @@ pub const SETTINGS: &[Setting] = &[
         }
     }),
     setting("likelihood", Fixed, |a, c| {
-        let channels = a.channels.unwrap_or(a.dataset.default_channels());
+        let channels = a.data.channel_count();
         let default = match a.arch {
             Arch::Conv => Likelihood::default_for(channels),
             Arch::Resnet => Likelihood::L1,
@@ -507,6 +485,72 @@ impl TrainArgs {
             }
         }
         Ok((cfg, changes))
+    }
+}
+
+impl TrainConfig {
+    /// For the commands that read a checkpoint: its `saved` config with the flags of `data`
+    /// given on the command line (`matches`) that say where this machine keeps the data
+    /// (`--data-dir`, `--max-memory`, the cache). A flag that would change the data itself is
+    /// refused, naming it: a checkpoint is judged on its own run's data.
+    pub fn located(
+        saved: &TrainConfig,
+        data: &DataArgs,
+        matches: &ArgMatches,
+        checkpoint: &std::path::Path,
+    ) -> Result<TrainConfig> {
+        let args = TrainArgs { data: data.clone(), ..TrainArgs::defaults() };
+        let data_ids: Vec<String> = <DataArgs as Args>::augment_args(clap::Command::new("data"))
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect();
+        let given = SETTINGS.iter().filter(|s| {
+            data_ids.iter().any(|id| id == s.id)
+                && matches.value_source(s.id) == Some(ValueSource::CommandLine)
+        });
+        let mut cfg = saved.clone();
+        for s in given {
+            ensure!(
+                s.on_resume == Process,
+                "{} {} applies to a diffusers folder, which has no data of its own; {} is judged on its \
+                 run's data ({}), which --data-dir finds elsewhere",
+                s.flag(),
+                raw_value(matches, s.id),
+                checkpoint.display(),
+                saved.data.name()
+            );
+            (s.apply)(&args, &mut cfg);
+        }
+        Ok(cfg)
+    }
+
+    /// The config that judges a diffusers folder's architecture `arch` on the images `data`
+    /// chooses (for generated shapes and image folders, by default at the folder's
+    /// sample_size and in_channels), with the family's defaults for the rest (L1, KL weight
+    /// 1e-6).
+    pub fn pretrained(arch: ResnetConfig, data: &DataArgs, folder: &std::path::Path) -> Result<TrainConfig> {
+        data.check_shape_flags()?;
+        let mut args = TrainArgs { data: data.clone(), arch: Arch::Resnet, ..TrainArgs::defaults() };
+        if data.dataset.sized() {
+            args.data.image_size.get_or_insert(arch.image_size);
+            args.data.channels.get_or_insert(arch.in_channels);
+        }
+        let mut cfg = args.config();
+        ensure!(
+            cfg.data.channels == arch.in_channels,
+            "{} takes images of {} channel(s); {} images have {}",
+            folder.display(),
+            arch.in_channels,
+            cfg.data.name(),
+            cfg.data.channels
+        );
+        let likelihood = cfg.model.likelihood();
+        cfg.model = ModelConfig::Resnet(arch);
+        cfg.model.set_likelihood(likelihood);
+        cfg.model.set_image_shape(cfg.data.channels, cfg.data.image_size);
+        cfg.validate()
+            .with_context(|| format!("judging {} on {} images", folder.display(), cfg.data.name()))?;
+        Ok(cfg)
     }
 }
 
@@ -693,6 +737,24 @@ mod tests {
         assert_eq!(args.config().model, ModelConfig::Resnet(ResnetConfig::default()));
         assert_eq!(cfg.adam, AdamConfig::default());
         assert_eq!(cfg.data, DataConfig { cache_dir: cfg.data.cache_dir.clone(), ..DataConfig::default() });
+    }
+
+    #[test]
+    fn a_diffusers_folder_is_judged_at_its_own_shape_unless_the_data_flags_say() {
+        let folder = std::path::Path::new("sd-vae");
+        let arch = ResnetConfig { image_size: 32, in_channels: 3, ..ResnetConfig::default() };
+        let cfg = TrainConfig::pretrained(arch.clone(), &parse(&[]).0.data, folder).unwrap();
+        assert_eq!(cfg.model, ModelConfig::Resnet(arch.clone()));
+        assert_eq!((cfg.data.image_size, cfg.data.channels, cfg.beta), (32, 3, 1e-6));
+        let data = parse(&["--dataset", "folder", "--image-size", "64"]).0.data;
+        assert_eq!(
+            TrainConfig::pretrained(arch.clone(), &data, folder).unwrap().model.image_shape(),
+            [3, 64, 64]
+        );
+        let err = TrainConfig::pretrained(arch.clone(), &parse(&["--dataset", "mnist"]).0.data, folder);
+        assert_eq!(err.unwrap_err().to_string(), "sd-vae takes images of 3 channel(s); mnist images have 1");
+        let err = TrainConfig::pretrained(arch, &parse(&["--image-size", "34"]).0.data, folder).unwrap_err();
+        assert!(format!("{err:#}").contains("34 is not a multiple of 2^2 = 4"), "{err:#}");
     }
 
     #[test]

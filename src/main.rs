@@ -43,16 +43,17 @@ enum Command {
 fn main() -> Result<()> {
     cli::keep_freed_memory();
     let matches = Cli::command().get_matches();
+    let (_, sub) = matches.subcommand().expect("clap requires a subcommand");
     match Cli::from_arg_matches(&matches)?.command {
-        Command::Train(args) => args.run(matches.subcommand_matches("train").expect("train was parsed")),
+        Command::Train(args) => args.run(sub),
         Command::Info(args) => args.run(),
         Command::Bench(args) => args.run(),
-        Command::Eval(args) => args.run(),
-        Command::Reconstruct(args) => args.run(),
-        Command::Sample(args) => args.run(),
-        Command::Interpolate(args) => args.run(),
-        Command::Traverse(args) => args.run(),
-        Command::Encode(args) => args.run(),
-        Command::ExportDiffusers(args) => args.run(),
+        Command::Eval(args) => args.run(sub),
+        Command::Reconstruct(args) => args.run(sub),
+        Command::Sample(args) => args.run(sub),
+        Command::Interpolate(args) => args.run(sub),
+        Command::Traverse(args) => args.run(sub),
+        Command::Encode(args) => args.run(sub),
+        Command::ExportDiffusers(args) => args.run(sub),
     }
 }

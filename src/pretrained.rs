@@ -3,15 +3,16 @@
 //! it (`vae export-diffusers`), and `--init-from` a diffusers folder or one of our
 //! checkpoints. Our resnet tensors already carry diffusers' state-dict names.
 
-use crate::checkpoint::{copy_weights, safetensors_bytes, Checkpoint};
+use crate::checkpoint::{built_model, copy_weights, safetensors_bytes, Checkpoint};
+use crate::config::TrainConfig;
 use crate::fsio::write_atomic;
-use crate::models::{ModelConfig, ResnetConfig};
+use crate::models::{Model, ModelConfig, ResnetConfig};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 pub const CONFIG: &str = "config.json";
 pub const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
@@ -19,18 +20,65 @@ pub const WEIGHTS: &str = "diffusion_pytorch_model.safetensors";
 /// diffusers writes this version into the configs it saves; ours say which they match.
 const DIFFUSERS_VERSION: &str = "0.42.1";
 
-/// Whether `path` is a diffusers model folder.
-pub fn is_diffusers_folder(path: &Path) -> bool {
-    path.join(CONFIG).is_file()
+/// The diffusers model folder at `path`: the folder itself when it holds a `config.json`, or
+/// the `vae` folder of a whole pipeline (`model_index.json` beside `vae/`, as Stable
+/// Diffusion checkpoints are laid out). `None`: not a diffusers folder.
+pub fn diffusers_folder(path: &Path) -> Option<PathBuf> {
+    if path.join(CONFIG).is_file() {
+        return Some(path.to_path_buf());
+    }
+    let vae = path.join("vae");
+    (path.join("model_index.json").is_file() && vae.join(CONFIG).is_file()).then_some(vae)
+}
+
+/// The weights of the diffusers folder `dir`, under today's names, and the file they are in.
+fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>)> {
+    let file = dir.join(WEIGHTS);
+    ensure!(file.is_file(), "{}: no {WEIGHTS} there (only safetensors weights are read)", dir.display());
+    let tensors = Tensor::read_safetensors(&file).with_context(|| format!("reading {}", file.display()))?;
+    Ok((file, tensors.into_iter().map(|(n, t)| modern(&n, t)).collect()))
+}
+
+/// What `vae info` says of the diffusers folder `dir`: the architecture, the parameters and
+/// the latents' scale it declares.
+pub fn describe(dir: &Path) -> Result<String> {
+    let arch = read_config(dir)?;
+    let (_, json) = config_of(dir)?;
+    let (file, tensors) = read_weights(dir)?;
+    let parameters: i64 = tensors.values().map(|t| t.numel() as i64).sum();
+    let scale = json.get("scaling_factor").map_or("none".to_string(), Value::to_string);
+    Ok(format!(
+        "diffusers AutoencoderKL folder {}\n{}\nimages of {} channel(s), sample_size {}, downsampled {}x\n\
+         scaling_factor {scale}\nparameters {parameters} in {} tensors ({})\n",
+        dir.display(),
+        ModelConfig::Resnet(arch.clone()).summary(),
+        arch.in_channels,
+        arch.image_size,
+        arch.downscale(),
+        tensors.len(),
+        file.display()
+    ))
+}
+
+/// The model of the diffusers folder `dir`, to be judged with `cfg` (made by
+/// [`TrainConfig::pretrained`]), in float32 on `device`.
+pub fn model(dir: &Path, cfg: &TrainConfig, device: Device) -> Result<(VarStore, Box<dyn Model>)> {
+    let (file, tensors) = read_weights(dir)?;
+    built_model(&cfg.model, &file, &tensors, device)
+}
+
+/// The `config.json` of the diffusers folder `dir`, and its path.
+fn config_of(dir: &Path) -> Result<(PathBuf, Value)> {
+    let path = dir.join(CONFIG);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let json = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    Ok((path, json))
 }
 
 /// The architecture a diffusers folder's `config.json` describes (the image side from its
 /// `sample_size`; the likelihood is left at the family's default, L1).
 pub fn read_config(dir: &Path) -> Result<ResnetConfig> {
-    let path = dir.join(CONFIG);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    let json: Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    let (path, json) = config_of(dir)?;
     let field = |name: &str| json.get(name).filter(|v| !v.is_null());
     let int = |name: &str, default: i64| -> Result<i64> {
         field(name).map_or(Ok(default), |v| {
@@ -158,8 +206,8 @@ fn modern(name: &str, t: Tensor) -> (String, Tensor) {
 /// The architecture of the weights at `path` (a diffusers folder, or a checkpoint file or run
 /// folder of ours), which `--init-from` starts a run with.
 pub fn architecture_of(path: &Path) -> Result<ModelConfig> {
-    if is_diffusers_folder(path) {
-        return Ok(ModelConfig::Resnet(read_config(path)?));
+    if let Some(dir) = diffusers_folder(path) {
+        return Ok(ModelConfig::Resnet(read_config(&dir)?));
     }
     Ok(Checkpoint::load(&crate::run_dir::resolve(path)?)?.meta.config.model)
 }
@@ -168,21 +216,13 @@ pub fn architecture_of(path: &Path) -> Result<ModelConfig> {
 /// folder, or a checkpoint of ours (file or run folder). Weights only: the optimizer is not
 /// read. Any difference in names or shapes is refused, naming the first differing tensor.
 pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<()> {
-    if is_diffusers_folder(path) {
+    if let Some(dir) = diffusers_folder(path) {
         ensure!(
             matches!(model, ModelConfig::Resnet(_)),
             "--init-from {}: a diffusers AutoencoderKL folder starts --arch resnet models only",
             path.display()
         );
-        let file = path.join(WEIGHTS);
-        ensure!(
-            file.is_file(),
-            "--init-from {}: no {WEIGHTS} there (only safetensors weights are read)",
-            path.display()
-        );
-        let tensors =
-            Tensor::read_safetensors(&file).with_context(|| format!("reading {}", file.display()))?;
-        let tensors: HashMap<String, Tensor> = tensors.into_iter().map(|(n, t)| modern(&n, t)).collect();
+        let (file, tensors) = read_weights(&dir).context("--init-from")?;
         return copy_weights(&file, &tensors, vs).context("--init-from: the architecture differs");
     }
     let file = crate::run_dir::resolve(path)?;

@@ -115,6 +115,30 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     assert_same(&outputs(&trained, &io), &read(&their_outputs), "our export loaded by diffusers");
     let scale: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
     assert!(scale["scaling_factor"].as_f64().unwrap() > 0.0);
+    // The exported folder judged as it is, laid out as a pipeline's vae/ folder, on the data
+    // the flags choose: the same figures as the checkpoint it came from, on the run's data.
+    let pipeline = tmp.path().join("pipeline");
+    std::fs::create_dir_all(pipeline.join("vae")).unwrap();
+    std::fs::write(pipeline.join("model_index.json"), "{}").unwrap();
+    for file in [pretrained::CONFIG, pretrained::WEIGHTS] {
+        std::fs::copy(exported.join(file), pipeline.join("vae").join(file)).unwrap();
+    }
+    let figures = |args: &[&str]| {
+        let out = ok(vae(&[&["eval", "--iw-samples", "0", "--json", "--threads", "1"][..], args].concat()));
+        let mut report: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+        report.as_object_mut().unwrap().remove("seconds");
+        report
+    };
+    let of_run = figures(&[run.to_str().unwrap()]);
+    let sizes = ["--train-size", "64", "--test-size", "32"];
+    assert_eq!(figures(&[&[pipeline.to_str().unwrap()][..], &sizes[..]].concat()), of_run);
+    assert!(of_run["quality"]["psnr_db"].as_f64().unwrap() > 0.0, "{of_run}");
+    let info = stdout(&ok(vae(&["info", pipeline.to_str().unwrap()])));
+    assert!(info.contains("block channels [8, 16]") && info.contains("sample_size 16"), "{info}");
+    // A checkpoint is judged on its own run's data: a flag that would change it is refused.
+    let err = vae(&["eval", run.to_str().unwrap(), "--image-size", "32"]);
+    assert!(!err.status.success());
+    assert!(stderr(&err).contains("--image-size 32 applies to a diffusers folder"), "{}", stderr(&err));
     // A folder that holds files is never written into.
     let err = vae(&["export-diffusers", run.to_str().unwrap(), exported.to_str().unwrap()]);
     assert!(!err.status.success());

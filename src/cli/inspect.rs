@@ -2,11 +2,12 @@
 //! `interpolate`, `traverse`, `encode`).
 
 use anyhow::{bail, ensure, Context, Result};
+use clap::ArgMatches;
 use clap::Args;
 use std::path::{Path, PathBuf};
 use vae::checkpoint::Checkpoint;
 use vae::config::TrainConfig;
-use vae::data::DataLocation;
+use vae::data::DataArgs;
 use vae::device::DeviceArgs;
 use vae::eval::Options;
 use vae::models::Model;
@@ -14,12 +15,13 @@ use vae::models::Model;
 /// A checkpoint to read, and where to run it.
 #[derive(Args)]
 pub struct ModelArgs {
-    /// A checkpoint file or a run folder (its last.safetensors).
+    /// A checkpoint file, a run folder (its last.safetensors), or a diffusers AutoencoderKL
+    /// folder (or a pipeline's, with its vae/ folder), judged on the data --dataset chooses.
     checkpoint: PathBuf,
     #[command(flatten)]
     device: DeviceArgs,
     #[command(flatten)]
-    location: DataLocation,
+    data: DataArgs,
     /// Use the trained weights, not their moving average (where the run kept one).
     #[arg(long)]
     no_ema: bool,
@@ -31,43 +33,55 @@ pub enum Split {
     Test,
 }
 
-/// A checkpoint's model on the chosen device, with its run config.
+/// A model on the chosen device, with the config that judges it: a checkpoint's run config,
+/// or, for a diffusers folder, one made from the data flags.
 struct Loaded {
-    ckpt: Checkpoint,
+    /// The checkpoint file or the diffusers folder.
+    path: PathBuf,
+    diffusers: bool,
+    config: TrainConfig,
     model: Box<dyn Model>,
     device: tch::Device,
     vs: tch::nn::VarStore,
 }
 
 impl ModelArgs {
-    fn load(&self) -> Result<Loaded> {
+    /// `matches`: the command line, to tell the data flags given from their defaults.
+    fn load(&self, matches: &ArgMatches) -> Result<Loaded> {
         let device = self.device.init()?;
+        if let Some(dir) = vae::pretrained::diffusers_folder(&self.checkpoint) {
+            let arch = vae::pretrained::read_config(&dir)?;
+            let config = TrainConfig::pretrained(arch, &self.data, &dir)?;
+            let (vs, model) = vae::pretrained::model(&dir, &config, device)?;
+            return Ok(Loaded { path: dir, diffusers: true, config, model, device, vs });
+        }
         let ckpt = Checkpoint::load(&vae::run_dir::resolve(&self.checkpoint)?)?;
+        let config = TrainConfig::located(&ckpt.meta.config, &self.data, matches, &ckpt.path)?;
         let (vs, model) = ckpt.model(device, !self.no_ema)?;
-        Ok(Loaded { ckpt, model, device, vs })
+        Ok(Loaded { path: ckpt.path, diffusers: false, config, model, device, vs })
     }
 }
 
 impl Loaded {
-    fn config(&self) -> &TrainConfig {
-        &self.ckpt.meta.config
+    /// The data it is judged on, prepared as trained on (binarized the same way): the
+    /// training split and the test split.
+    fn splits(&self) -> Result<[vae::data::Dataset; 2]> {
+        let splits = self.config.data.load(self.config.seed)?;
+        Ok([splits.train, splits.test].map(|raw| vae::eval::prepared(&raw, &self.config)))
     }
 
-    /// The run's data, as trained on (binarized the same way), from `--data-dir` if given:
-    /// the training split and the test split.
-    fn splits(&self, args: &ModelArgs) -> Result<[vae::data::Dataset; 2]> {
-        let splits = self.config().data.relocated(&args.location).load(self.config().seed)?;
-        Ok([splits.train, splits.test].map(|raw| vae::eval::prepared(&raw, self.config())))
-    }
-
-    fn split(&self, args: &ModelArgs, split: Split) -> Result<vae::data::Dataset> {
-        let [train, test] = self.splits(args)?;
+    fn split(&self, split: Split) -> Result<vae::data::Dataset> {
+        let [train, test] = self.splits()?;
         Ok(if split == Split::Train { train } else { test })
     }
 
-    /// `out`, or `name` beside the checkpoint.
+    /// `out`, or `name` beside the checkpoint (beside a diffusers folder, after its name: the
+    /// model's folder is left as it is).
     fn output(&self, out: &Option<PathBuf>, name: &str) -> PathBuf {
-        out.clone().unwrap_or_else(|| self.ckpt.path.with_file_name(name))
+        out.clone().unwrap_or_else(|| match (self.diffusers, self.path.file_name()) {
+            (true, Some(folder)) => self.path.with_file_name(format!("{}-{name}", folder.to_string_lossy())),
+            _ => self.path.with_file_name(name),
+        })
     }
 }
 
@@ -189,12 +203,12 @@ pub struct ExportDiffusersArgs {
 }
 
 impl ExportDiffusersArgs {
-    pub fn run(&self) -> Result<()> {
-        let loaded = self.model.load()?;
-        let vae::models::ModelConfig::Resnet(arch) = &loaded.config().model else {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
+        let loaded = self.model.load(matches)?;
+        let vae::models::ModelConfig::Resnet(arch) = &loaded.config.model else {
             bail!(
                 "{} is an --arch conv model; only --arch resnet models are diffusers AutoencoderKLs",
-                loaded.ckpt.path.display()
+                loaded.path.display()
             )
         };
         let scale = match self.scaling_factor {
@@ -203,10 +217,10 @@ impl ExportDiffusersArgs {
                 scale
             }
             None => {
-                let train = loaded.split(&self.model, Split::Train).context(
+                let train = loaded.split(Split::Train).context(
                     "measuring the latents' scale on the training split (or give --scaling-factor)",
                 )?;
-                vae::eval::latent_scale(loaded.model.as_ref(), &train, loaded.config().seed, loaded.device)?
+                vae::eval::latent_scale(loaded.model.as_ref(), &train, loaded.config.seed, loaded.device)?
             }
         };
         let mut weights: Vec<(String, tch::Tensor)> = loaded.vs.variables().into_iter().collect();
@@ -222,12 +236,12 @@ fn saved(path: &Path) {
 }
 
 impl EvalArgs {
-    pub fn run(&self) -> Result<()> {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
         let Self { model: args, split, iw_samples, json, lpips_weights } = self;
         let (split, iw_samples, json) = (*split, *iw_samples, *json);
         ensure!(iw_samples >= 0, "--iw-samples must be 0 or more, found {iw_samples}");
-        let loaded = args.load()?;
-        let [train, test] = loaded.splits(args)?;
+        let loaded = args.load(matches)?;
+        let [train, test] = loaded.splits()?;
         let data = if split == Split::Train { &train } else { &test };
         let name = if split == Split::Train { "train" } else { "test" };
         let progress = if json || iw_samples == 0 {
@@ -236,7 +250,7 @@ impl EvalArgs {
             indicatif::ProgressBar::new(data.len() as u64)
         };
         let model = loaded.model.as_ref();
-        let cfg = loaded.config();
+        let cfg = &loaded.config;
         let lpips = match lpips_weights
             .as_ref()
             .or(cfg.lpips_weights.as_ref().filter(|_| cfg.perceptual_weight > 0.0))
@@ -254,7 +268,7 @@ impl EvalArgs {
             &progress,
         )?;
         report.scaling_factor =
-            Some(vae::eval::latent_scale(model, &train, loaded.config().seed, loaded.device)?);
+            Some(vae::eval::latent_scale(model, &train, loaded.config.seed, loaded.device)?);
         progress.finish_and_clear();
         if json {
             println!("{}", serde_json::to_string(&report)?);
@@ -262,9 +276,9 @@ impl EvalArgs {
         }
         println!(
             "{}: {} split of {}, {} images",
-            loaded.ckpt.path.display(),
+            loaded.path.display(),
             name,
-            loaded.config().data.name(),
+            loaded.config.data.name(),
             report.images
         );
         let unit = model.likelihood().unit();
@@ -274,7 +288,7 @@ impl EvalArgs {
                 report.negative_elbo, report.reconstruction, report.kl
             ),
             None => {
-                let cfg = loaded.config();
+                let cfg = &loaded.config;
                 // The rest of the loss is the perceptual term, on a run that trained with one.
                 let perceptual = report.negative_elbo - report.reconstruction - cfg.beta * report.kl;
                 let perceptual = if cfg.perceptual_weight > 0.0 {
@@ -312,18 +326,18 @@ impl EvalArgs {
 }
 
 impl ReconstructArgs {
-    pub fn run(&self) -> Result<()> {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
         let Self { model: args, n, input, out } = self;
         let n = *n;
         ensure!(n > 0, "--n must be positive");
-        let loaded = args.load()?;
+        let loaded = args.load(matches)?;
         let x = if input.is_empty() {
-            vae::export::first_images(&loaded.split(args, Split::Test)?, n, loaded.device)?
+            vae::export::first_images(&loaded.split(Split::Test)?, n, loaded.device)?
         } else {
-            let [channels, side, _] = loaded.config().model.image_shape();
+            let [channels, side, _] = loaded.config.model.image_shape();
             let images = input
                 .iter()
-                .map(|p| match &loaded.config().model {
+                .map(|p| match &loaded.config.model {
                     // Fully convolutional: each image at its own resolution.
                     vae::models::ModelConfig::Resnet(arch) => {
                         vae::data::image_file::load_native(p, channels, arch.downscale() as u32)
@@ -356,7 +370,7 @@ impl ReconstructArgs {
 }
 
 impl SampleArgs {
-    pub fn run(&self) -> Result<()> {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
         let Self { model: args, n, temperature, seed, out } = self;
         let (n, temperature, seed) = (*n, *temperature, *seed);
         ensure!(n > 0, "--n must be positive");
@@ -364,18 +378,21 @@ impl SampleArgs {
             temperature > 0.0 && temperature.is_finite(),
             "--temperature must be positive, found {temperature}"
         );
-        let loaded = args.load()?;
-        if loaded.config().beta < 0.1 {
+        let loaded = args.load(matches)?;
+        if loaded.diffusers || loaded.config.beta < 0.1 {
+            let trained = if loaded.diffusers {
+                "a KL-autoencoder (latent diffusion trains these with a KL weight of about 1e-6)".to_string()
+            } else {
+                format!("trained with a KL weight of {:e}", loaded.config.beta)
+            };
             eprintln!(
-                "note: this model was trained with a KL weight of {:e}, so its latents are far from N(0, I) \
-                 and it is not a generative model of its own: these are the decoder's images of prior \
-                 draws, not samples of the data (latent diffusion trains a diffusion model on the latents \
-                 for that)",
-                loaded.config().beta
+                "note: this model is {trained}, so its latents are far from N(0, I) and it is not a \
+                 generative model of its own: these are the decoder's images of prior draws, not samples \
+                 of the data (latent diffusion trains a diffusion model on the latents for that)"
             );
         }
-        vae::rng::seed_torch(seed.unwrap_or(loaded.config().seed), vae::rng::Stream::Eval, u64::MAX);
-        let [_, h, w] = loaded.config().model.image_shape();
+        vae::rng::seed_torch(seed.unwrap_or(loaded.config.seed), vae::rng::Stream::Eval, u64::MAX);
+        let [_, h, w] = loaded.config.model.image_shape();
         let images =
             vae::export::samples(loaded.model.as_ref(), n as i64, temperature, [h, w], loaded.device);
         let path = loaded.output(out, "sample.png");
@@ -386,13 +403,13 @@ impl SampleArgs {
 }
 
 impl InterpolateArgs {
-    pub fn run(&self) -> Result<()> {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
         let Self { model: args, pairs, steps, slerp, out } = self;
         let (pairs, steps, slerp) = (*pairs, *steps, *slerp);
         ensure!(pairs > 0, "--pairs must be positive");
         ensure!(steps >= 2, "--steps must be at least 2 (the two ends), found {steps}");
-        let loaded = args.load()?;
-        let test = loaded.split(args, Split::Test)?;
+        let loaded = args.load(matches)?;
+        let test = loaded.split(Split::Test)?;
         ensure!(
             test.len() >= 2 * pairs,
             "--pairs {pairs} needs {} test images, the split has {}",
@@ -410,18 +427,18 @@ impl InterpolateArgs {
 }
 
 impl TraverseArgs {
-    pub fn run(&self) -> Result<()> {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
         let Self { model: args, dims, index, steps, out } = self;
         let (index, steps) = (*index, *steps);
         ensure!(steps >= 2, "--steps must be at least 2, found {steps}");
-        let loaded = args.load()?;
+        let loaded = args.load(matches)?;
         let model = loaded.model.as_ref();
         let units = model.latent_channels();
         if let Some(bad) = dims.iter().find(|&&d| d < 0 || d >= units) {
             let what = if units == model.latent_dim() { "latent dimension" } else { "latent channel" };
             bail!("--dims {bad} is not a {what}: the model has {units} (0..{})", units - 1);
         }
-        let test = loaded.split(args, Split::Test)?;
+        let test = loaded.split(Split::Test)?;
         ensure!(index < test.len(), "--index {index} is past the test split's {} images", test.len());
         let dims = if dims.is_empty() {
             // The channels carrying the most KL first.
@@ -445,11 +462,11 @@ impl TraverseArgs {
 }
 
 impl EncodeArgs {
-    pub fn run(&self) -> Result<()> {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
         let Self { model: args, split, out } = self;
         let split = *split;
-        let loaded = args.load()?;
-        let data = loaded.split(args, split)?;
+        let loaded = args.load(matches)?;
+        let data = loaded.split(split)?;
         let (mean, logvar) = vae::export::encode_all(loaded.model.as_ref(), &data, loaded.device)?;
         let mut named = vec![("mean", mean), ("logvar", logvar)];
         if let Some(labels) = &data.labels {

@@ -106,13 +106,7 @@ impl TrainCommand {
         let rank = group.map_or(0, |g| g.rank);
         let args = &self.settings;
         TrainArgs::check_arch_flags(matches, args.arch)?;
-        let given = args.image_size.is_some() || args.channels.is_some();
-        if given && !args.dataset.sized() {
-            bail!(
-                "--image-size and --channels apply to shapes and folder only; {} images have a fixed shape",
-                args.dataset.name()
-            );
-        }
+        args.data.check_shape_flags()?;
         let mut cfg = args.config();
         if let Some(from) = &self.run.init_from {
             cfg.model = init_architecture(from, &cfg.model, matches)?;

@@ -90,6 +90,62 @@ pub struct DataLocation {
     pub max_memory: Option<u64>,
 }
 
+/// The flags that choose a dataset and its images: `vae train` reads them into the run's
+/// config; the commands that read a diffusers folder, which has no data of its own, read
+/// them to know what to evaluate it on.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DataArgs {
+    /// The images: to train on, or to evaluate a diffusers folder on.
+    #[arg(long, value_enum, default_value = "shapes")]
+    pub dataset: DatasetKind,
+    #[command(flatten)]
+    pub location: DataLocation,
+    /// Side of the generated shapes or of a folder's crops [default: 28 for shapes, 64 for
+    /// folder; a diffusers folder's sample_size].
+    #[arg(long)]
+    pub image_size: Option<i64>,
+    /// Channels of the generated shapes or of a folder's images, 1 or 3 [default: 1 for
+    /// shapes, 3 for folder; a diffusers folder's in_channels].
+    #[arg(long)]
+    pub channels: Option<i64>,
+    /// Share of a folder's files held out as the test split, chosen by a hash of each path.
+    #[arg(long, default_value_t = DataConfig::default().test_fraction)]
+    pub test_fraction: f64,
+    /// Where decoded image folders are cached, keyed by the listing and the transform.
+    #[arg(long, default_value = "checkpoints/.cache")]
+    pub cache_dir: PathBuf,
+    /// Decode an image folder every time instead.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Train images to use (shapes: how many to generate) [default: all; shapes 16000].
+    #[arg(long)]
+    pub train_size: Option<usize>,
+    /// Test images to use (shapes: how many to generate) [default: all; shapes 2000].
+    #[arg(long)]
+    pub test_size: Option<usize>,
+}
+
+impl DataArgs {
+    /// Refuses an image shape given for a dataset whose images have a fixed one.
+    pub fn check_shape_flags(&self) -> Result<()> {
+        let given = self.image_size.is_some() || self.channels.is_some();
+        ensure!(
+            !given || self.dataset.sized(),
+            "--image-size and --channels apply to shapes and folder only; {} images have a fixed shape",
+            self.dataset.name()
+        );
+        Ok(())
+    }
+
+    pub fn side(&self) -> i64 {
+        self.image_size.unwrap_or(self.dataset.default_side())
+    }
+
+    pub fn channel_count(&self) -> i64 {
+        self.channels.unwrap_or(self.dataset.default_channels())
+    }
+}
+
 /// A byte count as users write it: `4096`, `512K`, `1.5G`, `8GiB` (powers of 1024).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
@@ -158,16 +214,6 @@ impl Default for DataConfig {
 }
 
 impl DataConfig {
-    /// Looks for the data where `location` says, when it says.
-    pub fn relocated(&self, location: &DataLocation) -> Self {
-        let mut data = self.clone();
-        if location.data_dir.is_some() {
-            data.data_dir = location.data_dir.clone();
-        }
-        data.max_memory = location.max_memory;
-        data
-    }
-
     pub fn name(&self) -> &'static str {
         self.kind.name()
     }
