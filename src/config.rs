@@ -26,6 +26,9 @@ pub struct TrainConfig {
     pub adam: AdamConfig,
     /// Total epochs of the run (a resumed run continues up to this).
     pub epochs: u64,
+    /// Steps (batches) after which the run stops, mid-epoch if need be; 0: the epochs alone.
+    #[serde(default)]
+    pub max_steps: u64,
     pub batch_size: usize,
     /// Weight of the KL term; 1 is the ELBO.
     pub beta: f64,
@@ -149,6 +152,11 @@ pub struct TrainArgs {
     /// Total epochs of the run; a resumed run may raise it.
     #[arg(long, default_value_t = 10)]
     pub epochs: u64,
+    /// Stop the run after this many steps (batches) in all, mid-epoch if need be, with a test
+    /// evaluation and checkpoints there, as latent diffusion's runs are measured; a resumed
+    /// run may raise it (0: no limit, the epochs alone).
+    #[arg(long, default_value_t = 0)]
+    pub max_steps: u64,
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
     /// Adam's learning rate.
@@ -337,6 +345,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("mid_attention", Fixed, |a, c| resnet(c, |m| m.mid_attention = !a.no_mid_attention)),
     setting("no_mid_attention", Fixed, |a, c| resnet(c, |m| m.mid_attention = !a.no_mid_attention)),
     setting("epochs", Changeable, |a, c| c.epochs = a.epochs),
+    setting("max_steps", Changeable, |a, c| c.max_steps = a.max_steps),
     setting("batch_size", Fixed, |a, c| c.batch_size = a.batch_size),
     setting("lr", Changeable, |a, c| c.adam.lr = a.lr),
     setting("beta", Changeable, |a, c| c.beta = a.beta.unwrap_or(c.model.arch().default_beta())),
@@ -423,6 +432,7 @@ impl TrainArgs {
             data: DataConfig::default(),
             adam: AdamConfig::default(),
             epochs: 0,
+            max_steps: 0,
             batch_size: 0,
             beta: 0.0,
             seed: 0,
@@ -692,14 +702,20 @@ impl TrainConfig {
         Ok(Some(Perceptual { lpips, weight: self.perceptual_weight, kind: self.precision.compute_kind() }))
     }
 
+    /// Whether a run at `step` has taken its `--max-steps`.
+    pub fn reached_max_steps(&self, step: u64) -> bool {
+        self.max_steps > 0 && step >= self.max_steps
+    }
+
     /// The learning-rate and KL-weight curves for a split of `train_images` images.
     pub fn schedule(&self, train_images: usize) -> Schedule {
         let steps_per_epoch = train_images.div_ceil(self.batch_size.max(1)) as u64;
+        let by_epochs = self.epochs * steps_per_epoch;
         Schedule {
             lr: self.adam.lr,
             lr_schedule: self.lr_schedule,
             warmup_steps: self.warmup_steps,
-            total_steps: self.epochs * steps_per_epoch,
+            total_steps: if self.max_steps > 0 { by_epochs.min(self.max_steps) } else { by_epochs },
             beta: self.beta,
             kl_warmup_steps: (self.kl_warmup_epochs * steps_per_epoch as f64).round() as u64,
         }
@@ -755,6 +771,18 @@ mod tests {
         assert_eq!(err.unwrap_err().to_string(), "sd-vae takes images of 3 channel(s); mnist images have 1");
         let err = TrainConfig::pretrained(arch, &parse(&["--image-size", "34"]).0.data, folder).unwrap_err();
         assert!(format!("{err:#}").contains("34 is not a multiple of 2^2 = 4"), "{err:#}");
+    }
+
+    #[test]
+    fn max_steps_ends_the_run_and_its_schedule_when_it_comes_first() {
+        let cfg = |argv: &[&str]| parse(&[&["--batch-size", "10"][..], argv].concat()).0.config();
+        // 100 images: 10 steps per epoch.
+        assert_eq!(cfg(&["--epochs", "10", "--max-steps", "25"]).schedule(100).total_steps, 25);
+        assert_eq!(cfg(&["--epochs", "2", "--max-steps", "25"]).schedule(100).total_steps, 20);
+        assert_eq!(cfg(&["--epochs", "2"]).schedule(100).total_steps, 20);
+        let capped = cfg(&["--max-steps", "25"]);
+        assert!(capped.reached_max_steps(25) && !capped.reached_max_steps(24));
+        assert!(!cfg(&[]).reached_max_steps(u64::MAX));
     }
 
     #[test]

@@ -32,7 +32,9 @@ pub fn active_dimensions(moments: &Tensor, n: usize) -> i64 {
 /// One epoch's row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochRow {
-    pub epoch: u64,
+    /// Epochs trained: whole at an epoch's end, with the fraction trained of the next where
+    /// the run stopped at its `--max-steps`.
+    pub epoch: f64,
     pub step: u64,
     pub train: Stats,
     pub test: Stats,
@@ -51,7 +53,7 @@ impl EpochRow {
     fn columns(&self) -> Vec<(String, String)> {
         let q = &self.quality;
         let values = [
-            self.epoch.to_string(),
+            ((self.epoch * 1e4).round() / 1e4).to_string(),
             self.step.to_string(),
             format!("{:.4}", self.train.loss),
             format!("{:.4}", self.train.reconstruction),
@@ -100,7 +102,7 @@ impl MetricsLog {
         let old_header: Vec<&str> = lines.next().map_or(Vec::new(), |h| h.split(',').collect());
         let kept: Vec<&str> = lines
             .filter(|l| {
-                l.split(',').next().and_then(|e| e.parse::<u64>().ok()).is_some_and(|e| e < row.epoch)
+                l.split(',').next().and_then(|e| e.parse::<f64>().ok()).is_some_and(|e| e < row.epoch)
             })
             .collect();
         let values = row.columns();
@@ -170,7 +172,7 @@ mod tests {
         let stats = Stats { loss: 3.0, reconstruction: 2.0, kl: 1.0, sharpness: None };
         let quality = Quality { psnr_db: 20.0, ssim: Some(0.5), l1: 0.1, mse: 0.01, lpips: None };
         EpochRow {
-            epoch,
+            epoch: epoch as f64,
             step: epoch * 10,
             train: stats,
             test: stats,
@@ -199,6 +201,24 @@ mod tests {
         assert_eq!(rows[0].len(), HEADER.split(',').count() + 1);
         assert_eq!(rows[1][10], ("active_dims".to_string(), 4.0));
         assert_eq!(rows[1][8..10], [("test_psnr".to_string(), 20.0), ("test_ssim".to_string(), 0.5)]);
+    }
+
+    #[test]
+    fn a_partial_epochs_row_stays_before_its_epochs_end_and_goes_with_a_rerun() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = MetricsLog::new(&dir.path().join("metrics.csv"));
+        log.append(&row(1)).unwrap();
+        // Stopped at --max-steps 12 (of 10 per epoch), then resumed to the end of epoch 2.
+        let partial = EpochRow { epoch: 1.2, step: 12, ..row(1) };
+        log.append(&partial).unwrap();
+        log.append(&row(2)).unwrap();
+        let epochs = |log: &MetricsLog| log.read().unwrap().iter().map(|r| r[0].1).collect::<Vec<f64>>();
+        assert_eq!(epochs(&log), [1.0, 1.2, 2.0]);
+        let text = std::fs::read_to_string(dir.path().join("metrics.csv")).unwrap();
+        assert!(text.contains("\n1,10,") && text.contains("\n1.2,12,"), "{text}");
+        // Resumed from epoch 1's checkpoint again and stopped sooner: the later rows go.
+        log.append(&EpochRow { epoch: 1.1, step: 11, ..row(1) }).unwrap();
+        assert_eq!(epochs(&log), [1.0, 1.1]);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::plot::{self, Series};
 use crate::run_dir::{self, RunDir, BEST, LOSS_PLOT, METRICS, RECONSTRUCTIONS, SAMPLES};
 use crate::schedule::Schedule;
 use crate::tensorboard::EventWriter;
-use crate::train::{Flow, Trainer, Window};
+use crate::train::{EpochEnd, Flow, Trainer, Window};
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -121,7 +121,8 @@ pub struct Lineage {
 /// What a run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
-    /// Train and test statistics of each epoch completed by this invocation.
+    /// Train and test statistics of each epoch this invocation trained to its end or, the
+    /// last, to the run's `--max-steps`.
     pub epochs: Vec<(Stats, Stats)>,
     /// Stopped by `RunOptions::stop` before the last epoch; `last.safetensors` holds the state.
     pub interrupted: bool,
@@ -159,14 +160,20 @@ impl Outputs<'_> {
         tb.scalar("train/beta", step, schedule.beta_at(step.saturating_sub(1)))
     }
 
-    /// At the end of an epoch: `last`, `best` when the test loss improved, and the periodic
-    /// checkpoint.
-    fn save_checkpoints(&self, trainer: &Trainer, improved: bool, opts: &RunOptions) -> Result<()> {
+    /// After a test evaluation: `last`, `best` when the test loss improved, and at the end
+    /// of an epoch (`complete`) the periodic checkpoint.
+    fn save_checkpoints(
+        &self,
+        trainer: &Trainer,
+        improved: bool,
+        complete: bool,
+        opts: &RunOptions,
+    ) -> Result<()> {
         let bytes = self.save_last(trainer)?;
         if improved {
             write_atomic(&self.folder.file(BEST), &bytes)?;
         }
-        if opts.save_every > 0 && trainer.epoch.is_multiple_of(opts.save_every) {
+        if complete && opts.save_every > 0 && trainer.epoch.is_multiple_of(opts.save_every) {
             write_atomic(&self.folder.file(&run_dir::periodic_name(trainer.epoch)), &bytes)?;
             self.folder.prune_periodic(opts.keep)?;
         }
@@ -265,15 +272,15 @@ fn progress_bar(quiet: bool, len: usize, epoch: u64, epochs: u64) -> ProgressBar
     progress
 }
 
-/// One epoch, and after each step: log, guard, periodic save, interrupt. `None` when a stop
-/// was asked for before the epoch's end.
+/// One epoch, and after each step: log, guard, periodic save, interrupt; it stops early when
+/// a stop was asked for or the run reached its `--max-steps`.
 fn train_epoch(
     trainer: &mut Trainer,
     loader: &Loader,
     mut out: Option<&mut Outputs>,
     schedule: &Schedule,
     opts: &RunOptions,
-) -> Result<Option<Stats>> {
+) -> Result<EpochEnd> {
     let progress = progress_bar(opts.quiet, loader.len(), trainer.epoch, trainer.cfg.epochs);
     let skipped_before = trainer.skipped_steps;
     let train = trainer.train_epoch(loader, &progress, |t, window| {
@@ -281,14 +288,18 @@ fn train_epoch(
             out.log_window(t, window, schedule)?;
         }
         guard(t, opts, out.as_deref().map(|o| o.folder))?;
-        if let Some(out) = out.as_deref() {
+        // An epoch's end and the run's --max-steps save after their test evaluation: saved
+        // before it, their step would resume past the evaluation (or, at an epoch's end, not
+        // at all).
+        let evaluates = t.step == (t.epoch + 1) * loader.steps_per_epoch() || t.cfg.reached_max_steps(t.step);
+        if let (Some(out), false) = (out.as_deref(), evaluates) {
             if opts.save_every_steps > 0 && t.step.is_multiple_of(opts.save_every_steps) {
                 out.save_last(t)?;
             }
         }
         crate::fault::after_step(t.step);
         // Every rank stops at the same step, whichever was told.
-        Ok(if t.stopping { Flow::Stop } else { Flow::Continue })
+        Ok(if t.stopping || t.cfg.reached_max_steps(t.step) { Flow::Stop } else { Flow::Continue })
     })?;
     progress.finish_and_clear();
     let skipped = trainer.skipped_steps - skipped_before;
@@ -317,8 +328,8 @@ fn evaluate(trainer: &Trainer, test: &Dataset, folder: Option<&RunDir>) -> Resul
     Ok((figures, active))
 }
 
-/// Trains until `trainer.cfg.epochs` in `folder` (held by this process), writing checkpoints
-/// of the run `lineage` names, and pictures. Without a folder (the ranks of a data-parallel
+/// Trains until `trainer.cfg.epochs` (or its `max_steps`) in `folder` (held by this process),
+/// writing checkpoints of the run `lineage` names, and pictures. Without a folder (the ranks of a data-parallel
 /// run but rank 0), it trains alongside and writes nothing.
 pub fn run(
     trainer: &mut Trainer,
@@ -360,17 +371,34 @@ pub fn run(
         );
     }
     let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
-    while trainer.epoch < cfg.epochs {
+    let steps_per_epoch = loader.steps_per_epoch();
+    // Steps and images of the current epoch taken (before this call, in a run resumed
+    // mid-epoch; at its end, by a run stopped inside it).
+    let steps_into = |t: &Trainer| t.step - t.epoch * steps_per_epoch;
+    let images_into = |t: &Trainer| (steps_into(t) as usize * loader.batch_size()).min(loader.len());
+    while trainer.epoch < cfg.epochs && !cfg.reached_max_steps(trainer.step) {
         let started = Instant::now();
         let all_reduce_before = trainer.all_reduce_seconds;
-        let Some(train) = train_epoch(trainer, &loader, out.as_mut(), &schedule, opts)? else {
-            if let Some(out) = &out {
-                out.save_last(trainer)?;
+        let images_before = images_into(trainer);
+        let (train, complete) = match train_epoch(trainer, &loader, out.as_mut(), &schedule, opts)? {
+            EpochEnd::Complete(train) => (train, true),
+            // A step with a finite loss is needed for figures; none at all leaves them NaN.
+            EpochEnd::Stopped(train) if cfg.reached_max_steps(trainer.step) => {
+                let nan = Stats { loss: f64::NAN, reconstruction: f64::NAN, kl: f64::NAN, sharpness: None };
+                (train.unwrap_or(nan), false)
             }
-            summary.interrupted = true;
-            return Ok(summary);
+            EpochEnd::Stopped(_) => {
+                if let Some(out) = &out {
+                    out.save_last(trainer)?;
+                }
+                summary.interrupted = true;
+                return Ok(summary);
+            }
         };
         let seconds = started.elapsed().as_secs_f64();
+        let images = if complete { loader.len() } else { images_into(trainer) } - images_before;
+        // Epochs trained, with the fraction of the next one taken where the run stopped inside it.
+        let epoch = trainer.epoch as f64 + steps_into(trainer) as f64 / steps_per_epoch as f64;
         // Judged (and pictured, below) with the weights' moving average, where one is kept.
         let (figures, active_dims) =
             trainer.averaged(|| evaluate(trainer, &test, out.as_ref().map(|o| o.folder)))?;
@@ -378,14 +406,14 @@ pub fn run(
         // The other ranks go on to the next epoch and wait for this one at its first step.
         if let Some(out) = out.as_mut() {
             let row = EpochRow {
-                epoch: trainer.epoch,
+                epoch,
                 step: trainer.step,
                 train,
                 test: test_stats,
                 quality: figures.quality,
                 active_dims,
                 lr: schedule.lr_at(trainer.step.saturating_sub(1)),
-                images_per_s: loader.len() as f64 / seconds,
+                images_per_s: images as f64 / seconds,
                 seconds,
             };
             let improved = trainer.best_test_loss.is_none_or(|best| test_stats.loss < best);
@@ -393,7 +421,7 @@ pub fn run(
                 trainer.best_test_loss = Some(test_stats.loss);
             }
             out.metrics.append(&row)?;
-            out.save_checkpoints(trainer, improved, opts)?;
+            out.save_checkpoints(trainer, improved, complete, opts)?;
             trainer.averaged(|| out.draw_pictures(trainer, &splits.test))?;
             out.log_epoch(&row)?;
             out.plot_losses(trainer.model.likelihood())?;
@@ -416,10 +444,13 @@ pub fn run(
                     cfg.perceptual_weight > 0.0,
                     cfg.disc_weight > 0.0 && trainer.step > cfg.disc_start,
                 );
+                let at = if complete {
+                    format!("epoch {}/{}", trainer.epoch, cfg.epochs)
+                } else {
+                    format!("epoch {epoch:.2}/{} (--max-steps {})", cfg.epochs, cfg.max_steps)
+                };
                 println!(
-                    "epoch {}/{}  train {train}{sharp}  test {test_stats}  {}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
-                    row.epoch,
-                    cfg.epochs,
+                    "{at}  train {train}{sharp}  test {test_stats}  {}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
                     row.quality,
                     row.images_per_s,
                     cfg.model.latent_dim()
@@ -427,7 +458,8 @@ pub fn run(
             }
             summary.epochs.push((train, test_stats));
         }
-        if trainer.epoch < cfg.epochs && trainer.any_rank(opts.stop_requested())? {
+        let more = trainer.epoch < cfg.epochs && !cfg.reached_max_steps(trainer.step);
+        if more && trainer.any_rank(opts.stop_requested())? {
             summary.interrupted = true;
             return Ok(summary);
         }

@@ -79,6 +79,16 @@ pub enum Flow {
     Stop,
 }
 
+/// How an epoch's training ended.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum EpochEnd {
+    /// Every batch trained, and the epoch count moved on: the epoch's statistics.
+    Complete(Stats),
+    /// Stopped before its last batch: the statistics of the steps this call took, `None`
+    /// when none was finite.
+    Stopped(Option<Stats>),
+}
+
 /// Steps between reads of the running loss for the progress bar: each read syncs the device.
 const LOG_EVERY: usize = 25;
 
@@ -212,13 +222,13 @@ impl Trainer {
 
     /// Trains the rest of the current epoch, from the batch the step count says it is at, so a
     /// run resumed mid-epoch replays exactly the batches it had left. `after_step` runs after
-    /// every update and may stop the epoch early; then `None` is returned.
+    /// every update and may stop the epoch early.
     pub fn train_epoch(
         &mut self,
         loader: &Loader,
         progress: &ProgressBar,
         mut after_step: impl FnMut(&Trainer, Option<&Window>) -> Result<Flow>,
-    ) -> Result<Option<Stats>> {
+    ) -> Result<EpochEnd> {
         let batches = loader.shuffled_batches(self.cfg.seed, self.epoch);
         let epoch_start = self.epoch * batches.len() as u64;
         let done = self.step.checked_sub(epoch_start).filter(|&d| d < batches.len() as u64);
@@ -258,7 +268,7 @@ impl Trainer {
             });
             // At the epoch's end the run saves anyway, so a stop there is not early.
             if after_step(self, window.as_ref())? == Flow::Stop && i + 1 < batches.len() {
-                return Ok(None);
+                return Ok(EpochEnd::Stopped((seen > 0).then(|| Stats::from_sums(&sums, seen))));
             }
         }
         if seen == 0 {
@@ -269,7 +279,7 @@ impl Trainer {
             );
         }
         self.epoch += 1;
-        Ok(Some(Stats::from_sums(&sums, seen)))
+        Ok(EpochEnd::Complete(Stats::from_sums(&sums, seen)))
     }
 
     /// One update on the images at `indices`; returns the batch's statistics (`[loss,

@@ -31,11 +31,15 @@ const DATA: &[&str] = &[
 ];
 
 fn train(out: &Path, epochs: &str, extra: &[&str]) -> Output {
+    vae(&train_args(out, epochs, extra))
+}
+
+fn train_args<'a>(out: &'a Path, epochs: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut args = vec!["train", "--quiet", "--epochs", epochs, "--out", out.to_str().unwrap()];
     args.extend_from_slice(TINY_MODEL);
     args.extend_from_slice(DATA);
     args.extend_from_slice(extra);
-    vae(&args)
+    args
 }
 
 /// Names of the temporary files of atomic writes left in `dir`.
@@ -82,6 +86,43 @@ fn resumed_and_interrupted_runs_equal_the_straight_run_bitwise() {
     ok(train(&split, "1", &[]));
     ok(vae(&["train", "--resume", split.to_str().unwrap(), "--epochs", "3", "--threads", "1", "--quiet"]));
     assert_identical(&straight.join("last.safetensors"), &split.join("last.safetensors"));
+
+    // Stopped at --max-steps 25, in the second epoch of 20 steps, with a test evaluation and a
+    // metrics row there; then continued without a limit: still the straight run.
+    let capped = dir.path().join("capped");
+    ok(train(&capped, "3", &["--max-steps", "25"]));
+    let at_cap = Checkpoint::load(&capped.join("last.safetensors")).unwrap();
+    assert_eq!((at_cap.meta.epoch, at_cap.meta.step), (1, 25));
+    let metrics = std::fs::read_to_string(capped.join("metrics.csv")).unwrap();
+    let rows: Vec<&str> = metrics.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(rows, ["1", "1.25"], "{metrics}");
+    let out = ok(vae(&["train", "--resume", capped.to_str().unwrap()]));
+    assert!(stdout(&out).contains("has taken its --max-steps 25"), "{}", stdout(&out));
+    ok(vae(&[
+        "train",
+        "--resume",
+        capped.to_str().unwrap(),
+        "--max-steps",
+        "0",
+        "--threads",
+        "1",
+        "--quiet",
+    ]));
+    assert_identical(&straight.join("last.safetensors"), &capped.join("last.safetensors"));
+
+    // Killed after the first epoch's last step, before its test evaluation, with a periodic
+    // save due at that very step: the save waits for the evaluation (saved before it, the
+    // step would resume past the epoch's end), so the resume trains the step again.
+    let ended = dir.path().join("ended");
+    let out = Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(train_args(&ended, "3", &["--save-every-steps", "10"]))
+        .env("VAE_FAULT", "step:20")
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("VAE_FAULT: aborting after step 20"), "{}", stderr(&out));
+    assert_eq!(Checkpoint::load(&ended.join("last.safetensors")).unwrap().meta.step, 10);
+    ok(vae(&["train", "--resume", ended.to_str().unwrap(), "--threads", "1", "--quiet"]));
+    assert_identical(&straight.join("last.safetensors"), &ended.join("last.safetensors"));
 
     // SIGINT during the second epoch: the step finishes, last.safetensors is written, exit 130.
     let sig = dir.path().join("sig");

@@ -288,6 +288,18 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
         0.0
     );
 
+    // Stopped at --max-steps 30 (every rank at the same step, the test split evaluated across
+    // them), then continued without a limit: the uninterrupted run again.
+    let capped = dir.path().join("capped");
+    ok(train(&capped, "2", &["--nproc", "2", "--max-steps", "30"]));
+    assert_eq!(Checkpoint::load(&capped.join("last.safetensors")).unwrap().meta.step, 30);
+    let resume = ["train", "--resume", capped.to_str().unwrap(), "--nproc", "2", "--max-steps", "0"];
+    ok(vae(&[&resume[..], &["--threads", "1", "--quiet"]].concat()));
+    assert_eq!(
+        relative_difference(&straight.join("last.safetensors"), &capped.join("last.safetensors")),
+        0.0
+    );
+
     // A 2-rank checkpoint continues on one process, which says it is not bitwise.
     let single = dir.path().join("single");
     let resume =

@@ -12,7 +12,7 @@ use vae::config::TrainConfig;
 use vae::data::{DataConfig, Loader};
 use vae::models::{ConvConfig, ModelConfig, ResnetConfig};
 use vae::precision::Precision;
-use vae::train::{Flow, Trainer};
+use vae::train::{EpochEnd, Flow, Trainer};
 
 const DATA: &[&str] = &["--train-size", "512", "--test-size", "64", "--batch-size", "32"];
 
@@ -73,8 +73,9 @@ fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
     // Six epochs: from PyTorch's (narrow) initialisation this tiny model sits on a plateau for
     // about three.
     for _ in 0..6 {
-        losses
-            .push(trainer.train_epoch(&loader, &progress, |_, _| Ok(Flow::Continue)).unwrap().unwrap().loss);
+        let end = trainer.train_epoch(&loader, &progress, |_, _| Ok(Flow::Continue)).unwrap();
+        let EpochEnd::Complete(stats) = end else { panic!("the epoch stopped early: {end:?}") };
+        losses.push(stats.loss);
     }
     assert!(losses.iter().all(|l| l.is_finite()) && losses[5] < losses[0] * 0.9, "{losses:?}");
     assert_eq!(trainer.step, 48);

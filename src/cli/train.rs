@@ -164,6 +164,13 @@ impl TrainCommand {
             ckpt.meta.epoch,
             path.display()
         );
+        ensure!(
+            cfg.max_steps == 0 || cfg.max_steps >= ckpt.meta.step,
+            "--max-steps {} is below the {} steps {} has already taken",
+            cfg.max_steps,
+            ckpt.meta.step,
+            path.display()
+        );
         cfg.validate()?;
         cfg.precision.check_device(device)?;
         let home = run_dir::folder_of(&path);
@@ -183,6 +190,14 @@ impl TrainCommand {
                 "the run in {} has completed its {} epochs; pass --epochs N to train further",
                 out_dir.display(),
                 trainer.cfg.epochs
+            );
+            return Ok(None);
+        }
+        if trainer.cfg.reached_max_steps(trainer.step) {
+            println!(
+                "the run in {} has taken its --max-steps {}; pass a larger --max-steps (0: none) to train further",
+                out_dir.display(),
+                trainer.cfg.max_steps
             );
             return Ok(None);
         }
@@ -307,9 +322,10 @@ fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
 }
 
 /// Says which settings changed, when any change makes the run differ from an uninterrupted
-/// one with the new settings: more epochs under a constant rate do not.
+/// one with the new settings: a longer run under a constant rate does not.
 fn report_changes(changes: &[Change], cfg: &TrainConfig) {
-    let harmless = |c: &Change| c.flag == "--epochs" && cfg.lr_schedule == LrSchedule::Constant;
+    let longer = |c: &Change| c.flag == "--epochs" || c.flag == "--max-steps";
+    let harmless = |c: &Change| longer(c) && cfg.lr_schedule == LrSchedule::Constant;
     if changes.iter().all(harmless) {
         return;
     }

@@ -50,6 +50,11 @@ impl Loader {
         self.batch_size as usize
     }
 
+    /// Batches in an epoch: training steps, the last holding the remainder.
+    pub fn steps_per_epoch(&self) -> u64 {
+        self.len().div_ceil(self.batch_size()) as u64
+    }
+
     /// Where index tensors live: beside a resident split, on the host for a streamed one.
     fn index_device(&self) -> Device {
         match self.source {
