@@ -33,7 +33,7 @@ pub fn active_dimensions(moments: &Tensor, n: usize) -> i64 {
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochRow {
     /// Epochs trained: whole at an epoch's end, with the fraction trained of the next where
-    /// the run stopped at its `--max-steps`.
+    /// the run evaluated inside it (`--max-steps`, `--eval-every-steps`).
     pub epoch: f64,
     pub step: u64,
     pub train: Stats,

@@ -44,6 +44,11 @@ pub struct RunOptions {
     /// Also rewrite last.safetensors every this many steps (0: once per epoch).
     #[arg(long, default_value_t = 0)]
     pub save_every_steps: u64,
+    /// Also evaluate the test split every this many steps, mid-epoch, with all an epoch's end
+    /// has (a metrics.csv row, last and best checkpoints, pictures): for epochs that take
+    /// hours (0: at epoch ends only).
+    #[arg(long, default_value_t = 0)]
+    pub eval_every_steps: u64,
     /// Periodic checkpoints to keep.
     #[arg(long, default_value_t = 3)]
     pub keep: usize,
@@ -82,6 +87,7 @@ impl Default for RunOptions {
             init_from: None,
             save_every: 1,
             save_every_steps: 0,
+            eval_every_steps: 0,
             keep: 3,
             quiet: false,
             no_tensorboard: false,
@@ -108,6 +114,13 @@ impl RunOptions {
 
     fn stop_requested(&self) -> bool {
         self.stop.as_ref().is_some_and(|s| s.load(Ordering::SeqCst))
+    }
+
+    /// Whether the run evaluates after `trainer`'s latest step even inside an epoch: at its
+    /// `--max-steps`, and every `--eval-every-steps`.
+    fn evaluates_within_epoch(&self, trainer: &Trainer) -> bool {
+        let every = self.eval_every_steps;
+        trainer.cfg.reached_max_steps(trainer.step) || (every > 0 && trainer.step.is_multiple_of(every))
     }
 }
 
@@ -273,7 +286,7 @@ fn progress_bar(quiet: bool, len: usize, epoch: u64, epochs: u64) -> ProgressBar
 }
 
 /// One epoch, and after each step: log, guard, periodic save, interrupt; it stops early when
-/// a stop was asked for or the run reached its `--max-steps`.
+/// a stop was asked for or the run evaluates within the epoch.
 fn train_epoch(
     trainer: &mut Trainer,
     loader: &Loader,
@@ -288,10 +301,9 @@ fn train_epoch(
             out.log_window(t, window, schedule)?;
         }
         guard(t, opts, out.as_deref().map(|o| o.folder))?;
-        // An epoch's end and the run's --max-steps save after their test evaluation: saved
-        // before it, their step would resume past the evaluation (or, at an epoch's end, not
-        // at all).
-        let evaluates = t.step == (t.epoch + 1) * loader.steps_per_epoch() || t.cfg.reached_max_steps(t.step);
+        // The steps that evaluate save after their evaluation: saved before it, their step
+        // would resume past the evaluation (or, at an epoch's end, not at all).
+        let evaluates = t.step == (t.epoch + 1) * loader.steps_per_epoch() || opts.evaluates_within_epoch(t);
         if let (Some(out), false) = (out.as_deref(), evaluates) {
             if opts.save_every_steps > 0 && t.step.is_multiple_of(opts.save_every_steps) {
                 out.save_last(t)?;
@@ -299,7 +311,7 @@ fn train_epoch(
         }
         crate::fault::after_step(t.step);
         // Every rank stops at the same step, whichever was told.
-        Ok(if t.stopping || t.cfg.reached_max_steps(t.step) { Flow::Stop } else { Flow::Continue })
+        Ok(if t.stopping || opts.evaluates_within_epoch(t) { Flow::Stop } else { Flow::Continue })
     })?;
     progress.finish_and_clear();
     let skipped = trainer.skipped_steps - skipped_before;
@@ -383,7 +395,7 @@ pub fn run(
         let (train, complete) = match train_epoch(trainer, &loader, out.as_mut(), &schedule, opts)? {
             EpochEnd::Complete(train) => (train, true),
             // A step with a finite loss is needed for figures; none at all leaves them NaN.
-            EpochEnd::Stopped(train) if cfg.reached_max_steps(trainer.step) => {
+            EpochEnd::Stopped(train) if opts.evaluates_within_epoch(trainer) => {
                 let nan = Stats { loss: f64::NAN, reconstruction: f64::NAN, kl: f64::NAN, sharpness: None };
                 (train.unwrap_or(nan), false)
             }
@@ -446,8 +458,10 @@ pub fn run(
                 );
                 let at = if complete {
                     format!("epoch {}/{}", trainer.epoch, cfg.epochs)
-                } else {
+                } else if cfg.reached_max_steps(trainer.step) {
                     format!("epoch {epoch:.2}/{} (--max-steps {})", cfg.epochs, cfg.max_steps)
+                } else {
+                    format!("epoch {epoch:.2}/{}", cfg.epochs)
                 };
                 println!(
                     "{at}  train {train}{sharp}  test {test_stats}  {}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",

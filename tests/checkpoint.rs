@@ -87,6 +87,15 @@ fn resumed_and_interrupted_runs_equal_the_straight_run_bitwise() {
     ok(vae(&["train", "--resume", split.to_str().unwrap(), "--epochs", "3", "--threads", "1", "--quiet"]));
     assert_identical(&straight.join("last.safetensors"), &split.join("last.safetensors"));
 
+    // Evaluated every 8 steps too, inside epochs and at their ends: the same training, and a
+    // row at each evaluation.
+    let evaluated = dir.path().join("evaluated");
+    ok(train(&evaluated, "3", &["--eval-every-steps", "8"]));
+    assert_identical(&straight.join("last.safetensors"), &evaluated.join("last.safetensors"));
+    let metrics = std::fs::read_to_string(evaluated.join("metrics.csv")).unwrap();
+    let rows: Vec<&str> = metrics.lines().skip(1).map(|l| l.split(',').next().unwrap()).collect();
+    assert_eq!(rows, ["0.4", "0.8", "1", "1.2", "1.6", "2", "2.4", "2.8", "3"], "{metrics}");
+
     // Stopped at --max-steps 25, in the second epoch of 20 steps, with a test evaluation and a
     // metrics row there; then continued without a limit: still the straight run.
     let capped = dir.path().join("capped");
