@@ -5,6 +5,7 @@
 
 use crate::config::TrainConfig;
 use crate::data::{Binarize, Dataset, Loader};
+use crate::fid::{reconstruction_fid, Inception};
 use crate::loss::{Elbo, KlWeight, Perceptual, Stats};
 use crate::models::{in_passes, Forward, Model, Posterior};
 use crate::perceptual::Lpips;
@@ -196,6 +197,9 @@ pub struct Report {
     pub iwae_nll: Option<f64>,
     pub iwae_bits_per_dim: Option<f64>,
     pub quality: Quality,
+    /// The Fréchet Inception Distance between the split's images and their reconstructions
+    /// at the posterior mean, when the Inception's weights were given.
+    pub rfid: Option<f64>,
     /// 1 / the standard deviation of the latents of the training split (diffusers'
     /// `scaling_factor`, which `export-diffusers` writes).
     pub scaling_factor: Option<f64>,
@@ -333,6 +337,8 @@ pub struct Options<'a> {
     /// The LPIPS network: the perceptual term of a run that trained with one, and the
     /// reconstructions' LPIPS.
     pub lpips: Option<&'a Lpips>,
+    /// The FID Inception, for the reconstructions' rFID.
+    pub fid: Option<&'a Inception>,
 }
 
 /// The negative ELBO (noise fixed per batch by the seed, as in training's evaluation), the
@@ -348,7 +354,7 @@ pub fn evaluate(
     device: Device,
     progress: &indicatif::ProgressBar,
 ) -> Result<Report> {
-    let Options { iw_samples, lpips } = options;
+    let Options { iw_samples, lpips, fid } = options;
     let started = std::time::Instant::now();
     let density = model.likelihood().is_density();
     // The bound where the likelihood is a density; otherwise the loss the run minimised.
@@ -358,6 +364,10 @@ pub fn evaluate(
         split_sums(model, data, measure, device, (0, 1))?.figures(data, lpips.is_some());
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
+    let rfid = match fid {
+        Some(net) => Some(reconstruction_fid(model, data, net, device)?),
+        None => None,
+    };
     let iwae_nll = if iw_samples > 0 && density {
         let loader = Loader::new(data, device, IMAGES_PER_BATCH);
         let chunk = (DECODES_PER_PASS / IMAGES_PER_BATCH as i64).max(1);
@@ -386,6 +396,7 @@ pub fn evaluate(
         iwae_nll,
         iwae_bits_per_dim: iwae_nll.map(|n| bits_per_dim(n, dimensions)),
         quality,
+        rfid,
         scaling_factor: None,
         seconds: started.elapsed().as_secs_f64(),
     })

@@ -30,6 +30,7 @@ pub mod ema;
 pub mod eval;
 pub mod export;
 pub mod fault;
+pub mod fid;
 pub mod fsio;
 pub mod loss;
 pub mod metrics;

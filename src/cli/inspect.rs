@@ -103,6 +103,10 @@ pub struct EvalArgs {
     /// [default: the run's own, if it trained with --perceptual-weight].
     #[arg(long)]
     lpips_weights: Option<PathBuf>,
+    /// pytorch-fid's Inception weights (scripts/fid_weights.py writes them), to report the
+    /// rFID between the split's images and their reconstructions.
+    #[arg(long)]
+    fid_weights: Option<PathBuf>,
 }
 
 /// Originals above their reconstructions: test images, or your own image files.
@@ -237,7 +241,7 @@ fn saved(path: &Path) {
 
 impl EvalArgs {
     pub fn run(&self, matches: &ArgMatches) -> Result<()> {
-        let Self { model: args, split, iw_samples, json, lpips_weights } = self;
+        let Self { model: args, split, iw_samples, json, lpips_weights, fid_weights } = self;
         let (split, iw_samples, json) = (*split, *iw_samples, *json);
         ensure!(iw_samples >= 0, "--iw-samples must be 0 or more, found {iw_samples}");
         let loaded = args.load(matches)?;
@@ -258,12 +262,16 @@ impl EvalArgs {
             Some(path) => Some(vae::perceptual::Lpips::load(path, loaded.device)?),
             None => None,
         };
+        let fid = match fid_weights {
+            Some(path) => Some(vae::fid::Inception::load(path, loaded.device)?),
+            None => None,
+        };
         let mut report = vae::eval::evaluate(
             model,
             cfg,
             data,
             name,
-            Options { iw_samples, lpips: lpips.as_ref() },
+            Options { iw_samples, lpips: lpips.as_ref(), fid: fid.as_ref() },
             loaded.device,
             &progress,
         )?;
@@ -316,6 +324,12 @@ impl EvalArgs {
             "reconstructions  PSNR {:.2} dB  SSIM {ssim}  L1 {:.4}  MSE {:.5} (pixels in [0, 1]){lpips}",
             q.psnr_db, q.l1, q.mse
         );
+        if let Some(rfid) = report.rfid {
+            // FID's bias grows as the images get fewer; papers use 10,000 to 50,000.
+            let few =
+                if report.images < 10_000 { " (few images for FID: compare at the same count)" } else { "" };
+            println!("rFID  {rfid:.3} between the {} images and their reconstructions{few}", report.images);
+        }
         println!(
             "latents  KL {:.4} nats per element  scale factor {:.5} (1 / std over the training split)",
             report.kl_per_latent_element,

@@ -1,0 +1,73 @@
+//! rFID (`vae eval --fid-weights`): our FID Inception computes pytorch-fid's pool features
+//! (random weights and BatchNorm statistics: no download) and our Fréchet distance equals
+//! pytorch-fid's; `vae eval` reports it for a run.
+
+mod common;
+
+use common::{ok, python_script, stdout, train_tiny_resnet, vae};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+use vae::fid::{frechet_distance, Inception, Moments};
+
+#[test]
+fn our_fid_equals_pytorch_fid_and_eval_reports_it() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(3);
+    // Images of any size are resized to 299 x 299, as pytorch-fid resizes them.
+    let x = Tensor::rand([3, 3, 40, 56], (Kind::Float, Device::Cpu));
+    // Two feature sets of different means and covariances.
+    let a = Tensor::randn([200, 8], (Kind::Double, Device::Cpu));
+    let mix = Tensor::randn([8, 8], (Kind::Double, Device::Cpu)) * 0.5;
+    let b = a.matmul(&mix) + Tensor::linspace(-1.0, 1.0, 8, (Kind::Double, Device::Cpu));
+    let inputs = dir.path().join("inputs.safetensors");
+    Tensor::write_safetensors(&[("x", &x), ("a", &a), ("b", &b)], &inputs).unwrap();
+    let (weights, reference) = (dir.path().join("fid.safetensors"), dir.path().join("reference.safetensors"));
+    python_script(
+        "fid_weights.py",
+        &[
+            weights.to_str().unwrap(),
+            "--random",
+            "--reference",
+            inputs.to_str().unwrap(),
+            "--reference-out",
+            reference.to_str().unwrap(),
+        ],
+    );
+    let theirs: HashMap<String, Tensor> = Tensor::read_safetensors(&reference).unwrap().into_iter().collect();
+
+    let net = Inception::load(&weights, Device::Cpu).unwrap();
+    let ours = net.features(&x);
+    let theirs_features = &theirs["features"];
+    // Measured against how far two images' features are apart, not against their common part.
+    let spread = (theirs_features.get(0) - theirs_features.get(1)).abs().max().double_value(&[]);
+    let scale = theirs_features.abs().max().double_value(&[]);
+    assert!(spread > 1e-2 * scale, "the features hardly depend on the image: {spread} of {scale}");
+    let worst = (&ours - theirs_features).abs().max().double_value(&[]);
+    assert!(worst < 1e-4 * spread, "features differ from pytorch-fid's by {worst} ({spread} between images)");
+    // A grey image is read as its three equal channels.
+    let grey = x.narrow(1, 0, 1);
+    assert!(net.features(&grey).equal(&net.features(&grey.repeat([1, 3, 1, 1]))));
+
+    let (mut ma, mut mb) = (Moments::new(8, Device::Cpu), Moments::new(8, Device::Cpu));
+    ma.add(&a.narrow(0, 0, 120));
+    ma.add(&a.narrow(0, 120, 80));
+    mb.add(&b);
+    let (distance, expected) = (frechet_distance(&ma, &mb), theirs["frechet"].double_value(&[0]));
+    assert!(
+        (distance - expected).abs() < 1e-8 * expected,
+        "Fréchet distance {distance}, pytorch-fid's {expected}"
+    );
+
+    // Through the command line, on a small run's test split.
+    let run = dir.path().join("run");
+    ok(train_tiny_resnet("16", &run, "1", &[]));
+    let (run, weights) = (run.to_str().unwrap(), weights.to_str().unwrap());
+    let eval = |extra: &[&str]| {
+        stdout(&ok(vae(&[&["eval", run, "--iw-samples", "0", "--fid-weights", weights][..], extra].concat())))
+    };
+    let report: serde_json::Value = serde_json::from_str(eval(&["--json"]).trim()).unwrap();
+    let rfid = report["rfid"].as_f64().expect("rfid in the report");
+    assert!(rfid.is_finite() && rfid > 0.0, "{report}");
+    let text = eval(&[]);
+    assert!(text.lines().any(|l| l.starts_with("rFID") && l.contains("between the 16 images")), "{text}");
+}
