@@ -10,7 +10,7 @@
 //! state dict (`scripts/fid_weights.py` writes it): nothing is downloaded at run time.
 
 use crate::data::{Dataset, Loader};
-use crate::models::{in_passes, passes, Model};
+use crate::models::{in_passes, passes, pixels_per_pass, Model};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,8 +18,6 @@ use tch::{Device, Kind, Tensor};
 
 /// Pool features per image.
 pub const FEATURES: i64 = 2048;
-/// Images through the network at once: 32 at 299 x 299 peak at about 0.2 GB of activations.
-const CHUNK: i64 = 32;
 /// Images per pass of the autoencoder over the split.
 const BATCH: usize = 256;
 /// BatchNorm's epsilon in the FID Inception (TensorFlow's).
@@ -201,10 +199,12 @@ impl Inception {
     }
 
     /// The 2048 pool features of each image of `x` (`[N, C, H, W]` in [0, 1]; one channel is
-    /// read as grey and repeated to three), `[N, 2048]` in float32, in chunks.
+    /// read as grey and repeated to three), `[N, 2048]` in float32, in passes as the models
+    /// take them (at 299 x 299: 23 images on CUDA, one on the CPU).
     pub fn features(&self, x: &Tensor) -> Tensor {
+        let chunk = (pixels_per_pass(x.device()) / (299 * 299)).max(1);
         let parts: Vec<Tensor> = tch::no_grad(|| {
-            passes(x.size()[0], CHUNK).map(|(i, n)| self.pool_features(&x.narrow(0, i, n))).collect()
+            passes(x.size()[0], chunk).map(|(i, n)| self.pool_features(&x.narrow(0, i, n))).collect()
         });
         Tensor::cat(&parts, 0)
     }

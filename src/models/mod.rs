@@ -12,7 +12,7 @@ pub use resnet::{ResnetConfig, ResnetVae};
 
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use tch::{nn, Kind, Reduction, Tensor};
+use tch::{nn, Device, Kind, Reduction, Tensor};
 
 /// The decoder's distribution p(x|z) over each pixel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -217,17 +217,29 @@ pub fn cast(t: &Tensor, kind: Kind) -> Tensor {
     t.to_kind(kind)
 }
 
-/// Pixels (images x height x width) of one pass of a model in evaluation: a whole evaluation
-/// batch of small images (500 of 64 x 64), 128 images of 128 x 128, 32 of 256 x 256, 8 of
-/// 512 x 512; a batch of any image size then holds one pass's activations, not its own.
-const PIXELS_PER_PASS: i64 = 1 << 21;
+/// Pixels (images x height x width) of one pass of a model in evaluation, so that a batch of
+/// any image size holds one pass's activations, not its own. On CUDA, 2^21: a whole
+/// evaluation batch of small images (500 of 64 x 64), 128 of 128 x 128, 32 of 256 x 256, 8 of
+/// 512 x 512. On the CPU, 2^16 (16 images of 64 x 64, 4 of 128 x 128): activations small
+/// enough for glibc to reuse their blocks (see `cli::keep_freed_memory`) instead of mapping
+/// and faulting in fresh ones, which made larger passes slower and bigger (`vae eval` of 64
+/// images of 128 x 128, the small SD-like config: 68 s and 3.1 GB at 2^21, 37 s and 1.0 GB
+/// at 2^16).
+pub fn pixels_per_pass(device: Device) -> i64 {
+    if device.is_cuda() {
+        1 << 21
+    } else {
+        1 << 16
+    }
+}
 
 /// `f(first, part)` over consecutive parts of `rows` (dimension 0), each as many rows as
-/// images of `h` x `w` fill [`PIXELS_PER_PASS`], the results concatenated (one part: `rows`
+/// images of `h` x `w` fill [`pixels_per_pass`], the results concatenated (one part: `rows`
 /// itself, no copy). Bounds memory without a gradient (evaluation); with one, every part's
 /// graph is held until the backward.
 pub fn in_passes(rows: &Tensor, [h, w]: [i64; 2], f: impl Fn(i64, &Tensor) -> Tensor) -> Tensor {
-    let (count, size) = (rows.size()[0], (PIXELS_PER_PASS / (h * w).max(1)).max(1));
+    let pass = pixels_per_pass(rows.device());
+    let (count, size) = (rows.size()[0], (pass / (h * w).max(1)).max(1));
     if count <= size {
         return f(0, rows);
     }
