@@ -133,6 +133,10 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     let sizes = ["--train-size", "64", "--test-size", "32"];
     assert_eq!(figures(&[&[pipeline.to_str().unwrap()][..], &sizes[..]].concat()), of_run);
     assert!(of_run["quality"]["psnr_db"].as_f64().unwrap() > 0.0, "{of_run}");
+    // Pictures go beside the folder, named after it, never into it.
+    let out = ok(vae(&["reconstruct", pipeline.to_str().unwrap(), "--n", "2", "--test-size", "32"]));
+    assert!(tmp.path().join("pipeline-reconstruct.png").is_file(), "{}", stdout(&out));
+    assert_eq!(std::fs::read_dir(&pipeline).unwrap().count(), 2, "files written into the pipeline folder");
     let info = stdout(&ok(vae(&["info", pipeline.to_str().unwrap()])));
     assert!(info.contains("block channels [8, 16]") && info.contains("sample_size 16"), "{info}");
     // A checkpoint is judged on its own run's data: a flag that would change it is refused.

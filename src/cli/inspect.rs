@@ -36,7 +36,7 @@ pub enum Split {
 /// A model on the chosen device, with the config that judges it: a checkpoint's run config,
 /// or, for a diffusers folder, one made from the data flags.
 struct Loaded {
-    /// The checkpoint file or the diffusers folder.
+    /// The checkpoint file, or the diffusers folder as given (a pipeline's, not its `vae/`).
     path: PathBuf,
     diffusers: bool,
     config: TrainConfig,
@@ -53,7 +53,9 @@ impl ModelArgs {
             let arch = vae::pretrained::read_config(&dir)?;
             let config = TrainConfig::pretrained(arch, &self.data, &dir)?;
             let (vs, model) = vae::pretrained::model(&dir, &config, device)?;
-            return Ok(Loaded { path: dir, diffusers: true, config, model, device, vs });
+            // Named in full, so that `.` or `dir/` still name the folder, not a place in it.
+            let path = self.checkpoint.canonicalize().unwrap_or_else(|_| self.checkpoint.clone());
+            return Ok(Loaded { path, diffusers: true, config, model, device, vs });
         }
         let ckpt = Checkpoint::load(&vae::run_dir::resolve(&self.checkpoint)?)?;
         let config = TrainConfig::located(&ckpt.meta.config, &self.data, matches, &ckpt.path)?;
