@@ -1,5 +1,6 @@
-//! The run's learning curves: `metrics.csv` in the run folder, one row per epoch, appended as
-//! epochs finish so an interrupted or resumed run keeps one continuous file.
+//! The run's learning curves: `metrics.csv` in the run folder, one row per test evaluation
+//! (each epoch's end, and those inside epochs: `--eval-every-steps`, `--max-steps`), appended
+//! as they happen so an interrupted or resumed run keeps one continuous file.
 
 use crate::eval::Quality;
 use crate::loss::Stats;
@@ -29,7 +30,7 @@ pub fn active_dimensions(moments: &Tensor, n: usize) -> i64 {
     variance.gt(ACTIVE_THRESHOLD).sum(tch::Kind::Int64).int64_value(&[])
 }
 
-/// One epoch's row.
+/// One evaluation's row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochRow {
     /// Epochs trained: whole at an epoch's end, with the fraction trained of the next where
