@@ -2,8 +2,7 @@
 //! `interpolate`, `traverse`, `encode`).
 
 use anyhow::{bail, ensure, Context, Result};
-use clap::ArgMatches;
-use clap::Args;
+use clap::{ArgMatches, Args};
 use std::path::{Path, PathBuf};
 use vae::checkpoint::Checkpoint;
 use vae::config::TrainConfig;
