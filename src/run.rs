@@ -134,8 +134,8 @@ pub struct Lineage {
 /// What a run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
-    /// Train and test statistics of each epoch this invocation trained to its end or, the
-    /// last, to the run's `--max-steps`.
+    /// Train and test statistics at each test evaluation of this invocation: epochs' ends,
+    /// and those inside epochs (`--eval-every-steps`, `--max-steps`).
     pub epochs: Vec<(Stats, Stats)>,
     /// Stopped by `RunOptions::stop` before the last epoch; `last.safetensors` holds the state.
     pub interrupted: bool,
@@ -341,8 +341,8 @@ fn evaluate(trainer: &Trainer, test: &Dataset, folder: Option<&RunDir>) -> Resul
 }
 
 /// Trains until `trainer.cfg.epochs` (or its `max_steps`) in `folder` (held by this process),
-/// writing checkpoints of the run `lineage` names, and pictures. Without a folder (the ranks of a data-parallel
-/// run but rank 0), it trains alongside and writes nothing.
+/// writing checkpoints of the run `lineage` names, and pictures. Without a folder (the ranks
+/// of a data-parallel run but rank 0), it trains alongside and writes nothing.
 pub fn run(
     trainer: &mut Trainer,
     splits: &Splits,
