@@ -137,6 +137,12 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     let out = ok(vae(&["reconstruct", pipeline.to_str().unwrap(), "--n", "2", "--test-size", "32"]));
     assert!(tmp.path().join("pipeline-reconstruct.png").is_file(), "{}", stdout(&out));
     assert_eq!(std::fs::read_dir(&pipeline).unwrap().count(), 2, "files written into the pipeline folder");
+    // Latents in diffusers' layout: 2 channels of 8 x 8 for the 16 x 16 images.
+    let latents = tmp.path().join("latents.safetensors");
+    ok(vae(&[&["encode", pipeline.to_str().unwrap(), "--out", latents.to_str().unwrap()][..], &sizes[..]]
+        .concat()));
+    let encoded = read(&latents);
+    assert_eq!((encoded["mean"].size(), encoded["logvar"].size()), (vec![32, 2, 8, 8], vec![32, 2, 8, 8]));
     let info = stdout(&ok(vae(&["info", pipeline.to_str().unwrap()])));
     assert!(info.contains("block channels [8, 16]") && info.contains("sample_size 16"), "{info}");
     // A checkpoint is judged on its own run's data: a flag that would change it is refused.

@@ -483,7 +483,9 @@ impl EncodeArgs {
         let loaded = args.load(matches)?;
         let data = loaded.split(split)?;
         let (mean, logvar) = vae::export::encode_all(loaded.model.as_ref(), &data, loaded.device)?;
-        let mut named = vec![("mean", mean), ("logvar", logvar)];
+        // A spatial latent as diffusers' `latent_dist` has it, `[N, C, h, w]`.
+        let shape = [&[mean.size()[0]][..], &loaded.config.model.latent_shape()].concat();
+        let mut named = vec![("mean", mean.view(&shape[..])), ("logvar", logvar.view(&shape[..]))];
         if let Some(labels) = &data.labels {
             named.push(("labels", labels.shallow_clone()));
         }

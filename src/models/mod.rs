@@ -424,6 +424,14 @@ impl ModelConfig {
         }
     }
 
+    /// The latent of one training image as its family lays it out: `[D]`, or `[C, h, w]`.
+    pub fn latent_shape(&self) -> Vec<i64> {
+        match self {
+            ModelConfig::Conv(c) => vec![c.latent_dim],
+            ModelConfig::Resnet(c) => c.latent_shape().to_vec(),
+        }
+    }
+
     /// The architecture in a line, for messages (the image shape and loss left out).
     pub fn summary(&self) -> String {
         match self {
