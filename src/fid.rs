@@ -335,7 +335,8 @@ pub fn frechet_distance(a: &Moments, b: &Moments) -> f64 {
 }
 
 /// rFID of `model` on `data`: between the images and their reconstructions at the posterior
-/// mean, each image once.
+/// mean, each image once, the reconstructions rounded to 8 bits as the PNGs that pytorch-fid
+/// would read (the images are 8-bit already).
 pub fn reconstruction_fid(model: &dyn Model, data: &Dataset, net: &Inception, device: Device) -> Result<f64> {
     ensure!(data.len() >= 2, "rFID needs at least 2 images, the split has {}", data.len());
     let [_, h, w] = data.image_shape();
@@ -344,7 +345,8 @@ pub fn reconstruction_fid(model: &dyn Model, data: &Dataset, net: &Inception, de
         let x = x?;
         let x_hat = tch::no_grad(|| {
             let mean = model.encode_in_passes(&x).mean;
-            in_passes(&mean, [h, w], |_, mean| model.decode_mean(mean))
+            let x_hat = in_passes(&mean, [h, w], |_, mean| model.decode_mean(mean));
+            (x_hat.clamp(0.0, 1.0) * 255.0).round() / 255.0
         });
         real.add(&net.features(&x));
         fake.add(&net.features(&x_hat));
