@@ -130,11 +130,11 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
         report
     };
     let of_run = figures(&[run.to_str().unwrap()]);
-    let sizes = ["--train-size", "64", "--test-size", "32"];
+    let sizes = ["--dataset", "shapes", "--train-size", "64", "--test-size", "32"];
     assert_eq!(figures(&[&[pipeline.to_str().unwrap()][..], &sizes[..]].concat()), of_run);
     assert!(of_run["quality"]["psnr_db"].as_f64().unwrap() > 0.0, "{of_run}");
     // Pictures go beside the folder, named after it, never into it.
-    let out = ok(vae(&["reconstruct", pipeline.to_str().unwrap(), "--n", "2", "--test-size", "32"]));
+    let out = ok(vae(&[&["reconstruct", pipeline.to_str().unwrap(), "--n", "2"][..], &sizes[..]].concat()));
     assert!(tmp.path().join("pipeline-reconstruct.png").is_file(), "{}", stdout(&out));
     assert_eq!(std::fs::read_dir(&pipeline).unwrap().count(), 2, "files written into the pipeline folder");
     // Latents in diffusers' layout: 2 channels of 8 x 8 for the 16 x 16 images.
@@ -145,6 +145,10 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     assert_eq!((encoded["mean"].size(), encoded["logvar"].size()), (vec![32, 2, 8, 8], vec![32, 2, 8, 8]));
     let info = stdout(&ok(vae(&["info", pipeline.to_str().unwrap()])));
     assert!(info.contains("block channels [8, 16]") && info.contains("sample_size 16"), "{info}");
+    // A folder has no data: it is judged only on data named.
+    let err = vae(&["eval", pipeline.to_str().unwrap(), "--test-size", "32"]);
+    assert!(!err.status.success());
+    assert!(stderr(&err).contains("has no data of its own: name the images"), "{}", stderr(&err));
     // A checkpoint is judged on its own run's data: a flag that would change it is refused.
     let err = vae(&["eval", run.to_str().unwrap(), "--image-size", "32"]);
     assert!(!err.status.success());

@@ -38,6 +38,8 @@ struct Loaded {
     /// The checkpoint file, or the diffusers folder as given (a pipeline's, not its `vae/`).
     path: PathBuf,
     diffusers: bool,
+    /// Whether `--dataset` was given: a diffusers folder is judged only on data named.
+    data_named: bool,
     config: TrainConfig,
     model: Box<dyn Model>,
     device: tch::Device,
@@ -54,12 +56,13 @@ impl ModelArgs {
             let (vs, model) = vae::pretrained::model(&dir, &config, device)?;
             // Named in full, so that `.` or `dir/` still name the folder, not a place in it.
             let path = self.checkpoint.canonicalize().unwrap_or_else(|_| self.checkpoint.clone());
-            return Ok(Loaded { path, diffusers: true, config, model, device, vs });
+            let data_named = matches.value_source("dataset") == Some(clap::parser::ValueSource::CommandLine);
+            return Ok(Loaded { path, diffusers: true, data_named, config, model, device, vs });
         }
         let ckpt = Checkpoint::load(&vae::run_dir::resolve(&self.checkpoint)?)?;
         let config = TrainConfig::located(&ckpt.meta.config, &self.data, matches, &ckpt.path)?;
         let (vs, model) = ckpt.model(device, !self.no_ema)?;
-        Ok(Loaded { path: ckpt.path, diffusers: false, config, model, device, vs })
+        Ok(Loaded { path: ckpt.path, diffusers: false, data_named: true, config, model, device, vs })
     }
 }
 
@@ -67,6 +70,12 @@ impl Loaded {
     /// The data it is judged on, prepared as trained on (binarized the same way): the
     /// training split and the test split.
     fn splits(&self) -> Result<[vae::data::Dataset; 2]> {
+        ensure!(
+            self.data_named,
+            "{} is a diffusers folder, which has no data of its own: name the images to judge it on \
+             with --dataset (your own: --dataset folder --data-dir DIR --image-size N)",
+            self.path.display()
+        );
         let splits = self.config.data.load(self.config.seed)?;
         Ok([splits.train, splits.test].map(|raw| vae::eval::prepared(&raw, &self.config)))
     }

@@ -97,7 +97,7 @@ fn cache_name(entries: &[Entry], opts: &FolderOptions) -> String {
 }
 
 /// Bytes the kernel says can be allocated without swapping (`MemAvailable`).
-fn available_memory() -> Option<u64> {
+pub(crate) fn available_memory() -> Option<u64> {
     let info = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
