@@ -507,10 +507,8 @@ impl Checkpoint {
     /// With `averaged`, the weights' moving average where the run kept one.
     pub fn model(&self, device: Device, averaged: bool) -> Result<(VarStore, Box<dyn Model>)> {
         self.check_finite()?;
-        match ema::averaged_weights(&self.tensors).filter(|_| averaged) {
-            Some(weights) => built_model(&self.meta.config.model, &self.path, &weights, device),
-            None => built_model(&self.meta.config.model, &self.path, &self.tensors, device),
-        }
+        let average = ema::averaged_weights(&self.tensors).filter(|_| averaged);
+        built_model(&self.meta.config.model, &self.path, average.as_ref().unwrap_or(&self.tensors), device)
     }
 
     /// The model, optimizer and position this checkpoint holds, on `device`, continuing with

@@ -498,6 +498,36 @@ impl TrainArgs {
     }
 }
 
+/// What the user typed for flag `id`.
+fn raw_value(matches: &ArgMatches, id: &str) -> String {
+    let values = matches.get_raw(id).map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>());
+    values.unwrap_or_default().join(",")
+}
+
+/// The leaves (numbers, strings, lists) that differ between two JSON trees, as text.
+fn leaf_diffs(a: &serde_json::Value, b: &serde_json::Value) -> Vec<(String, String)> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            let null = Value::Null;
+            keys.into_iter()
+                .flat_map(|k| leaf_diffs(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null)))
+                .collect()
+        }
+        _ if a == b => Vec::new(),
+        _ => vec![(leaf_text(a), leaf_text(b))],
+    }
+}
+
+fn leaf_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "none".into(),
+        other => other.to_string(),
+    }
+}
+
 impl TrainConfig {
     /// For the commands that read a checkpoint: its `saved` config with the flags of `data`
     /// given on the command line (`matches`) that say where this machine keeps the data
@@ -554,47 +584,14 @@ impl TrainConfig {
             cfg.data.name(),
             cfg.data.channels
         );
-        let likelihood = cfg.model.likelihood();
+        // The folder's architecture, with the family's loss (L1) the flags also default to.
         cfg.model = ModelConfig::Resnet(arch);
-        cfg.model.set_likelihood(likelihood);
         cfg.model.set_image_shape(cfg.data.channels, cfg.data.image_size);
         cfg.validate()
             .with_context(|| format!("judging {} on {} images", folder.display(), cfg.data.name()))?;
         Ok(cfg)
     }
-}
 
-/// What the user typed for flag `id`.
-fn raw_value(matches: &ArgMatches, id: &str) -> String {
-    let values = matches.get_raw(id).map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>());
-    values.unwrap_or_default().join(",")
-}
-
-/// The leaves (numbers, strings, lists) that differ between two JSON trees, as text.
-fn leaf_diffs(a: &serde_json::Value, b: &serde_json::Value) -> Vec<(String, String)> {
-    use serde_json::Value;
-    match (a, b) {
-        (Value::Object(x), Value::Object(y)) => {
-            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
-            let null = Value::Null;
-            keys.into_iter()
-                .flat_map(|k| leaf_diffs(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null)))
-                .collect()
-        }
-        _ if a == b => Vec::new(),
-        _ => vec![(leaf_text(a), leaf_text(b))],
-    }
-}
-
-fn leaf_text(v: &serde_json::Value) -> String {
-    match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "none".into(),
-        other => other.to_string(),
-    }
-}
-
-impl TrainConfig {
     /// Checks every setting, naming the flag of any that makes no sense. Configs read from
     /// checkpoints pass through here too, before anything is allocated from them.
     pub fn validate(&self) -> Result<()> {

@@ -42,8 +42,8 @@ fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>)> {
 /// What `vae info` says of the diffusers folder `dir`: the architecture, the parameters and
 /// the latents' scale it declares.
 pub fn describe(dir: &Path) -> Result<String> {
-    let arch = read_config(dir)?;
-    let (_, json) = config_of(dir)?;
+    let (path, json) = config_of(dir)?;
+    let arch = architecture(&path, &json)?;
     let (file, tensors) = read_weights(dir)?;
     let parameters: i64 = tensors.values().map(|t| t.numel() as i64).sum();
     let scale = json.get("scaling_factor").map_or("none".to_string(), Value::to_string);
@@ -79,6 +79,11 @@ fn config_of(dir: &Path) -> Result<(PathBuf, Value)> {
 /// `sample_size`; the likelihood is left at the family's default, L1).
 pub fn read_config(dir: &Path) -> Result<ResnetConfig> {
     let (path, json) = config_of(dir)?;
+    architecture(&path, &json)
+}
+
+/// The architecture `json`, the `config.json` at `path`, describes.
+fn architecture(path: &Path, json: &Value) -> Result<ResnetConfig> {
     let field = |name: &str| json.get(name).filter(|v| !v.is_null());
     let int = |name: &str, default: i64| -> Result<i64> {
         field(name).map_or(Ok(default), |v| {
