@@ -244,6 +244,8 @@ impl Outputs<'_> {
                     let get = |k: &str| r.iter().find(|(h, _)| h == k).map(|(_, v)| *v);
                     Some((get("epoch")?, get(name)?))
                 })
+                // Rows without training figures (NaN) are left out of their line.
+                .filter(|(_, v)| v.is_finite())
                 .collect()
         };
         let series = [
@@ -394,11 +396,7 @@ pub fn run(
         let images_before = images_into(trainer);
         let (train, complete) = match train_epoch(trainer, &loader, out.as_mut(), &schedule, opts)? {
             EpochEnd::Complete(train) => (train, true),
-            // A step with a finite loss is needed for figures; none at all leaves them NaN.
-            EpochEnd::Stopped(train) if opts.evaluates_within_epoch(trainer) => {
-                let nan = Stats { loss: f64::NAN, reconstruction: f64::NAN, kl: f64::NAN, sharpness: None };
-                (train.unwrap_or(nan), false)
-            }
+            EpochEnd::Stopped(train) if opts.evaluates_within_epoch(trainer) => (train, false),
             EpochEnd::Stopped(_) => {
                 if let Some(out) = &out {
                     out.save_last(trainer)?;
@@ -407,6 +405,21 @@ pub fn run(
                 return Ok(summary);
             }
         };
+        if let (None, true, false) = (train, complete, opts.quiet || out.is_none()) {
+            eprintln!(
+                "epoch {} had taken all its steps but not reached its end (a checkpoint of an earlier \
+                 vae, saved before the epoch's test evaluation): evaluating it now; its metrics row has \
+                 no training figures",
+                trainer.epoch
+            );
+        }
+        // A step with a finite loss is needed for figures; none at all leaves them NaN.
+        let train = train.unwrap_or(Stats {
+            loss: f64::NAN,
+            reconstruction: f64::NAN,
+            kl: f64::NAN,
+            sharpness: None,
+        });
         let seconds = started.elapsed().as_secs_f64();
         let images = if complete { loader.len() } else { images_into(trainer) } - images_before;
         // Epochs trained, with the fraction of the next one taken where the run stopped inside it.

@@ -82,8 +82,9 @@ pub enum Flow {
 /// How an epoch's training ended.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum EpochEnd {
-    /// Every batch trained, and the epoch count moved on: the epoch's statistics.
-    Complete(Stats),
+    /// Every batch trained, and the epoch count moved on: the statistics of the steps this
+    /// call took, `None` when it took none (see [`Trainer::train_epoch`]).
+    Complete(Option<Stats>),
     /// Stopped before its last batch: the statistics of the steps this call took, `None`
     /// when none was finite.
     Stopped(Option<Stats>),
@@ -231,7 +232,7 @@ impl Trainer {
     ) -> Result<EpochEnd> {
         let batches = loader.shuffled_batches(self.cfg.seed, self.epoch);
         let epoch_start = self.epoch * batches.len() as u64;
-        let done = self.step.checked_sub(epoch_start).filter(|&d| d < batches.len() as u64);
+        let done = self.step.checked_sub(epoch_start).filter(|&d| d <= batches.len() as u64);
         let done = done.with_context(|| {
             format!(
                 "step {} does not fall in epoch {} of {} batches: the data or batch size differ from \
@@ -241,6 +242,12 @@ impl Trainer {
                 batches.len()
             )
         })? as usize;
+        if done == batches.len() {
+            // All its steps taken, its end not: a checkpoint that earlier versions saved at an
+            // epoch's last step, before its test evaluation. Only the end remains to do.
+            self.epoch += 1;
+            return Ok(EpochEnd::Complete(None));
+        }
         let mut sums = Tensor::zeros([self.stat_count()], (Kind::Float, self.device));
         let mut sums_at_log = sums.copy();
         let (mut seen, mut seen_at_log, mut log_time) = (0usize, 0usize, Instant::now());
@@ -279,7 +286,7 @@ impl Trainer {
             );
         }
         self.epoch += 1;
-        Ok(EpochEnd::Complete(Stats::from_sums(&sums, seen)))
+        Ok(EpochEnd::Complete(Some(Stats::from_sums(&sums, seen))))
     }
 
     /// One update on the images at `indices`; returns the batch's statistics (`[loss,

@@ -133,6 +133,28 @@ fn resumed_and_interrupted_runs_equal_the_straight_run_bitwise() {
     ok(vae(&["train", "--resume", ended.to_str().unwrap(), "--threads", "1", "--quiet"]));
     assert_identical(&straight.join("last.safetensors"), &ended.join("last.safetensors"));
 
+    // A checkpoint that earlier versions saved at the first epoch's last step, before its test
+    // evaluation (epoch 0, step 20): the resume does the epoch's end, then trains on.
+    let pending = dir.path().join("pending.safetensors");
+    patched(&straight.join("epoch-0001.safetensors"), &pending, "\"epoch\":\"1\"", "\"epoch\":\"0\"");
+    assert_eq!(Checkpoint::load(&pending).unwrap().meta.epoch, 0);
+    let rescued = dir.path().join("rescued");
+    let out = ok(vae(&[
+        "train",
+        "--resume",
+        pending.to_str().unwrap(),
+        "--out",
+        rescued.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]));
+    assert!(stderr(&out).contains("epoch 1 had taken all its steps"), "{}", stderr(&out));
+    assert_identical(&straight.join("last.safetensors"), &rescued.join("last.safetensors"));
+    let metrics = std::fs::read_to_string(rescued.join("metrics.csv")).unwrap();
+    let rows: Vec<Vec<&str>> = metrics.lines().skip(1).map(|l| l.split(',').take(3).collect()).collect();
+    assert_eq!(rows.iter().map(|r| r[0]).collect::<Vec<_>>(), ["1", "2", "3"], "{metrics}");
+    assert_eq!(rows[0][2], "NaN", "the pending epoch's training figures were not kept: {metrics}");
+
     // SIGINT during the second epoch: the step finishes, last.safetensors is written, exit 130.
     let sig = dir.path().join("sig");
     let mut args = vec!["train", "--epochs", "3", "--out", sig.to_str().unwrap()];
