@@ -5,7 +5,7 @@
 
 use crate::adam::{Adam, STATE_PREFIX};
 use crate::adversarial;
-use crate::config::{Change, TrainConfig};
+use crate::config::{BestBy, Change, TrainConfig};
 use crate::ema::{self, Ema};
 use crate::models::{Compute, Model, ModelConfig};
 use crate::precision::LossScale;
@@ -28,7 +28,8 @@ pub struct Metadata {
     pub epoch: u64,
     /// Training steps taken (batches), skipped updates included.
     pub step: u64,
-    pub best_test_loss: Option<f64>,
+    /// The best test figure of the run, of the kind its config's `best_by` names.
+    pub best: Option<f64>,
     /// The float16 loss scale's state, in runs that have one.
     pub loss_scale: Option<LossScale>,
     /// Which run this is: drawn when a run starts, kept by its resumes in place, redrawn for a
@@ -62,7 +63,7 @@ impl Metadata {
             config: trainer.cfg.clone(),
             epoch: trainer.epoch,
             step: trainer.step,
-            best_test_loss: trainer.best_test_loss,
+            best: trainer.best,
             loss_scale: trainer.loss_scale.clone(),
             run_id: run_id.to_string(),
             history: history.to_vec(),
@@ -95,7 +96,7 @@ impl Metadata {
         put("step", self.step.to_string());
         put("seed", self.config.seed.to_string());
         put("dataset", self.config.data.name().into());
-        put("best_test_loss", self.best_test_loss.map_or("none".into(), |l| l.to_string()));
+        put("best", self.best.map_or("none".into(), |l| l.to_string()));
         put("crate_version", env!("CARGO_PKG_VERSION").into());
         put("libtorch_version", crate::LIBTORCH_VERSION.into());
         if let Some(scaler) = &self.loss_scale {
@@ -151,10 +152,12 @@ impl Metadata {
             })?,
             None => Vec::new(),
         };
-        let best_test_loss = match field("best_test_loss")?.as_str() {
+        // Files from before --best-by kept the best test loss.
+        let best_key = if map.contains_key("best") { "best" } else { "best_test_loss" };
+        let best = match field(best_key)?.as_str() {
             "none" => None,
             s => Some(s.parse().with_context(|| {
-                format!("{}: metadata field \"best_test_loss\" is not a number", path.display())
+                format!("{}: metadata field \"{best_key}\" is not a number", path.display())
             })?),
         };
         let loss_scale = match map.get("loss_scale") {
@@ -170,7 +173,7 @@ impl Metadata {
             config,
             epoch: number("epoch")?,
             step: number("step")?,
-            best_test_loss,
+            best,
             loss_scale,
             run_id,
             history,
@@ -464,10 +467,14 @@ impl Checkpoint {
             m.config.epochs,
             m.step
         )?;
-        let best = m
-            .best_test_loss
-            .map_or("none yet".to_string(), |l| format!("{l:.4} {}", m.config.model.likelihood().unit()));
-        writeln!(s, "best test loss {best}")?;
+        let by = m.config.best_by;
+        let unit = match by {
+            BestBy::Loss => format!(" {}", m.config.model.likelihood().unit()),
+            BestBy::Psnr => " dB".into(),
+            BestBy::Ssim | BestBy::Lpips => String::new(),
+        };
+        let best = m.best.map_or("none yet".to_string(), |b| format!("{b:.4}{unit}"));
+        writeln!(s, "best test {} {best}", by.name())?;
         writeln!(s, "run {}, trained by {} rank(s)", m.run_id, m.world_size)?;
         if let Some(crc) = m.lpips_crc32 {
             writeln!(s, "LPIPS weights crc32 {crc:08x}")?;
@@ -537,7 +544,9 @@ impl Checkpoint {
         if trainer.loss_scale.is_some() {
             trainer.loss_scale = Some(self.meta.loss_scale.clone().unwrap_or_default());
         }
-        trainer.best_test_loss = self.meta.best_test_loss;
+        // A best of another figure than the run now picks by is no measure: the next evaluation's
+        // figure stands as the best.
+        trainer.best = self.meta.best.filter(|_| trainer.cfg.best_by == self.meta.config.best_by);
         Ok(trainer)
     }
 
@@ -571,7 +580,7 @@ mod tests {
             config: TrainConfig::default(),
             epoch: 2,
             step: 50,
-            best_test_loss: None,
+            best: Some(240.5),
             loss_scale: None,
             run_id: "0123456789abcdef".into(),
             history: vec![Resume { epoch: 1, step: 25, from_run: None, changes: Vec::new() }],
@@ -581,17 +590,20 @@ mod tests {
         let path = Path::new("old.safetensors");
         let mut map = meta.to_map().unwrap();
         assert_eq!(Metadata::from_map(path, Some(&map)).unwrap(), meta);
-        // Before run ids, histories and model families: a conv model, its config its run.
+        // Before run ids, histories, model families and --best-by: a conv model, its config its
+        // run, its best the test loss.
+        let best = map.remove("best").unwrap();
+        map.insert("best_test_loss".into(), best);
         map.remove("run_id");
         map.remove("history");
         map.remove("world_size");
         map.remove("lpips_crc32");
-        let config = map["config"].replace("\"arch\":\"conv\",", "");
-        assert!(!config.contains("arch"), "{config}");
+        let config = map["config"].replace("\"arch\":\"conv\",", "").replace("\"best_by\":\"loss\",", "");
+        assert!(!config.contains("arch") && !config.contains("best_by"), "{config}");
         map.insert("config".into(), config);
         let old = Metadata::from_map(path, Some(&map)).unwrap();
         assert_eq!(old.config, meta.config);
         assert!(old.run_id.starts_with("config-") && old.history.is_empty(), "{old:?}");
-        assert_eq!((old.world_size, old.lpips_crc32), (1, None));
+        assert_eq!((old.world_size, old.lpips_crc32, old.best), (1, None, Some(240.5)));
     }
 }

@@ -12,6 +12,7 @@ use crate::models::{Arch, ConvConfig, Likelihood, ModelConfig, ResnetConfig};
 use crate::perceptual::Lpips;
 use crate::precision::Precision;
 use crate::schedule::{LrSchedule, Schedule};
+use crate::ssim;
 use anyhow::{bail, ensure, Context, Result};
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args};
@@ -57,6 +58,9 @@ pub struct TrainConfig {
     /// Decay of the weights' moving average; 0: none kept.
     #[serde(default)]
     pub ema_decay: f64,
+    /// The test figure that picks `best.safetensors`.
+    #[serde(default)]
+    pub best_by: BestBy,
     /// Micro-batches each optimizer step's batch is split into (gradients accumulated).
     #[serde(default = "one")]
     pub grad_accum: usize,
@@ -86,6 +90,40 @@ pub struct TrainConfig {
 
 fn one() -> usize {
     1
+}
+
+/// The test figure that picks a run's best checkpoint (`--best-by`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum BestBy {
+    /// The test loss (the negative ELBO where the likelihood is a density).
+    #[default]
+    Loss,
+    /// Peak signal-to-noise ratio, dB.
+    Psnr,
+    /// Structural similarity (scikit-image's, Gaussian window).
+    Ssim,
+    /// LPIPS distance (VGG).
+    Lpips,
+}
+
+impl BestBy {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Loss => "loss",
+            Self::Psnr => "PSNR",
+            Self::Ssim => "SSIM",
+            Self::Lpips => "LPIPS",
+        }
+    }
+
+    /// Whether the figure `new` beats `old`: lower loss and LPIPS, higher PSNR and SSIM.
+    pub fn improves(self, new: f64, old: f64) -> bool {
+        match self {
+            Self::Loss | Self::Lpips => new < old,
+            Self::Psnr | Self::Ssim => new > old,
+        }
+    }
 }
 
 /// Latent diffusion's Adam for the discriminator: betas (0.5, 0.9).
@@ -193,6 +231,10 @@ pub struct TrainArgs {
     /// used by the test evaluation, pictures, eval and exports (unless they get --no-ema).
     #[arg(long, default_value_t = 0.0)]
     pub ema_decay: f64,
+    /// The test figure that picks best.safetensors: the loss, or the image quality people of
+    /// this field report (lpips needs --lpips-weights, ssim images of 11 pixels a side).
+    #[arg(long, value_enum, default_value = "loss")]
+    pub best_by: BestBy,
     /// Split each step's batch into this many micro-batches, run one after another with their
     /// gradients summed: the same step (to float rounding) in 1/N of the activation memory.
     #[arg(long, default_value_t = 1)]
@@ -358,6 +400,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("betas", Changeable, |a, c| (c.adam.beta1, c.adam.beta2) = pair(&a.betas)),
     setting("seed", Fixed, |a, c| c.seed = a.seed),
     setting("ema_decay", Fixed, |a, c| c.ema_decay = a.ema_decay),
+    setting("best_by", Changeable, |a, c| c.best_by = a.best_by),
     setting("grad_accum", Changeable, |a, c| c.grad_accum = a.grad_accum),
     setting("precision", Changeable, |a, c| c.precision = a.precision),
     setting("gradient_checkpointing", Process, |a, c| c.gradient_checkpointing = a.gradient_checkpointing),
@@ -445,6 +488,7 @@ impl TrainArgs {
             clip_grad: None,
             hflip: false,
             ema_decay: 0.0,
+            best_by: BestBy::Loss,
             grad_accum: 1,
             perceptual_weight: 0.0,
             lpips_weights: None,
@@ -657,7 +701,30 @@ impl TrainConfig {
                 "--perceptual-weight needs --lpips-weights FILE (scripts/lpips_weights.py writes it)"
             );
         }
+        self.validate_best_by()?;
         self.validate_adversarial()
+    }
+
+    fn validate_best_by(&self) -> Result<()> {
+        let [_, h, w] = self.model.image_shape();
+        match self.best_by {
+            BestBy::Ssim => ensure!(
+                ssim::applies(h, w),
+                "--best-by ssim needs images of at least {} pixels a side, found {h}x{w}",
+                ssim::MIN_SIDE
+            ),
+            BestBy::Lpips => ensure!(
+                self.lpips_weights.is_some(),
+                "--best-by lpips needs --lpips-weights FILE (scripts/lpips_weights.py writes it)"
+            ),
+            BestBy::Loss | BestBy::Psnr => {}
+        }
+        Ok(())
+    }
+
+    /// Whether the run computes LPIPS: for its loss, or to pick its best checkpoint.
+    pub fn uses_lpips(&self) -> bool {
+        self.perceptual_weight > 0.0 || self.best_by == BestBy::Lpips
     }
 
     fn validate_adversarial(&self) -> Result<()> {

@@ -3,13 +3,14 @@
 //! log p(x) >= E[log (1/K) sum_k p(x|z_k) p(z_k) / q(z_k|x)], z_k ~ q(z|x); and the quality of
 //! the reconstructions (PSNR, SSIM, LPIPS), which training also measures after every epoch.
 
-use crate::config::TrainConfig;
+use crate::config::{BestBy, TrainConfig};
 use crate::data::{Binarize, Dataset, Loader};
 use crate::fid::{reconstruction_fid, Inception};
 use crate::loss::{Elbo, KlWeight, Perceptual, Stats};
 use crate::models::{in_passes, Forward, Model, Posterior};
 use crate::perceptual::Lpips;
 use crate::rng::{seed_torch, Stream};
+use crate::ssim;
 use anyhow::Result;
 use serde::Serialize;
 use std::f64::consts::{LN_2, PI};
@@ -62,6 +63,19 @@ pub struct SplitFigures {
     pub moments: Tensor,
 }
 
+impl SplitFigures {
+    /// The figure `by` names; `None` where it was not measured (config validation sees to
+    /// it that a run's is).
+    pub fn figure(&self, by: BestBy) -> Option<f64> {
+        match by {
+            BestBy::Loss => Some(self.stats.loss),
+            BestBy::Psnr => Some(self.quality.psnr_db),
+            BestBy::Ssim => self.quality.ssim,
+            BestBy::Lpips => self.quality.lpips,
+        }
+    }
+}
+
 impl SplitSums {
     /// The means over the `data` these sums were taken on (every rank's share of it), LPIPS
     /// among them where a network measured it.
@@ -70,7 +84,7 @@ impl SplitSums {
         let [_, h, w] = data.image_shape();
         SplitFigures {
             stats: Stats::from_sums(&self.bound, n),
-            quality: Quality::from_sums(&self.quality, n, ssim_applies(h, w), with_lpips),
+            quality: Quality::from_sums(&self.quality, n, ssim::applies(h, w), with_lpips),
             moments: self.moments,
         }
     }
@@ -91,7 +105,7 @@ pub fn split_sums(
     let mut sums =
         SplitSums { bound: double(&[3]), moments: double(&[2, model.latent_dim()]), quality: double(&[5]) };
     let [_, h, w] = data.image_shape();
-    let with_ssim = ssim_applies(h, w);
+    let with_ssim = ssim::applies(h, w);
     for (i, x) in loader.shard(rank, world) {
         let x = x?;
         seed_torch(measure.seed, Stream::Eval, i as u64);
@@ -212,7 +226,7 @@ pub struct Report {
 pub struct Quality {
     /// 10 log10(1 / MSE) per image.
     pub psnr_db: f64,
-    /// scikit-image's SSIM (see [`ssim`]); `None` for images under 11 pixels a side.
+    /// scikit-image's SSIM (see [`ssim::ssim`]); `None` for images under 11 pixels a side.
     pub ssim: Option<f64>,
     /// Mean absolute error per pixel.
     pub l1: f64,
@@ -223,71 +237,13 @@ pub struct Quality {
     pub lpips: Option<f64>,
 }
 
-/// SSIM's Gaussian window: sigma 1.5, truncated at 3.5 sigma (scipy's radius rule): 11 taps.
-const SSIM_SIGMA: f64 = 1.5;
-const SSIM_RADIUS: i64 = 5;
-
-/// The structural similarity of each image pair of `a` and `b` (`[B, C, H, W]` in [0, 1]), as
-/// scikit-image's `structural_similarity(a, b, data_range=1, gaussian_weights=True,
-/// channel_axis=0)` computes it: local statistics under a Gaussian window with scipy's
-/// `reflect` borders, sample covariance, the window's radius cropped from the map, channels
-/// averaged. `[B]`, in double precision.
-pub fn ssim(a: &Tensor, b: &Tensor) -> Tensor {
-    // A few images at a time: the double-precision blurs' buffers are several times the images'.
-    let pairs = a.split(SSIM_IMAGES_PER_PASS, 0).into_iter().zip(b.split(SSIM_IMAGES_PER_PASS, 0));
-    Tensor::cat(&pairs.map(|(a, b)| ssim_of(&a, &b)).collect::<Vec<_>>(), 0)
-}
-
-/// Images per pass of [`ssim`].
-const SSIM_IMAGES_PER_PASS: i64 = 32;
-
-fn ssim_of(a: &Tensor, b: &Tensor) -> Tensor {
-    let [n, c, h, w]: [i64; 4] = a.size().try_into().expect("images [B, C, H, W]");
-    let r = SSIM_RADIUS;
-    assert!(h > 2 * r && w > 2 * r, "SSIM needs images of at least {} pixels a side", 2 * r + 1);
-    let taps: Vec<f64> =
-        (-r..=r).map(|i| (-0.5 * (i * i) as f64 / (SSIM_SIGMA * SSIM_SIGMA)).exp()).collect();
-    let total: f64 = taps.iter().sum();
-    let taps: Vec<f64> = taps.iter().map(|t| t / total).collect();
-    let window = Tensor::from_slice(&taps).to_device(a.device());
-    // scipy's `reflect` repeats the edge pixel: d c b a | a b c d | d c b a.
-    let pad = |t: &Tensor, dim: i64, size: i64| {
-        Tensor::cat(
-            &[t.narrow(dim, 0, r).flip([dim]), t.shallow_clone(), t.narrow(dim, size - r, r).flip([dim])],
-            dim,
-        )
-    };
-    let blur = |t: &Tensor| {
-        let t = pad(t, 3, w).conv2d(&window.view([1, 1, 1, -1]), None::<Tensor>, [1, 1], [0, 0], [1, 1], 1);
-        pad(&t, 2, h).conv2d(&window.view([1, 1, -1, 1]), None::<Tensor>, [1, 1], [0, 0], [1, 1], 1)
-    };
-    let x = a.to_kind(Kind::Double).reshape([n * c, 1, h, w]);
-    let y = b.to_kind(Kind::Double).reshape([n * c, 1, h, w]);
-    let (ux, uy) = (blur(&x), blur(&y));
-    let taps_2d = ((2 * r + 1) * (2 * r + 1)) as f64;
-    let cov_norm = taps_2d / (taps_2d - 1.0);
-    let vx = (blur(&(&x * &x)) - &ux * &ux) * cov_norm;
-    let vy = (blur(&(&y * &y)) - &uy * &uy) * cov_norm;
-    let vxy = (blur(&(&x * &y)) - &ux * &uy) * cov_norm;
-    let (c1, c2) = (0.01f64.powi(2), 0.03f64.powi(2));
-    let map =
-        ((&ux * &uy * 2.0 + c1) * (vxy * 2.0 + c2)) / ((ux.square() + uy.square() + c1) * (vx + vy + c2));
-    let cropped = map.narrow(2, r, h - 2 * r).narrow(3, r, w - 2 * r);
-    cropped.mean_dim([1, 2, 3].as_slice(), false, Kind::Double).view([n, c]).mean_dim(1, false, Kind::Double)
-}
-
-/// Whether images of `h` x `w` are large enough for SSIM's window.
-fn ssim_applies(h: i64, w: i64) -> bool {
-    h > 2 * SSIM_RADIUS && w > 2 * SSIM_RADIUS
-}
-
 /// The batch's `[psnr, ssim, l1, mse, lpips]` sums over images `x` and their
 /// reconstructions `x_hat` (SSIM and LPIPS 0 where not measured).
 fn quality_sums(x: &Tensor, x_hat: &Tensor, with_ssim: bool, lpips: Option<&Lpips>) -> Tensor {
     let diff = (x_hat - x).to_kind(Kind::Double).flatten(1, -1);
     let mse = diff.square().mean_dim(1, false, Kind::Double);
     let psnr = mse.clamp_min(1e-10).log10() * -10.0;
-    let ssim = if with_ssim { ssim(x_hat, x) } else { mse.zeros_like() };
+    let ssim = if with_ssim { ssim::ssim(x_hat, x) } else { mse.zeros_like() };
     let l1 = diff.abs().mean_dim(1, false, Kind::Double);
     let perceptual = match lpips {
         Some(net) => net.distance(&(x * 2.0 - 1.0), &(x_hat * 2.0 - 1.0), Kind::Float).to_kind(Kind::Double),

@@ -6,9 +6,9 @@
 //!    `precision`, `plot`, `tensorboard`
 //! 2. `data`: datasets, the image-folder cache, the loader
 //! 3. `models`: the model interface and its families
-//! 4. `loss`, `perceptual`, `adversarial`, `fid`: the bound and its statistics; LPIPS, the
-//!    perceptual distance; the PatchGAN discriminator and its losses; the FID Inception and
-//!    the Fréchet distance, for rFID
+//! 4. `loss`, `perceptual`, `ssim`, `adversarial`, `fid`: the bound and its statistics;
+//!    LPIPS, the perceptual distance; SSIM; the PatchGAN discriminator and its losses; the FID
+//!    Inception and the Fréchet distance, for rFID
 //! 5. `adam`, `schedule`, `ema`: the optimizer, its curves, the weights' average
 //! 6. `config`: every training setting, declared once
 //! 7. `eval`, `export`: what a model computes on a split, as numbers and pictures
@@ -45,6 +45,7 @@ pub mod rng;
 pub mod run;
 pub mod run_dir;
 pub mod schedule;
+pub mod ssim;
 pub mod tensorboard;
 pub mod train;
 

@@ -441,9 +441,13 @@ pub fn run(
                 images_per_s: images as f64 / seconds,
                 seconds,
             };
-            let improved = trainer.best_test_loss.is_none_or(|best| test_stats.loss < best);
+            let by = cfg.best_by;
+            let figure = figures
+                .figure(by)
+                .with_context(|| format!("--best-by: no test {} was measured", by.name()))?;
+            let improved = trainer.best.is_none_or(|best| by.improves(figure, best));
             if improved {
-                trainer.best_test_loss = Some(test_stats.loss);
+                trainer.best = Some(figure);
             }
             out.metrics.append(&row)?;
             out.save_checkpoints(trainer, improved, complete, opts)?;

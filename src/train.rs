@@ -143,7 +143,8 @@ pub struct Trainer {
     /// Batches trained on, skipped updates included: the position in the run, which fixes
     /// each step's batch and noise. Adam counts only the updates it made.
     pub step: u64,
-    pub best_test_loss: Option<f64>,
+    /// The best test figure so far, of the kind `cfg.best_by` names.
+    pub best: Option<f64>,
     /// Present when computing in float16.
     pub loss_scale: Option<LossScale>,
     /// Steps in a row, up to now, whose loss or gradients were not finite (and were skipped).
@@ -188,7 +189,7 @@ impl Trainer {
         let adam = Adam::over(params, cfg.adam, adam::STATE_PREFIX);
         let ema = (cfg.ema_decay > 0.0).then(|| Ema::new(&vs, cfg.ema_decay));
         let loss_scale = (cfg.precision == Precision::F16).then(LossScale::default);
-        let lpips = match (&cfg.lpips_weights, cfg.perceptual_weight > 0.0) {
+        let lpips = match (&cfg.lpips_weights, cfg.uses_lpips()) {
             (Some(path), true) => Some(Lpips::load(path, device)?),
             _ => None,
         };
@@ -200,7 +201,7 @@ impl Trainer {
             adam,
             epoch: 0,
             step: 0,
-            best_test_loss: None,
+            best: None,
             loss_scale,
             bad_steps: 0,
             skipped_steps: 0,

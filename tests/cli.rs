@@ -47,6 +47,48 @@ fn shapes_training_lowers_the_loss_and_writes_checkpoint_and_pictures() {
 }
 
 #[test]
+fn best_by_picks_the_best_checkpoint_by_that_test_figure() {
+    use vae::checkpoint::Checkpoint;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let run_arg = run.to_str().unwrap();
+    // A KL weight of 30: the loss falls all along while SSIM rises, dips and rises (measured),
+    // so the best by SSIM is not the last evaluation.
+    let mut args = vec!["train", "--quiet", "--epochs", "3", "--max-steps", "20", "--train-size", "256"];
+    args.extend_from_slice(&["--test-size", "64", "--beta", "30", "--lr", "3e-3", "--eval-every-steps", "2"]);
+    args.extend_from_slice(&["--best-by", "ssim", "--out", run_arg]);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
+    ok(vae(&args));
+    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rows: Vec<(u64, f64)> = metrics
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let cells: Vec<&str> = l.split(',').collect();
+            (cells[column("step")].parse().unwrap(), cells[column("test_ssim")].parse().unwrap())
+        })
+        .collect();
+    let top = rows.iter().map(|r| r.1).fold(f64::MIN, f64::max);
+    let best = Checkpoint::load(&run.join("best.safetensors")).unwrap().meta;
+    let best_row = rows.iter().find(|r| r.0 == best.step).expect("a row at the best step");
+    assert_eq!(best_row.1, top, "best.safetensors is not at the highest test SSIM: {metrics}");
+    assert_ne!(best.step, 20, "the highest SSIM is the last evaluation's: the case shows nothing");
+    let info = stdout(&ok(vae(&["info", run.join("best.safetensors").to_str().unwrap()])));
+    assert!(info.contains(&format!("best test SSIM {top:.4}")), "{info}");
+
+    // Picked by the loss from now on: the next evaluation is the best to beat, and the loss
+    // keeps falling. The training itself is not changed by it.
+    let out = ok(vae(&["train", "--resume", run_arg, "--best-by", "loss", "--max-steps", "24"]));
+    let err = stderr(&out);
+    assert!(err.contains("best.safetensors is now picked by the test loss, not ssim"), "{err}");
+    assert!(!err.contains("no longer bitwise"), "{err}");
+    assert_eq!(Checkpoint::load(&run.join("best.safetensors")).unwrap().meta.step, 24);
+}
+
+#[test]
 fn rgb_64_shapes_train_with_the_gaussian_likelihood() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("rgb");
@@ -124,6 +166,11 @@ fn bad_settings_fail_before_any_work_with_a_message() {
         ),
         (&["--gradient-checkpointing"], "--gradient-checkpointing applies to --arch resnet"),
         (&["--arch", "resnet", "--gradient-checkpointing", "maybe"], "invalid value 'maybe'"),
+        (&["--best-by", "lpips"], "--best-by lpips needs --lpips-weights FILE"),
+        (
+            &["--best-by", "ssim", "--image-size", "8"],
+            "--best-by ssim needs images of at least 11 pixels a side, found 8x8",
+        ),
     ];
     for (flags, message) in cases {
         let mut args = vec!["train", "--out", out_arg];

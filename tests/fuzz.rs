@@ -89,7 +89,7 @@ fn the_checkpoint_loader_takes_any_bytes() {
         config: cfg,
         epoch: 1,
         step: 3,
-        best_test_loss: Some(1.5),
+        best: Some(1.5),
         loss_scale: None,
         run_id: "fuzz".into(),
         history: Vec::new(),

@@ -9,7 +9,7 @@ const LAYERS: &[&[&str]] = &[
     &["fault", "rng", "fsio", "run_dir", "native", "device", "dist", "precision", "plot", "tensorboard"],
     &["data"],
     &["models"],
-    &["loss", "perceptual", "adversarial", "fid"],
+    &["loss", "perceptual", "ssim", "adversarial", "fid"],
     &["adam", "schedule", "ema"],
     &["config"],
     &["eval", "export"],

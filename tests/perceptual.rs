@@ -136,6 +136,22 @@ fn training_with_lpips_resumes_bitwise_and_eval_reports_it() {
         file.to_str().unwrap(),
     ])));
     assert!(out.contains("LPIPS 0."), "{out}");
+
+    // --best-by lpips measures it without the term, and best.safetensors holds the lowest.
+    let picked = dir.path().join("picked");
+    ok(train(
+        &picked,
+        "2",
+        &["--best-by", "lpips", "--lpips-weights", file.to_str().unwrap(), "--eval-every-steps", "1"],
+    ));
+    let rows = vae::metrics::MetricsLog::new(&picked.join("metrics.csv")).read().unwrap();
+    let lpips: Vec<f64> =
+        rows.iter().map(|r| r.iter().find(|(c, _)| c == "test_lpips").expect("test_lpips").1).collect();
+    let lowest = lpips.iter().copied().fold(f64::MAX, f64::min);
+    let best = Checkpoint::load(&picked.join("best.safetensors")).unwrap().meta;
+    assert_eq!(lpips.len(), 6);
+    assert_eq!(lpips[best.step as usize - 1], lowest, "best at step {}: {lpips:?}", best.step);
+    assert!((best.best.unwrap() - lowest).abs() < 1e-4, "{:?} {lpips:?}", best.best);
 }
 
 #[test]

@@ -325,7 +325,16 @@ fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
 /// one with the new settings: a longer run under a constant rate does not.
 fn report_changes(changes: &[Change], cfg: &TrainConfig) {
     let longer = |c: &Change| c.flag == "--epochs" || c.flag == "--max-steps";
-    let harmless = |c: &Change| longer(c) && cfg.lr_schedule == LrSchedule::Constant;
+    let picking = |c: &Change| c.flag == "--best-by";
+    if let Some(c) = changes.iter().find(|c| picking(c)) {
+        eprintln!(
+            "best.safetensors is now picked by the test {}, not {}: the next evaluation's figure is the \
+             best to beat",
+            c.now, c.was
+        );
+    }
+    // Neither changes a step.
+    let harmless = |c: &Change| (longer(c) && cfg.lr_schedule == LrSchedule::Constant) || picking(c);
     if changes.iter().all(harmless) {
         return;
     }
