@@ -471,7 +471,7 @@ impl Checkpoint {
         let unit = match by {
             BestBy::Loss => format!(" {}", m.config.model.likelihood().unit()),
             BestBy::Psnr => " dB".into(),
-            BestBy::Ssim | BestBy::Lpips => String::new(),
+            BestBy::Ssim | BestBy::Lpips | BestBy::Rfid => String::new(),
         };
         let best = m.best.map_or("none yet".to_string(), |b| format!("{b:.4}{unit}"));
         writeln!(s, "best test {} {best}", by.name())?;

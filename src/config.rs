@@ -71,6 +71,9 @@ pub struct TrainConfig {
     /// The LPIPS network's weights (safetensors), when the perceptual term is on.
     #[serde(default)]
     pub lpips_weights: Option<PathBuf>,
+    /// pytorch-fid's Inception weights, for the test evaluation's rFID.
+    #[serde(default)]
+    pub fid_weights: Option<PathBuf>,
     /// Weight of the adversarial term (times the adaptive weight); 0: no discriminator.
     #[serde(default)]
     pub disc_weight: f64,
@@ -105,6 +108,8 @@ pub enum BestBy {
     Ssim,
     /// LPIPS distance (VGG).
     Lpips,
+    /// Fréchet Inception Distance between the test images and their reconstructions.
+    Rfid,
 }
 
 impl BestBy {
@@ -114,13 +119,14 @@ impl BestBy {
             Self::Psnr => "PSNR",
             Self::Ssim => "SSIM",
             Self::Lpips => "LPIPS",
+            Self::Rfid => "rFID",
         }
     }
 
     /// Whether the figure `new` beats `old`: lower loss and LPIPS, higher PSNR and SSIM.
     pub fn improves(self, new: f64, old: f64) -> bool {
         match self {
-            Self::Loss | Self::Lpips => new < old,
+            Self::Loss | Self::Lpips | Self::Rfid => new < old,
             Self::Psnr | Self::Ssim => new > old,
         }
     }
@@ -256,6 +262,10 @@ pub struct TrainArgs {
     /// The LPIPS (VGG, v0.1) weights as safetensors; scripts/lpips_weights.py writes them.
     #[arg(long)]
     pub lpips_weights: Option<PathBuf>,
+    /// pytorch-fid's Inception weights as safetensors (scripts/fid_weights.py writes them):
+    /// each test evaluation then reports rFID, its reconstructions against its images.
+    #[arg(long)]
+    pub fid_weights: Option<PathBuf>,
     /// Train a PatchGAN discriminator and add W x (adaptive weight) x its generator loss
     /// (latent diffusion: 0.5; needs --recon l1 or l2). 0: off.
     #[arg(long, default_value_t = 0.0)]
@@ -406,6 +416,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("gradient_checkpointing", Process, |a, c| c.gradient_checkpointing = a.gradient_checkpointing),
     setting("perceptual_weight", Changeable, |a, c| c.perceptual_weight = a.perceptual_weight),
     setting("lpips_weights", Process, |a, c| c.lpips_weights = a.lpips_weights.clone()),
+    setting("fid_weights", Process, |a, c| c.fid_weights = a.fid_weights.clone()),
     setting("disc_weight", Changeable, |a, c| c.disc_weight = a.disc_weight),
     setting("disc_start", Changeable, |a, c| c.disc_start = a.disc_start),
     setting("disc_loss", Changeable, |a, c| c.disc_loss = a.disc_loss),
@@ -492,6 +503,7 @@ impl TrainArgs {
             grad_accum: 1,
             perceptual_weight: 0.0,
             lpips_weights: None,
+            fid_weights: None,
             disc_weight: 0.0,
             disc_start: 0,
             disc_loss: DiscLoss::Hinge,
@@ -716,6 +728,10 @@ impl TrainConfig {
             BestBy::Lpips => ensure!(
                 self.lpips_weights.is_some(),
                 "--best-by lpips needs --lpips-weights FILE (scripts/lpips_weights.py writes it)"
+            ),
+            BestBy::Rfid => ensure!(
+                self.fid_weights.is_some(),
+                "--best-by rfid needs --fid-weights FILE (scripts/fid_weights.py writes it)"
             ),
             BestBy::Loss | BestBy::Psnr => {}
         }

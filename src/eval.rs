@@ -5,7 +5,7 @@
 
 use crate::config::{BestBy, TrainConfig};
 use crate::data::{Binarize, Dataset, Loader};
-use crate::fid::{reconstruction_fid, Inception};
+use crate::fid::{Inception, ReconstructionMoments};
 use crate::loss::{Elbo, KlWeight, Perceptual, Stats};
 use crate::models::{in_passes, Forward, Model, Posterior};
 use crate::perceptual::Lpips;
@@ -36,13 +36,15 @@ const ELBO_BATCH: usize = 500;
 
 /// How a pass over a split measures it: the bound as `weight` makes it (the ELBO for
 /// [`KlWeight::ELBO`]), with the perceptual term where the run has one, its noise fixed by
-/// `seed`; and the network for the reconstructions' LPIPS in [`Quality`], if any.
+/// `seed`; and the networks for the reconstructions' LPIPS in [`Quality`] and their rFID,
+/// if any.
 #[derive(Clone, Copy)]
 pub struct Measure<'a> {
     pub seed: u64,
     pub weight: KlWeight,
     pub perceptual: Option<Perceptual<'a>>,
     pub lpips: Option<&'a Lpips>,
+    pub fid: Option<&'a Inception>,
 }
 
 /// A split's sums from [`split_sums`], doubles on the device, ready to be summed over ranks.
@@ -53,13 +55,16 @@ pub struct SplitSums {
     pub moments: Tensor,
     /// `[psnr, ssim, l1, mse, lpips]` over images.
     pub quality: Tensor,
+    /// The Inception features' moments of the images and reconstructions, where measured.
+    pub fid: Option<ReconstructionMoments>,
 }
 
-/// A split's figures: the bound's means, the reconstructions' quality and the posterior
-/// means' moments (for the active dimensions).
+/// A split's figures: the bound's means, the reconstructions' quality and rFID, and the
+/// posterior means' moments (for the active dimensions).
 pub struct SplitFigures {
     pub stats: Stats,
     pub quality: Quality,
+    pub rfid: Option<f64>,
     pub moments: Tensor,
 }
 
@@ -72,21 +77,29 @@ impl SplitFigures {
             BestBy::Psnr => Some(self.quality.psnr_db),
             BestBy::Ssim => self.quality.ssim,
             BestBy::Lpips => self.quality.lpips,
+            BestBy::Rfid => self.rfid,
         }
     }
 }
 
 impl SplitSums {
+    /// Every sum, for an all-reduce over the ranks that each took a share of the split.
+    pub fn tensors(&self) -> Vec<Tensor> {
+        let own = [&self.bound, &self.moments, &self.quality].map(Tensor::shallow_clone);
+        own.into_iter().chain(self.fid.iter().flat_map(ReconstructionMoments::sums)).collect()
+    }
+
     /// The means over the `data` these sums were taken on (every rank's share of it), LPIPS
-    /// among them where a network measured it.
-    pub fn figures(self, data: &Dataset, with_lpips: bool) -> SplitFigures {
+    /// among them where a network measured it, and rFID where one did.
+    pub fn figures(self, data: &Dataset, with_lpips: bool) -> Result<SplitFigures> {
         let n = data.len();
         let [_, h, w] = data.image_shape();
-        SplitFigures {
+        Ok(SplitFigures {
             stats: Stats::from_sums(&self.bound, n),
             quality: Quality::from_sums(&self.quality, n, ssim::applies(h, w), with_lpips),
+            rfid: self.fid.as_ref().map(ReconstructionMoments::rfid).transpose()?,
             moments: self.moments,
-        }
+        })
     }
 }
 
@@ -102,8 +115,12 @@ pub fn split_sums(
 ) -> Result<SplitSums> {
     let loader = Loader::new(data, device, ELBO_BATCH);
     let double = |shape: &[i64]| Tensor::zeros(shape, (Kind::Double, device));
-    let mut sums =
-        SplitSums { bound: double(&[3]), moments: double(&[2, model.latent_dim()]), quality: double(&[5]) };
+    let mut sums = SplitSums {
+        bound: double(&[3]),
+        moments: double(&[2, model.latent_dim()]),
+        quality: double(&[5]),
+        fid: measure.fid.map(|_| ReconstructionMoments::new(device)),
+    };
     let [_, h, w] = data.image_shape();
     let with_ssim = ssim::applies(h, w);
     for (i, x) in loader.shard(rank, world) {
@@ -126,6 +143,9 @@ pub fn split_sums(
             );
             let x_hat = in_passes(&out.posterior.mean, [h, w], |_, mean| model.decode_mean(mean));
             sums.quality += quality_sums(&x, &x_hat, with_ssim, measure.lpips);
+            if let (Some(moments), Some(net)) = (sums.fid.as_mut(), measure.fid) {
+                moments.add(net, &x, &x_hat);
+            }
         });
     }
     Ok(sums)
@@ -315,15 +335,11 @@ pub fn evaluate(
     let density = model.likelihood().is_density();
     // The bound where the likelihood is a density; otherwise the loss the run minimised.
     let weight = if density { KlWeight::ELBO } else { KlWeight { beta: cfg.beta, free_bits: 0.0 } };
-    let measure = Measure { seed: cfg.seed, weight, perceptual: cfg.perceptual(lpips)?, lpips };
-    let SplitFigures { stats: elbo, quality, .. } =
-        split_sums(model, data, measure, device, (0, 1))?.figures(data, lpips.is_some());
+    let measure = Measure { seed: cfg.seed, weight, perceptual: cfg.perceptual(lpips)?, lpips, fid };
+    let SplitFigures { stats: elbo, quality, rfid, .. } =
+        split_sums(model, data, measure, device, (0, 1))?.figures(data, lpips.is_some())?;
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
-    let rfid = match fid {
-        Some(net) => Some(reconstruction_fid(model, data, net, device)?),
-        None => None,
-    };
     let iwae_nll = if iw_samples > 0 && density {
         let loader = Loader::new(data, device, IMAGES_PER_BATCH);
         let chunk = (DECODES_PER_PASS / IMAGES_PER_BATCH as i64).max(1);

@@ -9,8 +9,7 @@
 //! The network is frozen and its weights come from a safetensors file holding pytorch-fid's
 //! state dict (`scripts/fid_weights.py` writes it): nothing is downloaded at run time.
 
-use crate::data::{Dataset, Loader};
-use crate::models::{in_passes, passes, pixels_per_pass, Model};
+use crate::models::{passes, pixels_per_pass};
 use anyhow::{bail, ensure, Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,8 +17,6 @@ use tch::{Device, Kind, Tensor};
 
 /// Pool features per image.
 pub const FEATURES: i64 = 2048;
-/// Images per pass of the autoencoder over the split.
-const BATCH: usize = 256;
 /// BatchNorm's epsilon in the FID Inception (TensorFlow's).
 const BN_EPS: f64 = 1e-3;
 
@@ -284,7 +281,7 @@ impl Inception {
 /// Sums of feature vectors and of their outer products, in double precision: their mean and
 /// covariance at the end, without holding the features.
 pub struct Moments {
-    count: i64,
+    count: Tensor,
     sum: Tensor,
     outer: Tensor,
 }
@@ -292,20 +289,25 @@ pub struct Moments {
 impl Moments {
     pub fn new(dim: i64, device: Device) -> Self {
         let zeros = |shape: &[i64]| Tensor::zeros(shape, (Kind::Double, device));
-        Self { count: 0, sum: zeros(&[dim]), outer: zeros(&[dim, dim]) }
+        Self { count: zeros(&[]), sum: zeros(&[dim]), outer: zeros(&[dim, dim]) }
     }
 
     /// Adds the rows of `features` (`[N, D]`).
     pub fn add(&mut self, features: &Tensor) {
         let f = features.to_kind(Kind::Double);
-        self.count += f.size()[0];
+        self.count += f.size()[0] as f64;
         self.sum += f.sum_dim_intlist(0, false, None);
         self.outer += f.transpose(0, 1).matmul(&f);
     }
 
+    /// The sums, every one of them: summed over ranks, they are the moments of all.
+    fn sums(&self) -> [Tensor; 3] {
+        [&self.count, &self.sum, &self.outer].map(Tensor::shallow_clone)
+    }
+
     /// The mean and the unbiased covariance (numpy's `np.cov`), on the CPU.
     fn mean_covariance(&self) -> (Tensor, Tensor) {
-        let n = self.count as f64;
+        let n = self.count.double_value(&[]);
         let mean = self.sum.to_device(Device::Cpu) / n;
         let outer = self.outer.to_device(Device::Cpu);
         let cov = (outer - mean.unsqueeze(1).matmul(&mean.unsqueeze(0)) * n) / (n - 1.0);
@@ -334,24 +336,37 @@ pub fn frechet_distance(a: &Moments, b: &Moments) -> f64 {
     distance.double_value(&[])
 }
 
-/// rFID of `model` on `data`: between the images and their reconstructions at the posterior
-/// mean, each image once, the reconstructions rounded to 8 bits as the PNGs that pytorch-fid
-/// would read (the images are 8-bit already).
-pub fn reconstruction_fid(model: &dyn Model, data: &Dataset, net: &Inception, device: Device) -> Result<f64> {
-    ensure!(data.len() >= 2, "rFID needs at least 2 images, the split has {}", data.len());
-    let [_, h, w] = data.image_shape();
-    let (mut real, mut fake) = (Moments::new(FEATURES, device), Moments::new(FEATURES, device));
-    for x in Loader::new(data, device, BATCH).sequential() {
-        let x = x?;
-        let x_hat = tch::no_grad(|| {
-            let mean = model.encode_in_passes(&x).mean;
-            let x_hat = in_passes(&mean, [h, w], |_, mean| model.decode_mean(mean));
-            (x_hat.clamp(0.0, 1.0) * 255.0).round() / 255.0
-        });
-        real.add(&net.features(&x));
-        fake.add(&net.features(&x_hat));
+/// The moments of a split's images and of their reconstructions, for its rFID.
+pub struct ReconstructionMoments {
+    real: Moments,
+    fake: Moments,
+}
+
+impl ReconstructionMoments {
+    pub fn new(device: Device) -> Self {
+        Self { real: Moments::new(FEATURES, device), fake: Moments::new(FEATURES, device) }
     }
-    Ok(frechet_distance(&real, &fake))
+
+    /// Adds images `x` and their reconstructions `x_hat`, the reconstructions clamped to
+    /// [0, 1] and rounded to 8 bits as the PNGs that pytorch-fid would read (the images are
+    /// 8-bit already).
+    pub fn add(&mut self, net: &Inception, x: &Tensor, x_hat: &Tensor) {
+        let x_hat = (x_hat.clamp(0.0, 1.0) * 255.0).round() / 255.0;
+        self.real.add(&net.features(x));
+        self.fake.add(&net.features(&x_hat));
+    }
+
+    /// The sums the moments are made of, for an all-reduce over ranks that each added a share.
+    pub fn sums(&self) -> Vec<Tensor> {
+        self.real.sums().into_iter().chain(self.fake.sums()).collect()
+    }
+
+    /// The Fréchet distance between the two.
+    pub fn rfid(&self) -> Result<f64> {
+        let n = self.real.count.double_value(&[]);
+        ensure!(n >= 2.0, "rFID needs at least 2 images, the split has {n}");
+        Ok(frechet_distance(&self.real, &self.fake))
+    }
 }
 
 #[cfg(test)]
@@ -372,6 +387,30 @@ mod tests {
         let expected = 1.0 + (0..2).map(|i| v1[i] + v2[i] - 2.0 * (v1[i] * v2[i]).sqrt()).sum::<f64>();
         assert!((frechet_distance(&ma, &mb) - expected).abs() < 1e-9, "{}", frechet_distance(&ma, &mb));
         assert!(frechet_distance(&ma, &ma).abs() < 1e-9);
+    }
+
+    #[test]
+    fn moments_summed_over_shares_are_the_moments_of_the_whole() {
+        // What the ranks of a data-parallel run do with their shares of a test split.
+        tch::manual_seed(0);
+        let options = (Kind::Double, Device::Cpu);
+        let (real, fake) = (Tensor::randn([9, 3], options), Tensor::randn([9, 3], options) * 2.0 + 1.0);
+        let moments = |rows: (i64, i64)| {
+            let of = |f: &Tensor| {
+                let mut m = Moments::new(3, Device::Cpu);
+                m.add(&f.narrow(0, rows.0, rows.1));
+                m
+            };
+            ReconstructionMoments { real: of(&real), fake: of(&fake) }
+        };
+        let (first, second) = (moments((0, 4)), moments((4, 5)));
+        for (mut a, b) in first.sums().into_iter().zip(second.sums()) {
+            a += b;
+        }
+        let (summed, whole) = (first.rfid().unwrap(), moments((0, 9)).rfid().unwrap());
+        assert!((summed - whole).abs() < 1e-9 * whole, "{summed} {whole}");
+        let one = moments((0, 1)).rfid().unwrap_err().to_string();
+        assert!(one.contains("rFID needs at least 2 images, the split has 1"), "{one}");
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct EpochRow {
     pub test: Stats,
     /// The test split's reconstructions.
     pub quality: Quality,
+    /// Their rFID, in runs given the Inception.
+    pub rfid: Option<f64>,
     pub active_dims: i64,
     pub lr: f64,
     pub images_per_s: f64,
@@ -48,8 +50,8 @@ pub struct EpochRow {
 }
 
 impl EpochRow {
-    /// The row's `(column, value)` pairs: [`HEADER`]'s, `test_ssim` and `test_lpips` after
-    /// `test_psnr` where measured, then `train_<name>` for each sharpness statistic a run with
+    /// The row's `(column, value)` pairs: [`HEADER`]'s, `test_ssim`, `test_lpips` and
+    /// `test_rfid` after `test_psnr` where measured, then `train_<name>` for each sharpness statistic a run with
     /// a perceptual or adversarial term logs.
     fn columns(&self) -> Vec<(String, String)> {
         let q = &self.quality;
@@ -70,7 +72,7 @@ impl EpochRow {
         ];
         let mut columns: Vec<(String, String)> = HEADER.split(',').map(String::from).zip(values).collect();
         let at = columns.iter().position(|(c, _)| c == "test_psnr").expect("test_psnr is a column") + 1;
-        let measured = [("test_ssim", q.ssim), ("test_lpips", q.lpips)];
+        let measured = [("test_ssim", q.ssim), ("test_lpips", q.lpips), ("test_rfid", self.rfid)];
         let extra = measured.into_iter().filter_map(|(c, v)| Some((c.to_string(), format!("{:.4}", v?))));
         columns.splice(at..at, extra);
         for (name, value) in self.train.sharpness_named() {
@@ -178,6 +180,7 @@ mod tests {
             train: stats,
             test: stats,
             quality,
+            rfid: None,
             active_dims: 4,
             lr: 1e-3,
             images_per_s: 100.0,
@@ -232,17 +235,20 @@ mod tests {
         let mut gan = row(2);
         gan.train.sharpness = Some([0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]);
         gan.quality.lpips = Some(0.25);
+        gan.rfid = Some(12.5);
         log.append(&gan).unwrap();
         log.append(&row(3)).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         let header = text.lines().next().unwrap();
-        assert!(header.contains(",test_psnr,test_ssim,test_lpips,active_dims,"), "{header}");
+        assert!(header.contains(",test_psnr,test_ssim,test_lpips,test_rfid,active_dims,"), "{header}");
         assert!(header.ends_with(",seconds,train_lpips,train_g_loss,train_d_weight,train_d_loss,train_logits_real,train_logits_fake,train_logvar"), "{header}");
         let rows = log.read().unwrap();
         let get = |r: usize, k: &str| rows[r].iter().find(|(c, _)| c == k).map(|(_, v)| *v);
         assert_eq!((get(1, "train_logvar"), get(1, "test_lpips")), (Some(0.7), Some(0.25)));
+        assert_eq!(get(1, "test_rfid"), Some(12.5));
         for r in [0, 2] {
             assert_eq!((get(r, "train_lpips"), get(r, "test_lpips")), (None, None), "row {r}: {text}");
+            assert_eq!(get(r, "test_rfid"), None, "row {r}: {text}");
             assert_eq!(rows[r].len(), HEADER.split(',').count() + 1);
         }
     }

@@ -211,7 +211,7 @@ impl Outputs<'_> {
         let Some(tb) = self.events.as_mut() else { return Ok(()) };
         let step = row.step;
         let quality = &row.quality;
-        let measured = [("test/ssim", quality.ssim), ("test/lpips", quality.lpips)];
+        let measured = [("test/ssim", quality.ssim), ("test/lpips", quality.lpips), ("test/rfid", row.rfid)];
         for (tag, value) in [
             ("epoch/train_loss", row.train.loss),
             ("test/loss", row.test.loss),
@@ -362,6 +362,12 @@ pub fn run(
         cfg.data.name(),
     );
     let test = crate::eval::prepared(&splits.test, &cfg);
+    ensure!(
+        trainer.fid.is_none() || test.len() >= 2,
+        "--fid-weights: rFID needs at least 2 test images, the {} data has {}",
+        cfg.data.name(),
+        test.len()
+    );
     let loader = Loader::new(&splits.train, trainer.device, cfg.batch_size);
     let schedule = cfg.schedule(loader.len());
     let mut out = match folder {
@@ -436,6 +442,7 @@ pub fn run(
                 train,
                 test: test_stats,
                 quality: figures.quality,
+                rfid: figures.rfid,
                 active_dims,
                 lr: schedule.lr_at(trainer.step.saturating_sub(1)),
                 images_per_s: images as f64 / seconds,
@@ -480,8 +487,9 @@ pub fn run(
                 } else {
                     format!("epoch {epoch:.2}/{}", cfg.epochs)
                 };
+                let rfid = row.rfid.map(|f| format!("  rFID {f:.3}")).unwrap_or_default();
                 println!(
-                    "{at}  train {train}{sharp}  test {test_stats}  {}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
+                    "{at}  train {train}{sharp}  test {test_stats}  {}{rfid}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
                     row.quality,
                     row.images_per_s,
                     cfg.model.latent_dim()

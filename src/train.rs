@@ -9,6 +9,7 @@ use crate::data::{Binarize, Dataset, Loader};
 use crate::dist::ProcessGroup;
 use crate::ema::Ema;
 use crate::eval::{Measure, SplitFigures};
+use crate::fid::Inception;
 use crate::loss::{Elbo, KlWeight, Stats, SHARPNESS};
 use crate::models::{Compute, Model};
 use crate::perceptual::Lpips;
@@ -165,6 +166,8 @@ pub struct Trainer {
     pub ema: Option<Ema>,
     /// The perceptual term's network, with `--perceptual-weight`.
     pub lpips: Option<Lpips>,
+    /// The FID Inception, for the test evaluation's rFID, when the run was given its weights.
+    pub fid: Option<Inception>,
     /// The discriminator, with `--disc-weight`.
     pub adversary: Option<Adversary>,
 }
@@ -193,6 +196,7 @@ impl Trainer {
             (Some(path), true) => Some(Lpips::load(path, device)?),
             _ => None,
         };
+        let fid = cfg.fid_weights.as_deref().map(|path| Inception::load(path, device)).transpose()?;
         Ok(Self {
             cfg,
             device,
@@ -211,6 +215,7 @@ impl Trainer {
             stopping: false,
             ema,
             lpips,
+            fid,
             adversary,
         })
     }
@@ -563,7 +568,8 @@ impl Trainer {
     }
 
     /// The bound on a split (noise fixed per evaluation batch by the seed), the
-    /// reconstructions' quality (LPIPS in runs with the perceptual term) and the posterior
+    /// reconstructions' quality (LPIPS where the run computes it, rFID where it was given
+    /// the Inception) and the posterior
     /// means' moments; every rank evaluates its share and the sums are exchanged, so all of
     /// them return the whole split's.
     pub fn evaluate(&self, data: &Dataset) -> Result<SplitFigures> {
@@ -572,14 +578,14 @@ impl Trainer {
             weight: KlWeight { beta: self.cfg.beta, free_bits: 0.0 },
             perceptual: self.cfg.perceptual(self.lpips.as_ref())?,
             lpips: self.lpips.as_ref(),
+            fid: self.fid.as_ref(),
         };
         let shard = self.group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
         let sums = crate::eval::split_sums(self.model.as_ref(), data, measure, self.device, shard)?;
         if let Some(group) = &self.group {
-            let all = [&sums.bound, &sums.moments, &sums.quality].map(Tensor::shallow_clone);
-            group.all_reduce_sum(&all)?;
+            group.all_reduce_sum(&sums.tensors())?;
         }
-        Ok(sums.figures(data, self.lpips.is_some()))
+        sums.figures(data, self.lpips.is_some())
     }
 }
 

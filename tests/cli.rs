@@ -167,6 +167,8 @@ fn bad_settings_fail_before_any_work_with_a_message() {
         (&["--gradient-checkpointing"], "--gradient-checkpointing applies to --arch resnet"),
         (&["--arch", "resnet", "--gradient-checkpointing", "maybe"], "invalid value 'maybe'"),
         (&["--best-by", "lpips"], "--best-by lpips needs --lpips-weights FILE"),
+        (&["--best-by", "rfid"], "--best-by rfid needs --fid-weights FILE"),
+        (&["--fid-weights", "/nonexistent/fid.safetensors"], "/nonexistent/fid.safetensors"),
         (
             &["--best-by", "ssim", "--image-size", "8"],
             "--best-by ssim needs images of at least 11 pixels a side, found 8x8",

@@ -58,16 +58,32 @@ fn our_fid_equals_pytorch_fid_and_eval_reports_it() {
         "Fréchet distance {distance}, pytorch-fid's {expected}"
     );
 
-    // Through the command line, on a small run's test split.
-    let run = dir.path().join("run");
-    ok(train_tiny_resnet("16", &run, "1", &[]));
-    let (run, weights) = (run.to_str().unwrap(), weights.to_str().unwrap());
+    // Through the command line, on a small run's test split: measured at each of its
+    // evaluations (after steps 2 and 3), best.safetensors at the lower, and the last one what
+    // `vae eval` measures.
+    let folder = dir.path().join("run");
+    let (run, weights) = (folder.to_str().unwrap(), weights.to_str().unwrap());
+    ok(train_tiny_resnet(
+        "16",
+        &folder,
+        "1",
+        &["--fid-weights", weights, "--best-by", "rfid", "--eval-every-steps", "2"],
+    ));
+    let rows = vae::metrics::MetricsLog::new(&folder.join("metrics.csv")).read().unwrap();
+    let get = |r: &Vec<(String, f64)>, name: &str| r.iter().find(|(c, _)| c == name).expect(name).1;
+    let logged: Vec<(f64, f64)> = rows.iter().map(|r| (get(r, "step"), get(r, "test_rfid"))).collect();
+    assert_eq!(logged.iter().map(|r| r.0).collect::<Vec<_>>(), [2.0, 3.0], "{rows:?}");
+    let best = vae::checkpoint::Checkpoint::load(&folder.join("best.safetensors")).unwrap().meta;
+    let lowest = logged.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap();
+    assert_eq!(best.step as f64, lowest.0, "{logged:?}");
     let eval = |extra: &[&str]| {
         stdout(&ok(vae(&[&["eval", run, "--iw-samples", "0", "--fid-weights", weights][..], extra].concat())))
     };
     let report: serde_json::Value = serde_json::from_str(eval(&["--json"]).trim()).unwrap();
     let rfid = report["rfid"].as_f64().expect("rfid in the report");
     assert!(rfid.is_finite() && rfid > 0.0, "{report}");
+    let last = logged[1].1;
+    assert!((rfid - last).abs() < 1e-3 * rfid, "eval {rfid}, training's last evaluation {last}");
     let text = eval(&[]);
     assert!(text.lines().any(|l| l.starts_with("rFID") && l.contains("between the 16 images")), "{text}");
 }
