@@ -30,6 +30,8 @@ pub struct Metadata {
     pub step: u64,
     /// The best test figure of the run, of the kind its config's `best_by` names.
     pub best: Option<f64>,
+    /// Test evaluations in a row, up to this checkpoint, that did not better `best`.
+    pub evaluations_since_best: u64,
     /// The float16 loss scale's state, in runs that have one.
     pub loss_scale: Option<LossScale>,
     /// Which run this is: drawn when a run starts, kept by its resumes in place, redrawn for a
@@ -64,6 +66,7 @@ impl Metadata {
             epoch: trainer.epoch,
             step: trainer.step,
             best: trainer.best,
+            evaluations_since_best: trainer.evaluations_since_best,
             loss_scale: trainer.loss_scale.clone(),
             run_id: run_id.to_string(),
             history: history.to_vec(),
@@ -97,6 +100,7 @@ impl Metadata {
         put("seed", self.config.seed.to_string());
         put("dataset", self.config.data.name().into());
         put("best", self.best.map_or("none".into(), |l| l.to_string()));
+        put("evaluations_since_best", self.evaluations_since_best.to_string());
         put("crate_version", env!("CARGO_PKG_VERSION").into());
         put("libtorch_version", crate::LIBTORCH_VERSION.into());
         if let Some(scaler) = &self.loss_scale {
@@ -174,6 +178,11 @@ impl Metadata {
             epoch: number("epoch")?,
             step: number("step")?,
             best,
+            // Files from before --patience: a count that no run needed.
+            evaluations_since_best: match map.get("evaluations_since_best") {
+                Some(_) => number("evaluations_since_best")?,
+                None => 0,
+            },
             loss_scale,
             run_id,
             history,
@@ -544,9 +553,12 @@ impl Checkpoint {
         if trainer.loss_scale.is_some() {
             trainer.loss_scale = Some(self.meta.loss_scale.clone().unwrap_or_default());
         }
-        // A best of another figure than the run now picks by is no measure: the next evaluation's
-        // figure stands as the best.
-        trainer.best = self.meta.best.filter(|_| trainer.cfg.best_by == self.meta.config.best_by);
+        // A best of another figure than the run now picks by is no measure: the next
+        // evaluation's figure stands as the best, and patience counts from it.
+        if trainer.cfg.best_by == self.meta.config.best_by {
+            trainer.best = self.meta.best;
+            trainer.evaluations_since_best = self.meta.evaluations_since_best;
+        }
         Ok(trainer)
     }
 
@@ -581,6 +593,7 @@ mod tests {
             epoch: 2,
             step: 50,
             best: Some(240.5),
+            evaluations_since_best: 3,
             loss_scale: None,
             run_id: "0123456789abcdef".into(),
             history: vec![Resume { epoch: 1, step: 25, from_run: None, changes: Vec::new() }],
@@ -594,6 +607,7 @@ mod tests {
         // run, its best the test loss.
         let best = map.remove("best").unwrap();
         map.insert("best_test_loss".into(), best);
+        map.remove("evaluations_since_best");
         map.remove("run_id");
         map.remove("history");
         map.remove("world_size");
@@ -605,5 +619,6 @@ mod tests {
         assert_eq!(old.config, meta.config);
         assert!(old.run_id.starts_with("config-") && old.history.is_empty(), "{old:?}");
         assert_eq!((old.world_size, old.lpips_crc32, old.best), (1, None, Some(240.5)));
+        assert_eq!(old.evaluations_since_best, 0);
     }
 }

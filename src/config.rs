@@ -61,6 +61,9 @@ pub struct TrainConfig {
     /// The test figure that picks `best.safetensors`.
     #[serde(default)]
     pub best_by: BestBy,
+    /// Test evaluations in a row without a better `best_by` figure that stop the run; 0: none.
+    #[serde(default)]
+    pub patience: u64,
     /// Micro-batches each optimizer step's batch is split into (gradients accumulated).
     #[serde(default = "one")]
     pub grad_accum: usize,
@@ -241,6 +244,11 @@ pub struct TrainArgs {
     /// this field report (lpips needs --lpips-weights, ssim images of 11 pixels a side).
     #[arg(long, value_enum, default_value = "loss")]
     pub best_by: BestBy,
+    /// Stop the run early after this many test evaluations in a row (epoch ends, and those of
+    /// --eval-every-steps) that did not better its --best-by figure; a resumed run may raise
+    /// it (0: never).
+    #[arg(long, default_value_t = 0)]
+    pub patience: u64,
     /// Split each step's batch into this many micro-batches, run one after another with their
     /// gradients summed: the same step (to float rounding) in 1/N of the activation memory.
     #[arg(long, default_value_t = 1)]
@@ -411,6 +419,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("seed", Fixed, |a, c| c.seed = a.seed),
     setting("ema_decay", Fixed, |a, c| c.ema_decay = a.ema_decay),
     setting("best_by", Changeable, |a, c| c.best_by = a.best_by),
+    setting("patience", Changeable, |a, c| c.patience = a.patience),
     setting("grad_accum", Changeable, |a, c| c.grad_accum = a.grad_accum),
     setting("precision", Changeable, |a, c| c.precision = a.precision),
     setting("gradient_checkpointing", Process, |a, c| c.gradient_checkpointing = a.gradient_checkpointing),
@@ -500,6 +509,7 @@ impl TrainArgs {
             hflip: false,
             ema_decay: 0.0,
             best_by: BestBy::Loss,
+            patience: 0,
             grad_accum: 1,
             perceptual_weight: 0.0,
             lpips_weights: None,

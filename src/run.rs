@@ -396,7 +396,7 @@ pub fn run(
     // mid-epoch; at its end, by a run stopped inside it).
     let steps_into = |t: &Trainer| t.step - t.epoch * steps_per_epoch;
     let images_into = |t: &Trainer| (steps_into(t) as usize * loader.batch_size()).min(loader.len());
-    while trainer.epoch < cfg.epochs && !cfg.reached_max_steps(trainer.step) {
+    while !trainer.finished() {
         let started = Instant::now();
         let all_reduce_before = trainer.all_reduce_seconds;
         let images_before = images_into(trainer);
@@ -434,6 +434,10 @@ pub fn run(
         let (figures, active_dims) =
             trainer.averaged(|| evaluate(trainer, &test, out.as_ref().map(|o| o.folder)))?;
         let test_stats = figures.stats;
+        let by = cfg.best_by;
+        let figure =
+            figures.figure(by).with_context(|| format!("--best-by: no test {} was measured", by.name()))?;
+        let improved = trainer.judge(figure);
         // The other ranks go on to the next epoch and wait for this one at its first step.
         if let Some(out) = out.as_mut() {
             let row = EpochRow {
@@ -448,14 +452,6 @@ pub fn run(
                 images_per_s: images as f64 / seconds,
                 seconds,
             };
-            let by = cfg.best_by;
-            let figure = figures
-                .figure(by)
-                .with_context(|| format!("--best-by: no test {} was measured", by.name()))?;
-            let improved = trainer.best.is_none_or(|best| by.improves(figure, best));
-            if improved {
-                trainer.best = Some(figure);
-            }
             out.metrics.append(&row)?;
             out.save_checkpoints(trainer, improved, complete, opts)?;
             trainer.averaged(|| out.draw_pictures(trainer, &splits.test))?;
@@ -496,9 +492,17 @@ pub fn run(
                 );
             }
             summary.epochs.push((train, test_stats));
+            if trainer.out_of_patience() && !opts.quiet {
+                println!(
+                    "stopping early: the test {} has not bettered {:.4} for {} evaluation(s) (--patience {})",
+                    by.name(),
+                    trainer.best.unwrap_or(f64::NAN),
+                    trainer.evaluations_since_best,
+                    cfg.patience
+                );
+            }
         }
-        let more = trainer.epoch < cfg.epochs && !cfg.reached_max_steps(trainer.step);
-        if more && trainer.any_rank(opts.stop_requested())? {
+        if !trainer.finished() && trainer.any_rank(opts.stop_requested())? {
             summary.interrupted = true;
             return Ok(summary);
         }

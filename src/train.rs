@@ -146,6 +146,8 @@ pub struct Trainer {
     pub step: u64,
     /// The best test figure so far, of the kind `cfg.best_by` names.
     pub best: Option<f64>,
+    /// Test evaluations in a row, up to the latest, that did not better `best`.
+    pub evaluations_since_best: u64,
     /// Present when computing in float16.
     pub loss_scale: Option<LossScale>,
     /// Steps in a row, up to now, whose loss or gradients were not finite (and were skipped).
@@ -206,6 +208,7 @@ impl Trainer {
             epoch: 0,
             step: 0,
             best: None,
+            evaluations_since_best: 0,
             loss_scale,
             bad_steps: 0,
             skipped_steps: 0,
@@ -538,6 +541,30 @@ impl Trainer {
                 (first, global * (rank + 1) / world - first)
             }
         }
+    }
+
+    /// Takes a test evaluation's `figure` of the kind `cfg.best_by` names; whether it is the
+    /// best yet. Every rank holds the same figures, so every rank keeps the same count.
+    pub fn judge(&mut self, figure: f64) -> bool {
+        let improved = self.best.is_none_or(|best| self.cfg.best_by.improves(figure, best));
+        if improved {
+            self.best = Some(figure);
+            self.evaluations_since_best = 0;
+        } else {
+            self.evaluations_since_best += 1;
+        }
+        improved
+    }
+
+    /// Whether `--patience` evaluations in a row have not bettered the best.
+    pub fn out_of_patience(&self) -> bool {
+        self.cfg.patience > 0 && self.evaluations_since_best >= self.cfg.patience
+    }
+
+    /// Whether the run has nothing left to train: its epochs, `--max-steps` or `--patience`
+    /// are used up.
+    pub fn finished(&self) -> bool {
+        self.epoch >= self.cfg.epochs || self.cfg.reached_max_steps(self.step) || self.out_of_patience()
     }
 
     /// Whether any rank says yes (one small all-reduce); this rank's word alone otherwise.

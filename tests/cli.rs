@@ -47,45 +47,81 @@ fn shapes_training_lowers_the_loss_and_writes_checkpoint_and_pictures() {
 }
 
 #[test]
-fn best_by_picks_the_best_checkpoint_by_that_test_figure() {
+fn best_by_picks_the_best_checkpoint_and_patience_stops_when_it_stops_improving() {
     use vae::checkpoint::Checkpoint;
     let dir = tempfile::tempdir().unwrap();
-    let run = dir.path().join("run");
+    let (run, straight) = (dir.path().join("run"), dir.path().join("straight"));
     let run_arg = run.to_str().unwrap();
-    // A KL weight of 30: the loss falls all along while SSIM rises, dips and rises (measured),
-    // so the best by SSIM is not the last evaluation.
-    let mut args = vec!["train", "--quiet", "--epochs", "3", "--max-steps", "20", "--train-size", "256"];
-    args.extend_from_slice(&["--test-size", "64", "--beta", "30", "--lr", "3e-3", "--eval-every-steps", "2"]);
-    args.extend_from_slice(&["--best-by", "ssim", "--out", run_arg]);
-    args.extend_from_slice(TINY_MODEL);
-    args.extend_from_slice(DATA);
-    ok(vae(&args));
-    let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
-    let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
-    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
-    let rows: Vec<(u64, f64)> = metrics
-        .lines()
-        .skip(1)
-        .map(|l| {
-            let cells: Vec<&str> = l.split(',').collect();
-            (cells[column("step")].parse().unwrap(), cells[column("test_ssim")].parse().unwrap())
-        })
-        .collect();
+    let train = |out: &Path, extra: &[&str]| {
+        // A KL weight of 30: the loss falls all along while SSIM rises, dips and rises
+        // (measured), so the best by SSIM is not the last evaluation.
+        let mut args = vec!["train", "--epochs", "3", "--train-size", "256", "--test-size", "64"];
+        args.extend_from_slice(&["--beta", "30", "--lr", "3e-3", "--eval-every-steps", "2"]);
+        args.extend_from_slice(&["--out", out.to_str().unwrap()]);
+        args.extend_from_slice(TINY_MODEL);
+        args.extend_from_slice(DATA);
+        args.extend_from_slice(extra);
+        ok(vae(&args))
+    };
+    let load = |file: &str| Checkpoint::load(&run.join(file)).unwrap();
+    let ssim_rows = || -> Vec<(u64, f64)> {
+        let metrics = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+        let header: Vec<&str> = metrics.lines().next().unwrap().split(',').collect();
+        let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+        let cells = |l: &str| l.split(',').map(String::from).collect::<Vec<_>>();
+        let row =
+            |c: Vec<String>| (c[column("step")].parse().unwrap(), c[column("test_ssim")].parse().unwrap());
+        metrics.lines().skip(1).map(|l| row(cells(l))).collect()
+    };
+
+    // Stopped at the first evaluation that did not better the SSIM before it.
+    let out = stdout(&train(&run, &["--best-by", "ssim", "--patience", "1"]));
+    assert!(out.contains("stopping early: the test SSIM has not bettered"), "{out}");
+    let (last, best) = (load("last.safetensors").meta, load("best.safetensors").meta);
+    assert!(last.step < 24 && best.step == last.step - 2, "stopped at {}, best {}", last.step, best.step);
+    assert_eq!(ssim_rows().len() as u64, last.step / 2);
+    let before = std::fs::read(run.join("last.safetensors")).unwrap();
+    let out = stdout(&ok(vae(&["train", "--resume", run_arg, "--threads", "1"])));
+    assert!(out.contains("stopped early: its test SSIM has not bettered for 1 evaluation(s)"), "{out}");
+    assert_eq!(std::fs::read(run.join("last.safetensors")).unwrap(), before);
+
+    // Without patience it goes on to --max-steps 20, best.safetensors at the highest SSIM.
+    ok(vae(&[
+        "train",
+        "--resume",
+        run_arg,
+        "--patience",
+        "0",
+        "--max-steps",
+        "20",
+        "--threads",
+        "1",
+        "--quiet",
+    ]));
+    let rows = ssim_rows();
     let top = rows.iter().map(|r| r.1).fold(f64::MIN, f64::max);
-    let best = Checkpoint::load(&run.join("best.safetensors")).unwrap().meta;
+    let best = load("best.safetensors").meta;
     let best_row = rows.iter().find(|r| r.0 == best.step).expect("a row at the best step");
-    assert_eq!(best_row.1, top, "best.safetensors is not at the highest test SSIM: {metrics}");
+    assert_eq!(best_row.1, top, "best.safetensors is not at the highest test SSIM: {rows:?}");
     assert_ne!(best.step, 20, "the highest SSIM is the last evaluation's: the case shows nothing");
     let info = stdout(&ok(vae(&["info", run.join("best.safetensors").to_str().unwrap()])));
     assert!(info.contains(&format!("best test SSIM {top:.4}")), "{info}");
 
     // Picked by the loss from now on: the next evaluation is the best to beat, and the loss
-    // keeps falling. The training itself is not changed by it.
-    let out = ok(vae(&["train", "--resume", run_arg, "--best-by", "loss", "--max-steps", "24"]));
+    // keeps falling. Neither changes the training: the run is the straight one's, bitwise
+    // (on one thread, as every run here).
+    let out =
+        ok(vae(&["train", "--resume", run_arg, "--best-by", "loss", "--max-steps", "24", "--threads", "1"]));
     let err = stderr(&out);
     assert!(err.contains("best.safetensors is now picked by the test loss, not ssim"), "{err}");
     assert!(!err.contains("no longer bitwise"), "{err}");
-    assert_eq!(Checkpoint::load(&run.join("best.safetensors")).unwrap().meta.step, 24);
+    assert_eq!(load("best.safetensors").meta.step, 24);
+    train(&straight, &["--quiet"]);
+    let (a, b) = (load("last.safetensors"), Checkpoint::load(&straight.join("last.safetensors")).unwrap());
+    assert_eq!((a.meta.step, a.tensors.len()), (b.meta.step, b.tensors.len()));
+    for (name, t) in &a.tensors {
+        assert!(t.equal(&b.tensors[name]), "{name} differs from the straight run's");
+    }
 }
 
 #[test]

@@ -90,6 +90,7 @@ fn the_checkpoint_loader_takes_any_bytes() {
         epoch: 1,
         step: 3,
         best: Some(1.5),
+        evaluations_since_best: 0,
         loss_scale: None,
         run_id: "fuzz".into(),
         history: Vec::new(),

@@ -201,6 +201,17 @@ impl TrainCommand {
             );
             return Ok(None);
         }
+        if trainer.out_of_patience() {
+            println!(
+                "the run in {} stopped early: its test {} has not bettered for {} evaluation(s) \
+                 (--patience {}); pass a larger --patience (0: none) to train further",
+                out_dir.display(),
+                trainer.cfg.best_by.name(),
+                trainer.evaluations_since_best,
+                trainer.cfg.patience
+            );
+            return Ok(None);
+        }
         let splits = load_data(&trainer.cfg.data, trainer.cfg.seed, group)?;
         let lineage = Lineage { run_id: ckpt.meta.run_id.clone(), history: ckpt.meta.history.clone() };
         if rank > 0 {
@@ -325,6 +336,7 @@ fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
 /// one with the new settings: a longer run under a constant rate does not.
 fn report_changes(changes: &[Change], cfg: &TrainConfig) {
     let longer = |c: &Change| c.flag == "--epochs" || c.flag == "--max-steps";
+    let patience = |c: &Change| c.flag == "--patience";
     let picking = |c: &Change| c.flag == "--best-by";
     if let Some(c) = changes.iter().find(|c| picking(c)) {
         eprintln!(
@@ -333,8 +345,9 @@ fn report_changes(changes: &[Change], cfg: &TrainConfig) {
             c.now, c.was
         );
     }
-    // Neither changes a step.
-    let harmless = |c: &Change| (longer(c) && cfg.lr_schedule == LrSchedule::Constant) || picking(c);
+    // None of them changes a step.
+    let harmless =
+        |c: &Change| (longer(c) && cfg.lr_schedule == LrSchedule::Constant) || picking(c) || patience(c);
     if changes.iter().all(harmless) {
         return;
     }
