@@ -315,6 +315,27 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     assert_eq!(Checkpoint::load(&straight.join("last.safetensors")).unwrap().meta.world_size, 2);
 }
 
+/// Every rank judges the same (exchanged) test figures, so all stop together at --patience.
+#[test]
+fn patience_stops_every_rank_at_the_same_evaluation() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // tests/cli.rs's case: SSIM rises, then dips within the first 16 steps.
+    let mut args = vec!["train", "--epochs", "3", "--nproc", "2", "--out", run.to_str().unwrap()];
+    args.extend_from_slice(&["--train-size", "256", "--test-size", "64", "--batch-size", "32"]);
+    args.extend_from_slice(&["--beta", "30", "--lr", "3e-3", "--eval-every-steps", "2"]);
+    args.extend_from_slice(&["--best-by", "ssim", "--patience", "1", "--threads", "1"]);
+    args.extend_from_slice(TINY_MODEL);
+    let out = ok(vae(&args));
+    assert!(stdout(&out).contains("stopping early"), "{}", stdout(&out));
+    let last = Checkpoint::load(&run.join("last.safetensors")).unwrap().meta;
+    let best = Checkpoint::load(&run.join("best.safetensors")).unwrap().meta;
+    assert!(last.step < 24 && best.step == last.step - 2, "stopped at {}, best {}", last.step, best.step);
+}
+
 #[test]
 fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     if !Backend::Gloo.built() {
