@@ -544,9 +544,11 @@ impl Trainer {
     }
 
     /// Takes a test evaluation's `figure` of the kind `cfg.best_by` names; whether it is the
-    /// best yet. Every rank holds the same figures, so every rank keeps the same count.
+    /// best yet (a figure that is not finite never is). Every rank holds the same figures, so
+    /// every rank keeps the same count.
     pub fn judge(&mut self, figure: f64) -> bool {
-        let improved = self.best.is_none_or(|best| self.cfg.best_by.improves(figure, best));
+        let improved =
+            figure.is_finite() && self.best.is_none_or(|best| self.cfg.best_by.improves(figure, best));
         if improved {
             self.best = Some(figure);
             self.evaluations_since_best = 0;
@@ -644,4 +646,24 @@ fn all_reduce_step(
     group.all_reduce_sum(&parts)?;
     let stop = parts[parts.len() - 1].double_value(&[0]) > 0.0;
     Ok((parts.swap_remove(parts.len() - 2), stop))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::BestBy;
+
+    #[test]
+    fn judging_keeps_the_best_and_counts_the_evaluations_since_it() {
+        let cfg = TrainConfig { best_by: BestBy::Psnr, patience: 2, ..TrainConfig::default() };
+        let mut t = Trainer::new(cfg, Device::Cpu).unwrap();
+        // A figure that is not finite is never the best, not even the first.
+        assert!(!t.judge(f64::NAN) && t.best.is_none());
+        assert!(t.judge(20.0));
+        assert!(!t.judge(19.0) && !t.out_of_patience());
+        assert!(t.judge(21.0) && t.evaluations_since_best == 0);
+        assert!(!t.judge(f64::INFINITY) && !t.judge(21.0));
+        assert!(t.out_of_patience() && t.finished());
+        assert_eq!((t.best, t.evaluations_since_best), (Some(21.0), 2));
+    }
 }
