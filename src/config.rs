@@ -241,7 +241,8 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 0.0)]
     pub ema_decay: f64,
     /// The test figure that picks best.safetensors: the loss, or the image quality people of
-    /// this field report (lpips needs --lpips-weights, ssim images of 11 pixels a side).
+    /// this field report (lpips needs --lpips-weights, rfid --fid-weights, ssim images of 11
+    /// pixels a side).
     #[arg(long, value_enum, default_value = "loss")]
     pub best_by: BestBy,
     /// Stop the run early after this many test evaluations in a row (epoch ends, and those of
