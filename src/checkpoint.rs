@@ -41,8 +41,11 @@ pub struct Metadata {
     pub history: Vec<Resume>,
     /// Ranks of the data-parallel run that wrote it (1: one process).
     pub world_size: usize,
-    /// CRC-32 of the LPIPS weights file the run computes its perceptual term with.
+    /// CRC-32 of the LPIPS weights file the run computes its perceptual term (or test LPIPS)
+    /// with.
     pub lpips_crc32: Option<u32>,
+    /// CRC-32 of the FID Inception weights file of the run's test rFID.
+    pub fid_crc32: Option<u32>,
 }
 
 /// A resume that made the run differ from an uninterrupted one, or moved it to a new folder.
@@ -72,6 +75,7 @@ impl Metadata {
             history: history.to_vec(),
             world_size: trainer.group.as_ref().map_or(1, |g| g.world),
             lpips_crc32: trainer.lpips.as_ref().map(|l| l.checksum),
+            fid_crc32: trainer.fid.as_ref().map(|f| f.checksum),
         }
     }
 }
@@ -110,8 +114,10 @@ impl Metadata {
         put("run_id", self.run_id.clone());
         put("history", serde_json::to_string(&self.history)?);
         put("world_size", self.world_size.to_string());
-        if let Some(crc) = self.lpips_crc32 {
-            put("lpips_crc32", format!("{crc:08x}"));
+        for (key, crc) in [("lpips_crc32", self.lpips_crc32), ("fid_crc32", self.fid_crc32)] {
+            if let Some(crc) = crc {
+                put(key, format!("{crc:08x}"));
+            }
         }
         Ok(map)
     }
@@ -136,6 +142,14 @@ impl Metadata {
             field(k)?
                 .parse()
                 .with_context(|| format!("{}: metadata field \"{k}\" is not a number", path.display()))
+        };
+        // A weights file's checksum, where the run had one.
+        let crc = |k: &str| -> Result<Option<u32>> {
+            let Some(text) = map.get(k) else { return Ok(None) };
+            let crc = u32::from_str_radix(text, 16);
+            Ok(Some(crc.with_context(|| {
+                format!("{}: metadata field \"{k}\" is not 8 hex digits", path.display())
+            })?))
         };
         let not_config =
             || format!("{}: metadata field \"config\" is not a valid training config", path.display());
@@ -190,12 +204,8 @@ impl Metadata {
                 Some(_) => number("world_size")? as usize,
                 None => 1,
             },
-            lpips_crc32: match map.get("lpips_crc32") {
-                Some(crc) => Some(u32::from_str_radix(crc, 16).with_context(|| {
-                    format!("{}: metadata field \"lpips_crc32\" is not 8 hex digits", path.display())
-                })?),
-                None => None,
-            },
+            lpips_crc32: crc("lpips_crc32")?,
+            fid_crc32: crc("fid_crc32")?,
         })
     }
 }
@@ -485,8 +495,10 @@ impl Checkpoint {
         let best = m.best.map_or("none yet".to_string(), |b| format!("{b:.4}{unit}"));
         writeln!(s, "best test {} {best}", by.name())?;
         writeln!(s, "run {}, trained by {} rank(s)", m.run_id, m.world_size)?;
-        if let Some(crc) = m.lpips_crc32 {
-            writeln!(s, "LPIPS weights crc32 {crc:08x}")?;
+        for (what, crc) in [("LPIPS", m.lpips_crc32), ("FID Inception", m.fid_crc32)] {
+            if let Some(crc) = crc {
+                writeln!(s, "{what} weights crc32 {crc:08x}")?;
+            }
         }
         for r in &m.history {
             let from = r
@@ -599,6 +611,7 @@ mod tests {
             history: vec![Resume { epoch: 1, step: 25, from_run: None, changes: Vec::new() }],
             world_size: 2,
             lpips_crc32: Some(0x0badf00d),
+            fid_crc32: Some(0x00c0ffee),
         };
         let path = Path::new("old.safetensors");
         let mut map = meta.to_map().unwrap();
@@ -612,13 +625,14 @@ mod tests {
         map.remove("history");
         map.remove("world_size");
         map.remove("lpips_crc32");
+        map.remove("fid_crc32");
         let config = map["config"].replace("\"arch\":\"conv\",", "").replace("\"best_by\":\"loss\",", "");
         assert!(!config.contains("arch") && !config.contains("best_by"), "{config}");
         map.insert("config".into(), config);
         let old = Metadata::from_map(path, Some(&map)).unwrap();
         assert_eq!(old.config, meta.config);
         assert!(old.run_id.starts_with("config-") && old.history.is_empty(), "{old:?}");
-        assert_eq!((old.world_size, old.lpips_crc32, old.best), (1, None, Some(240.5)));
+        assert_eq!((old.world_size, old.lpips_crc32, old.fid_crc32, old.best), (1, None, None, Some(240.5)));
         assert_eq!(old.evaluations_since_best, 0);
     }
 }

@@ -116,6 +116,8 @@ fn specs() -> Vec<Spec> {
 
 /// The FID Inception up to its pool features.
 pub struct Inception {
+    /// CRC-32 of the weights file: a run's rFID figures compare only under the same weights.
+    pub checksum: u32,
     convs: HashMap<String, Conv>,
 }
 
@@ -125,6 +127,8 @@ impl Inception {
     /// `num_batches_tracked` may be there and are not read) onto `device`.
     pub fn load(path: &Path, device: Device) -> Result<Self> {
         let reading = || format!("reading FID Inception weights {} (--fid-weights)", path.display());
+        // Read once more by tch below (at start only): the bytes are not kept meanwhile.
+        let checksum = crc32fast::hash(&std::fs::read(path).with_context(reading)?);
         let tensors: HashMap<String, Tensor> =
             Tensor::read_safetensors(path).with_context(reading)?.into_iter().collect();
         let specs = specs();
@@ -173,7 +177,7 @@ impl Inception {
                 Conv { weight: on(weight), bias: on(bias), stride: s.stride, padding: s.padding },
             );
         }
-        Ok(Self { convs })
+        Ok(Self { checksum, convs })
     }
 
     fn conv(&self, name: &str, x: &Tensor) -> Tensor {

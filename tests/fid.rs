@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ok, python_script, stdout, train_tiny_resnet, vae};
+use common::{ok, python_script, stderr, stdout, train_tiny_resnet, vae};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 use vae::fid::{frechet_distance, Inception, Moments};
@@ -84,6 +84,21 @@ fn our_fid_equals_pytorch_fid_and_eval_reports_it() {
     assert!(rfid.is_finite() && rfid > 0.0, "{report}");
     let last = logged[1].1;
     assert!((rfid - last).abs() < 1e-3 * rfid, "eval {rfid}, training's last evaluation {last}");
+    // Other Inception weights on resume: kept in the history, and the best is measured anew,
+    // which is said (the training is untouched: no word of that).
+    let other = dir.path().join("other.safetensors");
+    python_script("fid_weights.py", &[other.to_str().unwrap(), "--random", "--seed", "1"]);
+    let out = ok(vae(&["train", "--resume", run, "--epochs", "2", "--fid-weights", other.to_str().unwrap()]));
+    let err = stderr(&out);
+    assert!(err.contains("best.safetensors: the test rFID is now measured with other weights"), "{err}");
+    assert!(!err.contains("no longer bitwise"), "{err}");
+    let meta = vae::checkpoint::Checkpoint::load(&folder.join("last.safetensors")).unwrap().meta;
+    let crc = Inception::load(&other, Device::Cpu).unwrap().checksum;
+    assert_eq!(meta.fid_crc32, Some(crc));
+    let changed = meta.history.last().expect("a resume in the history").changes.clone();
+    assert!(changed.iter().any(|c| c.flag == "--fid-weights (contents)"), "{changed:?}");
+    let info = stdout(&ok(vae(&["info", run])));
+    assert!(info.contains(&format!("FID Inception weights crc32 {crc:08x}")), "{info}");
     let text = eval(&[]);
     assert!(text.lines().any(|l| l.starts_with("rFID") && l.contains("between the 16 images")), "{text}");
 }

@@ -96,6 +96,7 @@ fn the_checkpoint_loader_takes_any_bytes() {
         history: Vec::new(),
         world_size: 1,
         lpips_crc32: Some(0x1234abcd),
+        fid_crc32: None,
     };
     let seed = checkpoint::to_bytes(&vs, &adam, None, None, &meta).unwrap();
     let path = Path::new("fuzz.safetensors");

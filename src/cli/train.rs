@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vae::checkpoint::{self, Checkpoint, Resume};
-use vae::config::{Change, TrainArgs, TrainConfig};
+use vae::config::{BestBy, Change, TrainArgs, TrainConfig};
 use vae::data::Splits;
 use vae::dist::{Backend, DistEnv, ProcessGroup};
 use vae::models::ModelConfig;
@@ -176,13 +176,30 @@ impl TrainCommand {
         let home = run_dir::folder_of(&path);
         let out_dir = self.run.out.clone().unwrap_or_else(|| home.clone());
         // Everything that can be wrong with the checkpoint shows before the folder is touched.
-        let trainer = ckpt.trainer(cfg, device)?;
-        // The file may move (a Process setting); what it holds is part of the loss.
-        let crc = trainer.lpips.as_ref().map(|l| l.checksum);
-        if let (Some(was), Some(now)) = (ckpt.meta.lpips_crc32, crc) {
-            if was != now {
-                let (was, now) = (format!("crc32 {was:08x}"), format!("crc32 {now:08x}"));
-                changes.push(Change { flag: "--lpips-weights (contents)".into(), was, now });
+        let mut trainer = ckpt.trainer(cfg, device)?;
+        // The files may move (Process settings); what they hold is part of the loss (LPIPS) and
+        // of the test figures (both): other weights, other numbers.
+        let weights = [
+            (
+                "--lpips-weights",
+                ckpt.meta.lpips_crc32,
+                trainer.lpips.as_ref().map(|l| l.checksum),
+                BestBy::Lpips,
+            ),
+            ("--fid-weights", ckpt.meta.fid_crc32, trainer.fid.as_ref().map(|f| f.checksum), BestBy::Rfid),
+        ];
+        let mut remeasured = false;
+        for (flag, was, now, figure) in weights {
+            if let (Some(was), Some(now)) = (was, now) {
+                if was != now {
+                    let (was, now) = (format!("crc32 {was:08x}"), format!("crc32 {now:08x}"));
+                    changes.push(Change { flag: format!("{flag} (contents)"), was, now });
+                    // A best measured by other weights is no measure (as with a change of --best-by).
+                    if trainer.cfg.best_by == figure {
+                        (trainer.best, trainer.evaluations_since_best) = (None, 0);
+                        remeasured = true;
+                    }
+                }
             }
         }
         if trainer.epoch >= trainer.cfg.epochs {
@@ -235,6 +252,13 @@ impl TrainCommand {
         }
         if !self.run.quiet {
             report_changes(&changes, &trainer.cfg);
+            if remeasured {
+                eprintln!(
+                    "best.safetensors: the test {} is now measured with other weights, so the next \
+                     evaluation's figure is the best to beat",
+                    trainer.cfg.best_by.name()
+                );
+            }
             if ckpt.meta.world_size != world {
                 eprintln!(
                     "resuming a run of {} rank(s) on {world}: the gradients are summed in another order, so the \
@@ -337,6 +361,7 @@ fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
 fn report_changes(changes: &[Change], cfg: &TrainConfig) {
     let longer = |c: &Change| c.flag == "--epochs" || c.flag == "--max-steps";
     let patience = |c: &Change| c.flag == "--patience";
+    let measuring = |c: &Change| c.flag == "--fid-weights (contents)";
     let picking = |c: &Change| c.flag == "--best-by";
     if let Some(c) = changes.iter().find(|c| picking(c)) {
         eprintln!(
@@ -346,8 +371,9 @@ fn report_changes(changes: &[Change], cfg: &TrainConfig) {
         );
     }
     // None of them changes a step.
-    let harmless =
-        |c: &Change| (longer(c) && cfg.lr_schedule == LrSchedule::Constant) || picking(c) || patience(c);
+    let harmless = |c: &Change| {
+        (longer(c) && cfg.lr_schedule == LrSchedule::Constant) || picking(c) || patience(c) || measuring(c)
+    };
     if changes.iter().all(harmless) {
         return;
     }
