@@ -361,7 +361,11 @@ fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
 fn report_changes(changes: &[Change], cfg: &TrainConfig) {
     let longer = |c: &Change| c.flag == "--epochs" || c.flag == "--max-steps";
     let patience = |c: &Change| c.flag == "--patience";
-    let measuring = |c: &Change| c.flag == "--fid-weights (contents)";
+    // Weights that only measure the test figures: the FID Inception's, LPIPS's without the term.
+    let measuring = |c: &Change| {
+        c.flag == "--fid-weights (contents)"
+            || (c.flag == "--lpips-weights (contents)" && cfg.perceptual_weight == 0.0)
+    };
     let picking = |c: &Change| c.flag == "--best-by";
     if let Some(c) = changes.iter().find(|c| picking(c)) {
         eprintln!(
