@@ -493,7 +493,11 @@ impl Checkpoint {
             BestBy::Ssim | BestBy::Lpips | BestBy::Rfid => String::new(),
         };
         let best = m.best.map_or("none yet".to_string(), |b| format!("{b:.4}{unit}"));
-        writeln!(s, "best test {} {best}", by.name())?;
+        let patience = match m.config.patience {
+            0 => String::new(),
+            p => format!(", {} evaluation(s) since, of --patience {p}", m.evaluations_since_best),
+        };
+        writeln!(s, "best test {} {best}{patience}", by.name())?;
         writeln!(s, "run {}, trained by {} rank(s)", m.run_id, m.world_size)?;
         for (what, crc) in [("LPIPS", m.lpips_crc32), ("FID Inception", m.fid_crc32)] {
             if let Some(crc) = crc {

@@ -84,6 +84,8 @@ fn best_by_picks_the_best_checkpoint_and_patience_stops_when_it_stops_improving(
     let out = stdout(&ok(vae(&["train", "--resume", run_arg, "--threads", "1"])));
     assert!(out.contains("stopped early: its test SSIM has not bettered for 1 evaluation(s)"), "{out}");
     assert_eq!(std::fs::read(run.join("last.safetensors")).unwrap(), before);
+    let info = stdout(&ok(vae(&["info", run_arg])));
+    assert!(info.contains(", 1 evaluation(s) since, of --patience 1"), "{info}");
 
     // Without patience it goes on to --max-steps 20, best.safetensors at the highest SSIM.
     ok(vae(&[
