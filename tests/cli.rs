@@ -77,6 +77,7 @@ fn best_by_picks_the_best_checkpoint_and_patience_stops_when_it_stops_improving(
     // Stopped at the first evaluation that did not better the SSIM before it.
     let out = stdout(&train(&run, &["--best-by", "ssim", "--patience", "1"]));
     assert!(out.contains("stopping early: the test SSIM has not bettered"), "{out}");
+    assert!(out.contains(", best test SSIM 0.0"), "{out}");
     let (last, best) = (load("last.safetensors").meta, load("best.safetensors").meta);
     assert!(last.step < 24 && best.step == last.step - 2, "stopped at {}, best {}", last.step, best.step);
     assert_eq!(ssim_rows().len() as u64, last.step / 2);

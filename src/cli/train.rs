@@ -86,8 +86,13 @@ impl TrainCommand {
             std::process::exit(INTERRUPTED);
         }
         if let (false, Some(folder), Some((_, test))) = (self.run.quiet, &folder, summary.epochs.last()) {
+            let by = trainer.cfg.best_by;
+            let best = match (by, trainer.best) {
+                (BestBy::Loss, _) | (_, None) => String::new(),
+                (by, Some(best)) => format!(", best test {} {best:.4} (best.safetensors)", by.name()),
+            };
             println!(
-                "done: test loss {:.2} {}; checkpoints and pictures in {}",
+                "done: test loss {:.2} {}{best}; checkpoints and pictures in {}",
                 test.loss,
                 trainer.cfg.model.likelihood().unit(),
                 folder.path().display()
