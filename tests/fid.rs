@@ -84,6 +84,11 @@ fn our_fid_equals_pytorch_fid_and_eval_reports_it() {
     assert!(rfid.is_finite() && rfid > 0.0, "{report}");
     let last = logged[1].1;
     assert!((rfid - last).abs() < 1e-3 * rfid, "eval {rfid}, training's last evaluation {last}");
+    // Without the flag, eval measures it with the run's own weights.
+    let own = stdout(&ok(vae(&["eval", run, "--iw-samples", "0", "--json"])));
+    let own: serde_json::Value = serde_json::from_str(own.trim()).unwrap();
+    let own = own["rfid"].as_f64().expect("rfid in the report");
+    assert!((own - rfid).abs() <= 1e-6 * rfid, "{own} with the run's weights, {rfid} with the same named");
     // Other Inception weights on resume: kept in the history, and the best is measured anew,
     // which is said (the training is untouched: no word of that).
     let other = dir.path().join("other.safetensors");

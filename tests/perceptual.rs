@@ -152,6 +152,10 @@ fn training_with_lpips_resumes_bitwise_and_eval_reports_it() {
     assert_eq!(lpips.len(), 6);
     assert_eq!(lpips[best.step as usize - 1], lowest, "best at step {}: {lpips:?}", best.step);
     assert!((best.best.unwrap() - lowest).abs() < 1e-4, "{:?} {lpips:?}", best.best);
+    // eval measures it too, with the run's weights.
+    let out = stdout(&ok(vae(&["eval", picked.to_str().unwrap(), "--iw-samples", "0", "--json"])));
+    let report: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(report["quality"]["lpips"].as_f64().is_some(), "{out}");
 }
 
 #[test]

@@ -110,11 +110,12 @@ pub struct EvalArgs {
     #[arg(long)]
     json: bool,
     /// LPIPS (VGG, v0.1) weights, to report the perceptual distance of the reconstructions
-    /// [default: the run's own, if it trained with --perceptual-weight].
+    /// [default: the run's own, if it computed LPIPS (--perceptual-weight, --best-by lpips)].
     #[arg(long)]
     lpips_weights: Option<PathBuf>,
     /// pytorch-fid's Inception weights (scripts/fid_weights.py writes them), to report the
-    /// rFID between the split's images and their reconstructions.
+    /// rFID between the split's images and their reconstructions [default: the run's own, if
+    /// it measured rFID (vae train --fid-weights)].
     #[arg(long)]
     fid_weights: Option<PathBuf>,
 }
@@ -265,17 +266,11 @@ impl EvalArgs {
         };
         let model = loaded.model.as_ref();
         let cfg = &loaded.config;
-        let lpips = match lpips_weights
-            .as_ref()
-            .or(cfg.lpips_weights.as_ref().filter(|_| cfg.perceptual_weight > 0.0))
-        {
-            Some(path) => Some(vae::perceptual::Lpips::load(path, loaded.device)?),
-            None => None,
-        };
-        let fid = match fid_weights {
-            Some(path) => Some(vae::fid::Inception::load(path, loaded.device)?),
-            None => None,
-        };
+        // The figures the run measured, with its own weights unless told otherwise.
+        let lpips = lpips_weights.as_ref().or(cfg.lpips_weights.as_ref().filter(|_| cfg.uses_lpips()));
+        let lpips = lpips.map(|path| vae::perceptual::Lpips::load(path, loaded.device)).transpose()?;
+        let fid = fid_weights.as_ref().or(cfg.fid_weights.as_ref());
+        let fid = fid.map(|path| vae::fid::Inception::load(path, loaded.device)).transpose()?;
         let mut report = vae::eval::evaluate(
             model,
             cfg,
