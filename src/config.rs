@@ -71,7 +71,7 @@ pub struct TrainConfig {
     /// `LPIPSWithDiscriminator` does; 0: off.
     #[serde(default)]
     pub perceptual_weight: f64,
-    /// The LPIPS network's weights (safetensors), when the perceptual term is on.
+    /// The LPIPS network's weights (safetensors), for the perceptual term or `--best-by lpips`.
     #[serde(default)]
     pub lpips_weights: Option<PathBuf>,
     /// pytorch-fid's Inception weights, for the test evaluation's rFID.
@@ -116,6 +116,7 @@ pub enum BestBy {
 }
 
 impl BestBy {
+    /// The figure's name in messages ("best test SSIM 0.91").
     pub fn name(self) -> &'static str {
         match self {
             Self::Loss => "loss",
