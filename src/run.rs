@@ -166,6 +166,9 @@ impl Outputs<'_> {
         tb.scalar("train/reconstruction", step, window.stats.reconstruction)?;
         tb.scalar("train/kl", step, window.stats.kl)?;
         tb.scalar("train/images_per_s", step, window.images_per_s)?;
+        if window.grad_norm.is_finite() {
+            tb.scalar("train/grad_norm", step, window.grad_norm)?;
+        }
         tb.scalar("train/lr", step, trainer.adam.cfg.lr)?;
         for (name, value) in window.stats.sharpness_named() {
             tb.scalar(&format!("train/{name}"), step, value)?;

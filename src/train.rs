@@ -71,6 +71,8 @@ impl StepTimes {
 pub struct Window {
     pub stats: Stats,
     pub images_per_s: f64,
+    /// The mean gradient norm (before clipping) of the window's updates; NaN without any.
+    pub grad_norm: f64,
 }
 
 /// Whether training goes on after a step.
@@ -154,6 +156,9 @@ pub struct Trainer {
     pub bad_steps: u64,
     /// Steps skipped so far by this process.
     pub skipped_steps: u64,
+    /// The global L2 norm of the autoencoder's gradients at the latest step that updated the
+    /// weights (before clipping), left on the device for the log.
+    grad_norm: Option<Tensor>,
     /// The other ranks of a data-parallel run: each step trains on this rank's share of the
     /// global batch and averages the gradients with them.
     pub group: Option<ProcessGroup>,
@@ -212,6 +217,7 @@ impl Trainer {
             loss_scale,
             bad_steps: 0,
             skipped_steps: 0,
+            grad_norm: None,
             group: None,
             all_reduce_seconds: 0.0,
             stop: None,
@@ -260,6 +266,8 @@ impl Trainer {
         let mut sums = Tensor::zeros([self.stat_count()], (Kind::Float, self.device));
         let mut sums_at_log = sums.copy();
         let (mut seen, mut seen_at_log, mut log_time) = (0usize, 0usize, Instant::now());
+        // The window's gradient norms, summed on the device, and its updates.
+        let (mut norms, mut updates) = (Tensor::zeros([], (Kind::Float, self.device)), 0usize);
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
         for (i, indices) in batches.iter().enumerate().skip(done) {
             let batch = indices.size()[0] as usize;
@@ -272,12 +280,18 @@ impl Trainer {
                 sums += means * batch as f64;
                 seen += batch;
             }
+            if let Some(norm) = self.grad_norm.take() {
+                norms += norm;
+                updates += 1;
+            }
             progress.inc(batch as u64);
             let window = ((i + 1) % LOG_EVERY == 0).then(|| {
                 let window = Window {
                     stats: Stats::from_sums(&(&sums - &sums_at_log), seen - seen_at_log),
                     images_per_s: (seen - seen_at_log) as f64 / log_time.elapsed().as_secs_f64(),
+                    grad_norm: norms.double_value(&[]) / updates as f64,
                 };
+                (norms, updates) = (norms.zeros_like(), 0);
                 progress.set_message(format!("loss {}  {:.0} img/s", window.stats, window.images_per_s));
                 (sums_at_log, seen_at_log, log_time) = (sums.copy(), seen, Instant::now());
                 window
@@ -480,6 +494,7 @@ impl Trainer {
         let loss_finite = verdict[0] != 0;
         let finite = unscaled && verdict.iter().all(|&f| f != 0);
         if finite {
+            self.grad_norm = Some(norm.shallow_clone());
             if let Some(max_norm) = self.cfg.clip_grad {
                 adam::clip_grad_norm(&grads, &norm, max_norm);
             }

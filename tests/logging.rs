@@ -78,9 +78,19 @@ fn a_run_logs_metrics_a_plot_and_tensorboard_events() {
     };
     assert_eq!(steps("scalars", "train/loss"), vec![25, 65]);
     assert_eq!(steps("scalars", "test/loss"), vec![40, 80]);
-    for tag in ["train/kl", "train/lr", "train/beta", "test/kl", "test/active_dims", "epoch/train_loss"] {
+    for tag in [
+        "train/kl",
+        "train/lr",
+        "train/beta",
+        "train/grad_norm",
+        "test/kl",
+        "test/active_dims",
+        "epoch/train_loss",
+    ] {
         assert_eq!(steps("scalars", tag).len(), 2, "{tag}");
     }
+    let norms = &events["scalars"]["train/grad_norm"];
+    assert!((0..2).all(|i| norms[i][1].as_f64().is_some_and(|n| n.is_finite() && n > 0.0)), "{norms}");
     // KL warm-up over the first epoch: beta below 1 at step 25, 1 in the second epoch.
     let beta = &events["scalars"]["train/beta"];
     assert!(beta[0][1].as_f64().unwrap() < 1.0 && beta[1][1].as_f64().unwrap() == 1.0, "{beta}");
