@@ -51,8 +51,8 @@ pub struct EpochRow {
 
 impl EpochRow {
     /// The row's `(column, value)` pairs: [`HEADER`]'s, `test_ssim`, `test_lpips` and
-    /// `test_rfid` after `test_psnr` where measured, then `train_<name>` for each sharpness statistic a run with
-    /// a perceptual or adversarial term logs.
+    /// `test_rfid` after `test_psnr` where measured, then `train_<name>` for each sharpness
+    /// statistic a run with a perceptual or adversarial term logs.
     fn columns(&self) -> Vec<(String, String)> {
         let q = &self.quality;
         let values = [

@@ -414,7 +414,8 @@ pub fn run(
                 return Ok(summary);
             }
         };
-        if let (None, true, false) = (train, complete, opts.quiet || out.is_none()) {
+        // Only a checkpoint saved at an epoch's last step completes an epoch without a step.
+        if complete && train.is_none() && out.is_some() && !opts.quiet {
             eprintln!(
                 "epoch {} had taken all its steps but not reached its end (a checkpoint of an earlier \
                  vae, saved before the epoch's test evaluation): evaluating it now; its metrics row has \

@@ -266,8 +266,9 @@ impl Trainer {
         let mut sums = Tensor::zeros([self.stat_count()], (Kind::Float, self.device));
         let mut sums_at_log = sums.copy();
         let (mut seen, mut seen_at_log, mut log_time) = (0usize, 0usize, Instant::now());
-        // The window's gradient norms, summed on the device, and its updates.
-        let (mut norms, mut updates) = (Tensor::zeros([], (Kind::Float, self.device)), 0usize);
+        // The window's updates' gradient norms, kept on the device until the window is read:
+        // nothing launched or synced per step for them.
+        let mut norms: Vec<Tensor> = Vec::with_capacity(LOG_EVERY);
         progress.set_position((done * loader.batch_size()).min(loader.len()) as u64);
         for (i, indices) in batches.iter().enumerate().skip(done) {
             let batch = indices.size()[0] as usize;
@@ -280,18 +281,19 @@ impl Trainer {
                 sums += means * batch as f64;
                 seen += batch;
             }
-            if let Some(norm) = self.grad_norm.take() {
-                norms += norm;
-                updates += 1;
-            }
+            norms.extend(self.grad_norm.take());
             progress.inc(batch as u64);
             let window = ((i + 1) % LOG_EVERY == 0).then(|| {
                 let window = Window {
                     stats: Stats::from_sums(&(&sums - &sums_at_log), seen - seen_at_log),
                     images_per_s: (seen - seen_at_log) as f64 / log_time.elapsed().as_secs_f64(),
-                    grad_norm: norms.double_value(&[]) / updates as f64,
+                    grad_norm: if norms.is_empty() {
+                        f64::NAN
+                    } else {
+                        Tensor::stack(&norms, 0).mean(Kind::Double).double_value(&[])
+                    },
                 };
-                (norms, updates) = (norms.zeros_like(), 0);
+                norms.clear();
                 progress.set_message(format!("loss {}  {:.0} img/s", window.stats, window.images_per_s));
                 (sums_at_log, seen_at_log, log_time) = (sums.copy(), seen, Instant::now());
                 window
@@ -612,10 +614,9 @@ impl Trainer {
     }
 
     /// The bound on a split (noise fixed per evaluation batch by the seed), the
-    /// reconstructions' quality (LPIPS where the run computes it, rFID where it was given
-    /// the Inception) and the posterior
-    /// means' moments; every rank evaluates its share and the sums are exchanged, so all of
-    /// them return the whole split's.
+    /// reconstructions' quality (LPIPS where the run computes it, rFID where it was given the
+    /// Inception) and the posterior means' moments; every rank evaluates its share and the
+    /// sums are exchanged, so all of them return the whole split's.
     pub fn evaluate(&self, data: &Dataset) -> Result<SplitFigures> {
         let measure = Measure {
             seed: self.cfg.seed,
