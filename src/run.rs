@@ -38,6 +38,12 @@ pub struct RunOptions {
     /// weights only, a fresh optimizer, any data and knobs; fine-tuning.
     #[arg(long, conflicts_with = "resume")]
     pub init_from: Option<PathBuf>,
+    /// Continue the run in --out when it holds a checkpoint, start it there otherwise: one
+    /// command for a job that is requeued or preempted (SLURM --requeue, spot instances)
+    /// and runs again as it was. The flags are checked against the checkpoint's as with
+    /// --resume; --init-from applies to the start only.
+    #[arg(long, requires = "out", conflicts_with = "resume")]
+    pub auto_resume: bool,
     /// Write epoch-NNNN.safetensors every this many epochs (0: never).
     #[arg(long, default_value_t = 1)]
     pub save_every: u64,
@@ -85,6 +91,7 @@ impl Default for RunOptions {
             out: None,
             resume: None,
             init_from: None,
+            auto_resume: false,
             save_every: 1,
             save_every_steps: 0,
             eval_every_steps: 0,
@@ -158,7 +165,8 @@ impl Outputs<'_> {
         Ok(bytes)
     }
 
-    /// Per step, every `LOG_EVERY` steps: the training window's scalars.
+    /// Per step, every `LOG_EVERY` steps: the training window's scalars, flushed so that
+    /// TensorBoard shows an epoch of hours as it goes.
     fn log_window(&mut self, trainer: &Trainer, window: &Window, schedule: &Schedule) -> Result<()> {
         let Some(tb) = self.events.as_mut() else { return Ok(()) };
         let step = trainer.step;
@@ -173,7 +181,8 @@ impl Outputs<'_> {
         for (name, value) in window.stats.sharpness_named() {
             tb.scalar(&format!("train/{name}"), step, value)?;
         }
-        tb.scalar("train/beta", step, schedule.beta_at(step.saturating_sub(1)))
+        tb.scalar("train/beta", step, schedule.beta_at(step.saturating_sub(1)))?;
+        tb.flush()
     }
 
     /// After a test evaluation: `last`, `best` when the test loss improved, and at the end
@@ -375,7 +384,11 @@ pub fn run(
     let schedule = cfg.schedule(loader.len());
     let mut out = match folder {
         Some(folder) => {
-            let events = if opts.no_tensorboard { None } else { Some(EventWriter::create(folder.path())?) };
+            let events = if opts.no_tensorboard {
+                None
+            } else {
+                Some(EventWriter::create(folder.path(), trainer.step)?)
+            };
             Some(Outputs { folder, lineage, metrics: MetricsLog::new(&folder.file(METRICS)), events })
         }
         None => None,

@@ -15,8 +15,12 @@ pub struct EventWriter {
 
 impl EventWriter {
     /// A new `events.out.tfevents.<time>.<host>.<pid>` file in `dir`, where TensorBoard
-    /// (`tensorboard --logdir <dir or a parent>`) finds it.
-    pub fn create(dir: &Path) -> Result<Self> {
+    /// (`tensorboard --logdir <dir or a parent>`) finds it, for a run whose next step is
+    /// `step + 1`. Earlier files of the folder may hold steps after `step`, logged by a
+    /// process that died before its next checkpoint: a session start at `step + 1` has
+    /// TensorBoard drop them (PyTorch's `SummaryWriter(purge_step=...)`), so a resumed run
+    /// shows one curve.
+    pub fn create(dir: &Path, step: u64) -> Result<Self> {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let name = format!(
             "events.out.tfevents.{}.{}.{}",
@@ -30,6 +34,12 @@ impl EventWriter {
         let mut event = event_header(0);
         bytes_field(&mut event, 3, b"brain.Event:2");
         writer.record(&event)?;
+        // session_log (field 7): a SessionLog whose status (field 1) is START (1).
+        let mut start = event_header(step + 1);
+        let mut session_log = Vec::new();
+        varint_field(&mut session_log, 1, 1);
+        bytes_field(&mut start, 7, &session_log);
+        writer.record(&start)?;
         Ok(writer)
     }
 

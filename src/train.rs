@@ -6,7 +6,7 @@ use crate::adam::{self, Adam};
 use crate::adversarial::{self, PatchGan};
 use crate::config::TrainConfig;
 use crate::data::{Binarize, Dataset, Loader};
-use crate::dist::ProcessGroup;
+use crate::dist::{self, ProcessGroup};
 use crate::ema::Ema;
 use crate::eval::{Measure, SplitFigures};
 use crate::fid::Inception;
@@ -589,9 +589,7 @@ impl Trainer {
     /// Whether any rank says yes (one small all-reduce); this rank's word alone otherwise.
     pub fn any_rank(&self, yes: bool) -> Result<bool> {
         let Some(group) = &self.group else { return Ok(yes) };
-        let flag = Tensor::from_slice(&[f32::from(u8::from(yes))]);
-        group.all_reduce_sum(std::slice::from_ref(&flag))?;
-        Ok(flag.double_value(&[0]) > 0.0)
+        Ok(dist::ranks_saying(group, yes)? > 0)
     }
 
     /// Gives every rank rank 0's weights (all start from the seed alike; this makes sure).

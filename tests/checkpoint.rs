@@ -206,6 +206,37 @@ fn resume_until_fault(run: &Path, fault: &str) {
     assert!(stderr(&out).contains("VAE_FAULT: aborting"), "{fault}: {}", stderr(&out));
 }
 
+/// `--auto-resume`: the one command a requeued job runs each time. Killed before its first
+/// checkpoint it starts afresh, killed later it continues, and once done it says so and
+/// leaves the folder as it is; it ends bit for bit where the uninterrupted run does. A flag
+/// that conflicts with the checkpoint is refused as with --resume.
+#[test]
+fn a_requeued_command_starts_continues_and_finishes_its_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let straight = dir.path().join("straight");
+    ok(train(&straight, "2", &[]));
+    let run = dir.path().join("run");
+    let args = train_args(&run, "2", &["--auto-resume", "--save-every-steps", "10"]);
+    let last = run.join("last.safetensors");
+    for (fault, saved) in [("step:3", None), ("step:25", Some(20))] {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_vae")).args(&args).env("VAE_FAULT", fault).output().unwrap();
+        assert!(stderr(&out).contains("VAE_FAULT: aborting"), "{fault}: {}", stderr(&out));
+        assert_eq!(last.exists().then(|| Checkpoint::load(&last).unwrap().meta.step), saved, "{fault}");
+    }
+    ok(vae(&args));
+    assert_identical(&straight.join("last.safetensors"), &last);
+    let done = std::fs::read(&last).unwrap();
+    let out = ok(vae(&args));
+    assert!(stdout(&out).contains("has completed its 2 epochs"), "{}", stdout(&out));
+    let out = vae(&[&args[..], &["--seed", "9"]].concat());
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--seed 9 conflicts with the checkpoint"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&last).unwrap(), done);
+    let out = vae(&["train", "--auto-resume"]);
+    assert!(!out.status.success() && stderr(&out).contains("--out"), "{}", stderr(&out));
+}
+
 #[test]
 fn runs_killed_at_any_point_resume_to_the_straight_result() {
     for model in [TINY_MODEL, TINY_RESNET] {

@@ -263,13 +263,13 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     assert!(written.contains(&"metrics.csv".to_string()), "{written:?}");
 
     // Rank 1 dies after step 35 (last saved at 30, in the second epoch): the launcher stops
-    // rank 0 and fails; the 2-rank continuation then equals the uninterrupted 2-rank run bit
-    // for bit.
+    // rank 0 and fails; the same command again (--auto-resume, as a requeued job runs it)
+    // continues on 2 ranks to the uninterrupted 2-rank run, bit for bit.
     let straight = dir.path().join("straight");
     ok(train(&straight, "2", &["--nproc", "2"]));
     let killed = dir.path().join("killed");
     let mut args = vec!["train", "--epochs", "2", "--save-every-steps", "10", "--nproc", "2", "--out"];
-    args.push(killed.to_str().unwrap());
+    args.extend_from_slice(&[killed.to_str().unwrap(), "--auto-resume"]);
     args.extend_from_slice(TINY_MODEL);
     args.extend_from_slice(DATA);
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
@@ -281,8 +281,7 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     assert!(!out.status.success(), "a run that lost a rank succeeded");
     assert!(stderr(&out).contains("rank 1 of 2 failed"), "{}", stderr(&out));
     assert_eq!(Checkpoint::load(&killed.join("last.safetensors")).unwrap().meta.step, 30);
-    let resume = ["train", "--resume", killed.to_str().unwrap(), "--nproc", "2", "--threads", "1", "--quiet"];
-    ok(vae(&resume));
+    ok(vae(&args));
     assert_eq!(
         relative_difference(&straight.join("last.safetensors"), &killed.join("last.safetensors")),
         0.0
@@ -390,4 +389,42 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     );
     assert!(!err.contains("frame #0"), "c10's C++ stack is left out: {err}");
     assert!(!never.exists());
+}
+
+/// --auto-resume decides on every rank alike: ranks that see the run folder differently (a
+/// folder that is not shared) are refused, and nothing is written.
+#[test]
+fn ranks_that_see_different_run_folders_are_refused() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let held = dir.path().join("held");
+    ok(train(&held, "1", &[]));
+    let before = std::fs::read(held.join("last.safetensors")).unwrap();
+    let empty = dir.path().join("empty");
+    let port = free_port().to_string();
+    let ranks: Vec<_> = [("0", &held), ("1", &empty)]
+        .into_iter()
+        .map(|(rank, out)| {
+            let mut args = vec!["train", "--epochs", "2", "--auto-resume", "--out", out.to_str().unwrap()];
+            args.extend_from_slice(TINY_MODEL);
+            args.extend_from_slice(DATA);
+            std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+                .args(&args)
+                .envs([("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "2")])
+                .envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for rank in ranks {
+        let out = rank.wait_with_output().unwrap();
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("--auto-resume: 1 of 2 ranks find a checkpoint"), "{}", stderr(&out));
+    }
+    assert_eq!(std::fs::read(held.join("last.safetensors")).unwrap(), before);
+    assert!(!empty.join("last.safetensors").exists());
 }

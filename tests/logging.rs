@@ -144,6 +144,29 @@ fn a_run_logs_metrics_a_plot_and_tensorboard_events() {
     assert!(info.contains("resumed at epoch 2, step 80: --epochs 2 -> 3, --free-bits 0.1 -> 0.5"), "{info}");
 }
 
+/// A run killed between checkpoints has logged steps its continuation takes again;
+/// TensorBoard shows the continuation's alone (the resume's session start purges them).
+#[test]
+fn a_resumed_run_shows_one_curve_in_tensorboard() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "--epochs", "2", "--out", run.to_str().unwrap(), "--threads", "1"];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
+    // Killed after step 66: last saved at 40, the window of step 65 logged.
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_vae")).args(&args).env("VAE_FAULT", "step:66").output().unwrap();
+    assert!(stderr(&out).contains("VAE_FAULT: aborting"), "{}", stderr(&out));
+    assert_eq!(read_events(&run)["scalars"]["train/loss"].as_array().unwrap().len(), 2);
+    ok(vae(&["train", "--resume", run.to_str().unwrap(), "--threads", "1", "--quiet"]));
+    let events = read_events(&run);
+    for (tag, steps) in [("train/loss", [25, 65]), ("test/loss", [40, 80])] {
+        let logged: Vec<u64> =
+            events["scalars"][tag].as_array().unwrap().iter().map(|e| e[0].as_u64().unwrap()).collect();
+        assert_eq!(logged, steps, "{tag}");
+    }
+}
+
 #[test]
 fn nonsensical_knobs_are_refused_before_any_work() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,7 +3,7 @@
 
 use anyhow::{bail, ensure, Result};
 use clap::{ArgMatches, Args};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use vae::checkpoint::{self, Checkpoint, Resume};
@@ -60,8 +60,8 @@ impl TrainCommand {
         };
         // One rank reports; all of them see the same numbers.
         self.run.quiet |= group.as_ref().is_some_and(|g| g.rank > 0);
-        let start = match &self.run.resume {
-            Some(from) => match self.resumed(matches, from, device, group.as_ref())? {
+        let start = match self.resume_from(group.as_ref())? {
+            Some(from) => match self.resumed(matches, &from, device, group.as_ref())? {
                 Some(start) => start,
                 None => return Ok(()),
             },
@@ -99,6 +99,32 @@ impl TrainCommand {
             );
         }
         Ok(())
+    }
+
+    /// The checkpoint the run continues: `--resume`'s, or with `--auto-resume` the run
+    /// folder's when it holds one (every rank must see the same).
+    fn resume_from(&self, group: Option<&ProcessGroup>) -> Result<Option<PathBuf>> {
+        let Some(out) = self.run.out.as_ref().filter(|_| self.run.auto_resume) else {
+            return Ok(self.run.resume.clone());
+        };
+        let last = out.join(run_dir::LAST);
+        let found = last.is_file();
+        if let Some(group) = group {
+            let seeing = vae::dist::ranks_saying(group, found)?;
+            ensure!(
+                seeing == 0 || seeing == group.world,
+                "--auto-resume: {seeing} of {} ranks find a checkpoint in --out, rank {} {} {}; the ranks \
+                 must share the run folder (one file system)",
+                group.world,
+                group.rank,
+                if found { "finds" } else { "finds none at" },
+                last.display()
+            );
+        }
+        if found && !self.run.quiet {
+            println!("{} holds a checkpoint of the run: continuing it (--auto-resume)", out.display());
+        }
+        Ok(found.then_some(last))
     }
 
     /// A new run: settings checked, data loaded, then a run folder of its own (rank 0's).

@@ -132,6 +132,13 @@ pub use absent::ProcessGroup;
 #[cfg(vae_gloo)]
 pub use group::ProcessGroup;
 
+/// How many of `group`'s ranks say `yes`: one small all-reduce, which every rank must call.
+pub fn ranks_saying(group: &ProcessGroup, yes: bool) -> Result<usize> {
+    let flag = tch::Tensor::from_slice(&[f32::from(u8::from(yes))]);
+    group.all_reduce_sum(std::slice::from_ref(&flag))?;
+    Ok(flag.double_value(&[0]) as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
