@@ -41,7 +41,8 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
 fn a_second_run_in_a_busy_folder_is_refused_naming_the_first() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    // Far more epochs than the test lets it train: it is stopped with SIGINT below.
+    // Far more epochs than the test lets it train: it is stopped below with SIGUSR1, what
+    // SLURM's `--signal=USR1@SECONDS` sends before a job's time limit.
     let mut first = Command::new(env!("CARGO_BIN_EXE_vae"))
         .args(train_args(&run, "100000", &[]))
         .stdout(Stdio::piped())
@@ -57,7 +58,7 @@ fn a_second_run_in_a_busy_folder_is_refused_naming_the_first() {
     assert!(err.contains("is in use by another vae run") && err.contains(&first.id().to_string()), "{err}");
     let resumed = vae(&["train", "--resume", run.to_str().unwrap(), "--epochs", "100001"]);
     assert!(stderr(&resumed).contains("in use by another vae run"), "{}", stderr(&resumed));
-    let kill = Command::new("kill").args(["-INT", &first.id().to_string()]).status().unwrap();
+    let kill = Command::new("kill").args(["-USR1", &first.id().to_string()]).status().unwrap();
     assert!(kill.success());
     assert_eq!(first.wait().unwrap().code(), Some(130));
     let last = Checkpoint::load(&run.join("last.safetensors")).unwrap();

@@ -1,7 +1,7 @@
 //! `vae train --nproc N`: starts N local ranks of the same command with torchrun's variables
 //! (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and waits for them. When one
 //! fails, the others are told to stop; Ctrl-C reaches every rank from the terminal, and a
-//! SIGTERM sent to the launcher is passed on to them.
+//! SIGTERM or SIGUSR1 sent to the launcher is passed on to them.
 
 use anyhow::{bail, Context, Result};
 use std::process::{Command, ExitStatus};
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-/// How often the launcher looks for a SIGTERM to pass on while it waits.
+/// How often the launcher looks for a signal to pass on while it waits.
 const POLL: Duration = Duration::from_millis(200);
 
 pub fn ranks(nproc: usize) -> Result<()> {
@@ -23,7 +23,9 @@ pub fn ranks(nproc: usize) -> Result<()> {
     let interrupted = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted))?;
     let terminated = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&terminated))?;
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+        signal_hook::flag::register(signal, Arc::clone(&terminated))?;
+    }
     let (done_tx, done_rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
     let mut pids = Vec::new();
     for rank in 0..nproc {

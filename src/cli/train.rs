@@ -122,7 +122,7 @@ impl TrainCommand {
             );
         }
         if found && !self.run.quiet {
-            println!("{} holds a checkpoint of the run: continuing it (--auto-resume)", out.display());
+            println!("--auto-resume: continuing the run in {} from {}", out.display(), run_dir::LAST);
         }
         Ok(found.then_some(last))
     }
@@ -423,11 +423,17 @@ fn same_file(a: &Path, b: &Path) -> bool {
     matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
-/// First SIGINT/SIGTERM: set the flag, so training stops after its step with a checkpoint.
+/// The signals that stop a run after its step with a checkpoint: Ctrl-C, SIGTERM (a kill,
+/// a preemption, `scancel`), and SIGUSR1 (SLURM's `--signal=USR1@SECONDS` before the time
+/// limit, whose default action would kill the process with no checkpoint).
+const STOP_SIGNALS: [i32; 3] =
+    [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1];
+
+/// First stop signal: set the flag, so training stops after its step with a checkpoint.
 /// A second one exits at once (the checkpoint on disk is always a complete one).
 fn install_stop_handler() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+    for signal in STOP_SIGNALS {
         signal_hook::flag::register_conditional_shutdown(signal, INTERRUPTED, Arc::clone(&stop))?;
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
