@@ -479,17 +479,28 @@ impl Trainer {
                 means
             }
         };
-        // A non-finite loss or gradient never reaches the weights: the step is skipped, both
-        // networks'. The verdict costs one host sync per step, the price of that guarantee.
+        let loss_finite = self.guarded_step(&grads, &disc_grads, &means, schedule.lr_at(self.step));
+        self.step += 1;
+        if self.group.is_none() {
+            self.stopping = self.stop_asked();
+        }
+        mark(Phase::Optimizer);
+        Ok(loss_finite.then_some(means))
+    }
+
+    /// The divergence guard, then the optimizers' steps at rate `lr`: a non-finite loss or
+    /// gradient never reaches the weights, the step is skipped (both networks'). The verdict
+    /// costs one host sync per step, the price of that guarantee. Whether the loss was finite.
+    fn guarded_step(&mut self, grads: &[Tensor], disc_grads: &[Tensor], means: &Tensor, lr: f64) -> bool {
         let unscaled = self.loss_scale.as_mut().is_none_or(|s| {
-            let all: Vec<Tensor> = grads.iter().chain(&disc_grads).map(Tensor::shallow_clone).collect();
+            let all: Vec<Tensor> = grads.iter().chain(disc_grads).map(Tensor::shallow_clone).collect();
             s.unscale(&all)
         });
-        let norm = adam::global_norm(&grads, self.device);
+        let norm = adam::global_norm(grads, self.device);
         let verdict = tch::no_grad(|| {
             let mut flags = vec![means.isfinite().all(), norm.isfinite()];
             if !disc_grads.is_empty() {
-                flags.push(adam::global_norm(&disc_grads, self.device).isfinite());
+                flags.push(adam::global_norm(disc_grads, self.device).isfinite());
             }
             Vec::<i64>::try_from(Tensor::stack(&flags, 0).to_kind(Kind::Int64)).expect("flags")
         });
@@ -498,9 +509,9 @@ impl Trainer {
         if finite {
             self.grad_norm = Some(norm.shallow_clone());
             if let Some(max_norm) = self.cfg.clip_grad {
-                adam::clip_grad_norm(&grads, &norm, max_norm);
+                adam::clip_grad_norm(grads, &norm, max_norm);
             }
-            self.adam.cfg.lr = schedule.lr_at(self.step);
+            self.adam.cfg.lr = lr;
             self.adam.step();
             if let Some(ema) = &mut self.ema {
                 ema.update();
@@ -519,12 +530,7 @@ impl Trainer {
             self.bad_steps += 1;
             self.skipped_steps += 1;
         }
-        self.step += 1;
-        if self.group.is_none() {
-            self.stopping = self.stop_asked();
-        }
-        mark(Phase::Optimizer);
-        Ok(loss_finite.then_some(means))
+        loss_finite
     }
 
     /// A micro-batch's statistics: the bound's three, then, in runs that log them, the
