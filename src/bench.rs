@@ -97,7 +97,7 @@ pub fn peak_rss_mib() -> Option<f64> {
 pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<BenchReport> {
     opts.check()?;
     let started = Instant::now();
-    let splits = DataConfig::load(&cfg.data, cfg.seed)?;
+    let splits = DataConfig::load(&cfg.data, cfg.seed, false)?;
     let load_s = started.elapsed().as_secs_f64();
     let [c, h, _] = splits.train.image_shape();
     cfg.model.set_image_shape(c, h);

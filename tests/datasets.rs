@@ -109,6 +109,9 @@ fn an_image_folder_trains_warns_about_bad_files_and_is_cached() {
     let out = ok(train(&data, &dir.path().join("run2"), &args));
     assert!(stderr(&out).contains("decoded images from the cache"), "{}", stderr(&out));
     assert!(!stderr(&out).contains("broken.png"), "the cache skips decoding: {}", stderr(&out));
+    // --quiet (and every rank after the first) leaves the note out.
+    let quiet = ok(train(&data, &dir.path().join("run2q"), &[&args[..], &["--quiet"]].concat()));
+    assert!(!stderr(&quiet).contains("from the cache"), "{}", stderr(&quiet));
     // Grayscale: another transform, another cache file.
     let mut gray = args.clone();
     gray.extend_from_slice(&["--channels", "1"]);
@@ -257,6 +260,7 @@ fn test_images(dir: &Path) -> HashSet<Vec<u8>> {
         test_fraction: 0.2,
         cache_dir: None,
         max_memory: None,
+        quiet: false,
     };
     let splits = folder::load(&opts).unwrap();
     let pixels =

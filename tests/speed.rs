@@ -65,7 +65,7 @@ fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
         precision: Precision::F16,
         ..TrainConfig::default()
     };
-    let splits = cfg.data.load(cfg.seed).unwrap();
+    let splits = cfg.data.load(cfg.seed, false).unwrap();
     let mut trainer = Trainer::new(cfg, Device::Cpu).unwrap();
     let loader = Loader::new(&splits.train, Device::Cpu, 32);
     let progress = indicatif::ProgressBar::hidden();

@@ -76,7 +76,7 @@ impl Loaded {
              with --dataset (your own: --dataset folder --data-dir DIR --image-size N)",
             self.path.display()
         );
-        let splits = self.config.data.load(self.config.seed)?;
+        let splits = self.config.data.load(self.config.seed, false)?;
         Ok([splits.train, splits.test].map(|raw| vae::eval::prepared(&raw, &self.config)))
     }
 

@@ -74,8 +74,9 @@ impl TrainCommand {
         let summary = run::run(&mut trainer, &splits, folder.as_ref(), &lineage, &self.run)?;
         if summary.interrupted {
             if let Some(folder) = &folder {
+                let again = if self.run.auto_resume { "the same command (--auto-resume), or " } else { "" };
                 eprintln!(
-                    "interrupted: saved {} at epoch {}, step {}\nresume with: vae train --resume {}",
+                    "interrupted: saved {} at epoch {}, step {}\nresume with: {again}vae train --resume {}",
                     folder.last().display(),
                     trainer.epoch,
                     trainer.step,
@@ -145,7 +146,7 @@ impl TrainCommand {
         }
         cfg.validate()?;
         cfg.precision.check_device(device)?;
-        let splits = load_data(&cfg.data, cfg.seed, group)?;
+        let splits = load_data(&cfg.data, cfg.seed, group, self.run.quiet)?;
         let [c, h, _] = splits.train.image_shape();
         cfg.model.set_image_shape(c, h);
         let trainer = Trainer::new(cfg, device)?;
@@ -260,7 +261,7 @@ impl TrainCommand {
             );
             return Ok(None);
         }
-        let splits = load_data(&trainer.cfg.data, trainer.cfg.seed, group)?;
+        let splits = load_data(&trainer.cfg.data, trainer.cfg.seed, group, self.run.quiet)?;
         let lineage = Lineage { run_id: ckpt.meta.run_id.clone(), history: ckpt.meta.history.clone() };
         if rank > 0 {
             return Ok(Some(Start { trainer, splits, folder: None, lineage }));
@@ -340,12 +341,17 @@ fn init_architecture(from: &Path, flags: &ModelConfig, matches: &ArgMatches) -> 
 
 /// The splits; in a data-parallel run rank 0 loads first, so an image folder is decoded
 /// and cached once and the other ranks read the cache.
-fn load_data(data: &vae::data::DataConfig, seed: u64, group: Option<&ProcessGroup>) -> Result<Splits> {
+fn load_data(
+    data: &vae::data::DataConfig,
+    seed: u64,
+    group: Option<&ProcessGroup>,
+    quiet: bool,
+) -> Result<Splits> {
     let first = group.is_none_or(|g| g.rank == 0);
     if !first {
         group.expect("a group when not first").barrier()?;
     }
-    let splits = data.load(seed);
+    let splits = data.load(seed, quiet);
     if let (true, Some(group)) = (first, group) {
         // Reached even when loading failed, so the others do not wait out their timeout.
         group.barrier()?;

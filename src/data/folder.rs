@@ -27,6 +27,8 @@ pub struct FolderOptions {
     /// Bytes the decoded set may take in memory (`None`: half of what is available); a
     /// larger set streams from the cache file.
     pub max_memory: Option<u64>,
+    /// No notes on where the images came from (ranks after the first, `--quiet`).
+    pub quiet: bool,
 }
 
 /// One file of the listing.
@@ -210,10 +212,12 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
 /// A matching cache file, held in memory or streamed from as the memory budget says.
 fn from_cache(found: CacheFile, opts: &FolderOptions) -> Result<Splits> {
     let reason = too_big(found.counts[0] + found.counts[1], opts, available_memory());
-    let how = if reason.is_some() { "streaming" } else { "decoded images" };
-    eprintln!("{}: {how} from the cache {}", opts.dir.display(), found.path.display());
-    if let Some(reason) = &reason {
-        eprintln!("{reason}: reading them from disk a batch at a time");
+    if !opts.quiet {
+        let how = if reason.is_some() { "streaming" } else { "decoded images" };
+        eprintln!("{}: {how} from the cache {}", opts.dir.display(), found.path.display());
+        if let Some(reason) = &reason {
+            eprintln!("{reason}: reading them from disk a batch at a time");
+        }
     }
     found.splits(reason.is_some())
 }
@@ -331,6 +335,7 @@ mod tests {
             test_fraction: 0.05,
             cache_dir: None,
             max_memory: None,
+            quiet: false,
         };
         assert_eq!(too_big(1000, &opts, Some(1 << 30)), None);
         assert_eq!(too_big(200_000, &opts, None), None, "no bound known, no streaming");
@@ -363,6 +368,7 @@ mod tests {
             test_fraction: 0.3,
             cache_dir: None,
             max_memory: None,
+            quiet: false,
         };
         let entries = list(dir.path()).unwrap();
         let (test, train): (Vec<&Entry>, Vec<&Entry>) =

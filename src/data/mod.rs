@@ -245,8 +245,9 @@ impl DataConfig {
         })
     }
 
-    /// Loads both splits into CPU memory.
-    pub fn load(&self, seed: u64) -> Result<Splits> {
+    /// Loads both splits into CPU memory; `quiet` leaves out the notes on where a folder's
+    /// images came from (warnings still print).
+    pub fn load(&self, seed: u64, quiet: bool) -> Result<Splits> {
         ensure!(
             self.train_size != Some(0) && self.test_size != Some(0),
             "--train-size and --test-size must be positive"
@@ -306,6 +307,7 @@ impl DataConfig {
                     test_fraction: self.test_fraction,
                     cache_dir: self.cache_dir.clone(),
                     max_memory: self.max_memory,
+                    quiet,
                 })?;
                 Ok(Splits {
                     train: splits.train.truncated(self.train_size),
@@ -379,13 +381,13 @@ mod tests {
             data_dir: Some(dir.path().into()),
             ..Default::default()
         };
-        let err = format!("{:#}", cfg.load(0).unwrap_err());
+        let err = format!("{:#}", cfg.load(0, false).unwrap_err());
         assert!(err.contains("holds 2 images but") && err.contains("holds 1 labels"), "{err}");
         write("t10k-labels-idx1-ubyte", idx::encode_labels(&[5, 6]));
-        let splits = cfg.load(0).unwrap();
+        let splits = cfg.load(0, false).unwrap();
         assert_eq!(splits.train.len(), 4);
         assert_eq!(splits.test.image_shape(), [1, 2, 2]);
         let missing = DataConfig { data_dir: Some(dir.path().join("nope")), ..cfg };
-        assert!(format!("{:#}", missing.load(0).unwrap_err()).contains("does not exist"));
+        assert!(format!("{:#}", missing.load(0, false).unwrap_err()).contains("does not exist"));
     }
 }
