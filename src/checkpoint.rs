@@ -46,6 +46,38 @@ pub struct Metadata {
     pub lpips_crc32: Option<u32>,
     /// CRC-32 of the FID Inception weights file of the run's test rFID.
     pub fid_crc32: Option<u32>,
+    /// The weights the run started from (`--init-from`), kept by every checkpoint of it.
+    pub init_from: Option<Origin>,
+}
+
+/// A weights file a run started from: where it was, and its CRC-32, which tells it from a
+/// later file of the same name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Origin {
+    pub path: String,
+    pub crc32: u32,
+}
+
+impl Origin {
+    /// `path` (made absolute where it exists) with the CRC-32 of its contents.
+    pub fn of_file(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        Ok(Self::of_bytes(path, &bytes))
+    }
+
+    /// `path`, whose contents are `bytes`, already read.
+    pub fn of_bytes(path: &Path, bytes: &[u8]) -> Self {
+        let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        Self { path: path.display().to_string(), crc32: crc32fast::hash(bytes) }
+    }
+}
+
+/// Which run the checkpoints belong to, what it started from, and the resumes that shaped it.
+#[derive(Debug, Clone)]
+pub struct Lineage {
+    pub run_id: String,
+    pub history: Vec<Resume>,
+    pub init_from: Option<Origin>,
 }
 
 /// A resume that made the run differ from an uninterrupted one, or moved it to a new folder.
@@ -62,8 +94,8 @@ pub struct Resume {
 }
 
 impl Metadata {
-    /// Where `trainer` stands, in the run `run_id` with its `history`.
-    pub fn of(trainer: &Trainer, run_id: &str, history: &[Resume]) -> Self {
+    /// Where `trainer` stands, in the run `lineage` describes.
+    pub fn of(trainer: &Trainer, lineage: &Lineage) -> Self {
         Self {
             config: trainer.cfg.clone(),
             epoch: trainer.epoch,
@@ -71,11 +103,21 @@ impl Metadata {
             best: trainer.best,
             evaluations_since_best: trainer.evaluations_since_best,
             loss_scale: trainer.loss_scale.clone(),
-            run_id: run_id.to_string(),
-            history: history.to_vec(),
+            run_id: lineage.run_id.clone(),
+            history: lineage.history.clone(),
             world_size: trainer.group.as_ref().map_or(1, |g| g.world),
             lpips_crc32: trainer.lpips.as_ref().map(|l| l.checksum),
             fid_crc32: trainer.fid.as_ref().map(|f| f.checksum),
+            init_from: lineage.init_from.clone(),
+        }
+    }
+
+    /// The run this checkpoint belongs to, as its continuation in place carries it on.
+    pub fn lineage(&self) -> Lineage {
+        Lineage {
+            run_id: self.run_id.clone(),
+            history: self.history.clone(),
+            init_from: self.init_from.clone(),
         }
     }
 }
@@ -118,6 +160,9 @@ impl Metadata {
             if let Some(crc) = crc {
                 put(key, format!("{crc:08x}"));
             }
+        }
+        if let Some(origin) = &self.init_from {
+            put("init_from", serde_json::to_string(origin)?);
         }
         Ok(map)
     }
@@ -206,6 +251,12 @@ impl Metadata {
             },
             lpips_crc32: crc("lpips_crc32")?,
             fid_crc32: crc("fid_crc32")?,
+            init_from: match map.get("init_from") {
+                Some(json) => Some(serde_json::from_str(json).with_context(|| {
+                    format!("{}: metadata field \"init_from\" is not a path and crc32", path.display())
+                })?),
+                None => None,
+            },
         })
     }
 }
@@ -499,6 +550,9 @@ impl Checkpoint {
         };
         writeln!(s, "best test {} {best}{patience}", by.name())?;
         writeln!(s, "run {}, trained by {} rank(s)", m.run_id, m.world_size)?;
+        if let Some(origin) = &m.init_from {
+            writeln!(s, "started from the weights of {} (crc32 {:08x})", origin.path, origin.crc32)?;
+        }
         for (what, crc) in [("LPIPS", m.lpips_crc32), ("FID Inception", m.fid_crc32)] {
             if let Some(crc) = crc {
                 writeln!(s, "{what} weights crc32 {crc:08x}")?;
@@ -616,6 +670,10 @@ mod tests {
             world_size: 2,
             lpips_crc32: Some(0x0badf00d),
             fid_crc32: Some(0x00c0ffee),
+            init_from: Some(Origin {
+                path: "/models/sd-vae/diffusion_pytorch_model.safetensors".into(),
+                crc32: 7,
+            }),
         };
         let path = Path::new("old.safetensors");
         let mut map = meta.to_map().unwrap();
@@ -630,6 +688,7 @@ mod tests {
         map.remove("world_size");
         map.remove("lpips_crc32");
         map.remove("fid_crc32");
+        map.remove("init_from");
         let config = map["config"].replace("\"arch\":\"conv\",", "").replace("\"best_by\":\"loss\",", "");
         assert!(!config.contains("arch") && !config.contains("best_by"), "{config}");
         map.insert("config".into(), config);
@@ -637,6 +696,6 @@ mod tests {
         assert_eq!(old.config, meta.config);
         assert!(old.run_id.starts_with("config-") && old.history.is_empty(), "{old:?}");
         assert_eq!((old.world_size, old.lpips_crc32, old.fid_crc32, old.best), (1, None, None, Some(240.5)));
-        assert_eq!(old.evaluations_since_best, 0);
+        assert_eq!((old.evaluations_since_best, old.init_from), (0, None));
     }
 }

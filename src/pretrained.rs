@@ -3,7 +3,7 @@
 //! it (`vae export-diffusers`), and `--init-from` a diffusers folder or one of our
 //! checkpoints. Our resnet tensors already carry diffusers' state-dict names.
 
-use crate::checkpoint::{built_model, copy_weights, safetensors_bytes, Checkpoint};
+use crate::checkpoint::{built_model, copy_weights, safetensors_bytes, Checkpoint, Origin};
 use crate::config::TrainConfig;
 use crate::fsio::write_atomic;
 use crate::models::{Model, ModelConfig, ResnetConfig};
@@ -220,7 +220,8 @@ pub fn architecture_of(path: &Path) -> Result<ModelConfig> {
 /// Starts `vs` (a model of architecture `model`) from the weights at `path`: a diffusers
 /// folder, or a checkpoint of ours (file or run folder). Weights only: the optimizer is not
 /// read. Any difference in names or shapes is refused, naming the first differing tensor.
-pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<()> {
+/// Returns the file the weights came from, for the run's checkpoints to name.
+pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<Origin> {
     if let Some(dir) = diffusers_folder(path) {
         ensure!(
             matches!(model, ModelConfig::Resnet(_)),
@@ -228,10 +229,12 @@ pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<()> 
             path.display()
         );
         let (file, tensors) = read_weights(&dir).context("--init-from")?;
-        return copy_weights(&file, &tensors, vs).context("--init-from: the architecture differs");
+        copy_weights(&file, &tensors, vs).context("--init-from: the architecture differs")?;
+        return Origin::of_file(&file);
     }
     let file = crate::run_dir::resolve(path)?;
-    let ckpt = Checkpoint::load(&file)?;
+    let bytes = std::fs::read(&file).with_context(|| format!("reading checkpoint {}", file.display()))?;
+    let ckpt = Checkpoint::from_bytes(&file, &bytes)?;
     ckpt.check_finite()?;
     if ckpt.meta.config.model.arch() != model.arch() {
         bail!(
@@ -241,7 +244,8 @@ pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<()> 
             model.arch().name()
         );
     }
-    ckpt.load_weights(vs).context("--init-from: the architecture differs")
+    ckpt.load_weights(vs).context("--init-from: the architecture differs")?;
+    Ok(Origin::of_bytes(&file, &bytes))
 }
 
 #[cfg(test)]

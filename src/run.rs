@@ -1,7 +1,7 @@
 //! A run: epochs of training in a run folder, with a test evaluation, checkpoints, pictures,
 //! metrics and TensorBoard logs after each, and stops on request or divergence.
 
-use crate::checkpoint::{self, Metadata, Resume};
+use crate::checkpoint::{self, Lineage, Metadata};
 use crate::data::{Dataset, Loader, Splits};
 use crate::dist::Backend;
 use crate::eval::SplitFigures;
@@ -131,13 +131,6 @@ impl RunOptions {
     }
 }
 
-/// Which run the checkpoints belong to, and the resumes that shaped it.
-#[derive(Debug, Clone)]
-pub struct Lineage {
-    pub run_id: String,
-    pub history: Vec<Resume>,
-}
-
 /// What a run reports.
 #[derive(Debug, Clone)]
 pub struct RunSummary {
@@ -159,7 +152,7 @@ struct Outputs<'a> {
 impl Outputs<'_> {
     /// Writes `last.safetensors`; returns its bytes for the other copies of the epoch.
     fn save_last(&self, trainer: &Trainer) -> Result<Vec<u8>> {
-        let meta = Metadata::of(trainer, &self.lineage.run_id, &self.lineage.history);
+        let meta = Metadata::of(trainer, self.lineage);
         let bytes = checkpoint::trainer_bytes(trainer, &meta)?;
         write_atomic(&self.folder.last(), &bytes)?;
         Ok(bytes)

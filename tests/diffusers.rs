@@ -108,6 +108,21 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     ]);
     let ckpt = Checkpoint::load(&run.join("last.safetensors")).unwrap();
     assert!(ckpt.meta.config.gradient_checkpointing);
+    // The run names the weights it started from, through its resumes and continuations.
+    let weights = theirs.join(pretrained::WEIGHTS).canonicalize().unwrap();
+    let origin = format!(
+        "started from the weights of {} (crc32 {:08x})",
+        weights.display(),
+        crc32fast::hash(&std::fs::read(&weights).unwrap())
+    );
+    let forked = tmp.path().join("forked");
+    let fork =
+        ["train", "--resume", run.to_str().unwrap(), "--epochs", "2", "--out", forked.to_str().unwrap()];
+    ok(vae(&[&fork[..], &["--quiet", "--threads", "1"]].concat()));
+    for checkpoint in [&run, &forked] {
+        let info = stdout(&ok(vae(&["info", checkpoint.to_str().unwrap()])));
+        assert!(info.contains(&origin), "{origin} not in {info}");
+    }
     let ModelConfig::Resnet(cfg) = &ckpt.meta.config.model else { panic!("a resnet run") };
     let trained_vs = VarStore::new(Device::Cpu);
     let trained = ResnetVae::new(trained_vs.root(), cfg);

@@ -6,7 +6,7 @@
 use std::path::Path;
 use tch::{nn::VarStore, Device};
 use vae::adam::{Adam, AdamConfig};
-use vae::checkpoint::{self, Checkpoint, Metadata};
+use vae::checkpoint::{self, Checkpoint, Metadata, Origin};
 use vae::config::TrainConfig;
 use vae::data::{cifar, idx, image_file};
 use vae::models::{ConvConfig, ConvVae, ModelConfig};
@@ -97,6 +97,8 @@ fn the_checkpoint_loader_takes_any_bytes() {
         world_size: 1,
         lpips_crc32: Some(0x1234abcd),
         fid_crc32: None,
+        // Fuzzed too: its JSON is parsed.
+        init_from: Some(Origin { path: "sd-vae/diffusion_pytorch_model.safetensors".into(), crc32: 9 }),
     };
     let seed = checkpoint::to_bytes(&vs, &adam, None, None, &meta).unwrap();
     let path = Path::new("fuzz.safetensors");

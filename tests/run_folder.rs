@@ -135,7 +135,7 @@ fn corrupt_and_non_finite_checkpoints_are_refused_naming_the_tensor() {
     let trainer = ckpt.trainer(ckpt.meta.config.clone(), Device::Cpu).unwrap();
     let weight = &trainer.vs.variables()["decoder.fc.weight"];
     tch::no_grad(|| weight.get(0).get(0).copy_(&Tensor::from(f32::NAN)));
-    let meta = Metadata::of(&trainer, &ckpt.meta.run_id, &[]);
+    let meta = Metadata::of(&trainer, &ckpt.meta.lineage());
     std::fs::write(&nan, checkpoint::trainer_bytes(&trainer, &meta).unwrap()).unwrap();
 
     for (path, message) in

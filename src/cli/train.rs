@@ -6,13 +6,13 @@ use clap::{ArgMatches, Args};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use vae::checkpoint::{self, Checkpoint, Resume};
+use vae::checkpoint::{self, Checkpoint, Lineage, Resume};
 use vae::config::{BestBy, Change, TrainArgs, TrainConfig};
 use vae::data::Splits;
 use vae::dist::{Backend, DistEnv, ProcessGroup};
 use vae::models::ModelConfig;
 use vae::pretrained;
-use vae::run::{self, Lineage, RunOptions};
+use vae::run::{self, RunOptions};
 use vae::run_dir::{self, RunDir};
 use vae::schedule::LrSchedule;
 use vae::train::Trainer;
@@ -150,13 +150,18 @@ impl TrainCommand {
         let [c, h, _] = splits.train.image_shape();
         cfg.model.set_image_shape(c, h);
         let trainer = Trainer::new(cfg, device)?;
-        if let Some(from) = &self.run.init_from {
-            pretrained::init_from(from, &trainer.vs, &trainer.cfg.model)?;
-            if rank == 0 && !self.run.quiet {
-                println!("starting from the weights of {} (a fresh optimizer)", from.display());
+        let init_from = match &self.run.init_from {
+            Some(from) => {
+                let origin = pretrained::init_from(from, &trainer.vs, &trainer.cfg.model)?;
+                if rank == 0 && !self.run.quiet {
+                    println!("starting from the weights of {} (a fresh optimizer)", from.display());
+                }
+                Some(origin)
             }
-        }
-        let lineage = Lineage { run_id: checkpoint::new_run_id(trainer.cfg.seed), history: Vec::new() };
+            None => None,
+        };
+        let run_id = checkpoint::new_run_id(trainer.cfg.seed);
+        let lineage = Lineage { run_id, history: Vec::new(), init_from };
         if rank > 0 {
             return Ok(Start { trainer, splits, folder: None, lineage });
         }
@@ -262,7 +267,7 @@ impl TrainCommand {
             return Ok(None);
         }
         let splits = load_data(&trainer.cfg.data, trainer.cfg.seed, group, self.run.quiet)?;
-        let lineage = Lineage { run_id: ckpt.meta.run_id.clone(), history: ckpt.meta.history.clone() };
+        let lineage = ckpt.meta.lineage();
         if rank > 0 {
             return Ok(Some(Start { trainer, splits, folder: None, lineage }));
         }
