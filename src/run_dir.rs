@@ -124,6 +124,22 @@ impl RunDir {
         self.file(LAST)
     }
 
+    /// The names of the run files the folder holds: checkpoints (any `.safetensors`),
+    /// `metrics.csv` and the pictures; not the TensorBoard files that a run killed before its
+    /// first checkpoint leaves.
+    pub fn run_files(&self) -> Result<Vec<String>> {
+        let mut names: Vec<String> = std::fs::read_dir(&self.path)
+            .with_context(|| format!("listing {}", self.path.display()))?
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| {
+                (n.ends_with(".safetensors") && !n.starts_with('.'))
+                    || [METRICS, LOSS_PLOT, RECONSTRUCTIONS, SAMPLES].contains(&n.as_str())
+            })
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
     /// Keeps the newest `keep` periodic checkpoints.
     pub fn prune_periodic(&self, keep: usize) -> Result<()> {
         let mut periodic: Vec<PathBuf> = std::fs::read_dir(&self.path)

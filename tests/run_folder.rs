@@ -109,6 +109,23 @@ fn another_runs_checkpoint_is_refused_in_a_folder_and_the_folder_kept() {
         (Checkpoint::load(&foreign).unwrap(), Checkpoint::load(&moved.join("last.safetensors")).unwrap());
     assert_ne!(parent.meta.run_id, child.meta.run_id);
     assert_eq!(child.meta.history.last().unwrap().from_run.as_deref(), Some(parent.meta.run_id.as_str()));
+
+    // A folder whose last.safetensors is gone still holds its run's other files: neither a new
+    // run nor another run's continuation takes it (either would overwrite them).
+    std::fs::remove_file(ours.join("last.safetensors")).unwrap();
+    let before = snapshot(&ours);
+    let resume =
+        ["train", "--resume", theirs.to_str().unwrap(), "--out", ours.to_str().unwrap(), "--epochs", "3"];
+    for out in [train(&ours, "1", &["--seed", "4", "--auto-resume"]), vae(&resume)] {
+        assert!(!out.status.success(), "a run took a folder of another run's files");
+        let err = stderr(&out);
+        assert!(
+            err.contains("holds files of a run (best.safetensors, epoch-0001.safetensors, loss.png")
+                && err.contains("but no last.safetensors"),
+            "{err}"
+        );
+    }
+    assert_eq!(snapshot(&ours), before, "the folder changed");
 }
 
 #[test]

@@ -176,6 +176,7 @@ impl TrainCommand {
             folder.path().display(),
             last.display()
         );
+        check_holds_no_run(&folder)?;
         let folder = Some(folder);
         Ok(Start { trainer, splits, folder, lineage })
     }
@@ -368,7 +369,14 @@ fn load_data(
 /// `last.safetensors`: either would overwrite another result.
 fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
     let last = folder.last();
-    if !last.is_file() || same_file(&last, &ckpt.path) {
+    if !last.is_file() {
+        // A checkpoint continued in its own folder: the files there are its run's.
+        if same_file(folder.path(), &run_dir::folder_of(&ckpt.path)) {
+            return Ok(());
+        }
+        return check_holds_no_run(folder);
+    }
+    if same_file(&last, &ckpt.path) {
         return Ok(());
     }
     let here = match Checkpoint::load(&last) {
@@ -394,6 +402,21 @@ fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
         last.display(),
         ckpt.path.display(),
         ckpt.meta.step
+    );
+    Ok(())
+}
+
+/// A folder without `last.safetensors` takes a run only when it holds no run's files: the
+/// checkpoints, metrics and pictures of a run whose `last.safetensors` is gone would be
+/// overwritten.
+fn check_holds_no_run(folder: &RunDir) -> Result<()> {
+    let found = folder.run_files()?;
+    ensure!(
+        found.is_empty(),
+        "{} holds files of a run ({}) but no {}; a run there would overwrite them: choose another --out",
+        folder.path().display(),
+        found.join(", "),
+        run_dir::LAST
     );
     Ok(())
 }
