@@ -133,6 +133,33 @@ pub fn first_images(data: &Dataset, count: usize, device: tch::Device) -> Result
 const BORDER: u32 = 2;
 const BORDER_GRAY: u8 = 128;
 
+/// Whether `file` is an image, which a picture may replace.
+pub fn is_picture(file: &mut std::fs::File) -> bool {
+    let mut head = [0u8; 64];
+    let n = std::io::Read::read(file, &mut head).unwrap_or(0);
+    image::guess_format(&head[..n]).is_ok()
+}
+
+/// The `format` metadata of the latents `vae encode` writes.
+pub const LATENTS_FORMAT: &str = "vae-latents";
+
+/// Whether `file` is latents `vae encode` wrote (its safetensors header says so).
+pub fn is_latents(file: &mut std::fs::File) -> bool {
+    use std::io::Read;
+    let mut len = [0u8; 8];
+    if file.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let len = u64::from_le_bytes(len);
+    // A header is a few hundred bytes; anything past 1 MiB is not ours.
+    let mut header = vec![0u8; len.min(1 << 20) as usize];
+    if len > 1 << 20 || file.read_exact(&mut header).is_err() {
+        return false;
+    }
+    let json: Option<serde_json::Value> = serde_json::from_slice(&header).ok();
+    json.as_ref().and_then(|j| j["__metadata__"]["format"].as_str()) == Some(LATENTS_FORMAT)
+}
+
 /// Writes `images` (`[N, C, H, W]`, values in [0, 1], C = 1 or 3) as a grid of `cols` columns.
 pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
     let [n, c, h, w]: [i64; 4] =

@@ -22,6 +22,23 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Refuses to replace an existing file at `path` that `is_ours` (given it open) does not
+/// recognise as `what` the command writes: a mistyped `--out` never costs a checkpoint, a
+/// metrics file or a model.
+pub fn check_replaceable(
+    path: &Path,
+    what: &str,
+    is_ours: impl FnOnce(&mut std::fs::File) -> bool,
+) -> Result<()> {
+    let Ok(mut file) = std::fs::File::open(path) else { return Ok(()) };
+    anyhow::ensure!(
+        is_ours(&mut file),
+        "{} exists and is not {what}, so it is left as it is: choose another --out",
+        path.display()
+    );
+    Ok(())
+}
+
 /// Where a file is filled before it is renamed to `path`: hidden, beside it, named after the
 /// process, so [`remove_dead_temporaries`] can tell a dead process's leftovers.
 pub fn temporary_path(path: &Path) -> Result<PathBuf> {

@@ -210,6 +210,21 @@ fn each_export_writes_what_it_promises() {
     assert_eq!(tensors["mean"].size(), vec![120, 4]);
     assert_eq!(tensors["logvar"].size(), vec![120, 4]);
     assert_eq!(tensors["labels"].size(), vec![120]);
+    // An output replaces only its own kind of file: latents, pictures; never a checkpoint or
+    // the metrics a mistyped --out names.
+    ok(vae(&["encode", r, "--out", latents.to_str().unwrap()]));
+    let (last, metrics) = (run.join("last.safetensors"), run.join("metrics.csv"));
+    let kept = [std::fs::read(&last).unwrap(), std::fs::read(&metrics).unwrap()];
+    for (command, target, what) in [
+        ("encode", &last, "latents of vae encode"),
+        ("sample", &last, "a picture"),
+        ("reconstruct", &metrics, "a picture"),
+    ] {
+        let out = vae(&[command, r, "--out", target.to_str().unwrap()]);
+        assert!(!out.status.success(), "{command} replaced {}", target.display());
+        assert!(stderr(&out).contains(&format!("exists and is not {what}")), "{}", stderr(&out));
+    }
+    assert_eq!([std::fs::read(&last).unwrap(), std::fs::read(&metrics).unwrap()], kept);
 
     for (args, message) in [
         (vec!["traverse", r, "--dims", "9"], "--dims 9 is not a latent dimension: the model has 4"),

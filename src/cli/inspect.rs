@@ -86,12 +86,14 @@ impl Loaded {
     }
 
     /// `out`, or `name` beside the checkpoint (beside a diffusers folder, after its name: the
-    /// model's folder is left as it is).
-    fn output(&self, out: &Option<PathBuf>, name: &str) -> PathBuf {
-        out.clone().unwrap_or_else(|| match (self.diffusers, self.path.file_name()) {
+    /// model's folder is left as it is); a picture replaces only a picture.
+    fn output(&self, out: &Option<PathBuf>, name: &str) -> Result<PathBuf> {
+        let path = out.clone().unwrap_or_else(|| match (self.diffusers, self.path.file_name()) {
             (true, Some(folder)) => self.path.with_file_name(format!("{}-{name}", folder.to_string_lossy())),
             _ => self.path.with_file_name(name),
-        })
+        });
+        vae::fsio::check_replaceable(&path, "a picture", vae::export::is_picture)?;
+        Ok(path)
     }
 }
 
@@ -377,7 +379,7 @@ impl ReconstructArgs {
             vae::data::to_unit_float(&tch::Tensor::stack(&images, 0)).to_device(loaded.device)
         };
         let cols = vae::export::GRID_COLS.min(x.size()[0] as usize);
-        let path = loaded.output(out, "reconstruct.png");
+        let path = loaded.output(out, "reconstruct.png")?;
         vae::export::save_grid(
             &path,
             &vae::export::reconstruction_grid(loaded.model.as_ref(), &x, cols),
@@ -414,7 +416,7 @@ impl SampleArgs {
         let [_, h, w] = loaded.config.model.image_shape();
         let images =
             vae::export::samples(loaded.model.as_ref(), n as i64, temperature, [h, w], loaded.device);
-        let path = loaded.output(out, "sample.png");
+        let path = loaded.output(out, "sample.png")?;
         vae::export::save_grid(&path, &images, (n as f64).sqrt().ceil() as usize)?;
         saved(&path);
         Ok(())
@@ -438,7 +440,7 @@ impl InterpolateArgs {
         let x = vae::export::first_images(&test, 2 * pairs, loaded.device)?;
         let (first, second) = (x.narrow(0, 0, pairs as i64), x.narrow(0, pairs as i64, pairs as i64));
         let grid = vae::export::interpolation_grid(loaded.model.as_ref(), &first, &second, steps, slerp);
-        let path = loaded.output(out, "interpolate.png");
+        let path = loaded.output(out, "interpolate.png")?;
         vae::export::save_grid(&path, &grid, steps as usize + 2)?;
         saved(&path);
         Ok(())
@@ -473,7 +475,7 @@ impl TraverseArgs {
         };
         let image = vae::data::to_unit_float(&test.images(index, 1)?).to_device(loaded.device);
         let grid = vae::export::traversal_grid(loaded.model.as_ref(), &image, &dims, steps, 3.0);
-        let path = loaded.output(out, "traverse.png");
+        let path = loaded.output(out, "traverse.png")?;
         vae::export::save_grid(&path, &grid, steps as usize)?;
         saved(&path);
         Ok(())
@@ -484,6 +486,7 @@ impl EncodeArgs {
     pub fn run(&self, matches: &ArgMatches) -> Result<()> {
         let Self { model: args, split, out } = self;
         let split = *split;
+        vae::fsio::check_replaceable(out, "latents of vae encode", vae::export::is_latents)?;
         let loaded = args.load(matches)?;
         let data = loaded.split(split)?;
         let (mean, logvar) = vae::export::encode_all(loaded.model.as_ref(), &data, loaded.device)?;
@@ -493,7 +496,10 @@ impl EncodeArgs {
         if let Some(labels) = &data.labels {
             named.push(("labels", labels.shallow_clone()));
         }
-        tch::Tensor::write_safetensors(&named, out).with_context(|| format!("writing {}", out.display()))?;
+        let metadata = [("format".to_string(), vae::export::LATENTS_FORMAT.to_string())].into();
+        let named: Vec<(String, tch::Tensor)> = named.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+        let bytes = vae::checkpoint::safetensors_bytes(&named, metadata, false)?;
+        vae::fsio::write_atomic(out, &bytes)?;
         saved(out);
         Ok(())
     }
