@@ -2,7 +2,7 @@
 //! `epoch-NNNN`), resolving a folder to its checkpoint, and the lock that gives a folder to
 //! one process at a time. Knows file names, not their contents.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use std::fs::File;
 use std::io::{Read, Seek, Write};
 use std::os::unix::io::AsRawFd;
@@ -37,6 +37,48 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         anyhow::ensure!(path.exists(), "checkpoint {} does not exist", path.display());
         Ok(path.to_path_buf())
     }
+}
+
+/// The names of the run files `dir` holds: checkpoints (any `.safetensors`), `metrics.csv`
+/// and the pictures; not the TensorBoard files that a run killed before its first checkpoint
+/// leaves. None for a folder that does not exist.
+pub fn run_files(dir: &Path) -> Result<Vec<String>> {
+    let listing = match std::fs::read_dir(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        listing => listing.with_context(|| format!("listing {}", dir.display()))?,
+    };
+    let mut names: Vec<String> = listing
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| {
+            (n.ends_with(".safetensors") && !n.starts_with('.'))
+                || [METRICS, LOSS_PLOT, RECONSTRUCTIONS, SAMPLES].contains(&n.as_str())
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// Refuses `dir` while another process holds it, without taking it: for a check before
+/// long work (its brief shared lock only ever makes a run starting at that instant refuse).
+pub fn check_not_in_use(dir: &Path) -> Result<()> {
+    let Ok(mut file) = File::open(dir.join(LOCK)) else { return Ok(()) };
+    // SAFETY: flock on a file descriptor this function owns; closing it releases the lock.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
+        return Err(in_use(dir, &mut file));
+    }
+    Ok(())
+}
+
+/// The error for a run folder whose lock `file` another process holds, naming it.
+fn in_use(dir: &Path, file: &mut File) -> anyhow::Error {
+    let mut holder = String::new();
+    let _ = file.read_to_string(&mut holder);
+    let holder = holder.trim();
+    let who = if holder.is_empty() { "another process".into() } else { format!("process {holder}") };
+    anyhow!(
+        "run folder {} is in use by another vae run ({who}); wait for it to finish, or choose another --out",
+        dir.display()
+    )
 }
 
 /// The folder a checkpoint file lies in.
@@ -87,15 +129,7 @@ impl RunDir {
             .with_context(|| format!("run folder {} is not writable (creating {LOCK})", path.display()))?;
         // SAFETY: flock on a file descriptor this function owns.
         if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let who = if holder.is_empty() { "another process".into() } else { format!("process {holder}") };
-            bail!(
-                "run folder {} is in use by another vae run ({who}); wait for it to finish, or choose \
-                 another --out",
-                path.display()
-            );
+            return Err(in_use(path, &mut file));
         }
         let pid = std::process::id().to_string();
         (|| -> std::io::Result<()> {
@@ -122,22 +156,6 @@ impl RunDir {
 
     pub fn last(&self) -> PathBuf {
         self.file(LAST)
-    }
-
-    /// The names of the run files the folder holds: checkpoints (any `.safetensors`),
-    /// `metrics.csv` and the pictures; not the TensorBoard files that a run killed before its
-    /// first checkpoint leaves.
-    pub fn run_files(&self) -> Result<Vec<String>> {
-        let mut names: Vec<String> = std::fs::read_dir(&self.path)
-            .with_context(|| format!("listing {}", self.path.display()))?
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .filter(|n| {
-                (n.ends_with(".safetensors") && !n.starts_with('.'))
-                    || [METRICS, LOSS_PLOT, RECONSTRUCTIONS, SAMPLES].contains(&n.as_str())
-            })
-            .collect();
-        names.sort();
-        Ok(names)
     }
 
     /// Keeps the newest `keep` periodic checkpoints.
@@ -174,8 +192,16 @@ mod tests {
             err.contains("in use by another vae run") && err.contains(&std::process::id().to_string()),
             "{err}"
         );
+        // The check before long work says the same, and takes nothing.
+        let err = check_not_in_use(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("in use by another vae run"), "{err}");
         drop(first);
+        check_not_in_use(dir.path()).unwrap();
         RunDir::open(dir.path()).unwrap();
+        let absent = dir.path().join("absent");
+        check_not_in_use(&absent).unwrap();
+        assert_eq!(run_files(&absent).unwrap(), Vec::<String>::new());
+        assert!(!absent.exists());
     }
 
     #[test]

@@ -146,6 +146,11 @@ impl TrainCommand {
         }
         cfg.validate()?;
         cfg.precision.check_device(device)?;
+        if let (0, Some(dir)) = (rank, &self.run.out) {
+            // Judged before the data, which may take long to load, and again once held.
+            run_dir::check_not_in_use(dir)?;
+            check_takes_new_run(dir)?;
+        }
         let splits = load_data(&cfg.data, cfg.seed, group, self.run.quiet)?;
         let [c, h, _] = splits.train.image_shape();
         cfg.model.set_image_shape(c, h);
@@ -169,16 +174,8 @@ impl TrainCommand {
             Some(dir) => RunDir::open(dir)?,
             None => RunDir::open_new(Path::new("checkpoints"), trainer.cfg.data.name())?,
         };
-        let last = folder.last();
-        ensure!(
-            !last.exists(),
-            "{} already holds a checkpoint ({}); continue it with --resume {0} or choose another --out",
-            folder.path().display(),
-            last.display()
-        );
-        check_holds_no_run(&folder)?;
-        let folder = Some(folder);
-        Ok(Start { trainer, splits, folder, lineage })
+        check_takes_new_run(folder.path())?;
+        Ok(Start { trainer, splits, folder: Some(folder), lineage })
     }
 
     /// A checkpoint's run continued, with the knobs the command line changes; `None` when it
@@ -267,13 +264,18 @@ impl TrainCommand {
             );
             return Ok(None);
         }
+        if rank == 0 {
+            // Judged before the data, which may take long to load, and again once held.
+            run_dir::check_not_in_use(&out_dir)?;
+            check_folder_takes(&out_dir, &ckpt)?;
+        }
         let splits = load_data(&trainer.cfg.data, trainer.cfg.seed, group, self.run.quiet)?;
         let lineage = ckpt.meta.lineage();
         if rank > 0 {
             return Ok(Some(Start { trainer, splits, folder: None, lineage }));
         }
         let folder = RunDir::open(&out_dir)?;
-        check_folder_takes(&folder, &ckpt)?;
+        check_folder_takes(folder.path(), &ckpt)?;
         let moved = !same_file(folder.path(), &home);
         let mut lineage = lineage;
         if moved || !changes.is_empty() {
@@ -367,14 +369,14 @@ fn load_data(
 
 /// A run folder takes a checkpoint only of its own run, and never one behind its own
 /// `last.safetensors`: either would overwrite another result.
-fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
-    let last = folder.last();
+fn check_folder_takes(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
+    let last = dir.join(run_dir::LAST);
     if !last.is_file() {
         // A checkpoint continued in its own folder: the files there are its run's.
-        if same_file(folder.path(), &run_dir::folder_of(&ckpt.path)) {
+        if same_file(dir, &run_dir::folder_of(&ckpt.path)) {
             return Ok(());
         }
-        return check_holds_no_run(folder);
+        return check_holds_no_run(dir);
     }
     if same_file(&last, &ckpt.path) {
         return Ok(());
@@ -383,7 +385,7 @@ fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
         Ok(here) => here,
         Err(e) => bail!(
             "{} holds {} that cannot be read ({e:#}); continuing there would overwrite it: pass --out NEW_FOLDER",
-            folder.path().display(),
+            dir.display(),
             last.display()
         ),
     };
@@ -391,7 +393,7 @@ fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
         here.meta.run_id == ckpt.meta.run_id,
         "{} belongs to another run than {} (run {} vs {}: another config, seed or history); continuing \
          there would overwrite its checkpoints and metrics: pass --out NEW_FOLDER",
-        folder.path().display(),
+        dir.display(),
         ckpt.path.display(),
         here.meta.run_id,
         ckpt.meta.run_id
@@ -406,15 +408,28 @@ fn check_folder_takes(folder: &RunDir, ckpt: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
+/// A folder takes a new run only when it holds no checkpoint to continue and no other run's
+/// files.
+fn check_takes_new_run(dir: &Path) -> Result<()> {
+    let last = dir.join(run_dir::LAST);
+    ensure!(
+        !last.exists(),
+        "{} already holds a checkpoint ({}); continue it with --resume {0} or choose another --out",
+        dir.display(),
+        last.display()
+    );
+    check_holds_no_run(dir)
+}
+
 /// A folder without `last.safetensors` takes a run only when it holds no run's files: the
 /// checkpoints, metrics and pictures of a run whose `last.safetensors` is gone would be
 /// overwritten.
-fn check_holds_no_run(folder: &RunDir) -> Result<()> {
-    let found = folder.run_files()?;
+fn check_holds_no_run(dir: &Path) -> Result<()> {
+    let found = run_dir::run_files(dir)?;
     ensure!(
         found.is_empty(),
         "{} holds files of a run ({}) but no {}; a run there would overwrite them: choose another --out",
-        folder.path().display(),
+        dir.display(),
         found.join(", "),
         run_dir::LAST
     );
