@@ -41,13 +41,13 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
 
 /// The names of the run files `dir` holds: checkpoints (any `.safetensors`), `metrics.csv`
 /// and the pictures; not the TensorBoard files that a run killed before its first checkpoint
-/// leaves. None for a folder that does not exist.
+/// leaves. None where there is no folder (yet: making it says what is wrong).
 pub fn run_files(dir: &Path) -> Result<Vec<String>> {
-    let listing = match std::fs::read_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        listing => listing.with_context(|| format!("listing {}", dir.display()))?,
-    };
-    let mut names: Vec<String> = listing
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| {
             (n.ends_with(".safetensors") && !n.starts_with('.'))
