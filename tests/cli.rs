@@ -162,17 +162,19 @@ fn idx_dataset_trains_from_gzipped_files() {
     write_gz("t10k-labels-idx1-ubyte.gz", &idx::encode_labels(&labels[64..]));
     let run = dir.path().join("run");
     let mut args = vec!["train", "--dataset", "fashion-mnist", "--data-dir", data.to_str().unwrap()];
-    args.extend_from_slice(&["--epochs", "1", "--binarize", "dynamic", "--out", run.to_str().unwrap()]);
+    args.extend_from_slice(&["--epochs", "1", "--binarize", "dynamic"]);
     args.extend_from_slice(TINY_MODEL);
     args.extend_from_slice(DATA);
-    let out = ok(vae(&args));
+    let out = ok(vae(&[&args[..], &["--out", run.to_str().unwrap()]].concat()));
     assert!(stdout(&out).contains("training on 64 images of 1x28x28 (fashion-mnist), 32 test images"));
     assert!(run.join("last.safetensors").is_file());
 
-    // A truncated image file is a clear error naming it.
+    // A truncated image file is a clear error naming it (in a new run folder: the first one
+    // is refused before any data is read).
     let bytes = std::fs::read(data.join("train-images-idx3-ubyte.gz")).unwrap();
     std::fs::write(data.join("train-images-idx3-ubyte.gz"), &bytes[..bytes.len() / 2]).unwrap();
-    let out = vae(&args);
+    let again = dir.path().join("again");
+    let out = vae(&[&args[..], &["--out", again.to_str().unwrap()]].concat());
     assert!(!out.status.success());
     assert!(stderr(&out).contains("train-images-idx3-ubyte.gz: corrupt gzip stream"), "{}", stderr(&out));
 }
