@@ -391,10 +391,31 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     assert!(!never.exists());
 }
 
-/// --auto-resume decides on every rank alike: ranks that see the run folder differently (a
-/// folder that is not shared) are refused, and nothing is written.
+/// Two ranks started by hand, as on two machines, each with its own `--out`; their outputs.
+fn two_ranks(outs: [&Path; 2]) -> [std::process::Output; 2] {
+    let port = free_port().to_string();
+    let ranks = [("0", outs[0]), ("1", outs[1])].map(|(rank, out)| {
+        let mut args = vec!["train", "--epochs", "2", "--auto-resume", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(TINY_MODEL);
+        args.extend_from_slice(DATA);
+        std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+            .args(&args)
+            .envs([("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "2")])
+            .envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    });
+    ranks.map(|rank| rank.wait_with_output().unwrap())
+}
+
+/// Every rank stops with a refusal of the run folder: ranks that see it differently under
+/// --auto-resume (a folder that is not shared), and rank 0's refusal of a folder that holds
+/// another run's files (the others do not wait for it until --dist-timeout). Nothing is
+/// written.
 #[test]
-fn ranks_that_see_different_run_folders_are_refused() {
+fn a_refused_run_folder_stops_every_rank() {
     if !Backend::Gloo.built() {
         return;
     }
@@ -403,28 +424,17 @@ fn ranks_that_see_different_run_folders_are_refused() {
     ok(train(&held, "1", &[]));
     let before = std::fs::read(held.join("last.safetensors")).unwrap();
     let empty = dir.path().join("empty");
-    let port = free_port().to_string();
-    let ranks: Vec<_> = [("0", &held), ("1", &empty)]
-        .into_iter()
-        .map(|(rank, out)| {
-            let mut args = vec!["train", "--epochs", "2", "--auto-resume", "--out", out.to_str().unwrap()];
-            args.extend_from_slice(TINY_MODEL);
-            args.extend_from_slice(DATA);
-            std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
-                .args(&args)
-                .envs([("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "2")])
-                .envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())])
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for rank in ranks {
-        let out = rank.wait_with_output().unwrap();
+    for out in two_ranks([&held, &empty]) {
         assert!(!out.status.success());
         assert!(stderr(&out).contains("--auto-resume: 1 of 2 ranks find a checkpoint"), "{}", stderr(&out));
     }
     assert_eq!(std::fs::read(held.join("last.safetensors")).unwrap(), before);
     assert!(!empty.join("last.safetensors").exists());
+
+    std::fs::remove_file(held.join("last.safetensors")).unwrap();
+    let [zero, one] = two_ranks([&held, &held]);
+    assert!(!zero.status.success() && !one.status.success());
+    assert!(stderr(&zero).contains("holds files of a run"), "{}", stderr(&zero));
+    assert!(stderr(&one).contains("rank 0 refused the run folder"), "{}", stderr(&one));
+    assert!(!held.join("last.safetensors").exists());
 }

@@ -146,11 +146,12 @@ impl TrainCommand {
         }
         cfg.validate()?;
         cfg.precision.check_device(device)?;
-        if let (0, Some(dir)) = (rank, &self.run.out) {
-            // Judged before the data, which may take long to load, and again once held.
-            run_dir::check_not_in_use(dir)?;
-            check_takes_new_run(dir)?;
-        }
+        // Judged before the data, which may take long to load, and again once held.
+        let verdict = match (rank, &self.run.out) {
+            (0, Some(dir)) => run_dir::check_not_in_use(dir).and_then(|()| check_takes_new_run(dir)),
+            _ => Ok(()),
+        };
+        shared(group, verdict)?;
         let splits = load_data(&cfg.data, cfg.seed, group, self.run.quiet)?;
         let [c, h, _] = splits.train.image_shape();
         cfg.model.set_image_shape(c, h);
@@ -264,11 +265,12 @@ impl TrainCommand {
             );
             return Ok(None);
         }
-        if rank == 0 {
-            // Judged before the data, which may take long to load, and again once held.
-            run_dir::check_not_in_use(&out_dir)?;
-            check_folder_takes(&out_dir, &ckpt)?;
-        }
+        // Judged before the data, which may take long to load, and again once held.
+        let verdict = match rank {
+            0 => run_dir::check_not_in_use(&out_dir).and_then(|()| check_folder_takes(&out_dir, &ckpt)),
+            _ => Ok(()),
+        };
+        shared(group, verdict)?;
         let splits = load_data(&trainer.cfg.data, trainer.cfg.seed, group, self.run.quiet)?;
         let lineage = ckpt.meta.lineage();
         if rank > 0 {
@@ -406,6 +408,17 @@ fn check_folder_takes(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
         ckpt.meta.step
     );
     Ok(())
+}
+
+/// Rank 0's verdict on the run folder, made every rank's: the others stop with it at once
+/// rather than wait for rank 0 until `--dist-timeout` (srun does not stop them).
+fn shared(group: Option<&ProcessGroup>, verdict: Result<()>) -> Result<()> {
+    let Some(group) = group else { return verdict };
+    if vae::dist::ranks_saying(group, verdict.is_err())? > 0 {
+        verdict?;
+        bail!("rank 0 refused the run folder (its error says why), so rank {} stops too", group.rank);
+    }
+    verdict
 }
 
 /// A folder takes a new run only when it holds no checkpoint to continue and no other run's
