@@ -130,6 +130,16 @@ fn another_runs_checkpoint_is_refused_in_a_folder_and_the_folder_kept() {
         );
     }
     assert_eq!(snapshot(&ours), before, "the folder changed");
+    // A file named as the folder, also before the data.
+    let file = ours.join("metrics.csv");
+    for out in [
+        train(&file, "1", &no_data),
+        vae(&[&resume[..3], &["--epochs", "3", "--out", file.to_str().unwrap()]].concat()),
+    ] {
+        assert!(!out.status.success());
+        assert!(stderr(&out).contains("metrics.csv is a file, not a run folder"), "{}", stderr(&out));
+    }
+    assert_eq!(snapshot(&ours), before, "the folder changed");
 }
 
 #[test]

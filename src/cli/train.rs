@@ -372,6 +372,7 @@ fn load_data(
 /// A run folder takes a checkpoint only of its own run, and never one behind its own
 /// `last.safetensors`: either would overwrite another result.
 fn check_folder_takes(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
+    ensure!(!dir.is_file(), "--out {} is a file, not a run folder", dir.display());
     let last = dir.join(run_dir::LAST);
     if !last.is_file() {
         // A checkpoint continued in its own folder: the files there are its run's.
@@ -424,6 +425,7 @@ fn shared(group: Option<&ProcessGroup>, verdict: Result<()>) -> Result<()> {
 /// A folder takes a new run only when it holds no checkpoint to continue and no other run's
 /// files.
 fn check_takes_new_run(dir: &Path) -> Result<()> {
+    ensure!(!dir.is_file(), "--out {} is a file, not a run folder", dir.display());
     let last = dir.join(run_dir::LAST);
     ensure!(
         !last.exists(),
