@@ -20,6 +20,19 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 /// Bumped when the layout changes incompatibly; newer files are refused, not misread.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The tensors of the safetensors `file` read from `path` (named in errors).
+pub fn tensors_of(path: &Path, file: &SafeTensors) -> Result<HashMap<String, Tensor>> {
+    let mut tensors = HashMap::new();
+    for (name, view) in file.tensors() {
+        let kind = kind_of(view.dtype()).with_context(|| {
+            format!("{}: tensor {name} has unsupported dtype {:?}", path.display(), view.dtype())
+        })?;
+        let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        tensors.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
+    }
+    Ok(tensors)
+}
+
 /// Everything but the tensors.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Metadata {
@@ -59,13 +72,7 @@ pub struct Origin {
 }
 
 impl Origin {
-    /// `path` (made absolute where it exists) with the CRC-32 of its contents.
-    pub fn of_file(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-        Ok(Self::of_bytes(path, &bytes))
-    }
-
-    /// `path`, whose contents are `bytes`, already read.
+    /// `path` (made absolute where it exists), whose contents are `bytes`.
     pub fn of_bytes(path: &Path, bytes: &[u8]) -> Self {
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         Self { path: path.display().to_string(), crc32: crc32fast::hash(bytes) }
@@ -481,15 +488,7 @@ impl Checkpoint {
             bytes.len()
         );
         let raw_metadata = header.metadata().clone().unwrap_or_default();
-        let mut tensors = HashMap::new();
-        for (name, view) in file.tensors() {
-            let kind = kind_of(view.dtype()).with_context(|| {
-                format!("{}: tensor {name} has unsupported dtype {:?}", path.display(), view.dtype())
-            })?;
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            tensors.insert(name, Tensor::f_from_data_size(view.data(), &shape, kind)?);
-        }
-        Ok(Self { path: path.to_path_buf(), meta, raw_metadata, tensors })
+        Ok(Self { path: path.to_path_buf(), meta, raw_metadata, tensors: tensors_of(path, &file)? })
     }
 
     /// Refuses weights or optimizer state holding NaN or infinity, naming the first such

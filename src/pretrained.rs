@@ -3,11 +3,12 @@
 //! it (`vae export-diffusers`), and `--init-from` a diffusers folder or one of our
 //! checkpoints. Our resnet tensors already carry diffusers' state-dict names.
 
-use crate::checkpoint::{built_model, copy_weights, safetensors_bytes, Checkpoint, Origin};
+use crate::checkpoint::{self, built_model, copy_weights, safetensors_bytes, Checkpoint, Origin};
 use crate::config::TrainConfig;
 use crate::fsio::write_atomic;
 use crate::models::{Model, ModelConfig, ResnetConfig};
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use safetensors::SafeTensors;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -31,12 +32,17 @@ pub fn diffusers_folder(path: &Path) -> Option<PathBuf> {
     (path.join("model_index.json").is_file() && vae.join(CONFIG).is_file()).then_some(vae)
 }
 
-/// The weights of the diffusers folder `dir`, under today's names, and the file they are in.
-fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>)> {
+/// The weights of the diffusers folder `dir`, under today's names, the file they are in, and
+/// that file as a run's origin (its CRC-32 from the one read).
+fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>, Origin)> {
     let file = dir.join(WEIGHTS);
     ensure!(file.is_file(), "{}: no {WEIGHTS} there (only safetensors weights are read)", dir.display());
-    let tensors = Tensor::read_safetensors(&file).with_context(|| format!("reading {}", file.display()))?;
-    Ok((file, tensors.into_iter().map(|(n, t)| modern(&n, t)).collect()))
+    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+    let parsed = SafeTensors::deserialize(&bytes)
+        .map_err(|e| anyhow!("reading {}: not a valid safetensors file ({e})", file.display()))?;
+    let tensors = checkpoint::tensors_of(&file, &parsed)?.into_iter().map(|(n, t)| modern(&n, t)).collect();
+    let origin = Origin::of_bytes(&file, &bytes);
+    Ok((file, tensors, origin))
 }
 
 /// What `vae info` says of the diffusers folder `dir`: the architecture, the parameters and
@@ -44,7 +50,7 @@ fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>)> {
 pub fn describe(dir: &Path) -> Result<String> {
     let (path, json) = config_of(dir)?;
     let arch = architecture(&path, &json)?;
-    let (file, tensors) = read_weights(dir)?;
+    let (file, tensors, _) = read_weights(dir)?;
     let parameters: i64 = tensors.values().map(|t| t.numel() as i64).sum();
     let scale = json.get("scaling_factor").map_or("none".to_string(), Value::to_string);
     Ok(format!(
@@ -63,7 +69,7 @@ pub fn describe(dir: &Path) -> Result<String> {
 /// The model of the diffusers folder `dir`, to be judged with `cfg` (made by
 /// [`TrainConfig::pretrained`]), in float32 on `device`.
 pub fn model(dir: &Path, cfg: &TrainConfig, device: Device) -> Result<(VarStore, Box<dyn Model>)> {
-    let (file, tensors) = read_weights(dir)?;
+    let (file, tensors, _) = read_weights(dir)?;
     built_model(&cfg.model, &file, &tensors, device)
 }
 
@@ -228,9 +234,9 @@ pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<Orig
             "--init-from {}: a diffusers AutoencoderKL folder starts --arch resnet models only",
             path.display()
         );
-        let (file, tensors) = read_weights(&dir).context("--init-from")?;
+        let (file, tensors, origin) = read_weights(&dir).context("--init-from")?;
         copy_weights(&file, &tensors, vs).context("--init-from: the architecture differs")?;
-        return Origin::of_file(&file);
+        return Ok(origin);
     }
     let file = crate::run_dir::resolve(path)?;
     let bytes = std::fs::read(&file).with_context(|| format!("reading checkpoint {}", file.display()))?;
