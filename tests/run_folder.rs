@@ -139,6 +139,10 @@ fn another_runs_checkpoint_is_refused_in_a_folder_and_the_folder_kept() {
         assert!(!out.status.success());
         assert!(stderr(&out).contains("metrics.csv is a file, not a run folder"), "{}", stderr(&out));
     }
+    // A folder under that file cannot be made.
+    let out = train(&file.join("run"), "1", &no_data);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("metrics.csv is a file, not a folder"), "{}", stderr(&out));
     assert_eq!(snapshot(&ours), before, "the folder changed");
 }
 

@@ -372,7 +372,7 @@ fn load_data(
 /// A run folder takes a checkpoint only of its own run, and never one behind its own
 /// `last.safetensors`: either would overwrite another result.
 fn check_folder_takes(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
-    ensure!(!dir.is_file(), "--out {} is a file, not a run folder", dir.display());
+    check_can_be_folder(dir)?;
     let last = dir.join(run_dir::LAST);
     if !last.is_file() {
         // A checkpoint continued in its own folder: the files there are its run's.
@@ -411,6 +411,16 @@ fn check_folder_takes(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
+/// `--out` names a folder, or one that can be made: neither it nor a folder above it is a
+/// file. Checked before the data loads, so the mistake costs no minutes of loading.
+fn check_can_be_folder(dir: &Path) -> Result<()> {
+    ensure!(!dir.is_file(), "--out {} is a file, not a run folder", dir.display());
+    if let Some(file) = dir.ancestors().skip(1).find(|a| a.is_file()) {
+        bail!("--out {} cannot be made: {} is a file, not a folder", dir.display(), file.display());
+    }
+    Ok(())
+}
+
 /// Rank 0's verdict on the run folder, made every rank's: the others stop with it at once
 /// rather than wait for rank 0 until `--dist-timeout` (srun does not stop them).
 fn shared(group: Option<&ProcessGroup>, verdict: Result<()>) -> Result<()> {
@@ -425,7 +435,7 @@ fn shared(group: Option<&ProcessGroup>, verdict: Result<()>) -> Result<()> {
 /// A folder takes a new run only when it holds no checkpoint to continue and no other run's
 /// files.
 fn check_takes_new_run(dir: &Path) -> Result<()> {
-    ensure!(!dir.is_file(), "--out {} is a file, not a run folder", dir.display());
+    check_can_be_folder(dir)?;
     let last = dir.join(run_dir::LAST);
     ensure!(
         !last.exists(),
