@@ -170,7 +170,7 @@ pub struct TrainArgs {
     #[arg(long, value_enum, alias = "recon")]
     pub likelihood: Option<Likelihood>,
     /// Conv: output channels of each stride-2 conv stage of the encoder.
-    #[arg(long, value_delimiter = ',', default_value = "32,64")]
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "32,64")]
     pub conv_channels: Vec<i64>,
     /// Conv: width of the hidden linear layer.
     #[arg(long, default_value_t = ConvConfig::default().hidden)]
@@ -180,7 +180,7 @@ pub struct TrainArgs {
     pub latent_dim: i64,
     /// Resnet: channels of each down block (diffusers' block_out_channels), e.g.
     /// 128,256,512,512 for Stable Diffusion's VAE.
-    #[arg(long, value_delimiter = ',', default_value = "64,128,256")]
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "64,128,256")]
     pub block_channels: Vec<i64>,
     /// Resnet: residual blocks per down block (the up blocks have one more).
     #[arg(long, default_value_t = ResnetConfig::default().layers_per_block)]
@@ -232,7 +232,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = AdamConfig::default().weight_decay)]
     pub weight_decay: f64,
     /// Adam's beta1,beta2 for the autoencoder (latent diffusion's recipe: 0.5,0.9).
-    #[arg(long, value_delimiter = ',', default_value = "0.9,0.999")]
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "0.9,0.999")]
     pub betas: Vec<f64>,
     /// Seed of every random draw: initialisation, shuffling, noise, generated data.
     #[arg(long, default_value_t = 0)]
@@ -291,7 +291,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub disc_lr: Option<f64>,
     /// The discriminator's Adam beta1,beta2.
-    #[arg(long, value_delimiter = ',', default_value = "0.5,0.9")]
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set, default_value = "0.5,0.9")]
     pub disc_betas: Vec<f64>,
 }
 
@@ -863,6 +863,17 @@ mod tests {
         assert_eq!(err.unwrap_err().to_string(), "sd-vae takes images of 3 channel(s); mnist images have 1");
         let err = TrainConfig::pretrained(arch, &parse(&["--image-size", "34"]).0.data, folder).unwrap_err();
         assert!(format!("{err:#}").contains("34 is not a multiple of 2^2 = 4"), "{err:#}");
+    }
+
+    #[test]
+    fn a_list_flag_given_twice_is_refused_not_joined() {
+        // Joined, `$BASE --block-channels 64,128 --block-channels 128,256` would train 4 blocks.
+        for flag in ["--block-channels", "--conv-channels", "--betas", "--disc-betas"] {
+            let argv = ["vae", flag, "1,2", flag, "3,4"];
+            let err = Cmd::command().try_get_matches_from(argv).map(|_| ()).unwrap_err();
+            assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict, "{flag}");
+        }
+        assert_eq!(parse(&["--block-channels", "32,64"]).0.block_channels, [32, 64]);
     }
 
     #[test]

@@ -181,7 +181,7 @@ pub struct TraverseArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Dimensions to sweep, in this order [default: all, by decreasing average KL].
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', action = clap::ArgAction::Set)]
     dims: Vec<i64>,
     /// Which test image.
     #[arg(long, default_value_t = 0)]
