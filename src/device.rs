@@ -62,7 +62,10 @@ pub fn synchronize(device: Device) {
 /// A short name for logs and metadata.
 pub fn describe(device: Device) -> String {
     match device {
-        Device::Cpu => format!("cpu ({} threads)", tch::get_num_threads()),
+        Device::Cpu => match tch::get_num_threads() {
+            1 => "cpu (1 thread)".to_string(),
+            n => format!("cpu ({n} threads)"),
+        },
         Device::Cuda(i) => format!("cuda:{i}"),
         other => format!("{other:?}"),
     }

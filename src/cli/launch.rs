@@ -29,7 +29,11 @@ pub fn ranks(nproc: usize) -> Result<()> {
     let (done_tx, done_rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
     let mut pids = Vec::new();
     for rank in 0..nproc {
-        let mut child = Command::new(&exe)
+        let mut command = Command::new(&exe);
+        if std::env::var_os("OMP_NUM_THREADS").is_none() {
+            command.env("OMP_NUM_THREADS", threads_per_rank(nproc).to_string());
+        }
+        let mut child = command
             .args(&args)
             .env("RANK", rank.to_string())
             .env("LOCAL_RANK", rank.to_string())
@@ -74,4 +78,12 @@ pub fn ranks(nproc: usize) -> Result<()> {
             bail!("rank {rank} of {nproc} failed ({status}); the other ranks were stopped")
         }
     }
+}
+
+/// libtorch's CPU threads for each rank where neither `--threads` (which still wins) nor
+/// OMP_NUM_THREADS says: the cores shared out, as torchrun sets OMP_NUM_THREADS too. By
+/// default every rank would take every core; 2 ranks on 2 cores then trained 3-4x slower.
+fn threads_per_rank(nproc: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / nproc).max(1)
 }
