@@ -188,6 +188,11 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
         stderr(&err)
     );
     assert!(!never.exists());
+    // A diffusers folder is weights, not a run: --resume says to start from it instead.
+    let err = vae(&["train", "--resume", theirs.to_str().unwrap(), "--out", never.to_str().unwrap()]);
+    assert!(!err.status.success());
+    assert!(stderr(&err).contains("not a run to continue; start a run from them with --init-from"));
+    assert!(!never.exists());
 
     // The exports of this family: reconstructions of a user image at its own resolution (cut
     // to a multiple of the 2-pixel downscale), traversals over the 2 latent channels, and

@@ -189,6 +189,12 @@ impl TrainCommand {
         group: Option<&ProcessGroup>,
     ) -> Result<Option<Start>> {
         let (rank, world) = group.map_or((0, 1), |g| (g.rank, g.world));
+        ensure!(
+            vae::pretrained::diffusers_folder(from).is_none(),
+            "--resume {0}: a diffusers AutoencoderKL folder holds weights, not a run to continue; start a \
+             run from them with --init-from {0}",
+            from.display()
+        );
         let path = run_dir::resolve(from)?;
         let ckpt = Checkpoint::load(&path)?;
         TrainArgs::check_arch_flags(matches, ckpt.meta.config.model.arch())?;
