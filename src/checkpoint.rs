@@ -7,9 +7,10 @@ use crate::adam::{Adam, STATE_PREFIX};
 use crate::adversarial;
 use crate::config::{BestBy, Change, TrainConfig};
 use crate::ema::{self, Ema};
+use crate::loss::Stats;
 use crate::models::{Compute, Model, ModelConfig};
 use crate::precision::LossScale;
-use crate::train::{Adversary, Trainer, DISC_STATE_PREFIX};
+use crate::train::{Adversary, PendingEvaluation, Trainer, DISC_STATE_PREFIX};
 use anyhow::{bail, ensure, Context, Result};
 use safetensors::{tensor::TensorView, Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
@@ -61,6 +62,8 @@ pub struct Metadata {
     pub fid_crc32: Option<u32>,
     /// The weights the run started from (`--init-from`), kept by every checkpoint of it.
     pub init_from: Option<Origin>,
+    /// Saved just before a test evaluation, which a resume makes first.
+    pub pending_evaluation: Option<PendingEvaluation>,
 }
 
 /// A weights file a run started from: where it was, and its CRC-32, which tells it from a
@@ -116,6 +119,7 @@ impl Metadata {
             lpips_crc32: trainer.lpips.as_ref().map(|l| l.checksum),
             fid_crc32: trainer.fid.as_ref().map(|f| f.checksum),
             init_from: lineage.init_from.clone(),
+            pending_evaluation: trainer.pending_evaluation.clone(),
         }
     }
 
@@ -170,6 +174,15 @@ impl Metadata {
         }
         if let Some(origin) = &self.init_from {
             put("init_from", serde_json::to_string(origin)?);
+        }
+        if let Some(pending) = &self.pending_evaluation {
+            // Rust's own float text (NaN included), which parses back to the same bits.
+            let train = pending.train.map_or("none".into(), |t| {
+                t.values().iter().map(f64::to_string).collect::<Vec<_>>().join(",")
+            });
+            put("pending_train", train);
+            put("pending_images", pending.images.to_string());
+            put("pending_seconds", pending.seconds.to_string());
         }
         Ok(map)
     }
@@ -263,6 +276,39 @@ impl Metadata {
                     format!("{}: metadata field \"init_from\" is not a path and crc32", path.display())
                 })?),
                 None => None,
+            },
+            pending_evaluation: match map.get("pending_images") {
+                None => None,
+                Some(_) => Some(PendingEvaluation {
+                    train: match field("pending_train")?.as_str() {
+                        "none" => None,
+                        list => Some(
+                            list.split(',')
+                                .map(str::parse)
+                                .collect::<Result<Vec<f64>, _>>()
+                                .ok()
+                                .and_then(|v| Stats::from_values(&v))
+                                .with_context(|| {
+                                    format!(
+                                        "{}: metadata field \"pending_train\" is not 3 or {} numbers",
+                                        path.display(),
+                                        3 + crate::loss::SHARPNESS.len()
+                                    )
+                                })?,
+                        ),
+                    },
+                    images: number("pending_images")? as usize,
+                    seconds: field("pending_seconds")?
+                        .parse()
+                        .ok()
+                        .filter(|s: &f64| *s >= 0.0)
+                        .with_context(|| {
+                            format!(
+                                "{}: metadata field \"pending_seconds\" is not a duration",
+                                path.display()
+                            )
+                        })?,
+                }),
             },
         })
     }
@@ -536,6 +582,9 @@ impl Checkpoint {
             m.config.epochs,
             m.step
         )?;
+        if m.pending_evaluation.is_some() {
+            writeln!(s, "saved as its test evaluation began: a resume makes that evaluation first")?;
+        }
         let by = m.config.best_by;
         let unit = match by {
             BestBy::Loss => format!(" {}", m.config.model.likelihood().unit()),
@@ -619,6 +668,7 @@ impl Checkpoint {
         );
         trainer.epoch = self.meta.epoch;
         trainer.step = self.meta.step;
+        trainer.pending_evaluation = self.meta.pending_evaluation.clone();
         if trainer.loss_scale.is_some() {
             trainer.loss_scale = Some(self.meta.loss_scale.clone().unwrap_or_default());
         }
@@ -673,6 +723,11 @@ mod tests {
                 path: "/models/sd-vae/diffusion_pytorch_model.safetensors".into(),
                 crc32: 7,
             }),
+            pending_evaluation: Some(PendingEvaluation {
+                train: Some(Stats { loss: 0.1 + 0.2, reconstruction: 1e-300, kl: -0.0, sharpness: None }),
+                images: 640,
+                seconds: 12.5,
+            }),
         };
         let path = Path::new("old.safetensors");
         let mut map = meta.to_map().unwrap();
@@ -688,6 +743,9 @@ mod tests {
         map.remove("lpips_crc32");
         map.remove("fid_crc32");
         map.remove("init_from");
+        for key in ["pending_train", "pending_images", "pending_seconds"] {
+            map.remove(key);
+        }
         let config = map["config"].replace("\"arch\":\"conv\",", "").replace("\"best_by\":\"loss\",", "");
         assert!(!config.contains("arch") && !config.contains("best_by"), "{config}");
         map.insert("config".into(), config);
@@ -695,6 +753,6 @@ mod tests {
         assert_eq!(old.config, meta.config);
         assert!(old.run_id.starts_with("config-") && old.history.is_empty(), "{old:?}");
         assert_eq!((old.world_size, old.lpips_crc32, old.fid_crc32, old.best), (1, None, None, Some(240.5)));
-        assert_eq!((old.evaluations_since_best, old.init_from), (0, None));
+        assert_eq!((old.evaluations_since_best, old.init_from, old.pending_evaluation), (0, None, None));
     }
 }

@@ -1,6 +1,7 @@
 //! Fault injection for the kill tests, so they can die at exact points instead of at random
-//! times: `VAE_FAULT=step:N` aborts the process right after training step N, and
-//! `VAE_FAULT=write:N` in the middle of its Nth atomic file write (half the bytes written).
+//! times: `VAE_FAULT=step:N` aborts the process right after training step N,
+//! `VAE_FAULT=write:N` in the middle of its Nth atomic file write (half the bytes written),
+//! and `VAE_FAULT=eval:N` as its Nth test evaluation starts.
 //! Abort stands in for `kill -9`: no destructor, flush or handler runs. With
 //! `VAE_FAULT_RANK=R`, only rank R of a data-parallel run (its `RANK`) dies.
 
@@ -11,6 +12,7 @@ use std::sync::OnceLock;
 enum Fault {
     AfterStep(u64),
     InWrite(u64),
+    InEvaluation(u64),
 }
 
 fn planned() -> Option<Fault> {
@@ -27,6 +29,7 @@ fn planned() -> Option<Fault> {
         match kind {
             "step" => Some(Fault::AfterStep(n)),
             "write" => Some(Fault::InWrite(n)),
+            "eval" => Some(Fault::InEvaluation(n)),
             _ => None,
         }
     })
@@ -36,6 +39,16 @@ fn planned() -> Option<Fault> {
 pub fn after_step(step: u64) {
     if planned() == Some(Fault::AfterStep(step)) {
         eprintln!("VAE_FAULT: aborting after step {step}");
+        std::process::abort();
+    }
+}
+
+/// Called as each test evaluation of a training run starts.
+pub fn in_evaluation() {
+    static EVALUATIONS: AtomicU64 = AtomicU64::new(0);
+    let n = EVALUATIONS.fetch_add(1, Ordering::SeqCst) + 1;
+    if planned() == Some(Fault::InEvaluation(n)) {
+        eprintln!("VAE_FAULT: aborting in evaluation {n}");
         std::process::abort();
     }
 }

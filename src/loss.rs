@@ -121,8 +121,25 @@ impl Stats {
     pub fn from_sums(sums: &Tensor, count: usize) -> Self {
         let v = Vec::<f64>::try_from(sums.to_kind(Kind::Double).to_device(Device::Cpu)).expect("sums");
         let n = count.max(1) as f64;
-        let sharpness = (v.len() == 3 + SHARPNESS.len()).then(|| std::array::from_fn(|i| v[3 + i] / n));
-        Self { loss: v[0] / n, reconstruction: v[1] / n, kl: v[2] / n, sharpness }
+        let means: Vec<f64> = v.iter().map(|s| s / n).collect();
+        Self::from_values(&means).expect("3 sums, then the sharpness ones where there are any")
+    }
+
+    /// `[loss, reconstruction, kl]`, then the [`SHARPNESS`] statistics where there are any.
+    pub fn values(&self) -> Vec<f64> {
+        let mut v = vec![self.loss, self.reconstruction, self.kl];
+        v.extend(self.sharpness.iter().flatten());
+        v
+    }
+
+    /// The inverse of [`Stats::values`]; `None` for any other length.
+    pub fn from_values(v: &[f64]) -> Option<Self> {
+        let sharpness = match v.len() {
+            3 => None,
+            n if n == 3 + SHARPNESS.len() => Some(std::array::from_fn(|i| v[3 + i])),
+            _ => return None,
+        };
+        Some(Self { loss: v[0], reconstruction: v[1], kl: v[2], sharpness })
     }
 
     /// The sharpness statistics by name.

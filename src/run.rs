@@ -14,7 +14,7 @@ use crate::plot::{self, Series};
 use crate::run_dir::{self, RunDir, BEST, LOSS_PLOT, METRICS, RECONSTRUCTIONS, SAMPLES};
 use crate::schedule::Schedule;
 use crate::tensorboard::EventWriter;
-use crate::train::{EpochEnd, Flow, Trainer, Window};
+use crate::train::{EpochEnd, Flow, PendingEvaluation, Trainer, Window};
 use anyhow::{bail, ensure, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::path::PathBuf;
@@ -408,27 +408,53 @@ pub fn run(
     while !trainer.finished() {
         let started = Instant::now();
         let all_reduce_before = trainer.all_reduce_seconds;
-        let images_before = images_into(trainer);
-        let (train, complete) = match train_epoch(trainer, &loader, out.as_mut(), &schedule, opts)? {
-            EpochEnd::Complete(train) => (train, true),
-            EpochEnd::Stopped(train) if opts.evaluates_within_epoch(trainer) => (train, false),
-            EpochEnd::Stopped(_) => {
-                if let Some(out) = &out {
-                    out.save_last(trainer)?;
+        // An evaluation that a killed process owed comes first, with its training's figures.
+        let (pending, complete) = match trainer.pending_evaluation.take() {
+            Some(pending) => {
+                if out.is_some() && !opts.quiet {
+                    eprintln!(
+                        "step {}: the test evaluation the run was stopped in comes first",
+                        trainer.step
+                    );
                 }
-                summary.interrupted = true;
-                return Ok(summary);
+                (pending, trainer.step == trainer.epoch * steps_per_epoch)
+            }
+            None => {
+                let images_before = images_into(trainer);
+                let (train, complete) = match train_epoch(trainer, &loader, out.as_mut(), &schedule, opts)? {
+                    EpochEnd::Complete(train) => (train, true),
+                    EpochEnd::Stopped(train) if opts.evaluates_within_epoch(trainer) => (train, false),
+                    EpochEnd::Stopped(_) => {
+                        if let Some(out) = &out {
+                            out.save_last(trainer)?;
+                        }
+                        summary.interrupted = true;
+                        return Ok(summary);
+                    }
+                };
+                // Only a checkpoint saved at an epoch's last step completes an epoch without a step.
+                if complete && train.is_none() && out.is_some() && !opts.quiet {
+                    eprintln!(
+                        "epoch {} had taken all its steps but not reached its end (a checkpoint of an \
+                         earlier vae, saved before the epoch's test evaluation): evaluating it now; its \
+                         metrics row has no training figures",
+                        trainer.epoch
+                    );
+                }
+                let images = if complete { loader.len() } else { images_into(trainer) } - images_before;
+                let pending = PendingEvaluation { train, images, seconds: started.elapsed().as_secs_f64() };
+                // Saved before the evaluation, which may take minutes: a kill during it (a
+                // preemption's grace run out) costs the evaluation, not the training.
+                if let Some(out) = &out {
+                    trainer.pending_evaluation = Some(pending.clone());
+                    out.save_last(trainer)?;
+                    trainer.pending_evaluation = None;
+                }
+                (pending, complete)
             }
         };
-        // Only a checkpoint saved at an epoch's last step completes an epoch without a step.
-        if complete && train.is_none() && out.is_some() && !opts.quiet {
-            eprintln!(
-                "epoch {} had taken all its steps but not reached its end (a checkpoint of an earlier \
-                 vae, saved before the epoch's test evaluation): evaluating it now; its metrics row has \
-                 no training figures",
-                trainer.epoch
-            );
-        }
+        crate::fault::in_evaluation();
+        let PendingEvaluation { train, images, seconds } = pending;
         // A step with a finite loss is needed for figures; none at all leaves them NaN.
         let train = train.unwrap_or(Stats {
             loss: f64::NAN,
@@ -436,8 +462,6 @@ pub fn run(
             kl: f64::NAN,
             sharpness: None,
         });
-        let seconds = started.elapsed().as_secs_f64();
-        let images = if complete { loader.len() } else { images_into(trainer) } - images_before;
         // Epochs trained, with the fraction of the next one taken where the run stopped inside it.
         let epoch = trainer.epoch as f64 + steps_into(trainer) as f64 / steps_per_epoch as f64;
         // Judged (and pictured, below) with the weights' moving average, where one is kept.

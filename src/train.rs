@@ -93,6 +93,20 @@ pub enum EpochEnd {
     Stopped(Option<Stats>),
 }
 
+/// What a test evaluation's metrics row needs of the training before it, kept in the
+/// checkpoint saved just before the evaluation: a run killed during it (a preemption whose
+/// grace ran out, an evaluation out of memory) loses only the evaluation, which its resume
+/// makes first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingEvaluation {
+    /// The figures of the steps since the previous evaluation; `None` when none had a finite
+    /// loss.
+    pub train: Option<Stats>,
+    /// Images those steps trained on, and their seconds.
+    pub images: usize,
+    pub seconds: f64,
+}
+
 /// Steps between reads of the running loss for the progress bar: each read syncs the device.
 const LOG_EVERY: usize = 25;
 
@@ -152,6 +166,9 @@ pub struct Trainer {
     pub evaluations_since_best: u64,
     /// Present when computing in float16.
     pub loss_scale: Option<LossScale>,
+    /// The test evaluation owed at this step, in a trainer restored from a checkpoint saved
+    /// just before it.
+    pub pending_evaluation: Option<PendingEvaluation>,
     /// Steps in a row, up to now, whose loss or gradients were not finite (and were skipped).
     pub bad_steps: u64,
     /// Steps skipped so far by this process.
@@ -215,6 +232,7 @@ impl Trainer {
             best: None,
             evaluations_since_best: 0,
             loss_scale,
+            pending_evaluation: None,
             bad_steps: 0,
             skipped_steps: 0,
             grad_norm: None,
@@ -586,10 +604,13 @@ impl Trainer {
         self.cfg.patience > 0 && self.evaluations_since_best >= self.cfg.patience
     }
 
-    /// Whether the run has nothing left to train: its epochs, `--max-steps` or `--patience`
-    /// are used up.
+    /// Whether the run has nothing left to do: its epochs, `--max-steps` or `--patience` are
+    /// used up, and no evaluation is owed.
     pub fn finished(&self) -> bool {
-        self.epoch >= self.cfg.epochs || self.cfg.reached_max_steps(self.step) || self.out_of_patience()
+        self.pending_evaluation.is_none()
+            && (self.epoch >= self.cfg.epochs
+                || self.cfg.reached_max_steps(self.step)
+                || self.out_of_patience())
     }
 
     /// Whether any rank says yes (one small all-reduce); this rank's word alone otherwise.

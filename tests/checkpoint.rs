@@ -237,6 +237,56 @@ fn a_requeued_command_starts_continues_and_finishes_its_run() {
     assert!(!out.status.success() && stderr(&out).contains("--out"), "{}", stderr(&out));
 }
 
+/// `metrics.csv` without the columns of time, which differ between any two runs.
+fn metrics_but_time(run: &Path) -> Vec<Vec<String>> {
+    let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
+    let header: Vec<&str> = text.lines().next().unwrap().split(',').collect();
+    let timeless = |l: &str| -> Vec<String> {
+        let cells = l.split(',').zip(&header);
+        cells.filter(|(_, h)| !["images_per_s", "seconds"].contains(h)).map(|(c, _)| c.to_string()).collect()
+    };
+    text.lines().map(timeless).collect()
+}
+
+/// A run killed in its test evaluations (a preemption's grace run out, an evaluation out of
+/// memory) loses only them: saved as each began, the resume makes it first, trains nothing
+/// again, and ends where the uninterrupted run does, its metrics rows included.
+#[test]
+fn a_run_killed_in_an_evaluation_makes_it_first_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    // 20 steps an epoch: evaluations at steps 20, 30, 40 and 60, the last.
+    let extra = ["--eval-every-steps", "30", "--auto-resume"];
+    let straight = dir.path().join("straight");
+    ok(train(&straight, "3", &extra));
+    let run = dir.path().join("run");
+    let args = train_args(&run, "3", &extra);
+    let last = run.join("last.safetensors");
+    let attempt = |fault: &str| {
+        let out =
+            Command::new(env!("CARGO_BIN_EXE_vae")).args(&args).env("VAE_FAULT", fault).output().unwrap();
+        assert!(stderr(&out).contains("VAE_FAULT: aborting in evaluation"), "{fault}: {}", stderr(&out));
+        let meta = Checkpoint::load(&last).unwrap().meta;
+        assert!(meta.pending_evaluation.is_some(), "{fault}: saved without its evaluation owed");
+        meta.step
+    };
+    // Killed in the evaluation at step 30 (mid-epoch), then again in it: nothing trained or written.
+    assert_eq!(attempt("eval:2"), 30);
+    let owed = std::fs::read(&last).unwrap();
+    assert_eq!(attempt("eval:1"), 30);
+    assert_eq!(std::fs::read(&last).unwrap(), owed, "the owed evaluation's checkpoint was rewritten");
+    // It, then 40's (an epoch's end), then killed in the last one, after the last step.
+    assert_eq!(attempt("eval:3"), 60);
+    let info = stdout(&ok(vae(&["info", last.to_str().unwrap()])));
+    assert!(info.contains("a resume makes that evaluation first"), "{info}");
+    ok(vae(&args));
+    assert_identical(&straight.join("last.safetensors"), &last);
+    assert!(Checkpoint::load(&last).unwrap().meta.pending_evaluation.is_none());
+    assert_eq!(metrics_but_time(&run), metrics_but_time(&straight));
+    assert_eq!(metrics_but_time(&run).len(), 5, "a header and 4 evaluations");
+    let out = ok(vae(&args));
+    assert!(stdout(&out).contains("has completed its 3 epochs"), "{}", stdout(&out));
+}
+
 #[test]
 fn runs_killed_at_any_point_resume_to_the_straight_result() {
     for model in [TINY_MODEL, TINY_RESNET] {
@@ -345,7 +395,7 @@ fn bad_checkpoints_are_refused_with_a_message_and_left_untouched() {
     let out = vae(&["train", "--resume", run.to_str().unwrap(), "--latent-dim", "8"]);
     assert!(stderr(&out).contains("--latent-dim 8 conflicts with the checkpoint"), "{}", stderr(&out));
 
-    // A continuation whose folder cannot take files fails before training, writing nothing.
+    // A continuation whose folder cannot be made fails before its data, writing nothing.
     let blocker = dir.path().join("a-file");
     std::fs::write(&blocker, b"").unwrap();
     let elsewhere = blocker.join("run");
@@ -359,7 +409,7 @@ fn bad_checkpoints_are_refused_with_a_message_and_left_untouched() {
         elsewhere.to_str().unwrap(),
     ]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("creating run folder"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("a-file is a file, not a folder"), "{}", stderr(&out));
     assert_eq!(std::fs::read(&good).unwrap(), bytes);
 }
 

@@ -9,8 +9,10 @@ use vae::adam::{Adam, AdamConfig};
 use vae::checkpoint::{self, Checkpoint, Metadata, Origin};
 use vae::config::TrainConfig;
 use vae::data::{cifar, idx, image_file};
+use vae::loss::Stats;
 use vae::models::{ConvConfig, ConvVae, ModelConfig};
 use vae::rng::SplitMix64;
+use vae::train::PendingEvaluation;
 
 fn cases() -> u64 {
     std::env::var("VAE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000)
@@ -99,6 +101,12 @@ fn the_checkpoint_loader_takes_any_bytes() {
         fid_crc32: None,
         // Fuzzed too: its JSON is parsed.
         init_from: Some(Origin { path: "sd-vae/diffusion_pytorch_model.safetensors".into(), crc32: 9 }),
+        // And its list of numbers.
+        pending_evaluation: Some(PendingEvaluation {
+            train: Some(Stats { loss: 2.5, reconstruction: 2.0, kl: 0.5, sharpness: None }),
+            images: 96,
+            seconds: 0.25,
+        }),
     };
     let seed = checkpoint::to_bytes(&vs, &adam, None, None, &meta).unwrap();
     let path = Path::new("fuzz.safetensors");

@@ -244,7 +244,9 @@ impl TrainCommand {
                 }
             }
         }
-        if trainer.epoch >= trainer.cfg.epochs {
+        // A run stopped in an evaluation owes it, even after its last step.
+        let owed = trainer.pending_evaluation.is_some();
+        if !owed && trainer.epoch >= trainer.cfg.epochs {
             println!(
                 "the run in {} has completed its {} epochs; pass --epochs N to train further",
                 out_dir.display(),
@@ -252,7 +254,7 @@ impl TrainCommand {
             );
             return Ok(None);
         }
-        if trainer.cfg.reached_max_steps(trainer.step) {
+        if !owed && trainer.cfg.reached_max_steps(trainer.step) {
             println!(
                 "the run in {} has taken its --max-steps {}; pass a larger --max-steps (0: none) to train further",
                 out_dir.display(),
@@ -260,7 +262,7 @@ impl TrainCommand {
             );
             return Ok(None);
         }
-        if trainer.out_of_patience() {
+        if !owed && trainer.out_of_patience() {
             println!(
                 "the run in {} stopped early: its test {} has not bettered for {} evaluation(s) \
                  (--patience {}); pass a larger --patience (0: none) to train further",
