@@ -331,6 +331,60 @@ fn train_epoch(
     Ok(train)
 }
 
+/// Trains to the next test evaluation and saves the run as it begins, the evaluation owed (a
+/// kill during it, which can outlast a preemption's grace, then costs only the evaluation);
+/// or takes the evaluation a killed process owed. With whether it ends an epoch; `None` when
+/// a stop came first (the run saved).
+fn train_to_evaluation(
+    trainer: &mut Trainer,
+    loader: &Loader,
+    out: Option<&mut Outputs>,
+    schedule: &Schedule,
+    opts: &RunOptions,
+) -> Result<Option<(PendingEvaluation, bool)>> {
+    let steps_per_epoch = loader.steps_per_epoch();
+    if let Some(pending) = trainer.pending_evaluation.take() {
+        if out.is_some() && !opts.quiet {
+            eprintln!("step {}: the test evaluation the run was stopped in comes first", trainer.step);
+        }
+        return Ok(Some((pending, trainer.step == trainer.epoch * steps_per_epoch)));
+    }
+    let started = Instant::now();
+    // Images of the current epoch taken (before this call, in a run resumed mid-epoch; at its
+    // end, by a run stopped inside it).
+    let images_into =
+        |t: &Trainer| ((t.step - t.epoch * steps_per_epoch) as usize * loader.batch_size()).min(loader.len());
+    let images_before = images_into(trainer);
+    let mut out = out;
+    let (train, complete) = match train_epoch(trainer, loader, out.as_deref_mut(), schedule, opts)? {
+        EpochEnd::Complete(train) => (train, true),
+        EpochEnd::Stopped(train) if opts.evaluates_within_epoch(trainer) => (train, false),
+        EpochEnd::Stopped(_) => {
+            if let Some(out) = out {
+                out.save_last(trainer)?;
+            }
+            return Ok(None);
+        }
+    };
+    // Only a checkpoint saved at an epoch's last step completes an epoch without a step.
+    if complete && train.is_none() && out.is_some() && !opts.quiet {
+        eprintln!(
+            "epoch {} had taken all its steps but not reached its end (a checkpoint of an earlier vae, \
+             saved before the epoch's test evaluation): evaluating it now; its metrics row has no \
+             training figures",
+            trainer.epoch
+        );
+    }
+    let images = if complete { loader.len() } else { images_into(trainer) } - images_before;
+    let pending = PendingEvaluation { train, images, seconds: started.elapsed().as_secs_f64() };
+    if let Some(out) = out {
+        trainer.pending_evaluation = Some(pending.clone());
+        out.save_last(trainer)?;
+        trainer.pending_evaluation = None;
+    }
+    Ok(Some((pending, complete)))
+}
+
 /// The test split's figures and active dimensions (every rank computes its share); a test
 /// loss that is not finite ends the run, on every rank, before anything is saved.
 fn evaluate(trainer: &Trainer, test: &Dataset, folder: Option<&RunDir>) -> Result<(SplitFigures, i64)> {
@@ -401,57 +455,14 @@ pub fn run(
     }
     let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
     let steps_per_epoch = loader.steps_per_epoch();
-    // Steps and images of the current epoch taken (before this call, in a run resumed
-    // mid-epoch; at its end, by a run stopped inside it).
+    // Steps of the current epoch taken.
     let steps_into = |t: &Trainer| t.step - t.epoch * steps_per_epoch;
-    let images_into = |t: &Trainer| (steps_into(t) as usize * loader.batch_size()).min(loader.len());
     while !trainer.finished() {
-        let started = Instant::now();
         let all_reduce_before = trainer.all_reduce_seconds;
-        // An evaluation that a killed process owed comes first, with its training's figures.
-        let (pending, complete) = match trainer.pending_evaluation.take() {
-            Some(pending) => {
-                if out.is_some() && !opts.quiet {
-                    eprintln!(
-                        "step {}: the test evaluation the run was stopped in comes first",
-                        trainer.step
-                    );
-                }
-                (pending, trainer.step == trainer.epoch * steps_per_epoch)
-            }
-            None => {
-                let images_before = images_into(trainer);
-                let (train, complete) = match train_epoch(trainer, &loader, out.as_mut(), &schedule, opts)? {
-                    EpochEnd::Complete(train) => (train, true),
-                    EpochEnd::Stopped(train) if opts.evaluates_within_epoch(trainer) => (train, false),
-                    EpochEnd::Stopped(_) => {
-                        if let Some(out) = &out {
-                            out.save_last(trainer)?;
-                        }
-                        summary.interrupted = true;
-                        return Ok(summary);
-                    }
-                };
-                // Only a checkpoint saved at an epoch's last step completes an epoch without a step.
-                if complete && train.is_none() && out.is_some() && !opts.quiet {
-                    eprintln!(
-                        "epoch {} had taken all its steps but not reached its end (a checkpoint of an \
-                         earlier vae, saved before the epoch's test evaluation): evaluating it now; its \
-                         metrics row has no training figures",
-                        trainer.epoch
-                    );
-                }
-                let images = if complete { loader.len() } else { images_into(trainer) } - images_before;
-                let pending = PendingEvaluation { train, images, seconds: started.elapsed().as_secs_f64() };
-                // Saved before the evaluation, which may take minutes: a kill during it (a
-                // preemption's grace run out) costs the evaluation, not the training.
-                if let Some(out) = &out {
-                    trainer.pending_evaluation = Some(pending.clone());
-                    out.save_last(trainer)?;
-                    trainer.pending_evaluation = None;
-                }
-                (pending, complete)
-            }
+        let Some((pending, complete)) = train_to_evaluation(trainer, &loader, out.as_mut(), &schedule, opts)?
+        else {
+            summary.interrupted = true;
+            return Ok(summary);
         };
         crate::fault::in_evaluation();
         let PendingEvaluation { train, images, seconds } = pending;
