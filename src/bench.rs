@@ -123,7 +123,7 @@ pub fn run(mut cfg: TrainConfig, device: Device, opts: BenchOptions) -> Result<B
         trainer.train_epoch(&loader, &indicatif::ProgressBar::hidden(), |_, _| {
             Ok(crate::train::Flow::Continue)
         })?;
-        report.test_loss = Some(trainer.evaluate(&splits.test)?.stats.loss);
+        report.test_loss = trainer.evaluate(&splits.test)?.map(|f| f.stats.loss);
         report.epoch_s = Some(started.elapsed().as_secs_f64());
     } else {
         let batch = trainer.cfg.batch_size as i64;

@@ -106,13 +106,16 @@ impl SplitSums {
 /// One pass over this rank's share of `data`: evaluation batch i is rank i mod `world`'s,
 /// its noise fixed by (seed, i), so the sums over ranks are one process's. Each batch is
 /// encoded once, for the bound at a sample and the reconstruction at the posterior mean.
+/// `keep_going` is asked before each round of `world` batches (as often on every rank, so it
+/// may be a collective); `None` when it said no.
 pub fn split_sums(
     model: &dyn Model,
     data: &Dataset,
     measure: Measure,
     device: Device,
     (rank, world): (usize, usize),
-) -> Result<SplitSums> {
+    keep_going: &mut dyn FnMut() -> Result<bool>,
+) -> Result<Option<SplitSums>> {
     let loader = Loader::new(data, device, ELBO_BATCH);
     let double = |shape: &[i64]| Tensor::zeros(shape, (Kind::Double, device));
     let mut sums = SplitSums {
@@ -123,7 +126,13 @@ pub fn split_sums(
     };
     let [_, h, w] = data.image_shape();
     let with_ssim = ssim::applies(h, w);
-    for (i, x) in loader.shard(rank, world) {
+    let mut batches = loader.shard(rank, world);
+    for _round in 0..loader.steps_per_epoch().div_ceil(world as u64) {
+        if !keep_going()? {
+            return Ok(None);
+        }
+        // The last round may have no batch for this rank.
+        let Some((i, x)) = batches.next() else { continue };
         let x = x?;
         seed_torch(measure.seed, Stream::Eval, i as u64);
         tch::no_grad(|| {
@@ -148,7 +157,7 @@ pub fn split_sums(
             }
         });
     }
-    Ok(sums)
+    Ok(Some(sums))
 }
 
 /// Images whose latents set the scale factor.
@@ -336,8 +345,9 @@ pub fn evaluate(
     // The bound where the likelihood is a density; otherwise the loss the run minimised.
     let weight = if density { KlWeight::ELBO } else { KlWeight { beta: cfg.beta, free_bits: 0.0 } };
     let measure = Measure { seed: cfg.seed, weight, perceptual: cfg.perceptual(lpips)?, lpips, fid };
+    let sums = split_sums(model, data, measure, device, (0, 1), &mut || Ok(true))?;
     let SplitFigures { stats: elbo, quality, rfid, .. } =
-        split_sums(model, data, measure, device, (0, 1))?.figures(data, lpips.is_some())?;
+        sums.expect("an evaluation that always goes on").figures(data, lpips.is_some())?;
     let [c, h, w] = data.image_shape();
     let dimensions = c * h * w;
     let iwae_nll = if iw_samples > 0 && density {

@@ -1,7 +1,8 @@
 //! Fault injection for the kill tests, so they can die at exact points instead of at random
 //! times: `VAE_FAULT=step:N` aborts the process right after training step N,
 //! `VAE_FAULT=write:N` in the middle of its Nth atomic file write (half the bytes written),
-//! and `VAE_FAULT=eval:N` as its Nth test evaluation starts.
+//! and `VAE_FAULT=eval:N` as its Nth test evaluation starts; `VAE_FAULT=stop-in-eval:N`
+//! instead sends the process SIGTERM there, as a preemption would.
 //! Abort stands in for `kill -9`: no destructor, flush or handler runs. With
 //! `VAE_FAULT_RANK=R`, only rank R of a data-parallel run (its `RANK`) dies.
 
@@ -13,6 +14,7 @@ enum Fault {
     AfterStep(u64),
     InWrite(u64),
     InEvaluation(u64),
+    StopInEvaluation(u64),
 }
 
 fn planned() -> Option<Fault> {
@@ -30,6 +32,7 @@ fn planned() -> Option<Fault> {
             "step" => Some(Fault::AfterStep(n)),
             "write" => Some(Fault::InWrite(n)),
             "eval" => Some(Fault::InEvaluation(n)),
+            "stop-in-eval" => Some(Fault::StopInEvaluation(n)),
             _ => None,
         }
     })
@@ -50,6 +53,11 @@ pub fn in_evaluation() {
     if planned() == Some(Fault::InEvaluation(n)) {
         eprintln!("VAE_FAULT: aborting in evaluation {n}");
         std::process::abort();
+    }
+    if planned() == Some(Fault::StopInEvaluation(n)) {
+        eprintln!("VAE_FAULT: SIGTERM in evaluation {n}");
+        // SAFETY: raise only sends a signal to this process, whose handler sets a flag.
+        unsafe { libc::raise(libc::SIGTERM) };
     }
 }
 

@@ -11,7 +11,7 @@ use crate::loss::Stats;
 use crate::metrics::{active_dimensions, EpochRow, MetricsLog};
 use crate::models::Likelihood;
 use crate::plot::{self, Series};
-use crate::run_dir::{self, RunDir, BEST, LOSS_PLOT, METRICS, RECONSTRUCTIONS, SAMPLES};
+use crate::run_dir::{self, RunDir, BEFORE_EVAL, BEST, LOSS_PLOT, METRICS, RECONSTRUCTIONS, SAMPLES};
 use crate::schedule::Schedule;
 use crate::tensorboard::EventWriter;
 use crate::train::{EpochEnd, Flow, PendingEvaluation, Trainer, Window};
@@ -156,6 +156,45 @@ impl Outputs<'_> {
         let bytes = checkpoint::trainer_bytes(trainer, &meta)?;
         write_atomic(&self.folder.last(), &bytes)?;
         Ok(bytes)
+    }
+
+    /// Saves the run as a test evaluation begins, the evaluation owed: a kill during it (which
+    /// can outlast a preemption's grace) then costs only the evaluation. The `last` it
+    /// replaces stays, as [`BEFORE_EVAL`] (a hard link: nothing copied), until
+    /// [`Outputs::settle_evaluation`].
+    fn save_before_evaluation(&self, trainer: &mut Trainer, pending: &PendingEvaluation) -> Result<()> {
+        let (last, kept) = (self.folder.last(), self.folder.file(BEFORE_EVAL));
+        if last.exists() {
+            match std::fs::remove_file(&kept) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", kept.display()))
+                }
+                _ => {}
+            }
+            if std::fs::hard_link(&last, &kept).is_err() {
+                // A file system without hard links: a copy, written as atomically as any.
+                let bytes = std::fs::read(&last).with_context(|| format!("reading {}", last.display()))?;
+                write_atomic(&kept, &bytes)?;
+            }
+        }
+        trainer.pending_evaluation = Some(pending.clone());
+        let saved = self.save_last(trainer);
+        trainer.pending_evaluation = None;
+        saved.map(drop)
+    }
+
+    /// After an evaluation that measured a test loss: the checkpoint kept through it goes
+    /// when the loss is finite; when not, it comes back as `last` (none: there was none), so
+    /// that `last` stays the latest checkpoint with a finite test loss to go on from.
+    fn settle_evaluation(&self, finite: bool) -> Result<()> {
+        let (last, kept) = (self.folder.last(), self.folder.file(BEFORE_EVAL));
+        let settled = match (finite, kept.exists()) {
+            (true, true) => std::fs::remove_file(&kept),
+            (false, true) => std::fs::rename(&kept, &last),
+            (false, false) => std::fs::remove_file(&last),
+            (true, false) => Ok(()),
+        };
+        settled.with_context(|| format!("settling {} after the test evaluation", last.display()))
     }
 
     /// Per step, every `LOG_EVERY` steps: the training window's scalars, flushed so that
@@ -378,27 +417,36 @@ fn train_to_evaluation(
     let images = if complete { loader.len() } else { images_into(trainer) } - images_before;
     let pending = PendingEvaluation { train, images, seconds: started.elapsed().as_secs_f64() };
     if let Some(out) = out {
-        trainer.pending_evaluation = Some(pending.clone());
-        out.save_last(trainer)?;
-        trainer.pending_evaluation = None;
+        out.save_before_evaluation(trainer, &pending)?;
     }
     Ok(Some((pending, complete)))
 }
 
-/// The test split's figures and active dimensions (every rank computes its share); a test
-/// loss that is not finite ends the run, on every rank, before anything is saved.
-fn evaluate(trainer: &Trainer, test: &Dataset, folder: Option<&RunDir>) -> Result<(SplitFigures, i64)> {
-    let figures = trainer.evaluate(test)?;
-    ensure!(
-        figures.stats.loss.is_finite(),
-        "epoch {}: the test loss is not finite ({}); the run has diverged, and {} keeps the last \
-         checkpoint with a finite one",
-        trainer.epoch,
-        figures.stats.loss,
-        folder.map_or("rank 0's run folder".into(), |f| f.last().display().to_string())
-    );
+/// The test split's figures and active dimensions (every rank computes its share), or `None`
+/// when a stop came during it (the run was saved as it began). A test loss that is not finite
+/// ends the run on every rank, rank 0's `last` put back to the checkpoint before it.
+fn evaluate(trainer: &Trainer, test: &Dataset, out: Option<&Outputs>) -> Result<Option<(SplitFigures, i64)>> {
+    let Some(figures) = trainer.evaluate(test)? else { return Ok(None) };
+    let finite = figures.stats.loss.is_finite();
+    if let Some(out) = out {
+        out.settle_evaluation(finite)?;
+    }
+    if !finite {
+        let kept = match out.map(|o| o.folder.last()) {
+            Some(last) if last.exists() => {
+                format!("{} keeps the last checkpoint with a finite one", last.display())
+            }
+            Some(_) => "it had no checkpoint with a finite one".into(),
+            None => "rank 0's run folder keeps the last checkpoint with a finite one".into(),
+        };
+        bail!(
+            "epoch {}: the test loss is not finite ({}); the run has diverged, and {kept}",
+            trainer.epoch,
+            figures.stats.loss
+        );
+    }
     let active = active_dimensions(&figures.moments, test.len());
-    Ok((figures, active))
+    Ok(Some((figures, active)))
 }
 
 /// Trains until `trainer.cfg.epochs` (or its `max_steps`) in `folder` (held by this process),
@@ -476,8 +524,11 @@ pub fn run(
         // Epochs trained, with the fraction of the next one taken where the run stopped inside it.
         let epoch = trainer.epoch as f64 + steps_into(trainer) as f64 / steps_per_epoch as f64;
         // Judged (and pictured, below) with the weights' moving average, where one is kept.
-        let (figures, active_dims) =
-            trainer.averaged(|| evaluate(trainer, &test, out.as_ref().map(|o| o.folder)))?;
+        let Some((figures, active_dims)) = trainer.averaged(|| evaluate(trainer, &test, out.as_ref()))?
+        else {
+            summary.interrupted = true;
+            return Ok(summary);
+        };
         let test_stats = figures.stats;
         let by = cfg.best_by;
         let figure =

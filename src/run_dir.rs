@@ -10,6 +10,9 @@ use std::path::{Path, PathBuf};
 
 pub const LAST: &str = "last.safetensors";
 pub const BEST: &str = "best.safetensors";
+/// The `last` that the save as a test evaluation began replaced, kept until the evaluation's
+/// figures are known.
+pub const BEFORE_EVAL: &str = "last-before-eval.safetensors";
 pub const METRICS: &str = "metrics.csv";
 pub const LOSS_PLOT: &str = "loss.png";
 pub const RECONSTRUCTIONS: &str = "reconstructions.png";

@@ -641,8 +641,9 @@ impl Trainer {
     /// The bound on a split (noise fixed per evaluation batch by the seed), the
     /// reconstructions' quality (LPIPS where the run computes it, rFID where it was given the
     /// Inception) and the posterior means' moments; every rank evaluates its share and the
-    /// sums are exchanged, so all of them return the whole split's.
-    pub fn evaluate(&self, data: &Dataset) -> Result<SplitFigures> {
+    /// sums are exchanged, so all of them return the whole split's. `None` when a stop was
+    /// asked for during it, on any rank (all of them agree before each round of batches).
+    pub fn evaluate(&self, data: &Dataset) -> Result<Option<SplitFigures>> {
         let measure = Measure {
             seed: self.cfg.seed,
             weight: KlWeight { beta: self.cfg.beta, free_bits: 0.0 },
@@ -651,11 +652,14 @@ impl Trainer {
             fid: self.fid.as_ref(),
         };
         let shard = self.group.as_ref().map_or((0, 1), |g| (g.rank, g.world));
-        let sums = crate::eval::split_sums(self.model.as_ref(), data, measure, self.device, shard)?;
+        let mut keep_going = || Ok(!self.any_rank(self.stop_asked())?);
+        let sums =
+            crate::eval::split_sums(self.model.as_ref(), data, measure, self.device, shard, &mut keep_going)?;
+        let Some(sums) = sums else { return Ok(None) };
         if let Some(group) = &self.group {
             group.all_reduce_sum(&sums.tensors())?;
         }
-        sums.figures(data, self.lpips.is_some())
+        sums.figures(data, self.lpips.is_some()).map(Some)
     }
 }
 

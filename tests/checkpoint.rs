@@ -274,6 +274,18 @@ fn a_run_killed_in_an_evaluation_makes_it_first_on_resume() {
     let owed = std::fs::read(&last).unwrap();
     assert_eq!(attempt("eval:1"), 30);
     assert_eq!(std::fs::read(&last).unwrap(), owed, "the owed evaluation's checkpoint was rewritten");
+    // The checkpoint before it is kept until its figures are known (a diverged one goes back).
+    let before = run.join("last-before-eval.safetensors");
+    assert_eq!(Checkpoint::load(&before).unwrap().meta.step, 20);
+    // SIGTERM in it (a preemption): the run stops at once, the evaluation still owed.
+    let out = Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(&args)
+        .env("VAE_FAULT", "stop-in-eval:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    assert!(stderr(&out).contains("interrupted: saved"), "{}", stderr(&out));
+    assert_eq!(std::fs::read(&last).unwrap(), owed, "the owed evaluation's checkpoint was rewritten");
     // It, then 40's (an epoch's end), then killed in the last one, after the last step.
     assert_eq!(attempt("eval:3"), 60);
     let info = stdout(&ok(vae(&["info", last.to_str().unwrap()])));
@@ -281,6 +293,7 @@ fn a_run_killed_in_an_evaluation_makes_it_first_on_resume() {
     ok(vae(&args));
     assert_identical(&straight.join("last.safetensors"), &last);
     assert!(Checkpoint::load(&last).unwrap().meta.pending_evaluation.is_none());
+    assert!(!before.exists(), "the checkpoint before the last evaluation was left");
     assert_eq!(metrics_but_time(&run), metrics_but_time(&straight));
     assert_eq!(metrics_but_time(&run).len(), 5, "a header and 4 evaluations");
     let out = ok(vae(&args));

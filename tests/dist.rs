@@ -264,7 +264,7 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
 
     // Rank 1 dies after step 35 (last saved at 30, in the second epoch): the launcher stops
     // rank 0 and fails; the same command again (--auto-resume, as a requeued job runs it)
-    // continues on 2 ranks to the uninterrupted 2-rank run, bit for bit.
+    // continues on 2 ranks to the uninterrupted 2-rank run, bit for bit (after a stop, below).
     let straight = dir.path().join("straight");
     ok(train(&straight, "2", &["--nproc", "2"]));
     let killed = dir.path().join("killed");
@@ -281,6 +281,17 @@ fn two_ranks_train_as_one_process_and_resume_exactly() {
     assert!(!out.status.success(), "a run that lost a rank succeeded");
     assert!(stderr(&out).contains("rank 1 of 2 failed"), "{}", stderr(&out));
     assert_eq!(Checkpoint::load(&killed.join("last.safetensors")).unwrap().meta.step, 30);
+    // Then SIGTERM reaches rank 1 alone as the evaluation at the end of epoch 2 begins: every
+    // rank stops in it (they agree before each round of test batches), the evaluation owed.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(&args)
+        .env("VAE_FAULT", "stop-in-eval:1")
+        .env("VAE_FAULT_RANK", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
+    let owed = Checkpoint::load(&killed.join("last.safetensors")).unwrap().meta;
+    assert_eq!((owed.step, owed.pending_evaluation.is_some()), (42, true));
     ok(vae(&args));
     assert_eq!(
         relative_difference(&straight.join("last.safetensors"), &killed.join("last.safetensors")),

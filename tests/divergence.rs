@@ -42,3 +42,34 @@ fn an_absurd_learning_rate_stops_the_run_and_keeps_a_finite_checkpoint() {
     let out = vae(&["train", "--max-bad-steps", "0", "--out", dir.path().join("x").to_str().unwrap()]);
     assert!(stderr(&out).contains("--max-bad-steps must be at least 1, found 0"), "{}", stderr(&out));
 }
+
+/// A test loss that is not finite stops the run, and `last.safetensors` stays the checkpoint
+/// before the evaluation that measured it (the one saved as it began is taken back).
+#[test]
+fn a_test_loss_that_is_not_finite_leaves_the_checkpoint_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "--quiet", "--out", run.to_str().unwrap()];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(&["--train-size", "64", "--test-size", "32", "--batch-size", "32"]);
+    ok(vae(&[&args[..], &["--epochs", "1"]].concat()));
+    let last = run.join("last.safetensors");
+    let before = std::fs::read(&last).unwrap();
+    // Epoch 2's first step makes the weights huge (finite), its second is skipped, and the
+    // test loss overflows.
+    let resume = ["train", "--resume", run.to_str().unwrap(), "--epochs", "2", "--lr", "1e30"];
+    let out = vae(&resume);
+    assert!(!out.status.success(), "the run went on");
+    let err = stderr(&out);
+    assert!(err.contains("epoch 2: the test loss is not finite"), "{err}");
+    assert!(err.contains("last.safetensors keeps the last checkpoint with a finite one"), "{err}");
+    assert_eq!(std::fs::read(&last).unwrap(), before, "last.safetensors is not the checkpoint before");
+    assert!(!run.join("last-before-eval.safetensors").exists());
+    // A run that diverges before any checkpoint leaves none.
+    let fresh = dir.path().join("fresh");
+    let out =
+        vae(&[&args[..3], &[fresh.to_str().unwrap()], &args[4..], &["--epochs", "1", "--lr", "1e30"]]
+            .concat());
+    assert!(stderr(&out).contains("it had no checkpoint with a finite one"), "{}", stderr(&out));
+    assert!(!fresh.join("last.safetensors").exists() && !fresh.join("last-before-eval.safetensors").exists());
+}
