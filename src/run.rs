@@ -147,6 +147,8 @@ struct Outputs<'a> {
     lineage: &'a Lineage,
     metrics: MetricsLog,
     events: Option<EventWriter>,
+    /// Whether the save as the current evaluation began made the folder's first `last`.
+    first_last: bool,
 }
 
 impl Outputs<'_> {
@@ -162,9 +164,10 @@ impl Outputs<'_> {
     /// can outlast a preemption's grace) then costs only the evaluation. The `last` it
     /// replaces stays, as [`BEFORE_EVAL`] (a hard link: nothing copied), until
     /// [`Outputs::settle_evaluation`].
-    fn save_before_evaluation(&self, trainer: &mut Trainer, pending: &PendingEvaluation) -> Result<()> {
+    fn save_before_evaluation(&mut self, trainer: &mut Trainer, pending: &PendingEvaluation) -> Result<()> {
         let (last, kept) = (self.folder.last(), self.folder.file(BEFORE_EVAL));
-        if last.exists() {
+        self.first_last = !last.exists();
+        if !self.first_last {
             match std::fs::remove_file(&kept) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                     return Err(e).with_context(|| format!("removing {}", kept.display()))
@@ -184,17 +187,31 @@ impl Outputs<'_> {
     }
 
     /// After an evaluation that measured a test loss: the checkpoint kept through it goes
-    /// when the loss is finite; when not, it comes back as `last` (none: there was none), so
-    /// that `last` stays the latest checkpoint with a finite test loss to go on from.
-    fn settle_evaluation(&self, finite: bool) -> Result<()> {
+    /// when the loss is finite; when not, it comes back as `last` (and a first `last`, saved
+    /// as the evaluation began, goes), so that `last` stays the latest checkpoint with a
+    /// finite test loss. For a loss that is not finite, says what the folder then holds.
+    fn settle_evaluation(&self, finite: bool) -> Result<String> {
         let (last, kept) = (self.folder.last(), self.folder.file(BEFORE_EVAL));
-        let settled = match (finite, kept.exists()) {
-            (true, true) => std::fs::remove_file(&kept),
-            (false, true) => std::fs::rename(&kept, &last),
-            (false, false) => std::fs::remove_file(&last),
-            (true, false) => Ok(()),
-        };
-        settled.with_context(|| format!("settling {} after the test evaluation", last.display()))
+        let context = || format!("settling {} after the test evaluation", last.display());
+        if finite {
+            if kept.exists() {
+                std::fs::remove_file(&kept).with_context(context)?;
+            }
+            return Ok(String::new());
+        }
+        if kept.exists() {
+            std::fs::rename(&kept, &last).with_context(context)?;
+            Ok(format!("{} keeps the last checkpoint with a finite one", last.display()))
+        } else if self.first_last {
+            std::fs::remove_file(&last).with_context(context)?;
+            Ok("it had no checkpoint with a finite one".into())
+        } else if last.exists() {
+            // An owed evaluation resumed without the checkpoint before it.
+            Ok(format!("{} holds the weights that gave it", last.display()))
+        } else {
+            // An owed evaluation resumed into another folder, which got nothing yet.
+            Ok(format!("nothing was saved in {}", self.folder.path().display()))
+        }
     }
 
     /// Per step, every `LOG_EVERY` steps: the training window's scalars, flushed so that
@@ -428,17 +445,11 @@ fn train_to_evaluation(
 fn evaluate(trainer: &Trainer, test: &Dataset, out: Option<&Outputs>) -> Result<Option<(SplitFigures, i64)>> {
     let Some(figures) = trainer.evaluate(test)? else { return Ok(None) };
     let finite = figures.stats.loss.is_finite();
-    if let Some(out) = out {
-        out.settle_evaluation(finite)?;
-    }
+    let kept = match out {
+        Some(out) => out.settle_evaluation(finite)?,
+        None => "rank 0's run folder keeps the last checkpoint with a finite one".into(),
+    };
     if !finite {
-        let kept = match out.map(|o| o.folder.last()) {
-            Some(last) if last.exists() => {
-                format!("{} keeps the last checkpoint with a finite one", last.display())
-            }
-            Some(_) => "it had no checkpoint with a finite one".into(),
-            None => "rank 0's run folder keeps the last checkpoint with a finite one".into(),
-        };
         bail!(
             "epoch {}: the test loss is not finite ({}); the run has diverged, and {kept}",
             trainer.epoch,
@@ -484,7 +495,8 @@ pub fn run(
             } else {
                 Some(EventWriter::create(folder.path(), trainer.step)?)
             };
-            Some(Outputs { folder, lineage, metrics: MetricsLog::new(&folder.file(METRICS)), events })
+            let metrics = MetricsLog::new(&folder.file(METRICS));
+            Some(Outputs { folder, lineage, metrics, events, first_last: false })
         }
         None => None,
     };

@@ -65,6 +65,18 @@ fn a_test_loss_that_is_not_finite_leaves_the_checkpoint_before_it() {
     assert!(err.contains("last.safetensors keeps the last checkpoint with a finite one"), "{err}");
     assert_eq!(std::fs::read(&last).unwrap(), before, "last.safetensors is not the checkpoint before");
     assert!(!run.join("last-before-eval.safetensors").exists());
+    // The same, killed in that evaluation: its resume makes it first, and puts the checkpoint
+    // before it back.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(resume)
+        .env("VAE_FAULT", "eval:1")
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("VAE_FAULT: aborting in evaluation 1"), "{}", stderr(&out));
+    assert_ne!(std::fs::read(&last).unwrap(), before);
+    let err = stderr(&vae(&resume[..5]));
+    assert!(err.contains("last.safetensors keeps the last checkpoint with a finite one"), "{err}");
+    assert_eq!(std::fs::read(&last).unwrap(), before, "last.safetensors is not the checkpoint before");
     // A run that diverges before any checkpoint leaves none.
     let fresh = dir.path().join("fresh");
     let out =
