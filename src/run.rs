@@ -139,6 +139,8 @@ pub struct RunSummary {
     pub epochs: Vec<(Stats, Stats)>,
     /// Stopped by `RunOptions::stop` before the last epoch; `last.safetensors` holds the state.
     pub interrupted: bool,
+    /// Stopped in a test evaluation, which `last.safetensors` owes.
+    pub in_evaluation: bool,
 }
 
 /// The run folder's writers: checkpoints, metrics, events and pictures, in one place.
@@ -513,7 +515,7 @@ pub fn run(
             folder.path().display()
         );
     }
-    let mut summary = RunSummary { epochs: Vec::new(), interrupted: false };
+    let mut summary = RunSummary { epochs: Vec::new(), interrupted: false, in_evaluation: false };
     let steps_per_epoch = loader.steps_per_epoch();
     // Steps of the current epoch taken.
     let steps_into = |t: &Trainer| t.step - t.epoch * steps_per_epoch;
@@ -538,7 +540,7 @@ pub fn run(
         // Judged (and pictured, below) with the weights' moving average, where one is kept.
         let Some((figures, active_dims)) = trainer.averaged(|| evaluate(trainer, &test, out.as_ref()))?
         else {
-            summary.interrupted = true;
+            (summary.interrupted, summary.in_evaluation) = (true, true);
             return Ok(summary);
         };
         let test_stats = figures.stats;

@@ -284,7 +284,7 @@ fn a_run_killed_in_an_evaluation_makes_it_first_on_resume() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
-    assert!(stderr(&out).contains("interrupted: saved"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("step 30 as its test evaluation began (owed)"), "{}", stderr(&out));
     assert_eq!(std::fs::read(&last).unwrap(), owed, "the owed evaluation's checkpoint was rewritten");
     // It, then 40's (an epoch's end), then killed in the last one, after the last step.
     assert_eq!(attempt("eval:3"), 60);

@@ -75,8 +75,9 @@ impl TrainCommand {
         if summary.interrupted {
             if let Some(folder) = &folder {
                 let again = if self.run.auto_resume { "the same command (--auto-resume), or " } else { "" };
+                let owed = if summary.in_evaluation { " as its test evaluation began (owed)" } else { "" };
                 eprintln!(
-                    "interrupted: saved {} at epoch {}, step {}\nresume with: {again}vae train --resume {}",
+                    "interrupted: saved {} at epoch {}, step {}{owed}\nresume with: {again}vae train --resume {}",
                     folder.last().display(),
                     trainer.epoch,
                     trainer.step,
