@@ -22,6 +22,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     result
 }
 
+/// Makes `dst` a second name of the file `src` (a hard link: nothing copied), replacing any
+/// `dst` atomically; where the file system has no hard links, a copy through
+/// [`write_atomic`]. Safe because every file written here is replaced by a rename, never
+/// changed in place: a later write of `src` leaves `dst` as it was.
+pub fn duplicate(src: &Path, dst: &Path) -> Result<()> {
+    let tmp = temporary_path(dst)?;
+    let _ = std::fs::remove_file(&tmp);
+    if std::fs::hard_link(src, &tmp).is_err() {
+        let bytes = std::fs::read(src).with_context(|| format!("reading {}", src.display()))?;
+        return write_atomic(dst, &bytes);
+    }
+    let file = std::fs::File::open(&tmp).with_context(|| format!("opening {}", tmp.display()));
+    let result = file.and_then(|file| publish(&file, &tmp, dst));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// Refuses to replace an existing file at `path` that `is_ours` (given it open) does not
 /// recognise as `what` the command writes: a mistyped `--out` never costs a checkpoint, a
 /// metrics file or a model.
@@ -85,6 +104,21 @@ pub fn remove_dead_temporaries(dir: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_duplicate_keeps_its_contents_when_the_original_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let (last, best) = (dir.path().join("last.safetensors"), dir.path().join("best.safetensors"));
+        write_atomic(&best, b"older best").unwrap();
+        write_atomic(&last, b"epoch 1").unwrap();
+        duplicate(&last, &best).unwrap();
+        assert_eq!(std::fs::read(&best).unwrap(), b"epoch 1");
+        write_atomic(&last, b"epoch 2").unwrap();
+        assert_eq!(std::fs::read(&best).unwrap(), b"epoch 1");
+        assert_eq!(std::fs::read(&last).unwrap(), b"epoch 2");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+    }
 
     #[test]
     fn a_failed_temporary_write_leaves_the_previous_file_intact() {

@@ -484,7 +484,9 @@ fn pytorch_loads_the_checkpoint_and_computes_the_same_loss() {
 #[test]
 fn a_full_disk_stops_the_run_and_keeps_the_last_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    // One checkpoint of this model is about 675 kB: last and best fit, the third file does not.
+    // One checkpoint of this model is about 675 kB, and best and epoch-NNNN are hard links of
+    // last: two fit (epoch 2's, saved as its evaluation began, and epoch 1's, as best and
+    // epoch-0001); the third, epoch 2's after its evaluation, does not.
     let Some(disk) = SmallDisk::mount(&dir.path().join("disk"), "1700k") else {
         eprintln!("skipped: cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN)");
         return;
@@ -498,9 +500,13 @@ fn a_full_disk_stops_the_run_and_keeps_the_last_checkpoint() {
     assert!(!out.status.success(), "the run went on without saving");
     let err = stderr(&out);
     assert!(err.contains("No space left on device"), "{err}");
-    assert!(err.contains("epoch-0001.safetensors"), "the failed file is named: {err}");
+    assert!(err.contains(".last.safetensors.tmp-"), "the failed file is named: {err}");
     let last = Checkpoint::load(&run.join("last.safetensors")).expect("the previous checkpoint is intact");
-    assert_eq!((last.meta.epoch, last.meta.step), (1, 10));
+    assert_eq!((last.meta.epoch, last.meta.step), (2, 20));
+    assert!(last.meta.pending_evaluation.is_some(), "saved as the evaluation began, which a resume makes");
+    for earlier in ["best.safetensors", "epoch-0001.safetensors"] {
+        assert_eq!(Checkpoint::load(&run.join(earlier)).unwrap().meta.step, 10, "{earlier}");
+    }
     let leftovers = temporaries(&run);
     assert!(leftovers.is_empty(), "the failed temporary file is removed: {leftovers:?}");
 }
