@@ -35,9 +35,8 @@ pub fn duplicate(src: &Path, dst: &Path) -> Result<()> {
     }
     let file = std::fs::File::open(&tmp).with_context(|| format!("opening {}", tmp.display()));
     let result = file.and_then(|file| publish(&file, &tmp, dst));
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    // Gone after a rename, unless `dst` was already this file (rename then does nothing).
+    let _ = std::fs::remove_file(&tmp);
     result
 }
 
@@ -116,8 +115,11 @@ mod tests {
         write_atomic(&last, b"epoch 2").unwrap();
         assert_eq!(std::fs::read(&best).unwrap(), b"epoch 1");
         assert_eq!(std::fs::read(&last).unwrap(), b"epoch 2");
+        // Again onto the same file: nothing changes, nothing is left behind.
+        duplicate(&last, &dir.path().join("copy")).unwrap();
+        duplicate(&last, &dir.path().join("copy")).unwrap();
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-        assert_eq!(left.len(), 2, "{left:?}");
+        assert_eq!(left.len(), 3, "{left:?}");
     }
 
     #[test]
