@@ -278,40 +278,39 @@ impl Metadata {
                 None => None,
             },
             pending_evaluation: match map.get("pending_images") {
+                Some(_) => Some(pending_from(path, &field, &number)?),
                 None => None,
-                Some(_) => Some(PendingEvaluation {
-                    train: match field("pending_train")?.as_str() {
-                        "none" => None,
-                        list => Some(
-                            list.split(',')
-                                .map(str::parse)
-                                .collect::<Result<Vec<f64>, _>>()
-                                .ok()
-                                .and_then(|v| Stats::from_values(&v))
-                                .with_context(|| {
-                                    format!(
-                                        "{}: metadata field \"pending_train\" is not 3 or {} numbers",
-                                        path.display(),
-                                        3 + crate::loss::SHARPNESS.len()
-                                    )
-                                })?,
-                        ),
-                    },
-                    images: number("pending_images")? as usize,
-                    seconds: field("pending_seconds")?
-                        .parse()
-                        .ok()
-                        .filter(|s: &f64| *s >= 0.0)
-                        .with_context(|| {
-                            format!(
-                                "{}: metadata field \"pending_seconds\" is not a duration",
-                                path.display()
-                            )
-                        })?,
-                }),
             },
         })
     }
+}
+
+/// The owed evaluation's metadata (`pending_train`, `pending_images`, `pending_seconds`), read
+/// with `from_map`'s field readers.
+fn pending_from<'m>(
+    path: &Path,
+    field: &impl Fn(&str) -> Result<&'m String>,
+    number: &impl Fn(&str) -> Result<u64>,
+) -> Result<PendingEvaluation> {
+    let invalid = |k: &str, what: &str| format!("{}: metadata field \"{k}\" is not {what}", path.display());
+    let train = match field("pending_train")?.as_str() {
+        "none" => None,
+        list => {
+            let values: Option<Vec<f64>> = list.split(',').map(|v| v.parse().ok()).collect();
+            let counts = format!("3 or {} numbers", 3 + crate::loss::SHARPNESS.len());
+            Some(
+                values
+                    .and_then(|v| Stats::from_values(&v))
+                    .with_context(|| invalid("pending_train", &counts))?,
+            )
+        }
+    };
+    let seconds = field("pending_seconds")?.parse().ok().filter(|s: &f64| *s >= 0.0);
+    Ok(PendingEvaluation {
+        train,
+        images: number("pending_images")? as usize,
+        seconds: seconds.with_context(|| invalid("pending_seconds", "a duration"))?,
+    })
 }
 
 fn dtype_of(kind: Kind) -> Result<Dtype> {

@@ -156,24 +156,25 @@ struct Outputs<'a> {
 impl Outputs<'_> {
     /// Writes `last.safetensors`.
     fn save_last(&self, trainer: &Trainer) -> Result<()> {
-        let meta = Metadata::of(trainer, self.lineage);
-        write_atomic(&self.folder.last(), &checkpoint::trainer_bytes(trainer, &meta)?)
+        self.write_last(trainer, &Metadata::of(trainer, self.lineage))
+    }
+
+    fn write_last(&self, trainer: &Trainer, meta: &Metadata) -> Result<()> {
+        write_atomic(&self.folder.last(), &checkpoint::trainer_bytes(trainer, meta)?)
     }
 
     /// Saves the run as a test evaluation begins, the evaluation owed: a kill during it (which
     /// can outlast a preemption's grace) then costs only the evaluation. The `last` it
     /// replaces stays, as [`BEFORE_EVAL`] (a hard link: nothing copied), until
     /// [`Outputs::settle_evaluation`].
-    fn save_before_evaluation(&mut self, trainer: &mut Trainer, pending: &PendingEvaluation) -> Result<()> {
+    fn save_before_evaluation(&mut self, trainer: &Trainer, pending: &PendingEvaluation) -> Result<()> {
         let (last, kept) = (self.folder.last(), self.folder.file(BEFORE_EVAL));
         self.first_last = !last.exists();
         if !self.first_last {
             duplicate(&last, &kept)?;
         }
-        trainer.pending_evaluation = Some(pending.clone());
-        let saved = self.save_last(trainer);
-        trainer.pending_evaluation = None;
-        saved
+        let meta = Metadata::of(trainer, self.lineage);
+        self.write_last(trainer, &Metadata { pending_evaluation: Some(pending.clone()), ..meta })
     }
 
     /// After an evaluation that measured a test loss: the checkpoint kept through it goes

@@ -245,33 +245,29 @@ impl TrainCommand {
                 }
             }
         }
-        // A run stopped in an evaluation owes it, even after its last step.
-        let owed = trainer.pending_evaluation.is_some();
-        if !owed && trainer.epoch >= trainer.cfg.epochs {
-            println!(
-                "the run in {} has completed its {} epochs; pass --epochs N to train further",
-                out_dir.display(),
-                trainer.cfg.epochs
-            );
-            return Ok(None);
-        }
-        if !owed && trainer.cfg.reached_max_steps(trainer.step) {
-            println!(
-                "the run in {} has taken its --max-steps {}; pass a larger --max-steps (0: none) to train further",
-                out_dir.display(),
-                trainer.cfg.max_steps
-            );
-            return Ok(None);
-        }
-        if !owed && trainer.out_of_patience() {
-            println!(
-                "the run in {} stopped early: its test {} has not bettered for {} evaluation(s) \
-                 (--patience {}); pass a larger --patience (0: none) to train further",
-                out_dir.display(),
-                trainer.cfg.best_by.name(),
-                trainer.evaluations_since_best,
-                trainer.cfg.patience
-            );
+        // Finished: nothing left to train and no evaluation owed.
+        if trainer.finished() {
+            let dir = out_dir.display();
+            let cfg = &trainer.cfg;
+            if trainer.epoch >= cfg.epochs {
+                println!(
+                    "the run in {dir} has completed its {} epochs; pass --epochs N to train further",
+                    cfg.epochs
+                );
+            } else if cfg.reached_max_steps(trainer.step) {
+                println!(
+                    "the run in {dir} has taken its --max-steps {}; pass a larger --max-steps (0: none) to train further",
+                    cfg.max_steps
+                );
+            } else {
+                println!(
+                    "the run in {dir} stopped early: its test {} has not bettered for {} evaluation(s) \
+                     (--patience {}); pass a larger --patience (0: none) to train further",
+                    cfg.best_by.name(),
+                    trainer.evaluations_since_best,
+                    cfg.patience
+                );
+            }
             return Ok(None);
         }
         // Judged before the data, which may take long to load, and again once held.
