@@ -359,9 +359,13 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     args.extend_from_slice(TINY_MODEL);
     // Not --quiet: rank 0 prints its epochs. Not --threads: the launcher shares out the cores.
     args.extend_from_slice(&DATA[..DATA.len() - 4]);
+    // Started as a SLURM job script of 2 tasks would start it (no srun): it is no rank of
+    // those, and starts its own.
+    args.extend_from_slice(&["--dist-timeout", "60"]);
     let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
         .args(&args)
         .env_remove("OMP_NUM_THREADS")
+        .envs([("SLURM_NTASKS", "2"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -418,7 +422,8 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     assert!(!never.exists());
 }
 
-/// Two ranks started by hand, as on two machines, each with its own `--out`; their outputs.
+/// Two ranks started as srun starts the tasks of a step over two machines (a job of 4 tasks
+/// here, the step of 2), each with its own `--out`; their outputs.
 fn two_ranks(outs: [&Path; 2]) -> [std::process::Output; 2] {
     let port = free_port().to_string();
     let ranks = [("0", outs[0]), ("1", outs[1])].map(|(rank, out)| {
@@ -427,7 +432,8 @@ fn two_ranks(outs: [&Path; 2]) -> [std::process::Output; 2] {
         args.extend_from_slice(DATA);
         std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
             .args(&args)
-            .envs([("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", "2")])
+            .envs([("SLURM_PROCID", rank), ("SLURM_LOCALID", "0"), ("SLURM_NTASKS", "4")])
+            .envs([("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2")])
             .envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -464,4 +470,39 @@ fn a_refused_run_folder_stops_every_rank() {
     assert!(stderr(&zero).contains("holds files of a run"), "{}", stderr(&zero));
     assert!(stderr(&one).contains("rank 0 refused the run folder"), "{}", stderr(&one));
     assert!(!held.join("last.safetensors").exists());
+}
+
+/// A SLURM job's script (not one of srun's tasks) trains alone, saying how to get its tasks'
+/// ranks; `--nproc` that disagrees with the launcher's ranks is refused before any work.
+#[test]
+fn a_slurm_job_script_trains_alone_and_a_second_launch_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |out: &Path, vars: &[(&str, &str)], extra: &[&str]| {
+        let mut args = vec!["train", "--epochs", "1", "--out", out.to_str().unwrap(), "--dist-timeout", "20"];
+        args.extend_from_slice(TINY_MODEL);
+        args.extend_from_slice(DATA);
+        args.extend_from_slice(extra);
+        let command = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+            .args(&args)
+            .envs(vars.iter().copied())
+            .output();
+        command.unwrap()
+    };
+    let alone = dir.path().join("alone");
+    let script = [("SLURM_NTASKS", "4"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0"), ("MASTER_PORT", "1")];
+    let out = ok(run(&alone, &script, &[]));
+    assert!(stderr(&out)
+        .contains("this SLURM job has 4 tasks (SLURM_NTASKS), but this process was not started by srun"));
+    assert_eq!(Checkpoint::load(&alone.join("last.safetensors")).unwrap().meta.epoch, 1);
+
+    let never = dir.path().join("never");
+    let torchrun = [("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "1")];
+    let out = run(&never, &torchrun, &["--nproc", "3"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--nproc 3 in a run whose launcher (torchrun or srun) started 2 ranks"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!never.exists());
 }

@@ -37,18 +37,39 @@ struct Start {
 impl TrainCommand {
     pub fn run(mut self, matches: &ArgMatches) -> Result<()> {
         self.run.validate()?;
-        let env = DistEnv::from_vars(|name| std::env::var(name).ok())?;
+        let var = |name: &str| std::env::var(name).ok();
+        let env = DistEnv::from_vars(var)?;
         let mut device = self.settings.device.init()?;
         let backend = self.run.dist_backend.unwrap_or(Backend::for_device(device));
-        if env.is_none() && self.run.nproc > 1 {
-            // Refused here, before any rank starts, when this build or device cannot run it.
-            backend.check(device)?;
-            return super::launch::ranks(self.run.nproc);
+        let nproc = self.run.nproc;
+        match &env {
+            None if nproc > 1 => {
+                // Refused here, before any rank starts, when this build or device cannot run it.
+                backend.check(device)?;
+                return super::launch::ranks(nproc);
+            }
+            None => {
+                if let Some(tasks) = vae::dist::slurm_tasks_outside_srun(var) {
+                    eprintln!(
+                        "note: this SLURM job has {tasks} tasks (SLURM_NTASKS), but this process was not \
+                         started by srun, so it trains alone; for {tasks} ranks start it with srun, or \
+                         give --nproc {tasks}"
+                    );
+                }
+            }
+            // Our own launcher's ranks carry its --nproc; another launcher's count is the one.
+            Some(env) => ensure!(
+                nproc == 1 || nproc == env.world,
+                "--nproc {nproc} in a run whose launcher (torchrun or srun) started {} ranks: the \
+                 launcher starts them; drop --nproc",
+                env.world
+            ),
         }
         if let (Some(env), tch::Device::Cuda(_)) = (&env, device) {
             // One GPU per local rank, unless --device named one.
             if !self.settings.device.device.starts_with("cuda:") {
-                device = vae::device::parse_device(&format!("cuda:{}", env.local_rank))?;
+                let gpu = vae::dist::rank_gpu(env.local_rank, tch::Cuda::device_count() as usize)?;
+                device = tch::Device::Cuda(gpu);
             }
         }
         // A backend named on one process forms a group of one: the path of a W-rank run.

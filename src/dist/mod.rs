@@ -70,33 +70,50 @@ pub struct DistEnv {
 
 impl DistEnv {
     /// From torchrun's variables (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`,
-    /// `MASTER_PORT`), or under `srun` from SLURM's (`SLURM_PROCID`, `SLURM_NTASKS`,
-    /// `SLURM_LOCALID`, with `MASTER_ADDR` and `MASTER_PORT` from the job script), read
-    /// through `var`; `None` when no launcher set them, or set a world of one.
+    /// `MASTER_PORT`), or, in one of `srun`'s tasks, from SLURM's (`SLURM_PROCID`,
+    /// `SLURM_STEP_NUM_TASKS`, `SLURM_LOCALID`, with `MASTER_ADDR` and `MASTER_PORT` from the
+    /// job script), read through `var`; `None` when no launcher set them, or set a world of one.
+    /// The step's task count, not the job's `SLURM_NTASKS`: a job script has that one and
+    /// `SLURM_PROCID` 0 too without being one of several ranks (see [`slurm_tasks_outside_srun`]),
+    /// and a step may run fewer tasks than its job.
     pub fn from_vars(var: impl Fn(&str) -> Option<String>) -> Result<Option<Self>> {
         let names = if var("WORLD_SIZE").is_some() {
             ["WORLD_SIZE", "RANK", "LOCAL_RANK"]
-        } else if var("SLURM_NTASKS").is_some() && var("SLURM_PROCID").is_some() {
-            ["SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID"]
+        } else if var("SLURM_STEP_NUM_TASKS").is_some() && var("SLURM_PROCID").is_some() {
+            ["SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "SLURM_LOCALID"]
         } else {
             return Ok(None);
         };
         let [world_name, rank_name, local_name] = names;
-        let number = |name: &str, text: String| -> Result<usize> {
-            text.trim().parse().with_context(|| format!("{name}={text:?} is not a number"))
-        };
         let required =
             |name: &str| var(name).with_context(|| format!("{world_name} is set but {name} is not"));
-        let world = number(world_name, required(world_name)?)?;
-        let rank = number(rank_name, required(rank_name)?)?;
-        let local_rank = var(local_name).map(|t| number(local_name, t)).transpose()?.unwrap_or(0);
+        let world = number(world_name, &required(world_name)?)?;
+        let rank = number(rank_name, &required(rank_name)?)?;
+        let local_rank = var(local_name).map(|t| number(local_name, &t)).transpose()?.unwrap_or(0);
         ensure!(world >= 1, "{world_name} must be at least 1, found {world}");
         ensure!(rank < world, "{rank_name} {rank} is not below {world_name} {world}");
         if world == 1 {
             return Ok(None);
         }
-        let master_addr = var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into());
-        let port = required("MASTER_PORT")?;
+        // The ranks meet at rank 0's store: on one machine it can be this one, on several
+        // each rank would otherwise wait for a store of its own until --dist-timeout.
+        let nodes = var("SLURM_STEP_NUM_NODES").map(|n| number("SLURM_STEP_NUM_NODES", &n)).transpose()?;
+        let master_addr = match var("MASTER_ADDR") {
+            Some(addr) => addr,
+            None if nodes.is_some_and(|n| n > 1) => bail!(
+                "this srun step spans {} nodes but MASTER_ADDR is not set: the ranks meet at rank 0's \
+                 machine; in the job script, before srun: export MASTER_ADDR=$(scontrol show hostnames \
+                 \"$SLURM_JOB_NODELIST\" | head -n1) MASTER_PORT=29500",
+                nodes.unwrap_or_default()
+            ),
+            None => "127.0.0.1".into(),
+        };
+        let port = var("MASTER_PORT").with_context(|| {
+            format!(
+                "{world_name} is set but MASTER_PORT is not: the ranks meet at MASTER_ADDR:MASTER_PORT \
+                 (torchrun sets both; under srun, export them in the job script, e.g. MASTER_PORT=29500)"
+            )
+        })?;
         let master_port =
             port.trim().parse().with_context(|| format!("MASTER_PORT={port:?} is not a port"))?;
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
@@ -119,6 +136,37 @@ impl DistEnv {
     /// Whether this rank hosts the store (rank 0, unless torchrun's agent does).
     pub(crate) fn serves(&self) -> bool {
         self.rank == 0 && !self.agent_store
+    }
+}
+
+/// A launcher's variable as a count or index.
+fn number(name: &str, text: &str) -> Result<usize> {
+    text.trim().parse().with_context(|| format!("{name}={text:?} is not a number"))
+}
+
+/// The job's task count where this process is a SLURM job's own script, or a command it ran
+/// without `srun` (`SLURM_NTASKS` and `SLURM_PROCID` set, `SLURM_STEP_NUM_TASKS` not), in a
+/// job of several tasks: it is no rank of them, and trains alone unless it starts ranks itself.
+pub fn slurm_tasks_outside_srun(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    if var("WORLD_SIZE").is_some() || var("SLURM_STEP_NUM_TASKS").is_some() || var("SLURM_PROCID").is_none() {
+        return None;
+    }
+    var("SLURM_NTASKS").and_then(|n| n.trim().parse().ok()).filter(|&n| n > 1)
+}
+
+/// The GPU a rank takes, given its `LOCAL_RANK` and the GPUs it sees: its local rank's, as
+/// torchrun's ranks all see every GPU of the machine; the one it sees, as each of srun's
+/// tasks does under `--gpus-per-task=1` (SLURM narrows `CUDA_VISIBLE_DEVICES` per task).
+pub fn rank_gpu(local_rank: usize, visible: usize) -> Result<usize> {
+    match visible {
+        1 => Ok(0),
+        n if local_rank < n => Ok(local_rank),
+        n => bail!(
+            "the rank of LOCAL_RANK {local_rank} sees {n} GPUs (CUDA_VISIBLE_DEVICES={}): one GPU \
+             per rank needs as many ranks on this machine as GPUs, or one GPU visible to each rank; \
+             --device cuda:N picks one",
+            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+        ),
     }
 }
 
@@ -160,8 +208,11 @@ mod tests {
         .unwrap();
         assert_eq!((env.rank, env.world, env.local_rank, env.master_port), (3, 4, 1, 29500));
         assert!(!env.agent_store);
+        // One of srun's tasks: its step's size counts, not the job's.
         let slurm = DistEnv::from_vars(vars(&[
-            ("SLURM_NTASKS", "8"),
+            ("SLURM_NTASKS", "16"),
+            ("SLURM_STEP_NUM_TASKS", "8"),
+            ("SLURM_STEP_NUM_NODES", "1"),
             ("SLURM_PROCID", "5"),
             ("SLURM_LOCALID", "1"),
             ("MASTER_PORT", "7"),
@@ -172,6 +223,16 @@ mod tests {
             (slurm.rank, slurm.world, slurm.local_rank, slurm.master_addr.as_str()),
             (5, 8, 1, "127.0.0.1")
         );
+        // The job script of a job of 4 tasks, not started by srun, is no rank of them.
+        let script: &[(&str, &str)] = &[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")];
+        assert_eq!(DistEnv::from_vars(vars(script)).unwrap(), None);
+        assert_eq!(slurm_tasks_outside_srun(vars(script)), Some(4));
+        assert_eq!(slurm_tasks_outside_srun(vars(&[("SLURM_NTASKS", "1"), ("SLURM_PROCID", "0")])), None);
+        assert_eq!(
+            slurm_tasks_outside_srun(vars(&[("SLURM_NTASKS", "4"), ("SLURM_STEP_NUM_TASKS", "4")])),
+            None
+        );
+        assert_eq!(slurm_tasks_outside_srun(vars(&[])), None);
         assert_eq!(DistEnv::from_vars(vars(&[("WORLD_SIZE", "1"), ("RANK", "0")])).unwrap(), None);
         let err = |pairs| DistEnv::from_vars(vars(pairs)).unwrap_err().to_string();
         assert!(err(&[("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("RANK is not"));
@@ -179,5 +240,23 @@ mod tests {
             err(&[("WORLD_SIZE", "2"), ("RANK", "2"), ("MASTER_PORT", "1")]).contains("not below WORLD_SIZE")
         );
         assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "x")]).contains("not a port"));
+        assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "0")]).contains("MASTER_PORT is not"));
+        // A step over two machines cannot meet on each one's localhost.
+        let two_nodes = err(&[
+            ("SLURM_STEP_NUM_TASKS", "2"),
+            ("SLURM_STEP_NUM_NODES", "2"),
+            ("SLURM_PROCID", "1"),
+            ("MASTER_PORT", "7"),
+        ]);
+        assert!(two_nodes.contains("spans 2 nodes but MASTER_ADDR is not set"), "{two_nodes}");
+    }
+
+    #[test]
+    fn each_rank_takes_its_own_gpu() {
+        // torchrun's ranks see every GPU; each of srun's may see its own alone.
+        assert_eq!(rank_gpu(3, 8).unwrap(), 3);
+        assert_eq!(rank_gpu(3, 1).unwrap(), 0);
+        assert_eq!(rank_gpu(0, 1).unwrap(), 0);
+        assert!(rank_gpu(2, 2).unwrap_err().to_string().contains("LOCAL_RANK 2 sees 2 GPUs"));
     }
 }
