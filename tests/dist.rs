@@ -77,6 +77,7 @@ fn at(port: u16, rank: usize) -> DistEnv {
         master_addr: "127.0.0.1".into(),
         master_port: port,
         agent_store: false,
+        srun: false,
     }
 }
 

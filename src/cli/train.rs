@@ -46,6 +46,11 @@ impl TrainCommand {
             None if nproc > 1 => {
                 // Refused here, before any rank starts, when this build or device cannot run it.
                 backend.check(device)?;
+                let gpus = tch::Cuda::device_count() as usize;
+                ensure!(
+                    backend != Backend::Nccl || nproc <= gpus,
+                    "--nproc {nproc} on CUDA takes a GPU per rank, and this machine has {gpus}"
+                );
                 return super::launch::ranks(nproc);
             }
             None => {
@@ -68,8 +73,7 @@ impl TrainCommand {
         if let (Some(env), tch::Device::Cuda(_)) = (&env, device) {
             // One GPU per local rank, unless --device named one.
             if !self.settings.device.device.starts_with("cuda:") {
-                let gpu = vae::dist::rank_gpu(env.local_rank, tch::Cuda::device_count() as usize)?;
-                device = tch::Device::Cuda(gpu);
+                device = tch::Device::Cuda(env.gpu(tch::Cuda::device_count() as usize)?);
             }
         }
         // A backend named on one process forms a group of one: the path of a W-rank run.

@@ -66,6 +66,8 @@ pub struct DistEnv {
     /// torchrun's elastic agent already serves the store (`TORCHELASTIC_USE_AGENT_STORE`):
     /// every rank connects to it as a client.
     pub agent_store: bool,
+    /// One of srun's tasks, which may each see their own GPU alone (`--gpus-per-task`).
+    pub srun: bool,
 }
 
 impl DistEnv {
@@ -117,7 +119,8 @@ impl DistEnv {
         let master_port =
             port.trim().parse().with_context(|| format!("MASTER_PORT={port:?} is not a port"))?;
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
-        Ok(Some(Self { rank, world, local_rank, master_addr, master_port, agent_store }))
+        let srun = world_name == "SLURM_STEP_NUM_TASKS";
+        Ok(Some(Self { rank, world, local_rank, master_addr, master_port, agent_store, srun }))
     }
 
     /// A group of one on this machine (rank 0 hosting its store on a free port): the same
@@ -130,6 +133,7 @@ impl DistEnv {
             master_addr: "127.0.0.1".into(),
             master_port: 0,
             agent_store: false,
+            srun: false,
         }
     }
 
@@ -154,19 +158,22 @@ pub fn slurm_tasks_outside_srun(var: impl Fn(&str) -> Option<String>) -> Option<
     var("SLURM_NTASKS").and_then(|n| n.trim().parse().ok()).filter(|&n| n > 1)
 }
 
-/// The GPU a rank takes, given its `LOCAL_RANK` and the GPUs it sees: its local rank's, as
-/// torchrun's ranks all see every GPU of the machine; the one it sees, as each of srun's
-/// tasks does under `--gpus-per-task=1` (SLURM narrows `CUDA_VISIBLE_DEVICES` per task).
-pub fn rank_gpu(local_rank: usize, visible: usize) -> Result<usize> {
-    match visible {
-        1 => Ok(0),
-        n if local_rank < n => Ok(local_rank),
-        n => bail!(
-            "the rank of LOCAL_RANK {local_rank} sees {n} GPUs (CUDA_VISIBLE_DEVICES={}): one GPU \
-             per rank needs as many ranks on this machine as GPUs, or one GPU visible to each rank; \
-             --device cuda:N picks one",
-            std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
-        ),
+impl DistEnv {
+    /// The GPU this rank takes, of the `visible` ones: its local rank's, as torchrun's ranks
+    /// and srun's tasks all see every GPU of their machine by default; the one it sees where
+    /// srun gives each task its own alone (`--gpus-per-task=1` narrows `CUDA_VISIBLE_DEVICES`).
+    /// Ranks beyond the GPUs are refused: NCCL takes one GPU per rank.
+    pub fn gpu(&self, visible: usize) -> Result<usize> {
+        let local_rank = self.local_rank;
+        match visible {
+            1 if self.srun => Ok(0),
+            n if local_rank < n => Ok(local_rank),
+            n => bail!(
+                "the rank of local rank {local_rank} sees {n} GPU(s) (CUDA_VISIBLE_DEVICES={}): one GPU \
+                 per rank needs a GPU for each rank on this machine; --device cuda:N picks one",
+                std::env::var("CUDA_VISIBLE_DEVICES").unwrap_or_else(|_| "unset".into())
+            ),
+        }
     }
 }
 
@@ -253,10 +260,14 @@ mod tests {
 
     #[test]
     fn each_rank_takes_its_own_gpu() {
+        let rank = |local_rank, srun| DistEnv { local_rank, srun, ..DistEnv::alone() };
         // torchrun's ranks see every GPU; each of srun's may see its own alone.
-        assert_eq!(rank_gpu(3, 8).unwrap(), 3);
-        assert_eq!(rank_gpu(3, 1).unwrap(), 0);
-        assert_eq!(rank_gpu(0, 1).unwrap(), 0);
-        assert!(rank_gpu(2, 2).unwrap_err().to_string().contains("LOCAL_RANK 2 sees 2 GPUs"));
+        assert_eq!(rank(3, false).gpu(8).unwrap(), 3);
+        assert_eq!(rank(3, true).gpu(8).unwrap(), 3);
+        assert_eq!(rank(3, true).gpu(1).unwrap(), 0);
+        assert_eq!(rank(0, false).gpu(1).unwrap(), 0);
+        // Two of torchrun's ranks on a machine of one GPU would both take it.
+        assert!(rank(1, false).gpu(1).unwrap_err().to_string().contains("local rank 1 sees 1 GPU(s)"));
+        assert!(rank(2, true).gpu(2).is_err());
     }
 }
