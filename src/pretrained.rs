@@ -1,5 +1,5 @@
 //! Weights from elsewhere and to elsewhere: a diffusers `AutoencoderKL` folder (`config.json`
-//! beside `diffusion_pytorch_model.safetensors`) read as the resnet family and written from
+//! beside `diffusion_pytorch_model.safetensors`, or its float16 variant) read as the resnet family and written from
 //! it (`vae export-diffusers`), and `--init-from` a diffusers folder or one of our
 //! checkpoints. Our resnet tensors already carry diffusers' state-dict names.
 
@@ -32,11 +32,35 @@ pub fn diffusers_folder(path: &Path) -> Option<PathBuf> {
     (path.join("model_index.json").is_file() && vae.join(CONFIG).is_file()).then_some(vae)
 }
 
+/// The float16 variant's weights, what `from_pretrained(..., variant="fp16")` downloads: a
+/// Hugging Face cache snapshot fetched that way holds this file alone.
+pub const WEIGHTS_FP16: &str = "diffusion_pytorch_model.fp16.safetensors";
+
+/// The weights file of the diffusers folder `dir`: the float32 one, else the float16 variant
+/// (its weights are made float32 as they are read).
+fn weights_file(dir: &Path) -> Result<PathBuf> {
+    if let Some(file) = [WEIGHTS, WEIGHTS_FP16].iter().map(|name| dir.join(name)).find(|f| f.is_file()) {
+        return Ok(file);
+    }
+    let pickle = dir.join("diffusion_pytorch_model.bin");
+    ensure!(
+        !pickle.is_file(),
+        "{}: its weights are a PyTorch pickle, which vae does not read (loading one runs code it \
+         holds); write them as safetensors once, with diffusers: python -c \"from diffusers import \
+         AutoencoderKL; AutoencoderKL.from_pretrained('{dir}').save_pretrained('{dir}-safetensors')\"",
+        pickle.display(),
+        dir = dir.display()
+    );
+    bail!("{}: no {WEIGHTS} (or {WEIGHTS_FP16}) there; only safetensors weights are read", dir.display())
+}
+
 /// The weights of the diffusers folder `dir`, under today's names, the file they are in, and
 /// that file as a run's origin (its CRC-32 from the one read).
 fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>, Origin)> {
-    let file = dir.join(WEIGHTS);
-    ensure!(file.is_file(), "{}: no {WEIGHTS} there (only safetensors weights are read)", dir.display());
+    let file = weights_file(dir)?;
+    if file.ends_with(WEIGHTS_FP16) {
+        eprintln!("note: {} holds the float16 variant alone: its weights are used as float32", dir.display());
+    }
     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
     let parsed = SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow!("reading {}: not a valid safetensors file ({e})", file.display()))?;

@@ -148,6 +148,21 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     let sizes = ["--dataset", "shapes", "--train-size", "64", "--test-size", "32"];
     assert_eq!(figures(&[&[pipeline.to_str().unwrap()][..], &sizes[..]].concat()), of_run);
     assert!(of_run["quality"]["psnr_db"].as_f64().unwrap() > 0.0, "{of_run}");
+    // A folder of the float16 variant alone (a `variant="fp16"` download) is read too, its
+    // weights made float32: about the same figures. A pickle is refused, saying how to convert.
+    let half = tmp.path().join("half");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::copy(exported.join(pretrained::CONFIG), half.join(pretrained::CONFIG)).unwrap();
+    let weights = Tensor::read_safetensors(exported.join(pretrained::WEIGHTS)).unwrap();
+    let weights: Vec<_> = weights.into_iter().map(|(n, t)| (n, t.to_kind(tch::Kind::Half))).collect();
+    Tensor::write_safetensors(&weights, half.join(pretrained::WEIGHTS_FP16)).unwrap();
+    let of_half = figures(&[&[half.to_str().unwrap()][..], &sizes[..]].concat());
+    let psnr = |report: &serde_json::Value| report["quality"]["psnr_db"].as_f64().unwrap();
+    assert!((psnr(&of_half) - psnr(&of_run)).abs() < 0.05, "float16 {of_half}, float32 {of_run}");
+    std::fs::remove_file(half.join(pretrained::WEIGHTS_FP16)).unwrap();
+    std::fs::write(half.join("diffusion_pytorch_model.bin"), b"PK").unwrap();
+    let out = vae(&["info", half.to_str().unwrap()]);
+    assert!(!out.status.success() && stderr(&out).contains("are a PyTorch pickle"), "{}", stderr(&out));
     // Pictures go beside the folder, named after it, never into it.
     let out = ok(vae(&[&["reconstruct", pipeline.to_str().unwrap(), "--n", "2"][..], &sizes[..]].concat()));
     assert!(tmp.path().join("pipeline-reconstruct.png").is_file(), "{}", stdout(&out));
