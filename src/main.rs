@@ -4,6 +4,8 @@ mod cli;
 
 use anyhow::Result;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use std::io::Write;
+use std::process::ExitCode;
 
 #[derive(Parser)]
 #[command(name = "vae", version, about = "Train convolutional variational auto-encoders on libtorch")]
@@ -40,7 +42,19 @@ enum Command {
     ExportDiffusers(cli::inspect::ExportDiffusersArgs),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // In one write: ranks of a run share the terminal, and a message written in pieces
+            // (as `fn main() -> Result` prints one) can be cut by another rank's.
+            let _ = std::io::stderr().write_all(format!("Error: {e:?}\n").as_bytes());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     cli::keep_freed_memory();
     let matches = Cli::command().get_matches();
     let (_, sub) = matches.subcommand().expect("clap requires a subcommand");

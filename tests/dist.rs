@@ -474,7 +474,8 @@ fn a_refused_run_folder_stops_every_rank() {
 }
 
 /// A SLURM job's script (not one of srun's tasks) trains alone, saying how to get its tasks'
-/// ranks; `--nproc` that disagrees with the launcher's ranks is refused before any work.
+/// ranks; `--nproc` ranks' messages reach the terminal whole; `--nproc` that disagrees with
+/// the launcher's ranks is refused before any work.
 #[test]
 fn a_slurm_job_script_trains_alone_and_a_second_launch_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -495,6 +496,23 @@ fn a_slurm_job_script_trains_alone_and_a_second_launch_is_refused() {
     assert!(stderr(&out)
         .contains("this SLURM job has 4 tasks (SLURM_NTASKS), but this process was not started by srun"));
     assert_eq!(Checkpoint::load(&alone.join("last.safetensors")).unwrap().meta.epoch, 1);
+    // --nproc's ranks share the terminal: the others' lines come whole, marked with the rank.
+    if Backend::Gloo.built() {
+        let out = run(&alone, &[], &["--nproc", "2"]);
+        assert!(!out.status.success());
+        let err = stderr(&out);
+        let lines: Vec<&str> = err.lines().collect();
+        assert!(
+            lines.contains(
+                &"[rank 1] Error: rank 0 refused the run folder (its error says why), so rank 1 stops too"
+            ),
+            "{err}"
+        );
+        assert!(
+            lines.iter().any(|l| l.starts_with("Error: ") && l.ends_with("choose another --out")),
+            "{err}"
+        );
+    }
 
     let never = dir.path().join("never");
     let torchrun = [("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "1")];

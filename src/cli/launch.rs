@@ -4,7 +4,8 @@
 //! SIGTERM or SIGUSR1 sent to the launcher is passed on to them.
 
 use anyhow::{bail, Context, Result};
-use std::process::{Command, ExitStatus};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
@@ -33,6 +34,11 @@ pub fn ranks(nproc: usize) -> Result<()> {
         if std::env::var_os("OMP_NUM_THREADS").is_none() {
             command.env("OMP_NUM_THREADS", threads_per_rank(nproc).to_string());
         }
+        if rank > 0 {
+            // Rank 0 keeps the terminal (its progress bar needs one); the others' lines come
+            // through here, whole and marked, so no two ranks' messages run into each other.
+            command.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
         let mut child = command
             .args(&args)
             .env("RANK", rank.to_string())
@@ -43,8 +49,17 @@ pub fn ranks(nproc: usize) -> Result<()> {
             .spawn()
             .with_context(|| format!("starting rank {rank} of {nproc}"))?;
         pids.push(child.id() as libc::pid_t);
+        let forwarders = [
+            child.stdout.take().map(|out| forward(out, rank, std::io::stdout)),
+            child.stderr.take().map(|err| forward(err, rank, std::io::stderr)),
+        ];
         let done = done_tx.clone();
-        std::thread::spawn(move || done.send((rank, child.wait())));
+        std::thread::spawn(move || {
+            let status = child.wait();
+            // Its last lines are out before the launcher hears that it ended.
+            forwarders.into_iter().flatten().for_each(|f| drop(f.join()));
+            done.send((rank, status))
+        });
     }
     let signal_all = |signal| {
         for &pid in &pids {
@@ -78,6 +93,28 @@ pub fn ranks(nproc: usize) -> Result<()> {
             bail!("rank {rank} of {nproc} failed ({status}); the other ranks were stopped")
         }
     }
+}
+
+/// Copies `from`, one of rank `rank`'s outputs, to the launcher's `to` a line at a time, each
+/// marked `[rank N]` and written whole.
+fn forward<W: Write + 'static>(
+    from: impl Read + Send + 'static,
+    rank: usize,
+    to: fn() -> W,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(from);
+        let mut line = Vec::new();
+        while lines.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+            if !line.ends_with(b"\n") {
+                line.push(b'\n');
+            }
+            let marked = [format!("[rank {rank}] ").as_bytes(), &line].concat();
+            // The terminal gone, nobody reads it: the rank goes on without.
+            let _ = to().write_all(&marked);
+            line.clear();
+        }
+    })
 }
 
 /// libtorch's CPU threads for each rank where neither `--threads` (which still wins) nor
