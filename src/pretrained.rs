@@ -23,13 +23,21 @@ const DIFFUSERS_VERSION: &str = "0.42.1";
 
 /// The diffusers model folder at `path`: the folder itself when it holds a `config.json`, or
 /// the `vae` folder of a whole pipeline (`model_index.json` beside `vae/`, as Stable
-/// Diffusion checkpoints are laid out). `None`: not a diffusers folder.
+/// Diffusion checkpoints are laid out), or either in the snapshot that a Hugging Face cache
+/// folder's `refs/main` names (`models--ORG--NAME`, as `from_pretrained` leaves it). `None`:
+/// not a diffusers folder.
 pub fn diffusers_folder(path: &Path) -> Option<PathBuf> {
-    if path.join(CONFIG).is_file() {
-        return Some(path.to_path_buf());
-    }
-    let vae = path.join("vae");
-    (path.join("model_index.json").is_file() && vae.join(CONFIG).is_file()).then_some(vae)
+    let model_or_pipeline = |dir: &Path| {
+        if dir.join(CONFIG).is_file() {
+            return Some(dir.to_path_buf());
+        }
+        let vae = dir.join("vae");
+        (dir.join("model_index.json").is_file() && vae.join(CONFIG).is_file()).then_some(vae)
+    };
+    model_or_pipeline(path).or_else(|| {
+        let main = std::fs::read_to_string(path.join("refs").join("main")).ok()?;
+        model_or_pipeline(&path.join("snapshots").join(main.trim()))
+    })
 }
 
 /// The float16 variant's weights, what `from_pretrained(..., variant="fp16")` downloads: a

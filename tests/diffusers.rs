@@ -159,6 +159,18 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     let of_half = figures(&[&[half.to_str().unwrap()][..], &sizes[..]].concat());
     let psnr = |report: &serde_json::Value| report["quality"]["psnr_db"].as_f64().unwrap();
     assert!((psnr(&of_half) - psnr(&of_run)).abs() < 0.05, "float16 {of_half}, float32 {of_run}");
+    // A Hugging Face cache folder, as from_pretrained leaves it: its files are links into
+    // blobs/, and refs/main names the snapshot.
+    let cached = tmp.path().join("hub").join("models--org--vae");
+    let snapshot = cached.join("snapshots").join("0123abcd");
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(cached.join("refs")).unwrap();
+    std::fs::write(cached.join("refs").join("main"), "0123abcd").unwrap();
+    for file in [pretrained::CONFIG, pretrained::WEIGHTS_FP16] {
+        std::os::unix::fs::symlink(half.join(file), snapshot.join(file)).unwrap();
+    }
+    let info = stdout(&ok(vae(&["info", cached.to_str().unwrap()])));
+    assert!(info.contains(&format!("diffusers AutoencoderKL folder {}", snapshot.display())), "{info}");
     std::fs::remove_file(half.join(pretrained::WEIGHTS_FP16)).unwrap();
     std::fs::write(half.join("diffusion_pytorch_model.bin"), b"PK").unwrap();
     let out = vae(&["info", half.to_str().unwrap()]);
