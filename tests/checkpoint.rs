@@ -156,6 +156,7 @@ fn resumed_and_interrupted_runs_equal_the_straight_run_bitwise() {
     assert_eq!(rows[0][2], "NaN", "the pending epoch's training figures were not kept: {metrics}");
 
     // SIGINT during the second epoch: the step finishes, last.safetensors is written, exit 130.
+    // A stop signal that comes again, not from the terminal, changes nothing.
     let sig = dir.path().join("sig");
     let mut args = vec!["train", "--epochs", "3", "--out", sig.to_str().unwrap()];
     args.extend_from_slice(TINY_MODEL);
@@ -169,8 +170,10 @@ fn resumed_and_interrupted_runs_equal_the_straight_run_bitwise() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     // The first epoch's summary line: the run is now in its second epoch.
     lines.find(|l| l.as_ref().unwrap().starts_with("epoch 1/3")).expect("first epoch ends").unwrap();
-    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    assert!(kill.success());
+    // Then SIGTERM too, as a launcher passes on what its ranks had already: still one stop.
+    for signal in ["-INT", "-TERM"] {
+        assert!(Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap().success());
+    }
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", stderr(&out));
     assert!(stderr(&out).contains("resume with: vae train --resume"), "{}", stderr(&out));

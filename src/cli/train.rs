@@ -4,7 +4,7 @@
 use anyhow::{bail, ensure, Result};
 use clap::{ArgMatches, Args};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vae::checkpoint::{self, Checkpoint, Lineage, Resume};
 use vae::config::{BestBy, Change, TrainArgs, TrainConfig};
@@ -534,14 +534,31 @@ const STOP_SIGNALS: [i32; 3] =
     [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1];
 
 /// First stop signal: set the flag, so training stops after its step with a checkpoint.
-/// A second one exits at once (the checkpoint on disk is always a complete one).
+/// A second Ctrl-C exits at once (the checkpoint on disk is always a complete one).
 fn install_stop_handler() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     for signal in STOP_SIGNALS {
-        signal_hook::flag::register_conditional_shutdown(signal, INTERRUPTED, Arc::clone(&stop))?;
-        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+        let flag = Arc::clone(&stop);
+        // SAFETY: the action only swaps an atomic and may call _exit, both async-signal-safe.
+        unsafe {
+            signal_hook_registry::register_sigaction(signal, move |info: &libc::siginfo_t| {
+                if flag.swap(true, Ordering::SeqCst) && exits_at_once(signal, info.si_code) {
+                    libc::_exit(INTERRUPTED);
+                }
+            })
+        }?;
     }
     Ok(stop)
+}
+
+/// Whether a stop signal that comes after another ends the process at once: only a Ctrl-C
+/// typed again (the terminal's, which the kernel sends). The same stop often arrives twice
+/// without anyone asking twice: SLURM's SIGTERM at a time limit reaches every process of the
+/// job, a `--nproc` rank's launcher included, which passes it on; torchrun's agent passes on
+/// the terminal's Ctrl-C to ranks that had it from the terminal already. Exiting on those
+/// would lose the checkpoint the first one asked for.
+fn exits_at_once(signal: i32, si_code: i32) -> bool {
+    signal == signal_hook::consts::SIGINT && si_code == libc::SI_KERNEL
 }
 
 /// Exit code of an interrupted run, as a shell reports death by SIGINT.
@@ -557,6 +574,17 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         train: TrainCommand,
+    }
+
+    #[test]
+    fn only_a_second_ctrl_c_from_the_terminal_exits_at_once() {
+        use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+        assert!(exits_at_once(SIGINT, libc::SI_KERNEL));
+        // kill(1), a launcher passing a signal on, a scheduler: a stop, asked again.
+        assert!(!exits_at_once(SIGINT, libc::SI_USER));
+        assert!(!exits_at_once(SIGTERM, libc::SI_USER));
+        assert!(!exits_at_once(SIGTERM, libc::SI_KERNEL));
+        assert!(!exits_at_once(SIGUSR1, libc::SI_USER));
     }
 
     /// Every flag of `vae train` says what a resumed run does with it: a setting of the run
