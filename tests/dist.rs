@@ -423,6 +423,39 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     assert!(!never.exists());
 }
 
+/// `--nproc`'s launcher killed outright (SIGKILL: the OOM killer, `kill -9`) leaves no rank
+/// training on unseen: each is told to stop, and rank 0 writes its checkpoint.
+#[test]
+fn a_launcher_killed_outright_stops_its_ranks_with_a_checkpoint() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Read};
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "--epochs", "50", "--nproc", "2", "--out", run.to_str().unwrap()];
+    args.extend_from_slice(TINY_MODEL);
+    // Not --quiet: rank 0 prints its epochs.
+    args.extend_from_slice(&DATA[..DATA.len() - 2]);
+    let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(launcher.stdout.take().unwrap()).lines();
+    lines.find(|l| l.as_ref().unwrap().starts_with("epoch 1/")).expect("an epoch ends").unwrap();
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    // Rank 0 holds the launcher's outputs, which end when it does.
+    assert!(lines.all(|l| l.is_ok()));
+    let mut err = String::new();
+    launcher.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("interrupted: saved"), "{err}");
+    let stopped = Checkpoint::load(&run.join("last.safetensors")).unwrap();
+    assert!(stopped.meta.epoch < 50, "it trained on to epoch {}", stopped.meta.epoch);
+}
+
 /// Two ranks started as srun starts the tasks of a step over two machines (a job of 4 tasks
 /// here, the step of 2), each with its own `--out`; their outputs.
 fn two_ranks(outs: [&Path; 2]) -> [std::process::Output; 2] {

@@ -1,10 +1,11 @@
 //! `vae train --nproc N`: starts N local ranks of the same command with torchrun's variables
 //! (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and waits for them. When one
-//! fails, the others are told to stop; Ctrl-C reaches every rank from the terminal, and a
-//! SIGTERM or SIGUSR1 sent to the launcher is passed on to them.
+//! fails, the others are told to stop; Ctrl-C reaches every rank from the terminal, a
+//! SIGTERM or SIGUSR1 sent to the launcher is passed on to them, and its death stops them.
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -33,6 +34,21 @@ pub fn ranks(nproc: usize) -> Result<()> {
         let mut command = Command::new(&exe);
         if std::env::var_os("OMP_NUM_THREADS").is_none() {
             command.env("OMP_NUM_THREADS", threads_per_rank(nproc).to_string());
+        }
+        let launcher = std::process::id();
+        // SAFETY: prctl, getppid and raise are async-signal-safe, as between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // A launcher killed outright (SIGKILL, the OOM killer) leaves no rank training
+                // on unseen: each is told to stop as by SIGTERM, with its checkpoint.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() as u32 != launcher {
+                    libc::raise(libc::SIGTERM);
+                }
+                Ok(())
+            });
         }
         if rank > 0 {
             // Rank 0 keeps the terminal (its progress bar needs one); the others' lines come
