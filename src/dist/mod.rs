@@ -141,24 +141,7 @@ impl DistEnv {
     pub(crate) fn serves(&self) -> bool {
         self.rank == 0 && !self.agent_store
     }
-}
 
-/// A launcher's variable as a count or index.
-fn number(name: &str, text: &str) -> Result<usize> {
-    text.trim().parse().with_context(|| format!("{name}={text:?} is not a number"))
-}
-
-/// The job's task count where this process is a SLURM job's own script, or a command it ran
-/// without `srun` (`SLURM_NTASKS` and `SLURM_PROCID` set, `SLURM_STEP_NUM_TASKS` not), in a
-/// job of several tasks: it is no rank of them, and trains alone unless it starts ranks itself.
-pub fn slurm_tasks_outside_srun(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
-    if var("WORLD_SIZE").is_some() || var("SLURM_STEP_NUM_TASKS").is_some() || var("SLURM_PROCID").is_none() {
-        return None;
-    }
-    var("SLURM_NTASKS").and_then(|n| n.trim().parse().ok()).filter(|&n| n > 1)
-}
-
-impl DistEnv {
     /// The GPU this rank takes, of the `visible` ones: its local rank's, as torchrun's ranks
     /// and srun's tasks all see every GPU of their machine by default; the one it sees where
     /// srun gives each task its own alone (`--gpus-per-task=1` narrows `CUDA_VISIBLE_DEVICES`).
@@ -175,6 +158,21 @@ impl DistEnv {
             ),
         }
     }
+}
+
+/// A launcher's variable as a count or index.
+fn number(name: &str, text: &str) -> Result<usize> {
+    text.trim().parse().with_context(|| format!("{name}={text:?} is not a number"))
+}
+
+/// The job's task count where this process is a SLURM job's own script, or a command it ran
+/// without `srun` (`SLURM_NTASKS` and `SLURM_PROCID` set, `SLURM_STEP_NUM_TASKS` not), in a
+/// job of several tasks: it is no rank of them, and trains alone unless it starts ranks itself.
+pub fn slurm_tasks_outside_srun(var: impl Fn(&str) -> Option<String>) -> Option<usize> {
+    if var("WORLD_SIZE").is_some() || var("SLURM_STEP_NUM_TASKS").is_some() || var("SLURM_PROCID").is_none() {
+        return None;
+    }
+    var("SLURM_NTASKS").and_then(|n| n.trim().parse().ok()).filter(|&n| n > 1)
 }
 
 #[cfg(not(vae_gloo))]
