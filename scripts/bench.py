@@ -78,7 +78,8 @@ def loader_section(vae_bin, args, tmp):
 
 
 def data_parallel_section(vae_bin, nproc, data_dir, tmp):
-    """`vae train` for one epoch as N ranks of 1 thread and as 1 process of N threads."""
+    """`vae train` for one epoch as N ranks of 1 thread and as 1 process of N threads, and
+    PyTorch's DistributedDataParallel as N ranks of 1 thread (scripts/ddp_reference.py)."""
     import re
     common = [vae_bin, "train", "--dataset", "fashion-mnist", "--data-dir", data_dir, "--epochs", "1",
               "--device", "cpu", "--no-tensorboard"]
@@ -91,10 +92,18 @@ def data_parallel_section(vae_bin, nproc, data_dir, tmp):
         share = re.search(r"all-reduce (\d+)%", line)
         runs[name] = {"images_per_s": float(re.search(r"(\d+) img/s", line).group(1)),
                       "all_reduce_percent": float(share.group(1)) if share else None}
+    # PyTorch's own data parallelism on the same data and split, its backward overlapping the
+    # all-reduce of finished buckets.
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = subprocess.run([torchrun, "--standalone", "--nproc-per-node", str(nproc),
+                          os.path.join(ROOT, "scripts", "ddp_reference.py"), "--data-dir", data_dir],
+                         check=True, capture_output=True, text=True).stdout
+    ddp = json.loads(next(l for l in out.splitlines() if l.startswith("{")))
+    runs[f"pytorch DDP, {nproc} ranks x 1 thread"] = {"images_per_s": ddp["images_per_s"], "all_reduce_percent": None}
     print(f"\ndata-parallel training, one epoch (torch.distributed, Gloo):")
     for name, r in runs.items():
         share = f"  all-reduce {r['all_reduce_percent']:.0f}% of the epoch" if r["all_reduce_percent"] is not None else ""
-        print(f"  {name:<24} {r['images_per_s']:7.0f} img/s{share}")
+        print(f"  {name:<33} {r['images_per_s']:7.0f} img/s{share}")
     return runs
 
 

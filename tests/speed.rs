@@ -99,7 +99,7 @@ fn the_quick_benchmark_runs_both_implementations() {
     let traces = tempfile::tempdir().unwrap();
     let text = stdout(&python_script(
         "bench.py",
-        &["--quick", "--threads", "1", "--trace", traces.path().to_str().unwrap()],
+        &["--quick", "--threads", "1", "--trace", traces.path().to_str().unwrap(), "--nproc", "2"],
     ));
     for case in [
         "cpu f32 batch 32",
@@ -120,6 +120,12 @@ fn the_quick_benchmark_runs_both_implementations() {
         let ratio = row.split_whitespace().nth(6).unwrap();
         let ratio: f64 = ratio.trim_end_matches('x').parse().unwrap_or_else(|_| panic!("{row}"));
         assert!(ratio > 0.0, "{row}");
+    }
+    // --nproc: our ranks, one process, and PyTorch's DDP, each with a figure.
+    for run in ["2 ranks x 1 thread", "1 process x 2 threads", "pytorch DDP, 2 ranks x 1 thread"] {
+        let row = text.lines().find(|l| l.trim_start().starts_with(run)).unwrap_or_else(|| panic!("{text}"));
+        let figure: f64 = row[run.len() + 2..].split_whitespace().next().unwrap().parse().unwrap();
+        assert!(figure > 0.0, "{row}");
     }
     // --trace: each case's two profiler traces, side by side; the convolutions' self time is
     // measured on both sides (two figures in ms on the row).
