@@ -88,7 +88,9 @@ fn join(env: &DistEnv, timeout: Duration) -> anyhow::Result<ProcessGroup> {
 mod common;
 
 use common::{ok, stderr, stdout, vae, TINY_MODEL};
+use std::io::{BufRead, BufReader, Lines};
 use std::path::Path;
+use std::process::ChildStdout;
 use vae::checkpoint::Checkpoint;
 
 /// 641 images: 20 batches of 32 and a last one of 1, of which rank 0 has no rows.
@@ -347,12 +349,32 @@ fn patience_stops_every_rank_at_the_same_evaluation() {
     assert!(last.step < 24 && best.step == last.step - 2, "stopped at {}, best {}", last.step, best.step);
 }
 
+/// A training run started by `command`, its outputs piped, once rank 0 has printed its first
+/// epoch's line: the process, what it printed up to there, and the rest of its output to come.
+fn in_its_second_epoch(
+    command: &mut std::process::Command,
+) -> (std::process::Child, Vec<String>, Lines<BufReader<ChildStdout>>) {
+    use std::process::Stdio;
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let training = line.starts_with("epoch 1/");
+        printed.push(line);
+        if training {
+            return (child, printed, lines);
+        }
+    }
+    let _ = child.kill();
+    panic!("no epoch ended ({:?}): {printed:?}", child.wait());
+}
+
 #[test]
 fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     if !Backend::Gloo.built() {
         return; // two_ranks_train_as_one_process_and_resume_exactly checks the message
     }
-    use std::io::{BufRead, BufReader};
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     // Far more epochs than the test lets it train: SIGTERM to the launcher stops it.
@@ -363,24 +385,10 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     // Started as a SLURM job script of 2 tasks would start it (no srun): it is no rank of
     // those, and starts its own.
     args.extend_from_slice(&["--dist-timeout", "60"]);
-    let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
-        .args(&args)
-        .env_remove("OMP_NUM_THREADS")
-        .envs([("SLURM_NTASKS", "2"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(launcher.stdout.take().unwrap()).lines();
-    let mut printed = Vec::new();
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        let training = line.starts_with("epoch 1/");
-        printed.push(line);
-        if training {
-            break;
-        }
-    }
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vae"));
+    command.args(&args).env_remove("OMP_NUM_THREADS");
+    command.envs([("SLURM_NTASKS", "2"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")]);
+    let (launcher, printed, _) = in_its_second_epoch(&mut command);
     let cores = std::thread::available_parallelism().unwrap().get();
     let threads = match cores / 2 {
         0 | 1 => "cpu (1 thread)".to_string(),
@@ -430,21 +438,15 @@ fn a_launcher_killed_outright_stops_its_ranks_with_a_checkpoint() {
     if !Backend::Gloo.built() {
         return;
     }
-    use std::io::{BufRead, BufReader, Read};
+    use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
     let mut args = vec!["train", "--epochs", "50", "--nproc", "2", "--out", run.to_str().unwrap()];
     args.extend_from_slice(TINY_MODEL);
     // Not --quiet: rank 0 prints its epochs.
     args.extend_from_slice(&DATA[..DATA.len() - 2]);
-    let mut launcher = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
-        .args(&args)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(launcher.stdout.take().unwrap()).lines();
-    lines.find(|l| l.as_ref().unwrap().starts_with("epoch 1/")).expect("an epoch ends").unwrap();
+    let (mut launcher, _, mut lines) =
+        in_its_second_epoch(std::process::Command::new(env!("CARGO_BIN_EXE_vae")).args(&args));
     launcher.kill().unwrap();
     launcher.wait().unwrap();
     // Rank 0 holds the launcher's outputs, which end when it does.
