@@ -458,25 +458,56 @@ fn a_launcher_killed_outright_stops_its_ranks_with_a_checkpoint() {
     assert!(stopped.meta.epoch < 50, "it trained on to epoch {}", stopped.meta.epoch);
 }
 
-/// Two ranks started as srun starts the tasks of a step over two machines (a job of 4 tasks
-/// here, the step of 2), each with its own `--out`; their outputs.
-fn two_ranks(outs: [&Path; 2]) -> [std::process::Output; 2] {
+/// Two ranks as srun starts the tasks of a step over two machines (a job of 4 tasks here, the
+/// step of 2), training with `args`, each into its own `--out`, outputs piped: the commands.
+fn srun_tasks(outs: [&Path; 2], args: &[&str]) -> [std::process::Command; 2] {
     let port = free_port().to_string();
-    let ranks = [("0", outs[0]), ("1", outs[1])].map(|(rank, out)| {
-        let mut args = vec!["train", "--epochs", "2", "--auto-resume", "--out", out.to_str().unwrap()];
-        args.extend_from_slice(TINY_MODEL);
-        args.extend_from_slice(DATA);
-        std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
-            .args(&args)
-            .envs([("SLURM_PROCID", rank), ("SLURM_LOCALID", "0"), ("SLURM_NTASKS", "4")])
-            .envs([("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2")])
-            .envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap()
-    });
+    [("0", outs[0]), ("1", outs[1])].map(|(rank, out)| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vae"));
+        command.args(["train", "--out", out.to_str().unwrap()]).args(args);
+        command.envs([("SLURM_PROCID", rank), ("SLURM_LOCALID", "0"), ("SLURM_NTASKS", "4")]);
+        command.envs([("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2")]);
+        command.envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())]);
+        command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        command
+    })
+}
+
+/// Two ranks of srun's (see [`srun_tasks`]) training the tiny model for 2 epochs with
+/// `--auto-resume`: their outputs.
+fn two_ranks(outs: [&Path; 2]) -> [std::process::Output; 2] {
+    let args = [&["--epochs", "2", "--auto-resume"][..], TINY_MODEL, DATA].concat();
+    let ranks = srun_tasks(outs, &args).map(|mut command| command.spawn().unwrap());
     ranks.map(|rank| rank.wait_with_output().unwrap())
+}
+
+/// Stopped by SIGTERM (a preemption reaches every task), no rank exits before rank 0 has
+/// written its checkpoint: srun --kill-on-bad-exit and torchrun kill the rest of a run once
+/// one rank exits non-zero, as 130 is. Here rank 0 is killed the moment rank 1 has exited.
+#[test]
+fn a_stopped_run_has_its_checkpoint_before_any_rank_exits() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // 6.5M parameters: 78 MB to write with Adam's moments, which takes a while.
+    let model = ["--conv-channels", "8,16", "--hidden", "4096", "--latent-dim", "4", "--device", "cpu"];
+    let args = [&["--epochs", "50", "--train-size", "256", "--batch-size", "32"][..], &model].concat();
+    let [mut zero, mut one] = srun_tasks([&run, &run], &[&args[..], &["--threads", "1"]].concat());
+    let one = one.spawn().unwrap();
+    let (mut zero, _, _) = in_its_second_epoch(&mut zero);
+    let epoch_one = Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.step;
+    for rank in [&zero, &one] {
+        let kill = std::process::Command::new("kill").args(["-TERM", &rank.id().to_string()]).status();
+        assert!(kill.unwrap().success());
+    }
+    let one = one.wait_with_output().unwrap();
+    zero.kill().unwrap();
+    zero.wait().unwrap();
+    assert_eq!(one.status.code(), Some(130), "{}", stderr(&one));
+    let stopped = Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.step;
+    assert!(stopped > epoch_one, "the checkpoint of the stop was not written: step {stopped}");
 }
 
 /// Every rank stops with a refusal of the run folder: ranks that see it differently under

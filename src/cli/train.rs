@@ -98,6 +98,12 @@ impl TrainCommand {
         self.run.stop = Some(install_stop_handler()?);
         let summary = run::run(&mut trainer, &splits, folder.as_ref(), &lineage, &self.run)?;
         if summary.interrupted {
+            // No rank exits before rank 0 has written the checkpoint: launchers stop the rest
+            // of a run once one rank exits non-zero (torchrun kills them 30 s on, srun
+            // --kill-on-bad-exit at once), which would cut a long write short.
+            if let Some(group) = &trainer.group {
+                group.barrier()?;
+            }
             if let Some(folder) = &folder {
                 let again = if self.run.auto_resume { "the same command (--auto-resume), or " } else { "" };
                 let owed = if summary.in_evaluation { " as its test evaluation began (owed)" } else { "" };
