@@ -475,11 +475,25 @@ fn check_takes_new_run(dir: &Path) -> Result<()> {
     let last = dir.join(run_dir::LAST);
     ensure!(
         !last.exists(),
-        "{} already holds a checkpoint ({}); continue it with --resume {0} or choose another --out",
+        "{} already holds a checkpoint ({}); continue it with --resume {0} or choose another --out{}",
         dir.display(),
-        last.display()
+        last.display(),
+        restarted(|name| std::env::var(name).ok()).unwrap_or_default()
     );
     check_holds_no_run(dir)
+}
+
+/// Where a launcher started this command again (a requeued SLURM job, torchrun restarting its
+/// ranks after a failure), what a run folder refused for its checkpoint should tell the user.
+fn restarted(var: impl Fn(&str) -> Option<String>) -> Option<String> {
+    let count = |name: &str| var(name).filter(|n| n.trim().parse::<u64>().is_ok_and(|n| n > 0));
+    let (name, by) = [
+        ("SLURM_RESTART_COUNT", "SLURM requeued this job"),
+        ("TORCHELASTIC_RESTART_COUNT", "torchrun restarted its ranks"),
+    ]
+    .into_iter()
+    .find_map(|(name, by)| count(name).map(|n| (format!("{name}={n}"), by)))?;
+    Some(format!(". {by} ({name}): with --auto-resume, every start of the same command continues the run"))
 }
 
 /// A folder without `last.safetensors` takes a run only when it holds no run's files: the
@@ -580,6 +594,28 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         train: TrainCommand,
+    }
+
+    #[test]
+    fn a_restarted_command_is_told_of_auto_resume() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(restarted(vars(&[])), None);
+        assert_eq!(
+            restarted(vars(&[("SLURM_RESTART_COUNT", "0"), ("TORCHELASTIC_RESTART_COUNT", "0")])),
+            None
+        );
+        let requeued = restarted(vars(&[("SLURM_RESTART_COUNT", "2")])).unwrap();
+        assert!(
+            requeued.contains("SLURM requeued this job (SLURM_RESTART_COUNT=2)")
+                && requeued.contains("--auto-resume")
+        );
+        let torchrun = restarted(vars(&[("TORCHELASTIC_RESTART_COUNT", "1")])).unwrap();
+        assert!(
+            torchrun.contains("torchrun restarted its ranks (TORCHELASTIC_RESTART_COUNT=1)"),
+            "{torchrun}"
+        );
     }
 
     #[test]
