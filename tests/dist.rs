@@ -77,6 +77,7 @@ fn at(port: u16, rank: usize) -> DistEnv {
         master_addr: "127.0.0.1".into(),
         master_port: port,
         agent_store: false,
+        restart: 0,
         srun: false,
     }
 }
@@ -479,6 +480,46 @@ fn two_ranks(outs: [&Path; 2]) -> [std::process::Output; 2] {
     let args = [&["--epochs", "2", "--auto-resume"][..], TINY_MODEL, DATA].concat();
     let ranks = srun_tasks(outs, &args).map(|mut command| command.spawn().unwrap());
     ranks.map(|rank| rank.wait_with_output().unwrap())
+}
+
+/// torchrun restarts a run's ranks after one fails (`--max-restarts`), with the same store:
+/// the restarted ranks meet among themselves, not at the addresses the failed attempt left
+/// there, and `--auto-resume` continues the run to its end. Rank 0 of the restart starts five
+/// seconds after rank 1, as on a machine slower to get going: rank 1 then finds the old
+/// attempt's rank 0 in the store first, which failed the restart before each attempt kept to
+/// its own keys.
+#[test]
+fn a_run_torchrun_restarts_meets_afresh_and_continues() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let late = dir.path().join("late-rank-0");
+    let script =
+        "#!/bin/sh\nif [ \"$TORCHELASTIC_RESTART_COUNT\" = 1 ] && [ \"$RANK\" = 0 ]; then sleep 5; fi\n\
+                  exec \"$VAE\" \"$@\"\n";
+    std::fs::write(&late, script).unwrap();
+    std::fs::set_permissions(&late, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let run = dir.path().join("run");
+    let mut args =
+        vec!["--nproc-per-node", "2", "--max-restarts", "1", "--no-python", late.to_str().unwrap()];
+    args.extend_from_slice(&["train", "--epochs", "2", "--auto-resume", "--save-every-steps", "1"]);
+    args.extend_from_slice(&["--out", run.to_str().unwrap(), "--dist-timeout", "30"]);
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
+    let out = std::process::Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/torchrun"))
+        .args(&args)
+        .env("VAE", env!("CARGO_BIN_EXE_vae"))
+        // Rank 1 of the first attempt dies after step 5 (rank 0 has saved it); the restart
+        // continues from there, past the fault.
+        .envs([("VAE_FAULT", "step:5"), ("VAE_FAULT_RANK", "1")])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("VAE_FAULT: aborting after step 5"), "{err}");
+    let last = Checkpoint::load(&run.join("last.safetensors")).unwrap().meta;
+    assert_eq!((last.epoch, last.world_size), (2, 2));
 }
 
 /// Stopped by SIGTERM (a preemption reaches every task), no rank exits before rank 0 has

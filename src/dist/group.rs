@@ -18,6 +18,7 @@ extern "C" {
         host: *const c_char,
         port: *mut c_int,
         serve: c_int,
+        prefix: *const c_char,
         rank: c_int,
         world: c_int,
         timeout_ms: c_int,
@@ -48,6 +49,7 @@ extern "C" {
         host: *const c_char,
         port: *mut c_int,
         serve: c_int,
+        prefix: *const c_char,
         rank: c_int,
         world: c_int,
         device: c_int,
@@ -92,17 +94,31 @@ impl ProcessGroup {
         backend.check(device)?;
         let DistEnv { rank, world, ref master_addr, master_port, .. } = *env;
         let c_host = std::ffi::CString::new(master_addr.as_str()).context("MASTER_ADDR holds a NUL byte")?;
+        let c_prefix = std::ffi::CString::new(env.store_prefix()).expect("no NUL in a number");
         let mut c_port = master_port as c_int;
         let mut err = [0u8; ERR_LEN];
         let timeout_ms = timeout.as_millis().min(i32::MAX as u128) as c_int;
         let (host, port, serve) = (c_host.as_ptr(), &mut c_port as *mut c_int, env.serves() as c_int);
+        let prefix = c_prefix.as_ptr();
         let (rank_c, world_c, buf) = (rank as c_int, world as c_int, err.as_mut_ptr().cast());
         // SAFETY (both): every pointer outlives the call; the shim copies what it keeps.
-        let gloo = || unsafe { vae_pg_new(host, port, serve, rank_c, world_c, timeout_ms, buf, ERR_LEN) };
+        let gloo =
+            || unsafe { vae_pg_new(host, port, serve, prefix, rank_c, world_c, timeout_ms, buf, ERR_LEN) };
         #[cfg(vae_nccl)]
         let ptr = match (backend, device) {
             (Backend::Nccl, Device::Cuda(gpu)) => unsafe {
-                vae_pg_new_nccl(host, port, serve, rank_c, world_c, gpu as c_int, timeout_ms, buf, ERR_LEN)
+                vae_pg_new_nccl(
+                    host,
+                    port,
+                    serve,
+                    prefix,
+                    rank_c,
+                    world_c,
+                    gpu as c_int,
+                    timeout_ms,
+                    buf,
+                    ERR_LEN,
+                )
             },
             _ => gloo(),
         };

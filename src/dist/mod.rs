@@ -66,6 +66,8 @@ pub struct DistEnv {
     /// torchrun's elastic agent already serves the store (`TORCHELASTIC_USE_AGENT_STORE`):
     /// every rank connects to it as a client.
     pub agent_store: bool,
+    /// torchrun's count of this run's restarts after a failure (`TORCHELASTIC_RESTART_COUNT`).
+    pub restart: u64,
     /// One of srun's tasks, which may each see their own GPU alone (`--gpus-per-task`).
     pub srun: bool,
 }
@@ -119,8 +121,10 @@ impl DistEnv {
         let master_port =
             port.trim().parse().with_context(|| format!("MASTER_PORT={port:?} is not a port"))?;
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        let restart = var("TORCHELASTIC_RESTART_COUNT").map(|n| number("TORCHELASTIC_RESTART_COUNT", &n));
+        let restart = restart.transpose()?.unwrap_or(0) as u64;
         let srun = world_name == "SLURM_STEP_NUM_TASKS";
-        Ok(Some(Self { rank, world, local_rank, master_addr, master_port, agent_store, srun }))
+        Ok(Some(Self { rank, world, local_rank, master_addr, master_port, agent_store, restart, srun }))
     }
 
     /// A group of one on this machine (rank 0 hosting its store on a free port): the same
@@ -133,6 +137,7 @@ impl DistEnv {
             master_addr: "127.0.0.1".into(),
             master_port: 0,
             agent_store: false,
+            restart: 0,
             srun: false,
         }
     }
@@ -140,6 +145,19 @@ impl DistEnv {
     /// Whether this rank hosts the store (rank 0, unless torchrun's agent does).
     pub(crate) fn serves(&self) -> bool {
         self.rank == 0 && !self.agent_store
+    }
+
+    /// Where this attempt's ranks keep their keys in the store: torchrun's agent serves one
+    /// store to every attempt of a run (its restarts after a failure), and an address that an
+    /// earlier attempt's rank left there sends a rank of this one to a process that is gone.
+    /// As PyTorch's `env://` rendezvous: `/worker/attempt_N`; none in a store of our own.
+    #[cfg_attr(not(vae_gloo), allow(dead_code))]
+    pub(crate) fn store_prefix(&self) -> String {
+        if self.agent_store {
+            format!("/worker/attempt_{}", self.restart)
+        } else {
+            String::new()
+        }
     }
 
     /// The GPU this rank takes, of the `visible` ones: its local rank's, as torchrun's ranks
@@ -212,7 +230,18 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!((env.rank, env.world, env.local_rank, env.master_port), (3, 4, 1, 29500));
-        assert!(!env.agent_store);
+        assert!(!env.agent_store && env.store_prefix().is_empty());
+        // A restarted attempt under torchrun's agent keeps to its own keys of the agent's store.
+        let attempt = DistEnv::from_vars(vars(&[
+            ("WORLD_SIZE", "2"),
+            ("RANK", "1"),
+            ("MASTER_PORT", "29500"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "3"),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(attempt.store_prefix(), "/worker/attempt_3");
         // One of srun's tasks: its step's size counts, not the job's.
         let slurm = DistEnv::from_vars(vars(&[
             ("SLURM_NTASKS", "16"),

@@ -10,10 +10,10 @@
 extern "C" {
 
 // As vae_pg_new, with an NCCL group on the GPU `device` (the rank's local GPU).
-vae_pg* vae_pg_new_nccl(const char* host, int* port, int serve, int rank, int world, int device,
-                        int timeout_ms, char* err, size_t errlen) {
+vae_pg* vae_pg_new_nccl(const char* host, int* port, int serve, const char* prefix, int rank,
+                        int world, int device, int timeout_ms, char* err, size_t errlen) {
   try {
-    auto store = vae_store(host, port, serve, world, timeout_ms);
+    auto store = vae_store(host, port, serve, world, timeout_ms, prefix);
     auto options = c10d::ProcessGroupNCCL::Options::create();
     options->timeout = std::chrono::milliseconds(timeout_ms);
     c10::intrusive_ptr<c10d::Backend> group =

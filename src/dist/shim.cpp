@@ -19,8 +19,8 @@ void vae_set_error(char* err, size_t len, const char* what) {
   }
 }
 
-c10::intrusive_ptr<c10d::TCPStore> vae_store(const char* host, int* port, int serve, int world,
-                                             int timeout_ms) {
+c10::intrusive_ptr<c10d::Store> vae_store(const char* host, int* port, int serve, int world,
+                                          int timeout_ms, const char* prefix) {
   c10d::TCPStoreOptions opts;
   opts.port = static_cast<uint16_t>(*port);
   opts.isServer = serve != 0;
@@ -29,17 +29,21 @@ c10::intrusive_ptr<c10d::TCPStore> vae_store(const char* host, int* port, int se
   opts.timeout = std::chrono::milliseconds(timeout_ms);
   auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
   *port = store->getPort();
-  return store;
+  if (*prefix == '\0') {
+    return store;
+  }
+  return c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), store);
 }
 
 extern "C" {
 
 // Joins (rank 0 with `serve` set: hosts) the store at host:port, then forms the Gloo group of
-// `world` ranks. `port` 0 with `serve` picks a free port, written back into `*port`.
-vae_pg* vae_pg_new(const char* host, int* port, int serve, int rank, int world, int timeout_ms,
-                   char* err, size_t errlen) {
+// `world` ranks, its keys under `prefix` (none when empty). `port` 0 with `serve` picks a free
+// port, written back into `*port`.
+vae_pg* vae_pg_new(const char* host, int* port, int serve, const char* prefix, int rank, int world,
+                   int timeout_ms, char* err, size_t errlen) {
   try {
-    auto store = vae_store(host, port, serve, world, timeout_ms);
+    auto store = vae_store(host, port, serve, world, timeout_ms, prefix);
     auto options = c10d::ProcessGroupGloo::Options::create(std::chrono::milliseconds(timeout_ms));
     const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
     std::string address(host);

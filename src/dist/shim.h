@@ -3,12 +3,13 @@
 #pragma once
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <cstddef>
 
 struct vae_pg {
-  c10::intrusive_ptr<c10d::TCPStore> store;
+  c10::intrusive_ptr<c10d::Store> store;
   c10::intrusive_ptr<c10d::Backend> group;
 };
 
@@ -16,6 +17,6 @@ struct vae_pg {
 void vae_set_error(char* err, size_t len, const char* what);
 
 // Joins (with `serve`: hosts) the store at host:port; port 0 with `serve` picks a free port,
-// written back into `*port`.
-c10::intrusive_ptr<c10d::TCPStore> vae_store(const char* host, int* port, int serve, int world,
-                                             int timeout_ms);
+// written back into `*port`. A non-empty `prefix` keeps this group's keys under it.
+c10::intrusive_ptr<c10d::Store> vae_store(const char* host, int* port, int serve, int world,
+                                          int timeout_ms, const char* prefix);
