@@ -19,6 +19,17 @@
 //! 12. `run`: the run loop in a run folder
 //! 13. `bench`: throughput
 
+/// `println!` for a run's lines, whose stdout may be gone (`vae train | head`, a pipe whose
+/// reader died): the line is dropped and the run goes on, where `println!` would panic and end
+/// it mid-epoch without its checkpoint.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod adam;
 pub mod adversarial;
 pub mod bench;

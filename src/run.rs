@@ -495,7 +495,7 @@ pub fn run(
     };
     if let (false, Some(folder)) = (opts.quiet, folder) {
         let [c, h, w] = shape;
-        println!(
+        say!(
             "training on {} images of {c}x{h}x{w} ({}{}), {} test images, on {}{}; run folder {}",
             loader.len(),
             cfg.data.name(),
@@ -585,7 +585,7 @@ pub fn run(
                     format!("epoch {epoch:.2}/{}", cfg.epochs)
                 };
                 let rfid = row.rfid.map(|f| format!("  rFID {f:.3}")).unwrap_or_default();
-                println!(
+                say!(
                     "{at}  train {train}{sharp}  test {test_stats}  {}{rfid}  {:.0} img/s  {seconds:.1}s  active dims {active_dims}/{}{all_reduce}{gpu}",
                     row.quality,
                     row.images_per_s,
@@ -594,7 +594,7 @@ pub fn run(
             }
             summary.epochs.push((train, test_stats));
             if trainer.out_of_patience() && !opts.quiet {
-                println!(
+                say!(
                     "stopping early: the test {} has not bettered {:.4} for {} evaluation(s) (--patience {})",
                     by.name(),
                     trainer.best.unwrap_or(f64::NAN),

@@ -229,3 +229,29 @@ fn bad_settings_fail_before_any_work_with_a_message() {
         assert!(stderr(&out).contains("CUDA is not available"), "{}", stderr(&out));
     }
 }
+
+/// `vae train ... | head -n 1`: stdout closes after the first line, and the run trains on to
+/// its end with its checkpoints (a print to the closed pipe used to panic and end it there).
+#[test]
+fn a_run_whose_stdout_closes_trains_on_to_its_end() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut args = vec!["train", "--epochs", "3", "--train-size", "256", "--test-size", "64"];
+    args.extend_from_slice(TINY_MODEL);
+    args.extend_from_slice(DATA);
+    args.extend_from_slice(&["--out", run.to_str().unwrap()]);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.starts_with("training on"), "{first}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let last = vae::checkpoint::Checkpoint::load(&run.join("last.safetensors")).unwrap();
+    assert_eq!(last.meta.epoch, 3);
+}

@@ -389,7 +389,8 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vae"));
     command.args(&args).env_remove("OMP_NUM_THREADS");
     command.envs([("SLURM_NTASKS", "2"), ("SLURM_PROCID", "0"), ("SLURM_LOCALID", "0")]);
-    let (launcher, printed, _) = in_its_second_epoch(&mut command);
+    // The rest of its output stays open until it exits: a closed pipe would fail its prints.
+    let (launcher, printed, _rest) = in_its_second_epoch(&mut command);
     let cores = std::thread::available_parallelism().unwrap().get();
     let threads = match cores / 2 {
         0 | 1 => "cpu (1 thread)".to_string(),
@@ -537,7 +538,7 @@ fn a_stopped_run_has_its_checkpoint_before_any_rank_exits() {
     let args = [&["--epochs", "50", "--train-size", "256", "--batch-size", "32"][..], &model].concat();
     let [mut zero, mut one] = srun_tasks([&run, &run], &[&args[..], &["--threads", "1"]].concat());
     let one = one.spawn().unwrap();
-    let (mut zero, _, _) = in_its_second_epoch(&mut zero);
+    let (mut zero, _, _rest) = in_its_second_epoch(&mut zero);
     let epoch_one = Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.step;
     for rank in [&zero, &one] {
         let kill = std::process::Command::new("kill").args(["-TERM", &rank.id().to_string()]).status();

@@ -124,7 +124,7 @@ impl TrainCommand {
                 (BestBy::Loss, _) | (_, None) => String::new(),
                 (by, Some(best)) => format!(", best test {} {best:.4} (best.safetensors)", by.name()),
             };
-            println!(
+            vae::say!(
                 "done: test loss {:.2} {}{best}; checkpoints and pictures in {}",
                 test.loss,
                 trainer.cfg.model.likelihood().unit(),
@@ -155,7 +155,7 @@ impl TrainCommand {
             );
         }
         if found && !self.run.quiet {
-            println!("--auto-resume: continuing the run in {} from {}", out.display(), run_dir::LAST);
+            vae::say!("--auto-resume: continuing the run in {} from {}", out.display(), run_dir::LAST);
         }
         Ok(found.then_some(last))
     }
@@ -192,7 +192,7 @@ impl TrainCommand {
             Some(from) => {
                 let origin = pretrained::init_from(from, &trainer.vs, &trainer.cfg.model)?;
                 if rank == 0 && !self.run.quiet {
-                    println!("starting from the weights of {} (a fresh optimizer)", from.display());
+                    vae::say!("starting from the weights of {} (a fresh optimizer)", from.display());
                 }
                 Some(origin)
             }
@@ -281,17 +281,17 @@ impl TrainCommand {
             let dir = out_dir.display();
             let cfg = &trainer.cfg;
             if trainer.epoch >= cfg.epochs {
-                println!(
+                vae::say!(
                     "the run in {dir} has completed its {} epochs; pass --epochs N to train further",
                     cfg.epochs
                 );
             } else if cfg.reached_max_steps(trainer.step) {
-                println!(
+                vae::say!(
                     "the run in {dir} has taken its --max-steps {}; pass a larger --max-steps (0: none) to train further",
                     cfg.max_steps
                 );
             } else {
-                println!(
+                vae::say!(
                     "the run in {dir} stopped early: its test {} has not bettered for {} evaluation(s) \
                      (--patience {}); pass a larger --patience (0: none) to train further",
                     cfg.best_by.name(),
