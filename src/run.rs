@@ -69,7 +69,8 @@ pub struct RunOptions {
     #[arg(long, default_value_t = 20)]
     pub max_bad_steps: u64,
     /// Start this many local ranks of a data-parallel run on torch.distributed (one GPU each
-    /// on CUDA); `--batch-size` stays the global batch. torchrun sets the ranks itself.
+    /// on CUDA); `--batch-size` stays the global batch. torchrun and srun start their ranks
+    /// themselves (another count here is refused under them).
     #[arg(long, default_value_t = 1)]
     pub nproc: usize,
     /// The collectives' backend [default: nccl on CUDA, gloo on the CPU]; given on one
