@@ -30,12 +30,12 @@ pub fn ranks(nproc: usize) -> Result<()> {
     }
     let (done_tx, done_rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
     let mut pids = Vec::new();
+    let launcher = std::process::id();
     for rank in 0..nproc {
         let mut command = Command::new(&exe);
         if std::env::var_os("OMP_NUM_THREADS").is_none() {
             command.env("OMP_NUM_THREADS", threads_per_rank(nproc).to_string());
         }
-        let launcher = std::process::id();
         // SAFETY: prctl, getppid and raise are async-signal-safe, as between fork and exec.
         unsafe {
             command.pre_exec(move || {
@@ -120,15 +120,15 @@ fn forward<W: Write + 'static>(
 ) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut lines = BufReader::new(from);
-        let mut line = Vec::new();
+        let mut line = format!("[rank {rank}] ").into_bytes();
+        let mark = line.len();
         while lines.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
             if !line.ends_with(b"\n") {
                 line.push(b'\n');
             }
-            let marked = [format!("[rank {rank}] ").as_bytes(), &line].concat();
             // The terminal gone, nobody reads it: the rank goes on without.
-            let _ = to().write_all(&marked);
-            line.clear();
+            let _ = to().write_all(&line);
+            line.truncate(mark);
         }
     })
 }
