@@ -41,7 +41,7 @@ fn planned() -> Option<Fault> {
 /// Called after every training step.
 pub fn after_step(step: u64) {
     if planned() == Some(Fault::AfterStep(step)) {
-        eprintln!("VAE_FAULT: aborting after step {step}");
+        note!("VAE_FAULT: aborting after step {step}");
         std::process::abort();
     }
 }
@@ -51,11 +51,11 @@ pub fn in_evaluation() {
     static EVALUATIONS: AtomicU64 = AtomicU64::new(0);
     let n = EVALUATIONS.fetch_add(1, Ordering::SeqCst) + 1;
     if planned() == Some(Fault::InEvaluation(n)) {
-        eprintln!("VAE_FAULT: aborting in evaluation {n}");
+        note!("VAE_FAULT: aborting in evaluation {n}");
         std::process::abort();
     }
     if planned() == Some(Fault::StopInEvaluation(n)) {
-        eprintln!("VAE_FAULT: SIGTERM in evaluation {n}");
+        note!("VAE_FAULT: SIGTERM in evaluation {n}");
         // SAFETY: raise only sends a signal to this process, whose handler sets a flag.
         unsafe { libc::raise(libc::SIGTERM) };
     }
@@ -70,7 +70,7 @@ pub fn in_write(file: &mut std::fs::File, bytes: &[u8]) {
         use std::io::Write;
         let _ = file.write_all(&bytes[..bytes.len() / 2]);
         let _ = file.sync_all();
-        eprintln!("VAE_FAULT: aborting in write {n}");
+        note!("VAE_FAULT: aborting in write {n}");
         std::process::abort();
     }
 }

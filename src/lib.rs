@@ -20,13 +20,22 @@
 //! 13. `bench`: throughput
 
 /// `println!` for a run's lines, whose stdout may be gone (`vae train | head`, a pipe whose
-/// reader died): the line is dropped and the run goes on, where `println!` would panic and end
-/// it mid-epoch without its checkpoint.
+/// reader died, a terminal hung up): the line is dropped and the run goes on, where
+/// `println!` would panic and end it mid-epoch without its checkpoint.
 #[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => {{
         use std::io::Write as _;
         let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` as `say!` is `println!`: a note or warning that a closed stderr drops.
+#[macro_export]
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
     }};
 }
 

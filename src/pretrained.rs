@@ -67,7 +67,7 @@ fn weights_file(dir: &Path) -> Result<PathBuf> {
 fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>, Origin)> {
     let file = weights_file(dir)?;
     if file.ends_with(WEIGHTS_FP16) {
-        eprintln!("note: {} holds the float16 variant alone: its weights are used as float32", dir.display());
+        note!("note: {} holds the float16 variant alone: its weights are used as float32", dir.display());
     }
     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
     let parsed = SafeTensors::deserialize(&bytes)

@@ -373,7 +373,7 @@ fn train_epoch(
     progress.finish_and_clear();
     let skipped = trainer.skipped_steps - skipped_before;
     if skipped > 0 && !opts.quiet {
-        eprintln!(
+        note!(
             "warning: skipped {skipped} steps with a non-finite loss or gradient in epoch {}",
             trainer.epoch
         );
@@ -395,7 +395,7 @@ fn train_to_evaluation(
     let steps_per_epoch = loader.steps_per_epoch();
     if let Some(pending) = trainer.pending_evaluation.take() {
         if out.is_some() && !opts.quiet {
-            eprintln!("step {}: the test evaluation the run was stopped in comes first", trainer.step);
+            note!("step {}: the test evaluation the run was stopped in comes first", trainer.step);
         }
         return Ok(Some((pending, trainer.step == trainer.epoch * steps_per_epoch)));
     }
@@ -418,7 +418,7 @@ fn train_to_evaluation(
     };
     // Only a checkpoint saved at an epoch's last step completes an epoch without a step.
     if complete && train.is_none() && out.is_some() && !opts.quiet {
-        eprintln!(
+        note!(
             "epoch {} had taken all its steps but not reached its end (a checkpoint of an earlier vae, \
              saved before the epoch's test evaluation): evaluating it now; its metrics row has no \
              training figures",

@@ -143,7 +143,7 @@ impl RunDir {
         .with_context(|| format!("writing {}", lock_path.display()))?;
         let removed = crate::fsio::remove_dead_temporaries(path)?;
         if removed > 0 {
-            eprintln!("removed {removed} temporary file(s) of an interrupted run from {}", path.display());
+            note!("removed {removed} temporary file(s) of an interrupted run from {}", path.display());
         }
         Ok(Self { path: path.to_path_buf(), _lock: file })
     }

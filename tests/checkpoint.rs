@@ -4,6 +4,8 @@
 mod common;
 #[path = "common/disk.rs"]
 mod disk;
+#[path = "common/terminal.rs"]
+mod terminal;
 
 use common::{ok, stderr, stdout, vae, TINY_MODEL, TINY_RESNET};
 use disk::SmallDisk;
@@ -11,6 +13,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use tch::Tensor;
+use terminal::Terminal;
 use vae::checkpoint::Checkpoint;
 
 const DATA: &[&str] = &[
@@ -240,6 +243,29 @@ fn a_requeued_command_starts_continues_and_finishes_its_run() {
     assert!(!out.status.success() && stderr(&out).contains("--out"), "{}", stderr(&out));
 }
 
+/// An ssh connection drops under a run in its terminal: the terminal hangs up, SIGHUP reaches
+/// the run (its session's leader, as a login shell's job or the command of `ssh host vae ...`),
+/// and it stops after its step with a checkpoint, its lines and progress bar to the gone
+/// terminal dropped where a failed write would have ended it.
+#[test]
+fn a_run_whose_terminal_hangs_up_stops_with_a_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_vae"));
+    command.args(["train", "--epochs", "3", "--out", run.to_str().unwrap()]).args(TINY_MODEL).args(DATA);
+    let (mut child, mut terminal) = Terminal::start(command);
+    if let Err(seen) = terminal.wait_for("epoch 1/3  train") {
+        panic!("no epoch ended ({:?}): {seen}", child.wait());
+    }
+    drop(terminal);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
+    let stopped = Checkpoint::load(&run.join("last.safetensors")).unwrap();
+    assert!((20..60).contains(&stopped.meta.step), "stopped at step {}", stopped.meta.step);
+    ok(vae(&["train", "--resume", run.to_str().unwrap(), "--quiet"]));
+    assert_eq!(Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.epoch, 3);
+}
+
 /// `metrics.csv` without the columns of time, which differ between any two runs.
 fn metrics_but_time(run: &Path) -> Vec<Vec<String>> {
     let text = std::fs::read_to_string(run.join("metrics.csv")).unwrap();
@@ -445,6 +471,16 @@ fn info_describes_the_checkpoint() {
     ] {
         assert!(text.contains(needle), "{needle:?} not in\n{text}");
     }
+    // `vae info CKPT | head -1`: the reader gone before the rest is written ends it quietly.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vae"))
+        .args(["info", run.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
 }
 
 #[test]

@@ -87,6 +87,8 @@ fn join(env: &DistEnv, timeout: Duration) -> anyhow::Result<ProcessGroup> {
 }
 
 mod common;
+#[path = "common/terminal.rs"]
+mod terminal;
 
 use common::{ok, stderr, stdout, vae, TINY_MODEL};
 use std::io::{BufRead, BufReader, Lines};
@@ -456,6 +458,31 @@ fn a_launcher_killed_outright_stops_its_ranks_with_a_checkpoint() {
     let mut err = String::new();
     launcher.stderr.take().unwrap().read_to_string(&mut err).unwrap();
     assert!(err.contains("interrupted: saved"), "{err}");
+    let stopped = Checkpoint::load(&run.join("last.safetensors")).unwrap();
+    assert!(stopped.meta.epoch < 50, "it trained on to epoch {}", stopped.meta.epoch);
+}
+
+/// `--nproc` in a terminal whose ssh connection drops: the kernel sends SIGHUP to the
+/// launcher alone (the session's leader), which passes the stop on; rank 0 writes its
+/// checkpoint, its lines to the gone terminal dropped.
+#[test]
+fn a_launcher_whose_terminal_hangs_up_stops_its_ranks_with_a_checkpoint() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vae"));
+    command.args(["train", "--epochs", "50", "--nproc", "2", "--out", run.to_str().unwrap()]);
+    // Not --quiet: rank 0 prints its epochs and progress.
+    command.args(TINY_MODEL).args(&DATA[..DATA.len() - 2]);
+    let (mut launcher, mut terminal) = terminal::Terminal::start(command);
+    if let Err(seen) = terminal.wait_for("epoch 1/50  train") {
+        panic!("no epoch ended ({:?}): {seen}", launcher.wait());
+    }
+    drop(terminal);
+    let status = launcher.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "{status}");
     let stopped = Checkpoint::load(&run.join("last.safetensors")).unwrap();
     assert!(stopped.meta.epoch < 50, "it trained on to epoch {}", stopped.meta.epoch);
 }

@@ -47,7 +47,7 @@ impl BenchArgs {
             trace: self.trace.clone(),
             trace_steps: self.trace_steps,
         };
-        println!("{}", serde_json::to_string(&vae::bench::run(cfg, device, opts)?)?);
+        vae::say!("{}", serde_json::to_string(&vae::bench::run(cfg, device, opts)?)?);
         Ok(())
     }
 }

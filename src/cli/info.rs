@@ -2,6 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
+use std::io::Write;
 use std::path::PathBuf;
 use vae::checkpoint::Checkpoint;
 
@@ -14,12 +15,12 @@ pub struct InfoArgs {
 
 impl InfoArgs {
     pub fn run(&self) -> Result<()> {
-        if let Some(dir) = vae::pretrained::diffusers_folder(&self.checkpoint) {
-            print!("{}", vae::pretrained::describe(&dir)?);
-            return Ok(());
-        }
-        let ckpt = Checkpoint::load(&vae::run_dir::resolve(&self.checkpoint)?)?;
-        print!("{}", ckpt.describe()?);
+        let text = match vae::pretrained::diffusers_folder(&self.checkpoint) {
+            Some(dir) => vae::pretrained::describe(&dir)?,
+            None => Checkpoint::load(&vae::run_dir::resolve(&self.checkpoint)?)?.describe()?,
+        };
+        // `vae info CKPT | head` ends quietly.
+        let _ = std::io::stdout().write_all(text.as_bytes());
         Ok(())
     }
 }

@@ -243,13 +243,13 @@ impl ExportDiffusersArgs {
         let mut weights: Vec<(String, tch::Tensor)> = loaded.vs.variables().into_iter().collect();
         weights.sort_by(|a, b| a.0.cmp(&b.0));
         vae::pretrained::write_folder(&self.out, arch, &weights, scale)?;
-        println!("wrote {} (scaling_factor {scale:.5})", self.out.display());
+        vae::say!("wrote {} (scaling_factor {scale:.5})", self.out.display());
         Ok(())
     }
 }
 
 fn saved(path: &Path) {
-    println!("wrote {}", path.display());
+    vae::say!("wrote {}", path.display());
 }
 
 impl EvalArgs {
@@ -286,10 +286,10 @@ impl EvalArgs {
             Some(vae::eval::latent_scale(model, &train, loaded.config.seed, loaded.device)?);
         progress.finish_and_clear();
         if json {
-            println!("{}", serde_json::to_string(&report)?);
+            vae::say!("{}", serde_json::to_string(&report)?);
             return Ok(());
         }
-        println!(
+        vae::say!(
             "{}: {} split of {}, {} images",
             loaded.path.display(),
             name,
@@ -298,9 +298,11 @@ impl EvalArgs {
         );
         let unit = model.likelihood().unit();
         match report.elbo_bits_per_dim {
-            Some(bpd) => println!(
+            Some(bpd) => vae::say!(
                 "negative ELBO  {:.2} {unit} (reconstruction {:.2}, KL {:.2})  {bpd:.4} bits/dim",
-                report.negative_elbo, report.reconstruction, report.kl
+                report.negative_elbo,
+                report.reconstruction,
+                report.kl
             ),
             None => {
                 let cfg = &loaded.config;
@@ -311,33 +313,39 @@ impl EvalArgs {
                 } else {
                     String::new()
                 };
-                println!(
+                vae::say!(
                     "loss           {:.2} {unit}: reconstruction {:.2}{perceptual} + {:e} x KL {:.2} (the \
                      training loss; not a bound on log p(x), so no IWAE)",
-                    report.negative_elbo, report.reconstruction, cfg.beta, report.kl
+                    report.negative_elbo,
+                    report.reconstruction,
+                    cfg.beta,
+                    report.kl
                 )
             }
         }
         if let (Some(nll), Some(bpd)) = (report.iwae_nll, report.iwae_bits_per_dim) {
-            println!(
+            vae::say!(
                 "IWAE (K={})   {nll:.2} nats/image  {bpd:.4} bits/dim  ({:.1}s)",
-                report.iw_samples, report.seconds
+                report.iw_samples,
+                report.seconds
             );
         }
         let q = &report.quality;
         let ssim = q.ssim.map_or("n/a (images under 11 pixels)".to_string(), |s| format!("{s:.4}"));
         let lpips = q.lpips.map(|d| format!("  LPIPS {d:.4}")).unwrap_or_default();
-        println!(
+        vae::say!(
             "reconstructions  PSNR {:.2} dB  SSIM {ssim}  L1 {:.4}  MSE {:.5} (pixels in [0, 1]){lpips}",
-            q.psnr_db, q.l1, q.mse
+            q.psnr_db,
+            q.l1,
+            q.mse
         );
         if let Some(rfid) = report.rfid {
             // FID's bias grows as the images get fewer; papers use 10,000 to 50,000.
             let few =
                 if report.images < 10_000 { " (few images for FID: compare at the same count)" } else { "" };
-            println!("rFID  {rfid:.3} between the {} images and their reconstructions{few}", report.images);
+            vae::say!("rFID  {rfid:.3} between the {} images and their reconstructions{few}", report.images);
         }
-        println!(
+        vae::say!(
             "latents  KL {:.4} nats per element  scale factor {:.5} (1 / std over the training split)",
             report.kl_per_latent_element,
             report.scaling_factor.unwrap_or(f64::NAN)
@@ -406,7 +414,7 @@ impl SampleArgs {
             } else {
                 format!("trained with a KL weight of {:e}", loaded.config.beta)
             };
-            eprintln!(
+            vae::note!(
                 "note: this model is {trained}, so its latents are far from N(0, I) and it is not a \
                  generative model of its own: these are the decoder's images of prior draws, not samples \
                  of the data (latent diffusion trains a diffusion model on the latents for that)"

@@ -1,7 +1,8 @@
 //! `vae train --nproc N`: starts N local ranks of the same command with torchrun's variables
 //! (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and waits for them. When one
 //! fails, the others are told to stop; Ctrl-C reaches every rank from the terminal, a
-//! SIGTERM or SIGUSR1 sent to the launcher is passed on to them, and its death stops them.
+//! SIGTERM, SIGUSR1 or SIGHUP sent to the launcher is passed on to them, and its death stops
+//! them.
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -24,8 +25,10 @@ pub fn ranks(nproc: usize) -> Result<()> {
     // The ranks get the terminal's Ctrl-C themselves: the launcher only keeps waiting.
     let interrupted = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted))?;
+    // The others, sent to the launcher alone (a hung-up terminal signals its session's
+    // leader only), are passed on.
     let terminated = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1] {
+    for signal in super::train::STOP_SIGNALS.into_iter().filter(|&s| s != signal_hook::consts::SIGINT) {
         signal_hook::flag::register(signal, Arc::clone(&terminated))?;
     }
     let (done_tx, done_rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();

@@ -55,7 +55,7 @@ impl TrainCommand {
             }
             None => {
                 if let Some(tasks) = vae::dist::slurm_tasks_outside_srun(var) {
-                    eprintln!(
+                    vae::note!(
                         "note: this SLURM job has {tasks} tasks (SLURM_NTASKS), but this process was not \
                          started by srun, so it trains alone; for {tasks} ranks start it with srun, or \
                          give --nproc {tasks}"
@@ -107,7 +107,7 @@ impl TrainCommand {
             if let Some(folder) = &folder {
                 let again = if self.run.auto_resume { "the same command (--auto-resume), or " } else { "" };
                 let owed = if summary.in_evaluation { " as its test evaluation began (owed)" } else { "" };
-                eprintln!(
+                vae::note!(
                     "interrupted: saved {} at epoch {}, step {}{owed}\nresume with: {again}vae train --resume {}",
                     folder.last().display(),
                     trainer.epoch,
@@ -331,14 +331,14 @@ impl TrainCommand {
         if !self.run.quiet {
             report_changes(&changes, &trainer.cfg);
             if remeasured {
-                eprintln!(
+                vae::note!(
                     "best.safetensors: the test {} is now measured with other weights, so the next \
                      evaluation's figure is the best to beat",
                     trainer.cfg.best_by.name()
                 );
             }
             if ckpt.meta.world_size != world {
-                eprintln!(
+                vae::note!(
                     "resuming a run of {} rank(s) on {world}: the gradients are summed in another order, so the \
                      run is no longer bitwise the same as an uninterrupted one",
                     ckpt.meta.world_size
@@ -347,7 +347,7 @@ impl TrainCommand {
             let parts = |c: &TrainConfig, world: usize| c.grad_accum * world;
             let (before, now) = (parts(&ckpt.meta.config, ckpt.meta.world_size), parts(&trainer.cfg, world));
             if trainer.cfg.disc_weight > 0.0 && before != now {
-                eprintln!(
+                vae::note!(
                     "the discriminator now sees each batch as {now} part(s) (ranks x --grad-accum), not {before}: \
                      its BatchNorm statistics and adaptive weight are each part's, so its steps change"
                 );
@@ -523,10 +523,11 @@ fn report_changes(changes: &[Change], cfg: &TrainConfig) {
     };
     let picking = |c: &Change| c.flag == "--best-by";
     if let Some(c) = changes.iter().find(|c| picking(c)) {
-        eprintln!(
+        vae::note!(
             "best.safetensors is now picked by the test {}, not {}: the next evaluation's figure is the \
              best to beat",
-            c.now, c.was
+            c.now,
+            c.was
         );
     }
     // None of them changes a step.
@@ -537,7 +538,7 @@ fn report_changes(changes: &[Change], cfg: &TrainConfig) {
         return;
     }
     let list = changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
-    eprintln!(
+    vae::note!(
         "resuming with changed settings: {list}; the run is no longer bitwise the same as an \
          uninterrupted one (the checkpoint's history keeps the change)"
     );
@@ -548,10 +549,15 @@ fn same_file(a: &Path, b: &Path) -> bool {
 }
 
 /// The signals that stop a run after its step with a checkpoint: Ctrl-C, SIGTERM (a kill,
-/// a preemption, `scancel`), and SIGUSR1 (SLURM's `--signal=USR1@SECONDS` before the time
-/// limit, whose default action would kill the process with no checkpoint).
-const STOP_SIGNALS: [i32; 3] =
-    [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGUSR1];
+/// a preemption, `scancel`), SIGUSR1 (SLURM's `--signal=USR1@SECONDS` before the time
+/// limit) and SIGHUP (the terminal of the run is gone: an ssh connection dropped). The
+/// default action of each would kill the process with no checkpoint.
+pub const STOP_SIGNALS: [i32; 4] = [
+    signal_hook::consts::SIGINT,
+    signal_hook::consts::SIGTERM,
+    signal_hook::consts::SIGUSR1,
+    signal_hook::consts::SIGHUP,
+];
 
 /// First stop signal: set the flag, so training stops after its step with a checkpoint.
 /// A second Ctrl-C exits at once (the checkpoint on disk is always a complete one).

@@ -39,7 +39,7 @@ pub fn remove_outdated(path: &Path) {
             && other.ends_with(".bin")
             && other.rsplit_once('-').is_some_and(|(p, _)| p == prefix);
         if outdated && std::fs::remove_file(entry.path()).is_ok() {
-            eprintln!("removed the outdated cache {} (the folder's files changed)", entry.path().display());
+            note!("removed the outdated cache {} (the folder's files changed)", entry.path().display());
         }
     }
 }

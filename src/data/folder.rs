@@ -214,9 +214,9 @@ fn from_cache(found: CacheFile, opts: &FolderOptions) -> Result<Splits> {
     let reason = too_big(found.counts[0] + found.counts[1], opts, available_memory());
     if !opts.quiet {
         let how = if reason.is_some() { "streaming" } else { "decoded images" };
-        eprintln!("{}: {how} from the cache {}", opts.dir.display(), found.path.display());
+        note!("{}: {how} from the cache {}", opts.dir.display(), found.path.display());
         if let Some(reason) = &reason {
-            eprintln!("{reason}: reading them from disk a batch at a time");
+            note!("{reason}: reading them from disk a batch at a time");
         }
     }
     found.splits(reason.is_some())
@@ -231,12 +231,12 @@ fn decode_fresh(entries: &[Entry], cache: Option<&Path>, opts: &FolderOptions) -
         let path = cache.with_context(|| {
             format!("{reason}; streaming them from disk needs the cache file: drop --no-cache")
         })?;
-        eprintln!("{reason}: decoding them into the cache {} and streaming from it", path.display());
+        note!("{reason}: decoding them into the cache {} and streaming from it", path.display());
     }
     // Streaming needs the cache file; a resident set only loses the next run's head start.
     let mut writer = match cache.map(|c| CacheWriter::create(c, shape(opts))).transpose() {
         Err(e) if stream.is_none() => {
-            eprintln!("warning: images will not be cached: {e:#}");
+            note!("warning: images will not be cached: {e:#}");
             None
         }
         created => created?,
@@ -260,7 +260,7 @@ fn decode_fresh(entries: &[Entry], cache: Option<&Path>, opts: &FolderOptions) -
                 if stream.is_some() {
                     return Err(e);
                 }
-                eprintln!("warning: images will not be cached: {e:#}");
+                note!("warning: images will not be cached: {e:#}");
                 writer = None;
             }
         }
@@ -280,14 +280,14 @@ fn decode_fresh(entries: &[Entry], cache: Option<&Path>, opts: &FolderOptions) -
         let named = failed.iter().take(NAMED_FAILURES).cloned().collect::<Vec<_>>().join(", ");
         let more = failed.len().saturating_sub(NAMED_FAILURES);
         let more = if more > 0 { format!(" and {more} more") } else { String::new() };
-        eprintln!(
+        note!(
             "warning: skipped {} files of {} that do not decode: {named}{more}",
             failed.len(),
             dir.display()
         );
     }
     if upscaled > 0 {
-        eprintln!(
+        note!(
             "warning: {upscaled} images of {} are smaller than {} px and were enlarged",
             dir.display(),
             opts.image_size
@@ -304,7 +304,7 @@ fn decode_fresh(entries: &[Entry], cache: Option<&Path>, opts: &FolderOptions) -
     );
     if let Some(w) = writer {
         match w.finish(counts) {
-            Err(e) if stream.is_none() => eprintln!("warning: images will not be cached: {e:#}"),
+            Err(e) if stream.is_none() => note!("warning: images will not be cached: {e:#}"),
             finished => {
                 finished?;
                 cache::remove_outdated(cache.expect("a writer has a path"));
