@@ -31,6 +31,20 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A SLURM job id whose port (15000 plus its last four digits, as an srun task takes it
+/// without MASTER_PORT) is free here; each call of this process tries the next port.
+fn job_id_of_a_free_port() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id() % 10000;
+    loop {
+        let offset = (start + NEXT.fetch_add(1, Ordering::SeqCst)) % 10000;
+        if std::net::TcpListener::bind(("127.0.0.1", 15000 + offset as u16)).is_ok() {
+            return format!("99{offset:04}");
+        }
+    }
+}
+
 #[test]
 fn two_ranks_sum_broadcast_and_meet() {
     if !Backend::Gloo.built() {
@@ -489,14 +503,17 @@ fn a_launcher_whose_terminal_hangs_up_stops_its_ranks_with_a_checkpoint() {
 
 /// Two ranks as srun starts the tasks of a step over two machines (a job of 4 tasks here, the
 /// step of 2), training with `args`, each into its own `--out`, outputs piped: the commands.
+/// The job script exported no MASTER_ADDR or MASTER_PORT: the ranks find rank 0 on the
+/// step's first node ("localhost" here), at the port of the job's id.
 fn srun_tasks(outs: [&Path; 2], args: &[&str]) -> [std::process::Command; 2] {
-    let port = free_port().to_string();
-    [("0", outs[0]), ("1", outs[1])].map(|(rank, out)| {
+    let job = job_id_of_a_free_port();
+    [("0", outs[0], "localhost"), ("1", outs[1], "vm-b")].map(|(rank, out, node)| {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_vae"));
         command.args(["train", "--out", out.to_str().unwrap()]).args(args);
         command.envs([("SLURM_PROCID", rank), ("SLURM_LOCALID", "0"), ("SLURM_NTASKS", "4")]);
         command.envs([("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2")]);
-        command.envs([("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", port.as_str())]);
+        command.envs([("SLURM_STEP_NODELIST", "localhost,vm-b"), ("SLURMD_NODENAME", node)]);
+        command.env("SLURM_JOB_ID", &job).env_remove("MASTER_ADDR").env_remove("MASTER_PORT");
         command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         command
     })

@@ -102,28 +102,25 @@ impl DistEnv {
         // The ranks meet at rank 0's store: on one machine it can be this one, on several
         // each rank would otherwise wait for a store of its own until --dist-timeout.
         let nodes = var("SLURM_STEP_NUM_NODES").map(|n| number("SLURM_STEP_NUM_NODES", &n)).transpose()?;
+        let srun = world_name == "SLURM_STEP_NUM_TASKS";
         let master_addr = match var("MASTER_ADDR") {
             Some(addr) => addr,
-            None if nodes.is_some_and(|n| n > 1) => bail!(
-                "this srun step spans {} nodes but MASTER_ADDR is not set: the ranks meet at rank 0's \
-                 machine; in the job script, before srun: export MASTER_ADDR=$(scontrol show hostnames \
-                 \"$SLURM_JOB_NODELIST\" | head -n1) MASTER_PORT=29500",
-                nodes.unwrap_or_default()
-            ),
+            None if nodes.is_some_and(|n| n > 1) => slurm_master(&var, rank)?,
             None => "127.0.0.1".into(),
         };
-        let port = var("MASTER_PORT").with_context(|| {
-            format!(
+        let master_port = match (var("MASTER_PORT"), var("SLURM_JOB_ID").filter(|_| srun)) {
+            (Some(port), _) => {
+                port.trim().parse().with_context(|| format!("MASTER_PORT={port:?} is not a port"))?
+            }
+            (None, Some(job)) => slurm_port(&job)?,
+            (None, None) => bail!(
                 "{world_name} is set but MASTER_PORT is not: the ranks meet at MASTER_ADDR:MASTER_PORT \
                  (torchrun sets both; under srun, export them in the job script, e.g. MASTER_PORT=29500)"
-            )
-        })?;
-        let master_port =
-            port.trim().parse().with_context(|| format!("MASTER_PORT={port:?} is not a port"))?;
+            ),
+        };
         let agent_store = var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
         let restart = var("TORCHELASTIC_RESTART_COUNT").map(|n| number("TORCHELASTIC_RESTART_COUNT", &n));
         let restart = restart.transpose()?.unwrap_or(0) as u64;
-        let srun = world_name == "SLURM_STEP_NUM_TASKS";
         Ok(Some(Self { rank, world, local_rank, master_addr, master_port, agent_store, restart, srun }))
     }
 
@@ -176,6 +173,56 @@ impl DistEnv {
             ),
         }
     }
+}
+
+/// Rank 0's machine in an srun step over several, where the job script exported no
+/// MASTER_ADDR (as PyTorch Lightning finds it): the first node of the step, where srun's
+/// default block distribution puts task 0. Rank 0 checks that it runs there: under another
+/// distribution the others would wait at an address that nobody serves.
+fn slurm_master(var: &impl Fn(&str) -> Option<String>, rank: usize) -> Result<String> {
+    let export = "export MASTER_ADDR=<rank 0's host> MASTER_PORT=29500 in the job script, before srun";
+    let (name, list) = ["SLURM_STEP_NODELIST", "SLURM_NODELIST"]
+        .into_iter()
+        .find_map(|name| var(name).map(|list| (name, list)))
+        .with_context(|| {
+            format!("this srun step spans several nodes, but neither MASTER_ADDR nor SLURM_STEP_NODELIST is set: {export}")
+        })?;
+    let first = first_host(&list).with_context(|| format!("{name}={list:?} is not a SLURM host list"))?;
+    if let (0, Some(node)) = (rank, var("SLURMD_NODENAME")) {
+        ensure!(
+            node == first,
+            "rank 0 runs on {node}, not on {first}, the first node of {name}={list:?} where the other ranks \
+             look for it (srun's --distribution not block?): {export}"
+        );
+    }
+    Ok(first)
+}
+
+/// The port of an srun step whose job script exported no MASTER_PORT: one of 15000-24999 from
+/// the job's id (as PyTorch Lightning picks it), so two jobs on a node rarely meet.
+fn slurm_port(job: &str) -> Result<u16> {
+    Ok(15000 + (number("SLURM_JOB_ID", job)? % 10000) as u16)
+}
+
+/// The first host of a SLURM host list: `node[07-09,12],gpu3` gives `node07`, keeping the
+/// range's zero padding; `rack[1-2]-n[3-4]` gives `rack1-n3`.
+fn first_host(list: &str) -> Result<String> {
+    let (mut host, mut in_brackets, mut taking) = (String::new(), false, true);
+    for c in list.trim().chars() {
+        match (c, in_brackets) {
+            (',', false) => break,
+            ('[', false) => (in_brackets, taking) = (true, true),
+            (']', true) => in_brackets = false,
+            ('[' | ']', _) => bail!("unbalanced brackets"),
+            (',' | '-', true) => taking = false,
+            (c, true) if taking && !c.is_ascii_digit() => bail!("{c:?} in a range of numbers"),
+            (c, _) if taking || !in_brackets => host.push(c),
+            _ => {}
+        }
+    }
+    ensure!(!in_brackets, "unbalanced brackets");
+    ensure!(!host.is_empty() && !host.ends_with('-'), "no host");
+    Ok(host)
 }
 
 /// A launcher's variable as a count or index.
@@ -275,14 +322,44 @@ mod tests {
         );
         assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_PORT", "x")]).contains("not a port"));
         assert!(err(&[("WORLD_SIZE", "2"), ("RANK", "0")]).contains("MASTER_PORT is not"));
-        // A step over two machines cannot meet on each one's localhost.
-        let two_nodes = err(&[
-            ("SLURM_STEP_NUM_TASKS", "2"),
+        // A step over two machines cannot meet on each one's localhost: without MASTER_ADDR
+        // and MASTER_PORT, rank 0 is on the step's first node, at a port from the job's id.
+        let step: &[(&str, &str)] = &[
+            ("SLURM_STEP_NUM_TASKS", "8"),
             ("SLURM_STEP_NUM_NODES", "2"),
-            ("SLURM_PROCID", "1"),
-            ("MASTER_PORT", "7"),
-        ]);
-        assert!(two_nodes.contains("spans 2 nodes but MASTER_ADDR is not set"), "{two_nodes}");
+            ("SLURM_STEP_NODELIST", "gpu[007-008]"),
+            ("SLURM_JOB_ID", "4123456"),
+        ];
+        let task = |rank, node| {
+            let mut pairs = step.to_vec();
+            pairs.extend([("SLURM_PROCID", rank), ("SLURMD_NODENAME", node)]);
+            DistEnv::from_vars(|k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string()))
+        };
+        for (rank, node) in [("0", "gpu007"), ("5", "gpu008")] {
+            let env = task(rank, node).unwrap().unwrap();
+            assert_eq!((env.master_addr.as_str(), env.master_port), ("gpu007", 18456));
+        }
+        let elsewhere = task("0", "gpu008").unwrap_err().to_string();
+        assert!(elsewhere.contains("rank 0 runs on gpu008, not on gpu007"), "{elsewhere}");
+        let no_list =
+            err(&[("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2"), ("SLURM_PROCID", "1")]);
+        assert!(no_list.contains("neither MASTER_ADDR nor SLURM_STEP_NODELIST is set"), "{no_list}");
+    }
+
+    #[test]
+    fn a_host_list_gives_its_first_host() {
+        for (list, first) in [
+            ("node[07-09,12],gpu3", "node07"),
+            ("gpu-a1,gpu-b[1-2]", "gpu-a1"),
+            ("rack[1-2]-n[3-4]", "rack1-n3"),
+            ("n[4,1-2]", "n4"),
+            ("single", "single"),
+        ] {
+            assert_eq!(first_host(list).unwrap(), first, "{list}");
+        }
+        for bad in ["", "node[1-2", "node]1", "[]", "n[a-b]", "n[[1]]"] {
+            assert!(first_host(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
