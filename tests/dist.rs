@@ -513,7 +513,8 @@ fn srun_tasks(outs: [&Path; 2], args: &[&str]) -> [std::process::Command; 2] {
         command.envs([("SLURM_PROCID", rank), ("SLURM_LOCALID", "0"), ("SLURM_NTASKS", "4")]);
         command.envs([("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2")]);
         command.envs([("SLURM_STEP_NODELIST", "localhost,vm-b"), ("SLURMD_NODENAME", node)]);
-        command.env("SLURM_JOB_ID", &job).env_remove("MASTER_ADDR").env_remove("MASTER_PORT");
+        command.envs([("SLURM_JOB_ID", job.as_str()), ("SLURM_STEP_ID", "0")]);
+        command.env_remove("MASTER_ADDR").env_remove("MASTER_PORT");
         command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         command
     })

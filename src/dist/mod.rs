@@ -112,7 +112,7 @@ impl DistEnv {
             (Some(port), _) => {
                 port.trim().parse().with_context(|| format!("MASTER_PORT={port:?} is not a port"))?
             }
-            (None, Some(job)) => slurm_port(&job)?,
+            (None, Some(job)) => slurm_port(&job, var("SLURM_STEP_ID").as_deref())?,
             (None, None) => bail!(
                 "{world_name} is set but MASTER_PORT is not: the ranks meet at MASTER_ADDR:MASTER_PORT \
                  (torchrun sets both; under srun, export them in the job script, e.g. MASTER_PORT=29500)"
@@ -199,9 +199,11 @@ fn slurm_master(var: &impl Fn(&str) -> Option<String>, rank: usize) -> Result<St
 }
 
 /// The port of an srun step whose job script exported no MASTER_PORT: one of 15000-24999 from
-/// the job's id (as PyTorch Lightning picks it), so two jobs on a node rarely meet.
-fn slurm_port(job: &str) -> Result<u16> {
-    Ok(15000 + (number("SLURM_JOB_ID", job)? % 10000) as u16)
+/// the job's id (as PyTorch Lightning picks it) plus the step's, so neither two jobs on a node
+/// nor two steps of a job run side by side (a sweep of `srun ... &`) are likely to meet.
+fn slurm_port(job: &str, step: Option<&str>) -> Result<u16> {
+    let step = step.map(|s| number("SLURM_STEP_ID", s)).transpose()?.unwrap_or(0);
+    Ok(15000 + ((number("SLURM_JOB_ID", job)? + step) % 10000) as u16)
 }
 
 /// The first host of a SLURM host list: `node[07-09,12],gpu3` gives `node07`, keeping the
@@ -339,6 +341,7 @@ mod tests {
             let env = task(rank, node).unwrap().unwrap();
             assert_eq!((env.master_addr.as_str(), env.master_port), ("gpu007", 18456));
         }
+        assert_eq!(slurm_port("4129999", Some("2")).unwrap(), 15001);
         let elsewhere = task("0", "gpu008").unwrap_err().to_string();
         assert!(elsewhere.contains("rank 0 runs on gpu008, not on gpu007"), "{elsewhere}");
         let no_list =
