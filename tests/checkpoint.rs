@@ -246,24 +246,43 @@ fn a_requeued_command_starts_continues_and_finishes_its_run() {
 /// An ssh connection drops under a run in its terminal: the terminal hangs up, SIGHUP reaches
 /// the run (its session's leader, as a login shell's job or the command of `ssh host vae ...`),
 /// and it stops after its step with a checkpoint, its lines and progress bar to the gone
-/// terminal dropped where a failed write would have ended it.
+/// terminal dropped where a failed write would have ended it. Under `nohup`, which ignores
+/// SIGHUP, it trains on to its end.
 #[test]
-fn a_run_whose_terminal_hangs_up_stops_with_a_checkpoint() {
+fn a_run_whose_terminal_hangs_up_stops_with_a_checkpoint_unless_under_nohup() {
     let dir = tempfile::tempdir().unwrap();
+    let hang_up = |run: &Path, nohup: bool| {
+        use std::os::unix::process::CommandExt;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_vae"));
+        command.args(["train", "--epochs", "3", "--out", run.to_str().unwrap()]).args(TINY_MODEL).args(DATA);
+        if nohup {
+            // SAFETY: signal is async-signal-safe, as between fork and exec.
+            unsafe {
+                command.pre_exec(|| match libc::signal(libc::SIGHUP, libc::SIG_IGN) {
+                    libc::SIG_ERR => Err(std::io::Error::last_os_error()),
+                    _ => Ok(()),
+                })
+            };
+        }
+        let (mut child, mut terminal) = Terminal::start(command);
+        if let Err(seen) = terminal.wait_for("epoch 1/3  train") {
+            panic!("no epoch ended ({:?}): {seen}", child.wait());
+        }
+        drop(terminal);
+        child.wait().unwrap()
+    };
     let run = dir.path().join("run");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_vae"));
-    command.args(["train", "--epochs", "3", "--out", run.to_str().unwrap()]).args(TINY_MODEL).args(DATA);
-    let (mut child, mut terminal) = Terminal::start(command);
-    if let Err(seen) = terminal.wait_for("epoch 1/3  train") {
-        panic!("no epoch ended ({:?}): {seen}", child.wait());
-    }
-    drop(terminal);
-    let status = child.wait().unwrap();
+    let status = hang_up(&run, false);
     assert_eq!(status.code(), Some(130), "{status}");
     let stopped = Checkpoint::load(&run.join("last.safetensors")).unwrap();
     assert!((20..60).contains(&stopped.meta.step), "stopped at step {}", stopped.meta.step);
     ok(vae(&["train", "--resume", run.to_str().unwrap(), "--quiet"]));
     assert_eq!(Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.epoch, 3);
+
+    let kept = dir.path().join("kept");
+    let status = hang_up(&kept, true);
+    assert!(status.success(), "{status}");
+    assert_eq!(Checkpoint::load(&kept.join("last.safetensors")).unwrap().meta.epoch, 3);
 }
 
 /// `metrics.csv` without the columns of time, which differ between any two runs.

@@ -22,14 +22,13 @@ pub fn ranks(nproc: usize) -> Result<()> {
         .port();
     let exe = std::env::current_exe().context("finding the vae binary to start the ranks")?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    // The ranks get the terminal's Ctrl-C themselves: the launcher only keeps waiting.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted))?;
-    // The others, sent to the launcher alone (a hung-up terminal signals its session's
-    // leader only), are passed on.
-    let terminated = Arc::new(AtomicBool::new(false));
-    for signal in super::train::STOP_SIGNALS.into_iter().filter(|&s| s != signal_hook::consts::SIGINT) {
-        signal_hook::flag::register(signal, Arc::clone(&terminated))?;
+    // The ranks get the terminal's Ctrl-C themselves: the launcher only keeps waiting. The
+    // others, sent to the launcher alone (a hung-up terminal signals its session's leader
+    // only), are passed on. Those ignored stay so, and the ranks inherit that.
+    let (interrupted, terminated) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    for signal in super::train::stop_signals() {
+        let flag = if signal == signal_hook::consts::SIGINT { &interrupted } else { &terminated };
+        signal_hook::flag::register(signal, Arc::clone(flag))?;
     }
     let (done_tx, done_rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
     let mut pids = Vec::new();

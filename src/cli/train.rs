@@ -550,20 +550,30 @@ fn same_file(a: &Path, b: &Path) -> bool {
 
 /// The signals that stop a run after its step with a checkpoint: Ctrl-C, SIGTERM (a kill,
 /// a preemption, `scancel`), SIGUSR1 (SLURM's `--signal=USR1@SECONDS` before the time
-/// limit) and SIGHUP (the terminal of the run is gone: an ssh connection dropped). The
-/// default action of each would kill the process with no checkpoint.
-pub const STOP_SIGNALS: [i32; 4] = [
-    signal_hook::consts::SIGINT,
-    signal_hook::consts::SIGTERM,
-    signal_hook::consts::SIGUSR1,
-    signal_hook::consts::SIGHUP,
-];
+/// limit) and SIGHUP (the terminal of the run is gone: an ssh connection dropped), whose
+/// default actions would kill the process with no checkpoint; less those the process was
+/// started with ignored, as Python leaves them: `nohup` ignores SIGHUP so that the run
+/// outlives its terminal, a shell without job control SIGINT for `vae train &`, and a handler
+/// would undo that.
+pub fn stop_signals() -> impl Iterator<Item = i32> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
+    [SIGINT, SIGTERM, SIGUSR1, SIGHUP].into_iter().filter(|&signal| !ignored(signal))
+}
+
+/// Whether `signal`'s action is to be ignored.
+fn ignored(signal: i32) -> bool {
+    // SAFETY: sigaction with no new action only reads the current one into `current`.
+    let mut current: libc::sigaction = unsafe { std::mem::zeroed() };
+    unsafe {
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0 && current.sa_sigaction == libc::SIG_IGN
+    }
+}
 
 /// First stop signal: set the flag, so training stops after its step with a checkpoint.
 /// A second Ctrl-C exits at once (the checkpoint on disk is always a complete one).
 fn install_stop_handler() -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
-    for signal in STOP_SIGNALS {
+    for signal in stop_signals() {
         let flag = Arc::clone(&stop);
         // SAFETY: the action only swaps an atomic and may call _exit, both async-signal-safe.
         unsafe {
