@@ -2,7 +2,9 @@
 //! times: `VAE_FAULT=step:N` aborts the process right after training step N,
 //! `VAE_FAULT=write:N` in the middle of its Nth atomic file write (half the bytes written),
 //! and `VAE_FAULT=eval:N` as its Nth test evaluation starts; `VAE_FAULT=stop-in-eval:N`
-//! instead sends the process SIGTERM there, as a preemption would.
+//! instead sends the process SIGTERM there, as a preemption would. `VAE_FAULT=pause-in-load:1`
+//! holds the data's load until a line (or the end) comes on stdin: a decode that takes as
+//! long as the test likes, the process's other threads (its store's server) going on.
 //! Abort stands in for `kill -9`: no destructor, flush or handler runs. With
 //! `VAE_FAULT_RANK=R`, only rank R of a data-parallel run (its `RANK`) dies.
 
@@ -15,6 +17,7 @@ enum Fault {
     InWrite(u64),
     InEvaluation(u64),
     StopInEvaluation(u64),
+    PauseInLoad,
 }
 
 fn planned() -> Option<Fault> {
@@ -33,6 +36,7 @@ fn planned() -> Option<Fault> {
             "write" => Some(Fault::InWrite(n)),
             "eval" => Some(Fault::InEvaluation(n)),
             "stop-in-eval" => Some(Fault::StopInEvaluation(n)),
+            "pause-in-load" => Some(Fault::PauseInLoad),
             _ => None,
         }
     })
@@ -58,6 +62,14 @@ pub fn in_evaluation() {
         note!("VAE_FAULT: SIGTERM in evaluation {n}");
         // SAFETY: raise only sends a signal to this process, whose handler sets a flag.
         unsafe { libc::raise(libc::SIGTERM) };
+    }
+}
+
+/// Called as the data starts loading.
+pub fn in_load() {
+    if planned() == Some(Fault::PauseInLoad) {
+        note!("VAE_FAULT: pausing in the data's load until a line on stdin");
+        let _ = std::io::stdin().read_line(&mut String::new());
     }
 }
 

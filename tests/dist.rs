@@ -597,6 +597,51 @@ fn a_stopped_run_has_its_checkpoint_before_any_rank_exits() {
     assert!(stopped > epoch_one, "the checkpoint of the stop was not written: step {stopped}");
 }
 
+/// Rank 0 loading the data for longer than --dist-timeout (decoding a large image folder; here
+/// it is paused there until the test has seen rank 1 wait that long) keeps the others waiting,
+/// saying so, where a collective failed them at the timeout; rank 0 dying there ends their
+/// wait at once.
+#[test]
+fn ranks_wait_out_a_long_data_load_on_rank_0_but_not_its_death() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for dies in [false, true] {
+        let run = dir.path().join(if dies { "dead" } else { "slow" });
+        let args = [&["--epochs", "1", "--dist-timeout", "5"][..], TINY_MODEL, DATA].concat();
+        let [mut zero, mut one] = srun_tasks([&run, &run], &args);
+        zero.env("VAE_FAULT", "pause-in-load:1").stdin(std::process::Stdio::piped());
+        let mut zero = zero.spawn().unwrap();
+        let mut one = one.spawn().unwrap();
+        let mut said = Vec::new();
+        let mut lines = BufReader::new(one.stderr.take().unwrap()).lines();
+        for line in lines.by_ref() {
+            said.push(line.unwrap());
+            if said.last().unwrap().contains("rank 1: waiting for rank 0 to load the data (5 s so far") {
+                break;
+            }
+        }
+        if dies {
+            zero.kill().unwrap();
+        } else {
+            // Its load goes on.
+            drop(zero.stdin.take());
+        }
+        said.extend(lines.map(Result::unwrap));
+        let (zero, one) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
+        let said = said.join("\n");
+        assert!(said.contains("waiting for rank 0 to load the data"), "{said}");
+        if dies {
+            assert!(!one.status.success());
+            assert!(said.contains("rank 1 of 2 lost the store while waiting for vae/data-loaded"), "{said}");
+        } else {
+            assert!(zero.status.success() && one.status.success(), "{}\n{said}", stderr(&zero));
+            assert_eq!(Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.epoch, 1);
+        }
+    }
+}
+
 /// Every rank stops with a refusal of the run folder: ranks that see it differently under
 /// --auto-resume (a folder that is not shared), and rank 0's refusal of a folder that holds
 /// another run's files (the others do not wait for it until --dist-timeout). Nothing is

@@ -386,21 +386,31 @@ fn init_architecture(from: &Path, flags: &ModelConfig, matches: &ArgMatches) -> 
 }
 
 /// The splits; in a data-parallel run rank 0 loads first, so an image folder is decoded
-/// and cached once and the other ranks read the cache.
+/// and cached once and the other ranks read the cache. They wait for it as long as it takes
+/// (decoding a large folder can outlast `--dist-timeout`), saying so each time that passes.
 fn load_data(
     data: &vae::data::DataConfig,
     seed: u64,
     group: Option<&ProcessGroup>,
     quiet: bool,
 ) -> Result<Splits> {
+    const LOADED: &str = "vae/data-loaded";
     let first = group.is_none_or(|g| g.rank == 0);
-    if !first {
-        group.expect("a group when not first").barrier()?;
+    if let (false, Some(group)) = (first, group) {
+        group.wait_for(LOADED, |waited| {
+            vae::note!(
+                "rank {}: waiting for rank 0 to load the data ({} s so far; it is decoding or reading \
+                 it, and the wait ends when it has, or when rank 0 is gone)",
+                group.rank,
+                waited.as_secs()
+            )
+        })?;
     }
+    vae::fault::in_load();
     let splits = data.load(seed, quiet);
     if let (true, Some(group)) = (first, group) {
-        // Reached even when loading failed, so the others do not wait out their timeout.
-        group.barrier()?;
+        // Also when loading failed, so the others do not wait for it in vain.
+        group.announce(LOADED)?;
     }
     splits
 }

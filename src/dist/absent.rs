@@ -31,4 +31,12 @@ impl ProcessGroup {
     pub fn barrier(&self) -> Result<()> {
         match self.never {}
     }
+
+    pub fn announce(&self, _: &str) -> Result<()> {
+        match self.never {}
+    }
+
+    pub fn wait_for(&self, _: &str, _: impl FnMut(Duration)) -> Result<()> {
+        match self.never {}
+    }
 }

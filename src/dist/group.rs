@@ -40,6 +40,14 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+    fn vae_pg_store_set(pg: *mut VaePg, key: *const c_char, err: *mut c_char, len: usize) -> c_int;
+    fn vae_pg_store_wait(
+        pg: *mut VaePg,
+        key: *const c_char,
+        timeout_ms: c_int,
+        err: *mut c_char,
+        len: usize,
+    ) -> c_int;
     fn vae_pg_free(pg: *mut VaePg);
 }
 
@@ -81,6 +89,8 @@ pub struct ProcessGroup {
     pub port: u16,
     /// Where the exchanged buffers live: the GPU for NCCL, the host for Gloo.
     device: Device,
+    /// How long a rank waits for the others (`--dist-timeout`).
+    timeout: Duration,
 }
 
 // SAFETY: c10d's groups may be used from any thread; ours is used by one at a time.
@@ -131,7 +141,7 @@ impl ProcessGroup {
             );
         };
         let device = if backend == Backend::Nccl { device } else { Device::Cpu };
-        Ok(Self { ptr, rank, world, port: c_port as u16, device })
+        Ok(Self { ptr, rank, world, port: c_port as u16, device, timeout })
     }
 
     /// Sums each of `tensors` over the ranks, in place.
@@ -163,6 +173,56 @@ impl ProcessGroup {
         // NCCL only queues the collective: wait for it on the host.
         token.double_value(&[0]);
         Ok(())
+    }
+
+    /// Sets `key` in the run's store, for the ranks in [`Self::wait_for`].
+    pub fn announce(&self, key: &str) -> Result<()> {
+        let key = std::ffi::CString::new(key).expect("no NUL in a key");
+        let mut err = [0u8; ERR_LEN];
+        // SAFETY: both buffers outlive the call.
+        let status =
+            unsafe { vae_pg_store_set(self.ptr.as_ptr(), key.as_ptr(), err.as_mut_ptr().cast(), ERR_LEN) };
+        ensure!(
+            status == 0,
+            "rank {} of {} could not reach the store: {}",
+            self.rank,
+            self.world,
+            message(&err)
+        );
+        Ok(())
+    }
+
+    /// Returns once a rank has announced `key`, however long that takes while the store's host
+    /// is there: rank 0's work alone (decoding an image folder) may outlast `--dist-timeout`,
+    /// which a collective would not wait out. `waiting` hears each time another timeout's
+    /// length has passed, with the time so far.
+    pub fn wait_for(&self, key: &str, mut waiting: impl FnMut(Duration)) -> Result<()> {
+        let started = std::time::Instant::now();
+        let c_key = std::ffi::CString::new(key).expect("no NUL in a key");
+        let timeout_ms = self.timeout.as_millis().min(i32::MAX as u128) as c_int;
+        loop {
+            let mut err = [0u8; ERR_LEN];
+            // SAFETY: both buffers outlive the call.
+            let status = unsafe {
+                vae_pg_store_wait(
+                    self.ptr.as_ptr(),
+                    c_key.as_ptr(),
+                    timeout_ms,
+                    err.as_mut_ptr().cast(),
+                    ERR_LEN,
+                )
+            };
+            match status {
+                0 => return Ok(()),
+                2 => waiting(started.elapsed()),
+                _ => bail!(
+                    "rank {} of {} lost the store while waiting for {key}: {}",
+                    self.rank,
+                    self.world,
+                    message(&err)
+                ),
+            }
+        }
     }
 
     /// Runs `collective` on `tensors` (one kind) end to end in flat buffers of about

@@ -6,6 +6,9 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
+#include <c10/util/Logging.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -83,6 +86,39 @@ int vae_pg_broadcast(vae_pg* pg, at::Tensor** tensors, size_t n, int root, char*
     opts.rootRank = root;
     pg->group->broadcast(list, opts)->wait();
     return 0;
+  } catch (const std::exception& e) {
+    vae_set_error(err, errlen, e.what());
+    return 1;
+  }
+}
+
+// Sets `key` in the group's store.
+int vae_pg_store_set(vae_pg* pg, const char* key, char* err, size_t errlen) {
+  try {
+    pg->store->set(std::string(key), std::vector<uint8_t>{1});
+    return 0;
+  } catch (const std::exception& e) {
+    vae_set_error(err, errlen, e.what());
+    return 1;
+  }
+}
+
+// Waits up to `timeout_ms` for `key` in the group's store: 0 once it is set, 2 when the time
+// ran out (the store still answering), 1 on any other failure (its host gone).
+int vae_pg_store_wait(vae_pg* pg, const char* key, int timeout_ms, char* err, size_t errlen) {
+  // The time running out is how the caller keeps count, not a fault: c10d's warnings about
+  // it are held back (errors still show).
+  struct Quieter {
+    int before = FLAGS_caffe2_log_level;
+    Quieter() { FLAGS_caffe2_log_level = std::max(before, 2); }
+    ~Quieter() { FLAGS_caffe2_log_level = before; }
+  } quieter;
+  try {
+    pg->store->wait({std::string(key)}, std::chrono::milliseconds(timeout_ms));
+    return 0;
+  } catch (const c10::DistStoreError& e) {
+    vae_set_error(err, errlen, e.what());
+    return 2;
   } catch (const std::exception& e) {
     vae_set_error(err, errlen, e.what());
     return 1;
