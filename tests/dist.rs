@@ -394,8 +394,9 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     }
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path().join("run");
-    // Far more epochs than the test lets it train: SIGTERM to the launcher stops it.
-    let mut args = vec!["train", "--epochs", "100000", "--nproc", "2", "--out", run.to_str().unwrap()];
+    // More epochs than the test lets it train: SIGINT sent to the launcher alone (`kill -INT`,
+    // not the terminal's Ctrl-C, which every rank gets) stops it.
+    let mut args = vec!["train", "--epochs", "20", "--nproc", "2", "--out", run.to_str().unwrap()];
     args.extend_from_slice(TINY_MODEL);
     // Not --quiet: rank 0 prints its epochs. Not --threads: the launcher shares out the cores.
     args.extend_from_slice(&DATA[..DATA.len() - 4]);
@@ -414,7 +415,7 @@ fn a_stop_reaches_every_rank_and_a_taken_port_is_named() {
     };
     assert!(printed.iter().any(|l| l.starts_with("training on") && l.contains(&threads)), "{printed:?}");
     let kill =
-        std::process::Command::new("kill").args(["-TERM", &launcher.id().to_string()]).status().unwrap();
+        std::process::Command::new("kill").args(["-INT", &launcher.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let out = launcher.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", String::from_utf8_lossy(&out.stderr));

@@ -1,8 +1,7 @@
 //! `vae train --nproc N`: starts N local ranks of the same command with torchrun's variables
 //! (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) and waits for them. When one
-//! fails, the others are told to stop; Ctrl-C reaches every rank from the terminal, a
-//! SIGTERM, SIGUSR1 or SIGHUP sent to the launcher is passed on to them, and its death stops
-//! them.
+//! fails, the others are told to stop; a stop signal sent to the launcher (SIGINT, SIGTERM,
+//! SIGUSR1, SIGHUP) is passed on to them, and its death stops them.
 
 use anyhow::{bail, Context, Result};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -22,13 +21,13 @@ pub fn ranks(nproc: usize) -> Result<()> {
         .port();
     let exe = std::env::current_exe().context("finding the vae binary to start the ranks")?;
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
-    // The ranks get the terminal's Ctrl-C themselves: the launcher only keeps waiting. The
-    // others, sent to the launcher alone (a hung-up terminal signals its session's leader
-    // only), are passed on. Those ignored stay so, and the ranks inherit that.
-    let (interrupted, terminated) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    // A stop signal is passed on to the ranks as SIGTERM: one sent to the launcher alone
+    // (`kill -INT`, a hung-up terminal, which signals its session's leader only) would reach
+    // none of them, and one they had already (the terminal's Ctrl-C) is the same stop to
+    // them. Those ignored stay so, and the ranks inherit that.
+    let terminated = Arc::new(AtomicBool::new(false));
     for signal in super::train::stop_signals() {
-        let flag = if signal == signal_hook::consts::SIGINT { &interrupted } else { &terminated };
-        signal_hook::flag::register(signal, Arc::clone(flag))?;
+        signal_hook::flag::register(signal, Arc::clone(&terminated))?;
     }
     let (done_tx, done_rx) = mpsc::channel::<(usize, std::io::Result<ExitStatus>)>();
     let mut pids = Vec::new();
