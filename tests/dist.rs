@@ -643,6 +643,44 @@ fn ranks_wait_out_a_long_data_load_on_rank_0_but_not_its_death() {
     }
 }
 
+/// Ranks whose copies of an image folder differ (a copy on one machine that misses files) are
+/// refused before training, each saying what it holds, rather than their steps per epoch
+/// drifting apart.
+#[test]
+fn ranks_that_hold_other_data_are_refused() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let [whole, partial] = ["whole", "partial"].map(|name| dir.path().join(name));
+    for (folder, count) in [(&whole, 48u8), (&partial, 40)] {
+        std::fs::create_dir(folder).unwrap();
+        for i in 0..count {
+            let image =
+                image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([i * 5, x as u8 * 30, y as u8 * 30]));
+            image.save(folder.join(format!("{i:03}.png"))).unwrap();
+        }
+    }
+    let run = dir.path().join("run");
+    let args =
+        ["--epochs", "1", "--dataset", "folder", "--image-size", "8", "--batch-size", "8", "--no-cache"];
+    let args = [&args[..], TINY_MODEL, &["--quiet", "--threads", "1"]].concat();
+    let [mut zero, mut one] = srun_tasks([&run, &run], &args);
+    // The same --data-dir on each machine, holding another copy.
+    zero.args(["--data-dir", whole.to_str().unwrap()]);
+    one.args(["--data-dir", partial.to_str().unwrap()]);
+    let [zero, one] =
+        [zero, one].map(|mut rank| rank.spawn().unwrap()).map(|r| r.wait_with_output().unwrap());
+    assert!(!zero.status.success() && !one.status.success());
+    let err = stderr(&one);
+    assert!(
+        err.contains("rank 1 of 2 holds other data than rank 0: 39 train and 1 test images of 3x8x8"),
+        "{err}"
+    );
+    assert!(stderr(&zero).contains("1 of 2 ranks hold other data than rank 0"), "{}", stderr(&zero));
+    assert!(!run.join("last.safetensors").exists());
+}
+
 /// Every rank stops with a refusal of the run folder: ranks that see it differently under
 /// --auto-resume (a folder that is not shared), and rank 0's refusal of a folder that holds
 /// another run's files (the others do not wait for it until --dist-timeout). Nothing is

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use vae::checkpoint::{self, Checkpoint, Lineage, Resume};
 use vae::config::{BestBy, Change, TrainArgs, TrainConfig};
-use vae::data::Splits;
+use vae::data::{Fingerprint, Splits};
 use vae::dist::{Backend, DistEnv, ProcessGroup};
 use vae::models::ModelConfig;
 use vae::pretrained;
@@ -408,11 +408,33 @@ fn load_data(
     }
     vae::fault::in_load();
     let splits = data.load(seed, quiet);
-    if let (true, Some(group)) = (first, group) {
+    let Some(group) = group else { return splits };
+    if first {
         // Also when loading failed, so the others do not wait for it in vain.
         group.announce(LOADED)?;
     }
-    splits
+    // Every rank must hold the same images: a node whose copy of the data differs (files
+    // missing, another version) would take other steps per epoch than the rest, or train on
+    // a mix. All ranks learn of a rank without data or with other data, and stop together.
+    let failed = vae::dist::ranks_saying(group, splits.is_err())?;
+    let splits = splits?;
+    ensure!(failed == 0, "{failed} of {} ranks could not load the data (their errors say why)", group.world);
+    let mine = splits.fingerprint()?;
+    let (theirs, differing) = vae::dist::rank_0s(group, mine.to_values())?;
+    let theirs = Fingerprint::from_values(theirs);
+    ensure!(
+        theirs == mine,
+        "rank {} of {} holds other data than rank 0: {mine} here, {theirs} on rank 0; every rank must \
+         read the same data (one shared folder, or identical copies on each machine)",
+        group.rank,
+        group.world
+    );
+    ensure!(
+        differing == 0,
+        "{differing} of {} ranks hold other data than rank 0 (their errors say how)",
+        group.world
+    );
+    Ok(splits)
 }
 
 /// A run folder takes a checkpoint only of its own run, and never one behind its own

@@ -129,6 +129,62 @@ pub struct Splits {
     pub test: Dataset,
 }
 
+/// Images of each split that a [`Fingerprint`] reads.
+const SAMPLED: usize = 16;
+
+/// What tells two loads of a dataset apart, cheaply: the splits' sizes, the image shape and a
+/// CRC-32 of some images of each split (evenly spaced, the first and last included), so a
+/// large streamed set is not read whole. The ranks of a run compare theirs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fingerprint {
+    pub train: i64,
+    pub test: i64,
+    pub shape: [i64; 3],
+    pub crc32: u32,
+}
+
+impl Splits {
+    pub fn fingerprint(&self) -> Result<Fingerprint> {
+        let mut crc = crc32fast::Hasher::new();
+        for split in [&self.train, &self.test] {
+            let (n, k) = (split.len(), SAMPLED.min(split.len()));
+            for j in 0..k {
+                let at = if k > 1 { j * (n - 1) / (k - 1) } else { 0 };
+                crc.update(&Vec::<u8>::try_from(split.images(at, 1)?.flatten(0, -1))?);
+            }
+        }
+        let shape = self.train.image_shape();
+        Ok(Fingerprint {
+            train: self.train.len() as i64,
+            test: self.test.len() as i64,
+            shape,
+            crc32: crc.finalize(),
+        })
+    }
+}
+
+impl Fingerprint {
+    pub fn to_values(self) -> [i64; 6] {
+        let [c, h, w] = self.shape;
+        [self.train, self.test, c, h, w, self.crc32 as i64]
+    }
+
+    pub fn from_values([train, test, c, h, w, crc32]: [i64; 6]) -> Self {
+        Self { train, test, shape: [c, h, w], crc32: crc32 as u32 }
+    }
+}
+
+impl std::fmt::Display for Fingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        let [c, h, w] = self.shape;
+        write!(
+            f,
+            "{} train and {} test images of {c}x{h}x{w} (CRC-32 of sampled images {:08x})",
+            self.train, self.test, self.crc32
+        )
+    }
+}
+
 /// How pixel intensities become likelihood targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
@@ -147,6 +203,24 @@ pub(super) mod tests {
 
     fn bytes(ds: &Dataset) -> Vec<u8> {
         Vec::<u8>::try_from(ds.images(0, ds.len()).unwrap().flatten(0, -1)).unwrap()
+    }
+
+    #[test]
+    fn a_fingerprint_tells_other_images_apart() {
+        let splits = |first: u8| {
+            let mut train: Vec<u8> = (0..40 * 3 * 4 * 4).map(|i| (i % 251) as u8).collect();
+            train[0] = first;
+            let test = vec![7u8; 2 * 3 * 4 * 4];
+            Splits {
+                train: Dataset::from_u8(&train, 40, 3, 4, 4, None),
+                test: Dataset::from_u8(&test, 2, 3, 4, 4, None),
+            }
+        };
+        let print = splits(0).fingerprint().unwrap();
+        assert_eq!((print.train, print.test, print.shape), (40, 2, [3, 4, 4]));
+        assert_eq!(splits(0).fingerprint().unwrap(), print);
+        assert_ne!(splits(1).fingerprint().unwrap(), print);
+        assert_eq!(Fingerprint::from_values(print.to_values()), print);
     }
 
     /// `pixels` as a resident split and as the same split streamed from a file of records.

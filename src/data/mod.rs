@@ -11,7 +11,7 @@ mod loader;
 pub mod records;
 pub mod shapes;
 
-pub use dataset::{Binarize, Dataset, Splits};
+pub use dataset::{Binarize, Dataset, Fingerprint, Splits};
 pub use loader::{random_hflip, to_unit_float, Loader};
 pub use records::Records;
 

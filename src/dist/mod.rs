@@ -252,6 +252,15 @@ pub use absent::ProcessGroup;
 #[cfg(vae_gloo)]
 pub use group::ProcessGroup;
 
+/// Rank 0's `mine` on every rank (a broadcast), and how many ranks hold other values than
+/// rank 0's (every rank learns it, so all can stop together). Every rank must call it.
+pub fn rank_0s<const N: usize>(group: &ProcessGroup, mine: [i64; N]) -> Result<([i64; N], usize)> {
+    let theirs = tch::Tensor::from_slice(&mine);
+    group.broadcast(std::slice::from_ref(&theirs), 0)?;
+    let theirs: [i64; N] = Vec::<i64>::try_from(&theirs)?.try_into().expect("N values");
+    Ok((theirs, ranks_saying(group, theirs != mine)?))
+}
+
 /// How many of `group`'s ranks say `yes`: one small all-reduce, which every rank must call.
 pub fn ranks_saying(group: &ProcessGroup, yes: bool) -> Result<usize> {
     let flag = tch::Tensor::from_slice(&[f32::from(u8::from(yes))]);
