@@ -4,7 +4,9 @@
 //! and `VAE_FAULT=eval:N` as its Nth test evaluation starts; `VAE_FAULT=stop-in-eval:N`
 //! instead sends the process SIGTERM there, as a preemption would. `VAE_FAULT=pause-in-load:1`
 //! holds the data's load until a line (or the end) comes on stdin: a decode that takes as
-//! long as the test likes, the process's other threads (its store's server) going on.
+//! long as the test likes, the process's other threads (its store's server) going on;
+//! `VAE_FAULT=pause-in-stop:1` holds a stopped run there, its checkpoint saved, as a slow
+//! write would.
 //! Abort stands in for `kill -9`: no destructor, flush or handler runs. With
 //! `VAE_FAULT_RANK=R`, only rank R of a data-parallel run (its `RANK`) dies.
 
@@ -18,6 +20,7 @@ enum Fault {
     InEvaluation(u64),
     StopInEvaluation(u64),
     PauseInLoad,
+    PauseInStop,
 }
 
 fn planned() -> Option<Fault> {
@@ -37,6 +40,7 @@ fn planned() -> Option<Fault> {
             "eval" => Some(Fault::InEvaluation(n)),
             "stop-in-eval" => Some(Fault::StopInEvaluation(n)),
             "pause-in-load" => Some(Fault::PauseInLoad),
+            "pause-in-stop" => Some(Fault::PauseInStop),
             _ => None,
         }
     })
@@ -67,8 +71,17 @@ pub fn in_evaluation() {
 
 /// Called as the data starts loading.
 pub fn in_load() {
-    if planned() == Some(Fault::PauseInLoad) {
-        note!("VAE_FAULT: pausing in the data's load until a line on stdin");
+    pause_if(Fault::PauseInLoad, "the data's load");
+}
+
+/// Called as a stopped run has saved its checkpoint.
+pub fn in_stop() {
+    pause_if(Fault::PauseInStop, "the stop");
+}
+
+fn pause_if(fault: Fault, what: &str) {
+    if planned() == Some(fault) {
+        note!("VAE_FAULT: pausing in {what} until a line on stdin");
         let _ = std::io::stdin().read_line(&mut String::new());
     }
 }

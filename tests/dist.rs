@@ -681,6 +681,44 @@ fn ranks_that_hold_other_data_are_refused() {
     assert!(!run.join("last.safetensors").exists());
 }
 
+/// Rank 0 writing the stop's checkpoint for longer than --dist-timeout (a large model to a
+/// network file system; here it is held there until the test has seen rank 1 wait that long)
+/// keeps the others from exiting until it is done, where a barrier failed them at the timeout
+/// (and a launcher that stops a run on a rank's failure then cut the write short).
+#[test]
+fn ranks_wait_out_a_long_write_of_the_stop_on_rank_0() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    // Not --quiet: rank 0 prints its epochs.
+    let args = [&["--epochs", "50", "--dist-timeout", "5"][..], TINY_MODEL, &DATA[..DATA.len() - 2]].concat();
+    let [mut zero, mut one] = srun_tasks([&run, &run], &args);
+    zero.env("VAE_FAULT", "pause-in-stop:1").stdin(std::process::Stdio::piped());
+    let mut one = one.spawn().unwrap();
+    let (mut zero, _, _rest) = in_its_second_epoch(&mut zero);
+    for rank in [&zero, &one] {
+        let kill = std::process::Command::new("kill").args(["-TERM", &rank.id().to_string()]).status();
+        assert!(kill.unwrap().success());
+    }
+    let mut said = Vec::new();
+    let mut lines = BufReader::new(one.stderr.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        said.push(line.unwrap());
+        if said.last().unwrap().contains("rank 1: waiting for rank 0 to write the checkpoint (5 s so far") {
+            break;
+        }
+    }
+    drop(zero.stdin.take());
+    said.extend(lines.map(Result::unwrap));
+    let (zero, one) = (zero.wait().unwrap(), one.wait().unwrap());
+    let said = said.join("\n");
+    assert!(said.contains("waiting for rank 0 to write the checkpoint"), "{said}");
+    assert_eq!((zero.code(), one.code()), (Some(130), Some(130)), "{said}");
+    assert!(Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.epoch < 50);
+}
+
 /// Every rank stops with a refusal of the run folder: ranks that see it differently under
 /// --auto-resume (a folder that is not shared), and rank 0's refusal of a folder that holds
 /// another run's files (the others do not wait for it until --dist-timeout). Nothing is

@@ -102,6 +102,10 @@ impl TrainCommand {
             // of a run once one rank exits non-zero (torchrun kills them 30 s on, srun
             // --kill-on-bad-exit at once), which would cut a long write short.
             if let Some(group) = &trainer.group {
+                vae::fault::in_stop();
+                rank_0_done(group, "vae/stop-saved", "write the checkpoint")?;
+                // Then all meet, so rank 0 (which may serve the store) exits only once the
+                // others have read that.
                 group.barrier()?;
             }
             if let Some(folder) = &folder {
@@ -385,33 +389,25 @@ fn init_architecture(from: &Path, flags: &ModelConfig, matches: &ArgMatches) -> 
     Ok(theirs)
 }
 
-/// The splits; in a data-parallel run rank 0 loads first, so an image folder is decoded
-/// and cached once and the other ranks read the cache. They wait for it as long as it takes
-/// (decoding a large folder can outlast `--dist-timeout`), saying so each time that passes.
+/// The splits; in a data-parallel run rank 0 loads first (the others wait, [`rank_0_done`]),
+/// so an image folder is decoded and cached once and the other ranks read the cache.
 fn load_data(
     data: &vae::data::DataConfig,
     seed: u64,
     group: Option<&ProcessGroup>,
     quiet: bool,
 ) -> Result<Splits> {
-    const LOADED: &str = "vae/data-loaded";
+    let loaded = |group| rank_0_done(group, "vae/data-loaded", "load the data");
     let first = group.is_none_or(|g| g.rank == 0);
     if let (false, Some(group)) = (first, group) {
-        group.wait_for(LOADED, |waited| {
-            vae::note!(
-                "rank {}: waiting for rank 0 to load the data ({} s so far; it is decoding or reading \
-                 it, and the wait ends when it has, or when rank 0 is gone)",
-                group.rank,
-                waited.as_secs()
-            )
-        })?;
+        loaded(group)?;
     }
     vae::fault::in_load();
     let splits = data.load(seed, quiet);
     let Some(group) = group else { return splits };
     if first {
         // Also when loading failed, so the others do not wait for it in vain.
-        group.announce(LOADED)?;
+        loaded(group)?;
     }
     // Every rank must hold the same images: a node whose copy of the data differs (files
     // missing, another version) would take other steps per epoch than the rest, or train on
@@ -435,6 +431,24 @@ fn load_data(
         group.world
     );
     Ok(splits)
+}
+
+/// Rank 0 says that its work alone (`what`) is done; every other rank waits for that as long
+/// as it takes while rank 0 lives (decoding a large folder, writing a large checkpoint to a
+/// network file system: either may outlast `--dist-timeout`, which a collective would not
+/// wait out), saying so each time another timeout's length has passed.
+fn rank_0_done(group: &ProcessGroup, key: &str, what: &str) -> Result<()> {
+    if group.rank == 0 {
+        return group.announce(key);
+    }
+    group.wait_for(key, |waited| {
+        vae::note!(
+            "rank {}: waiting for rank 0 to {what} ({} s so far; the wait ends when it has, or when \
+             rank 0 is gone)",
+            group.rank,
+            waited.as_secs()
+        )
+    })
 }
 
 /// A run folder takes a checkpoint only of its own run, and never one behind its own
