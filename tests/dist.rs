@@ -598,6 +598,23 @@ fn a_stopped_run_has_its_checkpoint_before_any_rank_exits() {
     assert!(stopped > epoch_one, "the checkpoint of the stop was not written: step {stopped}");
 }
 
+/// All that `rank` writes to stderr: read until a line holds `text` (or to the end), when
+/// `then` runs, and on to the end.
+fn stderr_around(rank: &mut std::process::Child, text: &str, then: impl FnOnce()) -> String {
+    let mut lines = BufReader::new(rank.stderr.take().unwrap()).lines().map(Result::unwrap);
+    let mut said = Vec::new();
+    for line in lines.by_ref() {
+        let found = line.contains(text);
+        said.push(line);
+        if found {
+            break;
+        }
+    }
+    then();
+    said.extend(lines);
+    said.join("\n")
+}
+
 /// Rank 0 loading the data for longer than --dist-timeout (decoding a large image folder; here
 /// it is paused there until the test has seen rank 1 wait that long) keeps the others waiting,
 /// saying so, where a collective failed them at the timeout; rank 0 dying there ends their
@@ -615,23 +632,15 @@ fn ranks_wait_out_a_long_data_load_on_rank_0_but_not_its_death() {
         zero.env("VAE_FAULT", "pause-in-load:1").stdin(std::process::Stdio::piped());
         let mut zero = zero.spawn().unwrap();
         let mut one = one.spawn().unwrap();
-        let mut said = Vec::new();
-        let mut lines = BufReader::new(one.stderr.take().unwrap()).lines();
-        for line in lines.by_ref() {
-            said.push(line.unwrap());
-            if said.last().unwrap().contains("rank 1: waiting for rank 0 to load the data (5 s so far") {
-                break;
+        let said = stderr_around(&mut one, "rank 1: waiting for rank 0 to load the data (5 s so far", || {
+            if dies {
+                zero.kill().unwrap();
+            } else {
+                // Its load goes on.
+                drop(zero.stdin.take());
             }
-        }
-        if dies {
-            zero.kill().unwrap();
-        } else {
-            // Its load goes on.
-            drop(zero.stdin.take());
-        }
-        said.extend(lines.map(Result::unwrap));
+        });
         let (zero, one) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
-        let said = said.join("\n");
         assert!(said.contains("waiting for rank 0 to load the data"), "{said}");
         if dies {
             assert!(!one.status.success());
@@ -702,18 +711,11 @@ fn ranks_wait_out_a_long_write_of_the_stop_on_rank_0() {
         let kill = std::process::Command::new("kill").args(["-TERM", &rank.id().to_string()]).status();
         assert!(kill.unwrap().success());
     }
-    let mut said = Vec::new();
-    let mut lines = BufReader::new(one.stderr.take().unwrap()).lines();
-    for line in lines.by_ref() {
-        said.push(line.unwrap());
-        if said.last().unwrap().contains("rank 1: waiting for rank 0 to write the checkpoint (5 s so far") {
-            break;
-        }
-    }
-    drop(zero.stdin.take());
-    said.extend(lines.map(Result::unwrap));
+    let said =
+        stderr_around(&mut one, "rank 1: waiting for rank 0 to write the checkpoint (5 s so far", || {
+            drop(zero.stdin.take())
+        });
     let (zero, one) = (zero.wait().unwrap(), one.wait().unwrap());
-    let said = said.join("\n");
     assert!(said.contains("waiting for rank 0 to write the checkpoint"), "{said}");
     assert_eq!((zero.code(), one.code()), (Some(130), Some(130)), "{said}");
     assert!(Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.epoch < 50);
