@@ -78,7 +78,8 @@ pub struct RunOptions {
     #[arg(long, value_enum)]
     pub dist_backend: Option<Backend>,
     /// Seconds a rank waits for the others, at the start and at each exchange, before it
-    /// stops with an error (for rank 0's load of the data it waits as long as that takes).
+    /// stops with an error (for rank 0's work alone, loading the data or writing a stop's
+    /// checkpoint, it waits as long as that takes).
     #[arg(long, default_value_t = 600)]
     pub dist_timeout: u64,
     /// Set (by a signal handler) to stop after the current step with a checkpoint.
