@@ -436,18 +436,21 @@ fn load_data(
 /// Rank 0 says that its work alone (`what`) is done; every other rank waits for that as long
 /// as it takes while rank 0 lives (decoding a large folder, writing a large checkpoint to a
 /// network file system: either may outlast `--dist-timeout`, which a collective would not
-/// wait out), saying so each time another timeout's length has passed.
+/// wait out). Rank 1 says so for them all each time another timeout's length has passed.
 fn rank_0_done(group: &ProcessGroup, key: &str, what: &str) -> Result<()> {
     if group.rank == 0 {
         return group.announce(key);
     }
+    let waiting =
+        if group.world == 2 { "rank 1".to_string() } else { format!("ranks 1 to {}", group.world - 1) };
     group.wait_for(key, |waited| {
-        vae::note!(
-            "rank {}: waiting for rank 0 to {what} ({} s so far; the wait ends when it has, or when \
-             rank 0 is gone)",
-            group.rank,
-            waited.as_secs()
-        )
+        if group.rank == 1 {
+            vae::note!(
+                "{waiting}: waiting for rank 0 to {what} ({} s so far; the wait ends when it has, or \
+                 when rank 0 is gone)",
+                waited.as_secs()
+            )
+        }
     })
 }
 
