@@ -5,7 +5,8 @@
 //! instead sends the process SIGTERM there, as a preemption would. `VAE_FAULT=pause-in-load:1`
 //! holds the data's load until a line (or the end) comes on stdin: a decode that takes as
 //! long as the test likes, the process's other threads (its store's server) going on;
-//! `VAE_FAULT=pause-in-stop:1` holds a stopped run there, its checkpoint saved, as a slow
+//! `VAE_FAULT=pause-in-stop:1` holds a stopped run there, its checkpoint saved, and
+//! `VAE_FAULT=pause-in-writes:1` a run that has written an evaluation's files, as a slow
 //! write would.
 //! Abort stands in for `kill -9`: no destructor, flush or handler runs. With
 //! `VAE_FAULT_RANK=R`, only rank R of a data-parallel run (its `RANK`) dies.
@@ -21,6 +22,7 @@ enum Fault {
     StopInEvaluation(u64),
     PauseInLoad,
     PauseInStop,
+    PauseInWrites,
 }
 
 fn planned() -> Option<Fault> {
@@ -41,6 +43,7 @@ fn planned() -> Option<Fault> {
             "stop-in-eval" => Some(Fault::StopInEvaluation(n)),
             "pause-in-load" => Some(Fault::PauseInLoad),
             "pause-in-stop" => Some(Fault::PauseInStop),
+            "pause-in-writes" => Some(Fault::PauseInWrites),
             _ => None,
         }
     })
@@ -77,6 +80,11 @@ pub fn in_load() {
 /// Called as a stopped run has saved its checkpoint.
 pub fn in_stop() {
     pause_if(Fault::PauseInStop, "the stop");
+}
+
+/// Called as an evaluation's files are written.
+pub fn in_writes() {
+    pause_if(Fault::PauseInWrites, "the evaluation's writes");
 }
 
 fn pause_if(fault: Fault, what: &str) {

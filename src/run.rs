@@ -78,8 +78,8 @@ pub struct RunOptions {
     #[arg(long, value_enum)]
     pub dist_backend: Option<Backend>,
     /// Seconds a rank waits for the others, at the start and at each exchange, before it
-    /// stops with an error (for rank 0's work alone, loading the data or writing a stop's
-    /// checkpoint, it waits as long as that takes).
+    /// stops with an error (for rank 0's work alone, loading the data or writing checkpoints
+    /// and pictures, it waits as long as that takes).
     #[arg(long, default_value_t = 600)]
     pub dist_timeout: u64,
     /// Set (by a signal handler) to stop after the current step with a checkpoint.
@@ -362,10 +362,11 @@ fn train_epoch(
         // The steps that evaluate save after their evaluation: saved before it, their step
         // would resume past the evaluation (or, at an epoch's end, not at all).
         let evaluates = t.step == (t.epoch + 1) * loader.steps_per_epoch() || opts.evaluates_within_epoch(t);
-        if let (Some(out), false) = (out.as_deref(), evaluates) {
-            if opts.save_every_steps > 0 && t.step.is_multiple_of(opts.save_every_steps) {
+        if !evaluates && opts.save_every_steps > 0 && t.step.is_multiple_of(opts.save_every_steps) {
+            if let Some(out) = out.as_deref() {
                 out.save_last(t)?;
             }
+            after_rank_0_writes(t, "saved", "save the checkpoint")?;
         }
         crate::fault::after_step(t.step);
         // Every rank stops at the same step, whichever was told.
@@ -431,7 +432,17 @@ fn train_to_evaluation(
     if let Some(out) = out {
         out.save_before_evaluation(trainer, &pending)?;
     }
+    after_rank_0_writes(trainer, "saved", "save the checkpoint")?;
     Ok(Some((pending, complete)))
+}
+
+/// The other ranks of a data-parallel run wait here for rank 0's writes at this step (`what`),
+/// however long they take: a large checkpoint on a network file system can outlast
+/// `--dist-timeout`, which the next collective would not wait out. `done` names the writes,
+/// each at most once a step.
+fn after_rank_0_writes(trainer: &Trainer, done: &str, what: &str) -> Result<()> {
+    let key = format!("vae/{done}-{}", trainer.step);
+    trainer.group.as_ref().map_or(Ok(()), |group| crate::dist::rank_0_done(group, &key, what))
 }
 
 /// The test split's figures and active dimensions (every rank computes its share), or `None`
@@ -541,7 +552,7 @@ pub fn run(
         let figure =
             figures.figure(by).with_context(|| format!("--best-by: no test {} was measured", by.name()))?;
         let improved = trainer.judge(figure);
-        // The other ranks go on to the next epoch and wait for this one at its first step.
+        // Rank 0 writes the evaluation's files; the others wait for it below.
         if let Some(out) = out.as_mut() {
             let row = EpochRow {
                 epoch,
@@ -604,7 +615,9 @@ pub fn run(
                     cfg.patience
                 );
             }
+            crate::fault::in_writes();
         }
+        after_rank_0_writes(trainer, "written", "write the evaluation's checkpoints and pictures")?;
         if !trainer.finished() && trainer.any_rank(opts.stop_requested())? {
             summary.interrupted = true;
             return Ok(summary);

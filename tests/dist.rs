@@ -615,39 +615,44 @@ fn stderr_around(rank: &mut std::process::Child, text: &str, then: impl FnOnce()
     said.join("\n")
 }
 
-/// Rank 0 loading the data for longer than --dist-timeout (decoding a large image folder; here
-/// it is paused there until the test has seen rank 1 wait that long) keeps the others waiting,
-/// saying so, where a collective failed them at the timeout; rank 0 dying there ends their
-/// wait at once.
+/// Rank 0's work alone taking longer than --dist-timeout (decoding a large image folder;
+/// writing an evaluation's checkpoints to a slow file system; here it is paused there until the
+/// test has seen rank 1 wait that long) keeps the others waiting, saying so, where a
+/// collective failed them at the timeout; rank 0 dying there ends their wait at once.
 #[test]
-fn ranks_wait_out_a_long_data_load_on_rank_0_but_not_its_death() {
+fn ranks_wait_out_rank_0s_long_work_but_not_its_death() {
     if !Backend::Gloo.built() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    for dies in [false, true] {
-        let run = dir.path().join(if dies { "dead" } else { "slow" });
-        let args = [&["--epochs", "1", "--dist-timeout", "5"][..], TINY_MODEL, DATA].concat();
+    for (fault, work, dies) in [
+        ("pause-in-load:1", "load the data", false),
+        ("pause-in-load:1", "load the data", true),
+        ("pause-in-writes:1", "write the evaluation's checkpoints and pictures", false),
+    ] {
+        let run = dir.path().join(format!("{fault}-{dies}"));
+        let args = [&["--epochs", "2", "--dist-timeout", "5"][..], TINY_MODEL, DATA].concat();
         let [mut zero, mut one] = srun_tasks([&run, &run], &args);
-        zero.env("VAE_FAULT", "pause-in-load:1").stdin(std::process::Stdio::piped());
+        zero.env("VAE_FAULT", fault).stdin(std::process::Stdio::piped());
         let mut zero = zero.spawn().unwrap();
         let mut one = one.spawn().unwrap();
-        let said = stderr_around(&mut one, "rank 1: waiting for rank 0 to load the data (5 s so far", || {
-            if dies {
-                zero.kill().unwrap();
-            } else {
-                // Its load goes on.
-                drop(zero.stdin.take());
-            }
-        });
+        let said =
+            stderr_around(&mut one, &format!("rank 1: waiting for rank 0 to {work} (5 s so far"), || {
+                if dies {
+                    zero.kill().unwrap();
+                } else {
+                    // Its work goes on.
+                    drop(zero.stdin.take());
+                }
+            });
         let (zero, one) = (zero.wait_with_output().unwrap(), one.wait_with_output().unwrap());
-        assert!(said.contains("waiting for rank 0 to load the data"), "{said}");
+        assert!(said.contains(&format!("waiting for rank 0 to {work}")), "{fault}: {said}");
         if dies {
             assert!(!one.status.success());
             assert!(said.contains("rank 1 of 2 lost the store while waiting for vae/data-loaded"), "{said}");
         } else {
-            assert!(zero.status.success() && one.status.success(), "{}\n{said}", stderr(&zero));
-            assert_eq!(Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.epoch, 1);
+            assert!(zero.status.success() && one.status.success(), "{fault}: {}\n{said}", stderr(&zero));
+            assert_eq!(Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.epoch, 2);
         }
     }
 }

@@ -103,7 +103,7 @@ impl TrainCommand {
             // --kill-on-bad-exit at once), which would cut a long write short.
             if let Some(group) = &trainer.group {
                 vae::fault::in_stop();
-                rank_0_done(group, "vae/stop-saved", "write the checkpoint")?;
+                vae::dist::rank_0_done(group, "vae/stop-saved", "write the checkpoint")?;
                 // Then all meet, so rank 0 (which may serve the store) exits only once the
                 // others have read that.
                 group.barrier()?;
@@ -389,7 +389,7 @@ fn init_architecture(from: &Path, flags: &ModelConfig, matches: &ArgMatches) -> 
     Ok(theirs)
 }
 
-/// The splits; in a data-parallel run rank 0 loads first (the others wait, [`rank_0_done`]),
+/// The splits; in a data-parallel run rank 0 loads first (the others wait, [`vae::dist::rank_0_done`]),
 /// so an image folder is decoded and cached once and the other ranks read the cache.
 fn load_data(
     data: &vae::data::DataConfig,
@@ -397,7 +397,7 @@ fn load_data(
     group: Option<&ProcessGroup>,
     quiet: bool,
 ) -> Result<Splits> {
-    let loaded = |group| rank_0_done(group, "vae/data-loaded", "load the data");
+    let loaded = |group| vae::dist::rank_0_done(group, "vae/data-loaded", "load the data");
     let first = group.is_none_or(|g| g.rank == 0);
     if let (false, Some(group)) = (first, group) {
         loaded(group)?;
@@ -431,27 +431,6 @@ fn load_data(
         group.world
     );
     Ok(splits)
-}
-
-/// Rank 0 says that its work alone (`what`) is done; every other rank waits for that as long
-/// as it takes while rank 0 lives (decoding a large folder, writing a large checkpoint to a
-/// network file system: either may outlast `--dist-timeout`, which a collective would not
-/// wait out). Rank 1 says so for them all each time another timeout's length has passed.
-fn rank_0_done(group: &ProcessGroup, key: &str, what: &str) -> Result<()> {
-    if group.rank == 0 {
-        return group.announce(key);
-    }
-    let waiting =
-        if group.world == 2 { "rank 1".to_string() } else { format!("ranks 1 to {}", group.world - 1) };
-    group.wait_for(key, |waited| {
-        if group.rank == 1 {
-            vae::note!(
-                "{waiting}: waiting for rank 0 to {what} ({} s so far; the wait ends when it has, or \
-                 when rank 0 is gone)",
-                waited.as_secs()
-            )
-        }
-    })
 }
 
 /// A run folder takes a checkpoint only of its own run, and never one behind its own

@@ -252,6 +252,27 @@ pub use absent::ProcessGroup;
 #[cfg(vae_gloo)]
 pub use group::ProcessGroup;
 
+/// Rank 0 says that its work alone (`what`) is done; every other rank waits for that as long
+/// as it takes while rank 0 lives (decoding a large folder, writing a large checkpoint to a
+/// network file system: either may outlast `--dist-timeout`, which a collective would not
+/// wait out). Rank 1 says so for them all each time another timeout's length has passed.
+pub fn rank_0_done(group: &ProcessGroup, key: &str, what: &str) -> Result<()> {
+    if group.rank == 0 {
+        return group.announce(key);
+    }
+    let waiting =
+        if group.world == 2 { "rank 1".to_string() } else { format!("ranks 1 to {}", group.world - 1) };
+    group.wait_for(key, |waited| {
+        if group.rank == 1 {
+            note!(
+                "{waiting}: waiting for rank 0 to {what} ({} s so far; the wait ends when it has, or \
+                 when rank 0 is gone)",
+                waited.as_secs()
+            )
+        }
+    })
+}
+
 /// Rank 0's `mine` on every rank (a broadcast), and how many ranks hold other values than
 /// rank 0's (every rank learns it, so all can stop together). Every rank must call it.
 pub fn rank_0s<const N: usize>(group: &ProcessGroup, mine: [i64; N]) -> Result<([i64; N], usize)> {
