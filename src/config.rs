@@ -574,17 +574,29 @@ fn raw_value(matches: &ArgMatches, id: &str) -> String {
 
 /// The leaves (numbers, strings, lists) that differ between two JSON trees, as text.
 fn leaf_diffs(a: &serde_json::Value, b: &serde_json::Value) -> Vec<(String, String)> {
+    json_differences(a, b).into_iter().map(|(_, a, b)| (a, b)).collect()
+}
+
+/// The leaves that differ between two JSON trees: each one's path (`adam.lr`) and its two
+/// values as text.
+pub fn json_differences(a: &serde_json::Value, b: &serde_json::Value) -> Vec<(String, String, String)> {
     use serde_json::Value;
     match (a, b) {
         (Value::Object(x), Value::Object(y)) => {
             let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
             let null = Value::Null;
             keys.into_iter()
-                .flat_map(|k| leaf_diffs(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null)))
+                .flat_map(|k| {
+                    json_differences(x.get(k).unwrap_or(&null), y.get(k).unwrap_or(&null)).into_iter().map(
+                        move |(path, a, b)| {
+                            (if path.is_empty() { k.clone() } else { format!("{k}.{path}") }, a, b)
+                        },
+                    )
+                })
                 .collect()
         }
         _ if a == b => Vec::new(),
-        _ => vec![(leaf_text(a), leaf_text(b))],
+        _ => vec![(String::new(), leaf_text(a), leaf_text(b))],
     }
 }
 

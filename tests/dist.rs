@@ -726,6 +726,31 @@ fn ranks_wait_out_a_long_write_of_the_stop_on_rank_0() {
     assert!(Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.epoch < 50);
 }
 
+/// A rank given other flags than rank 0 (a per-machine command typed differently) is refused
+/// on every rank, naming the setting, rather than its Adam steps drifting from rank 0's.
+#[test]
+fn ranks_given_other_settings_are_refused() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let args = [&["--epochs", "1", "--dist-timeout", "60"][..], TINY_MODEL, DATA].concat();
+    let [mut zero, mut one] = srun_tasks([&run, &run], &args);
+    zero.args(["--lr", "5e-4"]);
+    one.args(["--lr", "1e-3"]);
+    let [zero, one] =
+        [zero, one].map(|mut rank| rank.spawn().unwrap()).map(|r| r.wait_with_output().unwrap());
+    assert!(!zero.status.success() && !one.status.success());
+    let err = stderr(&one);
+    assert!(
+        err.contains("rank 1 of 2 runs other settings than rank 0: adam.lr 0.001 here, 0.0005 on rank 0"),
+        "{err}"
+    );
+    assert!(stderr(&zero).contains("1 of 2 ranks run other settings than rank 0"), "{}", stderr(&zero));
+    assert!(!run.join("last.safetensors").exists());
+}
+
 /// Every rank stops with a refusal of the run folder: ranks that see it differently under
 /// --auto-resume (a folder that is not shared), and rank 0's refusal of a folder that holds
 /// another run's files (the others do not wait for it until --dist-timeout). Nothing is

@@ -1,7 +1,7 @@
 //! `vae train`: a fresh or resumed trainer in a run folder it owns, and the run with its
 //! interrupts.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use clap::{ArgMatches, Args};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -94,6 +94,9 @@ impl TrainCommand {
         };
         let Start { mut trainer, splits, folder, lineage } = start;
         trainer.group = group;
+        if let Some(group) = &trainer.group {
+            check_same_settings(group, &trainer.cfg)?;
+        }
         trainer.share_weights()?;
         self.run.stop = Some(install_stop_handler()?);
         let summary = run::run(&mut trainer, &splits, folder.as_ref(), &lineage, &self.run)?;
@@ -431,6 +434,46 @@ fn load_data(
         group.world
     );
     Ok(splits)
+}
+
+/// Every rank must train the same run: a rank given other flags (multi-node torchrun is one
+/// command typed per machine) or run by another vae would take its own Adam steps on the
+/// same gradients, its weights drifting from rank 0's unseen, or fall out of step. Rank 0's
+/// settings go to every rank; one that differs names the settings, and every rank stops.
+/// Paths are left out: each machine may keep its files elsewhere (the data itself is compared
+/// by content, in `load_data`).
+fn check_same_settings(group: &ProcessGroup, cfg: &TrainConfig) -> Result<()> {
+    let mut mine = serde_json::to_value(cfg)?;
+    mine["vae"] = env!("CARGO_PKG_VERSION").into();
+    for local in ["lpips_weights", "fid_weights", "gradient_checkpointing"] {
+        mine.as_object_mut().expect("a config is an object").remove(local);
+    }
+    for local in ["data_dir", "cache_dir"] {
+        mine["data"].as_object_mut().expect("data is an object").remove(local);
+    }
+    let theirs = vae::dist::rank_0s_bytes(group, &serde_json::to_vec(&mine)?)?;
+    let theirs: serde_json::Value =
+        serde_json::from_slice(&theirs).context("reading rank 0's settings (another vae?)")?;
+    let differences = vae::config::json_differences(&mine, &theirs);
+    let differing = vae::dist::ranks_saying(group, !differences.is_empty())?;
+    let named: Vec<String> = differences
+        .iter()
+        .map(|(path, here, there)| format!("{path} {here} here, {there} on rank 0"))
+        .collect();
+    ensure!(
+        named.is_empty(),
+        "rank {} of {} runs other settings than rank 0: {}; every rank must run the same vae with \
+         the same flags",
+        group.rank,
+        group.world,
+        named.join(", ")
+    );
+    ensure!(
+        differing == 0,
+        "{differing} of {} ranks run other settings than rank 0 (their errors say which)",
+        group.world
+    );
+    Ok(())
 }
 
 /// A run folder takes a checkpoint only of its own run, and never one behind its own

@@ -282,6 +282,18 @@ pub fn rank_0s<const N: usize>(group: &ProcessGroup, mine: [i64; N]) -> Result<(
     Ok((theirs, ranks_saying(group, theirs != mine)?))
 }
 
+/// Rank 0's `mine` on every rank, of any length (its length first, then the bytes). Every
+/// rank must call it.
+pub fn rank_0s_bytes(group: &ProcessGroup, mine: &[u8]) -> Result<Vec<u8>> {
+    let ([len], _) = rank_0s(group, [mine.len() as i64])?;
+    let bytes = match group.rank {
+        0 => tch::Tensor::from_slice(mine),
+        _ => tch::Tensor::zeros([len], (tch::Kind::Uint8, Device::Cpu)),
+    };
+    group.broadcast(std::slice::from_ref(&bytes), 0)?;
+    Ok(Vec::<u8>::try_from(&bytes)?)
+}
+
 /// How many of `group`'s ranks say `yes`: one small all-reduce, which every rank must call.
 pub fn ranks_saying(group: &ProcessGroup, yes: bool) -> Result<usize> {
     let flag = tch::Tensor::from_slice(&[f32::from(u8::from(yes))]);
