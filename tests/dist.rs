@@ -683,16 +683,21 @@ fn ranks_that_hold_other_data_are_refused() {
     // The same --data-dir on each machine, holding another copy.
     zero.args(["--data-dir", whole.to_str().unwrap()]);
     one.args(["--data-dir", partial.to_str().unwrap()]);
-    let [zero, one] =
-        [zero, one].map(|mut rank| rank.spawn().unwrap()).map(|r| r.wait_with_output().unwrap());
-    assert!(!zero.status.success() && !one.status.success());
-    let err = stderr(&one);
+    let [zero, one] = both_refused([zero, one], &run);
     assert!(
-        err.contains("rank 1 of 2 holds other data than rank 0: 39 train and 1 test images of 3x8x8"),
-        "{err}"
+        one.contains("rank 1 of 2 holds other data than rank 0: 39 train and 1 test images of 3x8x8"),
+        "{one}"
     );
-    assert!(stderr(&zero).contains("1 of 2 ranks hold other data than rank 0"), "{}", stderr(&zero));
+    assert!(zero.contains("1 of 2 ranks hold other data than rank 0"), "{zero}");
+}
+
+/// Runs srun's two tasks to their end; both must fail, writing no checkpoint into `run`:
+/// their errors.
+fn both_refused(ranks: [std::process::Command; 2], run: &Path) -> [String; 2] {
+    let outs = ranks.map(|mut rank| rank.spawn().unwrap()).map(|r| r.wait_with_output().unwrap());
+    assert!(outs.iter().all(|out| !out.status.success()));
     assert!(!run.join("last.safetensors").exists());
+    outs.map(|out| stderr(&out))
 }
 
 /// Rank 0 writing the stop's checkpoint for longer than --dist-timeout (a large model to a
@@ -739,16 +744,12 @@ fn ranks_given_other_settings_are_refused() {
     let [mut zero, mut one] = srun_tasks([&run, &run], &args);
     zero.args(["--lr", "5e-4"]);
     one.args(["--lr", "1e-3"]);
-    let [zero, one] =
-        [zero, one].map(|mut rank| rank.spawn().unwrap()).map(|r| r.wait_with_output().unwrap());
-    assert!(!zero.status.success() && !one.status.success());
-    let err = stderr(&one);
+    let [zero, one] = both_refused([zero, one], &run);
     assert!(
-        err.contains("rank 1 of 2 runs other settings than rank 0: adam.lr 0.001 here, 0.0005 on rank 0"),
-        "{err}"
+        one.contains("rank 1 of 2 runs other settings than rank 0: adam.lr 0.001 here, 0.0005 on rank 0"),
+        "{one}"
     );
-    assert!(stderr(&zero).contains("1 of 2 ranks run other settings than rank 0"), "{}", stderr(&zero));
-    assert!(!run.join("last.safetensors").exists());
+    assert!(zero.contains("1 of 2 ranks run other settings than rank 0"), "{zero}");
 }
 
 /// Every rank stops with a refusal of the run folder: ranks that see it differently under

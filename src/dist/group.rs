@@ -89,8 +89,8 @@ pub struct ProcessGroup {
     pub port: u16,
     /// Where the exchanged buffers live: the GPU for NCCL, the host for Gloo.
     device: Device,
-    /// How long a rank waits for the others (`--dist-timeout`).
-    timeout: Duration,
+    /// How long a rank waits for the others (`--dist-timeout`), in c10d's milliseconds.
+    timeout_ms: c_int,
 }
 
 // SAFETY: c10d's groups may be used from any thread; ours is used by one at a time.
@@ -141,7 +141,7 @@ impl ProcessGroup {
             );
         };
         let device = if backend == Backend::Nccl { device } else { Device::Cpu };
-        Ok(Self { ptr, rank, world, port: c_port as u16, device, timeout })
+        Ok(Self { ptr, rank, world, port: c_port as u16, device, timeout_ms })
     }
 
     /// Sums each of `tensors` over the ranks, in place.
@@ -199,7 +199,6 @@ impl ProcessGroup {
     pub fn wait_for(&self, key: &str, mut waiting: impl FnMut(Duration)) -> Result<()> {
         let started = std::time::Instant::now();
         let c_key = std::ffi::CString::new(key).expect("no NUL in a key");
-        let timeout_ms = self.timeout.as_millis().min(i32::MAX as u128) as c_int;
         loop {
             let mut err = [0u8; ERR_LEN];
             // SAFETY: both buffers outlive the call.
@@ -207,7 +206,7 @@ impl ProcessGroup {
                 vae_pg_store_wait(
                     self.ptr.as_ptr(),
                     c_key.as_ptr(),
-                    timeout_ms,
+                    self.timeout_ms,
                     err.as_mut_ptr().cast(),
                     ERR_LEN,
                 )

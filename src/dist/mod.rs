@@ -285,10 +285,11 @@ pub fn rank_0s<const N: usize>(group: &ProcessGroup, mine: [i64; N]) -> Result<(
 /// Rank 0's `mine` on every rank, of any length (its length first, then the bytes). Every
 /// rank must call it.
 pub fn rank_0s_bytes(group: &ProcessGroup, mine: &[u8]) -> Result<Vec<u8>> {
-    let ([len], _) = rank_0s(group, [mine.len() as i64])?;
+    let len = tch::Tensor::from_slice(&[mine.len() as i64]);
+    group.broadcast(std::slice::from_ref(&len), 0)?;
     let bytes = match group.rank {
         0 => tch::Tensor::from_slice(mine),
-        _ => tch::Tensor::zeros([len], (tch::Kind::Uint8, Device::Cpu)),
+        _ => tch::Tensor::zeros([len.int64_value(&[0])], (tch::Kind::Uint8, Device::Cpu)),
     };
     group.broadcast(std::slice::from_ref(&bytes), 0)?;
     Ok(Vec::<u8>::try_from(&bytes)?)
