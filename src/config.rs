@@ -539,6 +539,7 @@ impl TrainArgs {
         matches: &ArgMatches,
         checkpoint: &std::path::Path,
     ) -> Result<(TrainConfig, Vec<Change>)> {
+        saved.data.kind.check_flags(matches, &of_checkpoint(saved, checkpoint))?;
         let mut cfg = saved.clone();
         let mut changes = Vec::new();
         for s in SETTINGS.iter().filter(|s| matches.value_source(s.id) == Some(ValueSource::CommandLine)) {
@@ -564,6 +565,11 @@ impl TrainArgs {
         }
         Ok((cfg, changes))
     }
+}
+
+/// The images a checkpoint's run trained on, as errors name them.
+fn of_checkpoint(saved: &TrainConfig, checkpoint: &std::path::Path) -> String {
+    format!("the {} images of {}", saved.data.name(), checkpoint.display())
 }
 
 /// What the user typed for flag `id`.
@@ -641,6 +647,7 @@ impl TrainConfig {
             );
             (s.apply)(&args, &mut cfg);
         }
+        saved.data.kind.check_flags(matches, &of_checkpoint(saved, checkpoint))?;
         Ok(cfg)
     }
 
@@ -649,21 +656,9 @@ impl TrainConfig {
     /// sample_size and in_channels), with the family's defaults for the rest (L1, KL weight
     /// 1e-6).
     pub fn pretrained(arch: ResnetConfig, data: &DataArgs, folder: &std::path::Path) -> Result<TrainConfig> {
-        data.check_shape_flags()?;
         let mut args = TrainArgs { data: data.clone(), arch: Arch::Resnet, ..TrainArgs::defaults() };
-        if data.dataset.sized() {
-            args.data.image_size.get_or_insert(arch.image_size);
-            args.data.channels.get_or_insert(arch.in_channels);
-        }
+        args.data.fit_to_weights([arch.in_channels, arch.image_size], folder)?;
         let mut cfg = args.config();
-        ensure!(
-            cfg.data.channels == arch.in_channels,
-            "{} takes images of {} channel(s); {} images have {}",
-            folder.display(),
-            arch.in_channels,
-            cfg.data.name(),
-            cfg.data.channels
-        );
         // The folder's architecture, with the family's loss (L1) the flags also default to.
         cfg.model = ModelConfig::Resnet(arch);
         cfg.model.set_image_shape(cfg.data.channels, cfg.data.image_size);
@@ -860,6 +855,27 @@ mod tests {
     }
 
     #[test]
+    fn a_data_flag_applies_only_to_the_datasets_that_read_it() {
+        let check = |argv: &[&str]| {
+            let (args, matches) = parse(argv);
+            args.data.check_flags(&matches).map_err(|e| e.to_string())
+        };
+        let folder = ["--dataset", "folder", "--data-dir", "d", "--image-size", "32", "--channels", "1"];
+        check(&[&folder[..], &["--test-fraction", "0.2", "--no-cache", "--max-memory", "1G"]].concat())
+            .unwrap();
+        check(&["--dataset", "mnist", "--data-dir", "d", "--train-size", "10"]).unwrap();
+        check(&["--image-size", "32", "--channels", "3", "--cache-dir", "checkpoints/.cache"]).unwrap_err();
+        assert_eq!(
+            check(&["--dataset", "cifar10", "--test-fraction", "0.2"]).unwrap_err(),
+            "--test-fraction 0.2 does not apply to --dataset cifar10: it applies to --dataset folder only"
+        );
+        assert_eq!(
+            check(&["--cache-dir", "c"]).unwrap_err(),
+            "--cache-dir c does not apply to --dataset shapes (the default): it applies to --dataset folder only"
+        );
+    }
+
+    #[test]
     fn a_diffusers_folder_is_judged_at_its_own_shape_unless_the_data_flags_say() {
         let folder = std::path::Path::new("sd-vae");
         let arch = ResnetConfig { image_size: 32, in_channels: 3, ..ResnetConfig::default() };
@@ -902,7 +918,7 @@ mod tests {
 
     #[test]
     fn a_resume_applies_knobs_refuses_fixed_settings_and_takes_locations() {
-        let saved = TrainArgs::defaults().config();
+        let saved = parse(&["--dataset", "folder"]).0.config();
         let path = std::path::Path::new("run/last.safetensors");
         let (args, m) =
             parse(&["--lr", "0.0001", "--clip-grad", "5", "--cache-dir", "/tmp/c", "--seed", "0"]);

@@ -61,7 +61,7 @@ fn run() -> Result<()> {
     match Cli::from_arg_matches(&matches)?.command {
         Command::Train(args) => args.run(sub),
         Command::Info(args) => args.run(),
-        Command::Bench(args) => args.run(),
+        Command::Bench(args) => args.run(sub),
         Command::Eval(args) => args.run(sub),
         Command::Reconstruct(args) => args.run(sub),
         Command::Sample(args) => args.run(sub),

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{ok, stderr, stdout, vae, TINY_MODEL};
+use common::{ok, stderr, stdout, train_tiny_resnet, vae, TINY_MODEL};
 use std::path::Path;
 
 const DATA: &[&str] = &["--batch-size", "32", "--threads", "1"];
@@ -232,6 +232,47 @@ fn bad_settings_fail_before_any_work_with_a_message() {
 
 /// `vae train ... | head -n 1`: stdout closes after the first line, and the run trains on to
 /// its end with its checkpoints (a print to the closed pipe used to panic and end it there).
+/// `--init-from` another run takes the image shape its weights were trained at unless the
+/// flags say (as `vae eval` judges a diffusers folder): an RGB model fine-tuned with the
+/// default 1-channel shapes failed on a tensor's shape. Images the weights cannot read, and
+/// data flags that do not apply to the data (ignored, they trained on other data than meant),
+/// are refused before any folder is made, by `train`, `eval` and `--resume` alike.
+#[test]
+fn a_run_from_other_weights_takes_their_image_shape_and_data_flags_must_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first");
+    ok(train_tiny_resnet("16", &first, "1", &[]));
+    let (first_arg, second) = (first.to_str().unwrap(), dir.path().join("second"));
+    let from =
+        ["train", "--init-from", first_arg, "--epochs", "1", "--train-size", "32", "--test-size", "16"];
+    let out =
+        ok(vae(&[&from[..], &["--batch-size", "16", "--threads", "1", "--out", second.to_str().unwrap()]]
+            .concat()));
+    assert!(stdout(&out).contains("training on 32 images of 3x16x16 (shapes)"), "{}", stdout(&out));
+    let refused = |args: &[&str], expected: &str| {
+        let out = vae(args);
+        assert!(!out.status.success() && stderr(&out).contains(expected), "{args:?}: {}", stderr(&out));
+    };
+    let never = dir.path().join("never");
+    let never = ["--out", never.to_str().unwrap()];
+    let in_rgb = format!("{first_arg} takes images of 3 channel(s)");
+    refused(
+        &[&from[..], &never, &["--dataset", "mnist"]].concat(),
+        &format!("{in_rgb}; mnist images have 1"),
+    );
+    refused(&[&from[..], &never, &["--channels", "1"]].concat(), &format!("{in_rgb}; shapes images have 1"));
+    refused(
+        &[&from[..], &never, &["--data-dir", "photos"]].concat(),
+        "--data-dir photos does not apply to --dataset shapes (the default): it applies to --dataset \
+         fashion-mnist, mnist, cifar10, folder only",
+    );
+    let last = first.join("last.safetensors");
+    let of_first = format!("does not apply to the shapes images of {}", last.display());
+    refused(&["eval", first_arg, "--data-dir", "photos"], &format!("--data-dir photos {of_first}"));
+    refused(&["train", "--resume", first_arg, "--no-cache"], &format!("--no-cache {of_first}"));
+    assert!(!dir.path().join("never").exists());
+}
+
 #[test]
 fn a_run_whose_stdout_closes_trains_on_to_its_end() {
     use std::io::BufRead;

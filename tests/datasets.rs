@@ -64,7 +64,7 @@ fn cifar10_trains_and_a_file_of_the_wrong_size_is_named() {
     );
     let out = train(dir.path(), &dir.path().join("run3"), &["--dataset", "cifar10", "--image-size", "64"]);
     assert!(
-        stderr(&out).contains("--image-size and --channels apply to shapes and folder only"),
+        stderr(&out).contains("--image-size 64 does not apply to --dataset cifar10: it applies to --dataset shapes, folder only"),
         "{}",
         stderr(&out)
     );
@@ -220,7 +220,11 @@ fn a_folder_larger_than_memory_streams_from_the_cache_and_trains_to_the_same_bit
         stderr(&out)
     );
     let out = vae(&["train", "--max-memory", "1G", "--epochs", "1"]);
-    assert!(stderr(&out).contains("--max-memory applies to --dataset folder only"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--max-memory 1G does not apply to --dataset shapes (the default)"),
+        "{}",
+        stderr(&out)
+    );
     let out = vae(&["train", "--dataset", "folder", "--max-memory", "lots"]);
     assert!(stderr(&out).contains("\"lots\" is not a size such as 512M or 8G"), "{}", stderr(&out));
 }

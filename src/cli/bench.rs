@@ -35,7 +35,9 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    pub fn run(&self) -> Result<()> {
+    /// `matches`: the command line, to refuse data flags that do not apply.
+    pub fn run(&self, matches: &clap::ArgMatches) -> Result<()> {
+        self.settings.data.check_flags(matches)?;
         let device = self.settings.device.init()?;
         let cfg = self.settings.config();
         cfg.precision.check_device(device)?;

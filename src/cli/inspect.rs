@@ -51,6 +51,7 @@ impl ModelArgs {
     fn load(&self, matches: &ArgMatches) -> Result<Loaded> {
         let device = self.device.init()?;
         if let Some(dir) = vae::pretrained::diffusers_folder(&self.checkpoint) {
+            self.data.check_flags(matches)?;
             let arch = vae::pretrained::read_config(&dir)?;
             let config = TrainConfig::pretrained(arch, &self.data, &dir)?;
             let (vs, model) = vae::pretrained::model(&dir, &config, device)?;

@@ -177,10 +177,16 @@ impl TrainCommand {
         let rank = group.map_or(0, |g| g.rank);
         let args = &self.settings;
         TrainArgs::check_arch_flags(matches, args.arch)?;
-        args.data.check_shape_flags()?;
+        args.data.check_flags(matches)?;
         let mut cfg = args.config();
         if let Some(from) = &self.run.init_from {
-            cfg.model = init_architecture(from, &cfg.model, matches)?;
+            // The weights' image shape where the flags leave it open, as `vae eval` takes it.
+            let theirs = pretrained::architecture_of(from)?;
+            let [channels, side, _] = theirs.image_shape();
+            let mut args = args.clone();
+            args.data.fit_to_weights([channels, side], from)?;
+            cfg = args.config();
+            cfg.model = init_architecture(from, theirs, &cfg.model, matches)?;
             cfg.beta = args.beta.unwrap_or(cfg.model.arch().default_beta());
         }
         cfg.validate()?;
@@ -364,10 +370,14 @@ impl TrainCommand {
     }
 }
 
-/// The architecture of the weights at `from` (`--init-from`), with the flags' image shape and
-/// loss; architecture flags given on the command line must describe the same model.
-fn init_architecture(from: &Path, flags: &ModelConfig, matches: &ArgMatches) -> Result<ModelConfig> {
-    let mut theirs = pretrained::architecture_of(from)?;
+/// `theirs`, the architecture of the weights at `from` (`--init-from`), with the flags' image
+/// shape and loss; architecture flags given on the command line must describe the same model.
+fn init_architecture(
+    from: &Path,
+    mut theirs: ModelConfig,
+    flags: &ModelConfig,
+    matches: &ArgMatches,
+) -> Result<ModelConfig> {
     let [channels, side, _] = flags.image_shape();
     theirs.set_image_shape(channels, side);
     theirs.set_likelihood(flags.likelihood());

@@ -125,14 +125,70 @@ pub struct DataArgs {
     pub test_size: Option<usize>,
 }
 
+type AppliesTo = fn(DatasetKind) -> bool;
+
+/// The data flags that apply to some datasets only, and which: given for another dataset
+/// they are refused, not ignored (`--data-dir photos` without `--dataset folder` trained on
+/// generated shapes, and `--test-fraction` given for CIFAR-10 kept its own test split).
+const ONLY_FOR: [(&str, AppliesTo); 7] = [
+    ("data_dir", |kind| kind != DatasetKind::Shapes),
+    ("image_size", DatasetKind::sized),
+    ("channels", DatasetKind::sized),
+    ("test_fraction", |kind| kind == DatasetKind::Folder),
+    ("cache_dir", |kind| kind == DatasetKind::Folder),
+    ("no_cache", |kind| kind == DatasetKind::Folder),
+    ("max_memory", |kind| kind == DatasetKind::Folder),
+];
+
+impl DatasetKind {
+    /// Refuses a data flag on the command line (`matches`) that does not apply to these
+    /// images, `whose` (what to call them: `--dataset shapes`, a checkpoint's data), naming
+    /// the datasets it applies to.
+    pub fn check_flags(self, matches: &clap::ArgMatches, whose: &str) -> Result<()> {
+        use clap::ValueEnum;
+        for (id, applies) in ONLY_FOR {
+            if applies(self) || matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
+                continue;
+            }
+            // A switch (`--no-cache`) has no value to show.
+            let switch = matches.try_get_one::<bool>(id).is_ok();
+            let value = matches.get_raw(id).into_iter().flatten().filter(|_| !switch);
+            let value = value.map(|v| format!(" {}", v.to_string_lossy()));
+            let to: Vec<&str> =
+                Self::value_variants().iter().filter(|k| applies(**k)).map(|k| k.name()).collect();
+            anyhow::bail!(
+                "--{}{} does not apply to {whose}: it applies to --dataset {} only",
+                id.replace('_', "-"),
+                value.collect::<String>(),
+                to.join(", ")
+            );
+        }
+        Ok(())
+    }
+}
+
 impl DataArgs {
-    /// Refuses an image shape given for a dataset whose images have a fixed one.
-    pub fn check_shape_flags(&self) -> Result<()> {
-        let given = self.image_size.is_some() || self.channels.is_some();
+    /// Refuses a data flag (`matches`: the command line) that does not apply to the dataset
+    /// these flags choose.
+    pub fn check_flags(&self, matches: &clap::ArgMatches) -> Result<()> {
+        let given = matches.value_source("dataset") == Some(clap::parser::ValueSource::CommandLine);
+        let whose = format!("--dataset {}{}", self.dataset.name(), if given { "" } else { " (the default)" });
+        self.dataset.check_flags(matches, &whose)
+    }
+
+    /// Takes the image shape of the weights at `from` (`channels`, `side`) where the flags
+    /// leave it open, and refuses images of other channels, which those weights cannot read.
+    pub fn fit_to_weights(&mut self, [channels, side]: [i64; 2], from: &Path) -> Result<()> {
+        if self.dataset.sized() {
+            self.image_size.get_or_insert(side);
+            self.channels.get_or_insert(channels);
+        }
         ensure!(
-            !given || self.dataset.sized(),
-            "--image-size and --channels apply to shapes and folder only; {} images have a fixed shape",
-            self.dataset.name()
+            self.channel_count() == channels,
+            "{} takes images of {channels} channel(s); {} images have {}",
+            from.display(),
+            self.dataset.name(),
+            self.channel_count()
         );
         Ok(())
     }
@@ -251,11 +307,6 @@ impl DataConfig {
         ensure!(
             self.train_size != Some(0) && self.test_size != Some(0),
             "--train-size and --test-size must be positive"
-        );
-        ensure!(
-            self.max_memory.is_none() || self.kind == DatasetKind::Folder,
-            "--max-memory applies to --dataset folder only; {} is always held in memory",
-            self.name()
         );
         match self.kind {
             DatasetKind::Shapes => {
