@@ -6,6 +6,7 @@
 use crate::adam::{Adam, STATE_PREFIX};
 use crate::adversarial;
 use crate::config::{BestBy, Change, TrainConfig};
+use crate::data::Fingerprint;
 use crate::ema::{self, Ema};
 use crate::loss::Stats;
 use crate::models::{Compute, Model, ModelConfig};
@@ -62,6 +63,9 @@ pub struct Metadata {
     pub fid_crc32: Option<u32>,
     /// The weights the run started from (`--init-from`), kept by every checkpoint of it.
     pub init_from: Option<Origin>,
+    /// The images the run trains on, which a resume compares with those it finds (`None`:
+    /// checkpoints from before it was kept).
+    pub data: Option<Fingerprint>,
     /// Saved just before a test evaluation, which a resume makes first.
     pub pending_evaluation: Option<PendingEvaluation>,
 }
@@ -82,12 +86,14 @@ impl Origin {
     }
 }
 
-/// Which run the checkpoints belong to, what it started from, and the resumes that shaped it.
+/// Which run the checkpoints belong to, what it started from and trains on, and the resumes
+/// that shaped it.
 #[derive(Debug, Clone)]
 pub struct Lineage {
     pub run_id: String,
     pub history: Vec<Resume>,
     pub init_from: Option<Origin>,
+    pub data: Option<Fingerprint>,
 }
 
 /// A resume that made the run differ from an uninterrupted one, or moved it to a new folder.
@@ -119,6 +125,7 @@ impl Metadata {
             lpips_crc32: trainer.lpips.as_ref().map(|l| l.checksum),
             fid_crc32: trainer.fid.as_ref().map(|f| f.checksum),
             init_from: lineage.init_from.clone(),
+            data: lineage.data,
             pending_evaluation: trainer.pending_evaluation.clone(),
         }
     }
@@ -129,6 +136,7 @@ impl Metadata {
             run_id: self.run_id.clone(),
             history: self.history.clone(),
             init_from: self.init_from.clone(),
+            data: self.data,
         }
     }
 }
@@ -174,6 +182,9 @@ impl Metadata {
         }
         if let Some(origin) = &self.init_from {
             put("init_from", serde_json::to_string(origin)?);
+        }
+        if let Some(data) = &self.data {
+            put("data_fingerprint", serde_json::to_string(data)?);
         }
         if let Some(pending) = &self.pending_evaluation {
             // Rust's own float text (NaN included), which parses back to the same bits.
@@ -274,6 +285,15 @@ impl Metadata {
             init_from: match map.get("init_from") {
                 Some(json) => Some(serde_json::from_str(json).with_context(|| {
                     format!("{}: metadata field \"init_from\" is not a path and crc32", path.display())
+                })?),
+                None => None,
+            },
+            data: match map.get("data_fingerprint") {
+                Some(json) => Some(serde_json::from_str(json).with_context(|| {
+                    format!(
+                        "{}: metadata field \"data_fingerprint\" is not a data fingerprint",
+                        path.display()
+                    )
                 })?),
                 None => None,
             },
@@ -600,6 +620,9 @@ impl Checkpoint {
         if let Some(origin) = &m.init_from {
             writeln!(s, "started from the weights of {} (crc32 {:08x})", origin.path, origin.crc32)?;
         }
+        if let Some(data) = &m.data {
+            writeln!(s, "trains on {data}")?;
+        }
         for (what, crc) in [("LPIPS", m.lpips_crc32), ("FID Inception", m.fid_crc32)] {
             if let Some(crc) = crc {
                 writeln!(s, "{what} weights crc32 {crc:08x}")?;
@@ -722,6 +745,7 @@ mod tests {
                 path: "/models/sd-vae/diffusion_pytorch_model.safetensors".into(),
                 crc32: 7,
             }),
+            data: Some(Fingerprint { train: 60000, test: 10000, shape: [1, 28, 28], crc32: 0xfeedbeef }),
             pending_evaluation: Some(PendingEvaluation {
                 train: Some(Stats { loss: 0.1 + 0.2, reconstruction: 1e-300, kl: -0.0, sharpness: None }),
                 images: 640,
@@ -742,6 +766,7 @@ mod tests {
         map.remove("lpips_crc32");
         map.remove("fid_crc32");
         map.remove("init_from");
+        map.remove("data_fingerprint");
         for key in ["pending_train", "pending_images", "pending_seconds"] {
             map.remove(key);
         }
@@ -753,5 +778,6 @@ mod tests {
         assert!(old.run_id.starts_with("config-") && old.history.is_empty(), "{old:?}");
         assert_eq!((old.world_size, old.lpips_crc32, old.fid_crc32, old.best), (1, None, None, Some(240.5)));
         assert_eq!((old.evaluations_since_best, old.init_from, old.pending_evaluation), (0, None, None));
+        assert_eq!(old.data, None);
     }
 }

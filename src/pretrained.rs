@@ -257,9 +257,11 @@ pub fn architecture_of(path: &Path) -> Result<ModelConfig> {
 
 /// Starts `vs` (a model of architecture `model`) from the weights at `path`: a diffusers
 /// folder, or a checkpoint of ours (file or run folder). Weights only: the optimizer is not
-/// read. Any difference in names or shapes is refused, naming the first differing tensor.
-/// Returns the file the weights came from, for the run's checkpoints to name.
-pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<Origin> {
+/// read; of a checkpoint, the weights `vae eval` and the exports judge: the moving average
+/// where the run kept one. Any difference in names or shapes is refused, naming the first
+/// differing tensor. Returns the file the weights came from, for the run's checkpoints to
+/// name, and whether they were the average.
+pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<(Origin, bool)> {
     if let Some(dir) = diffusers_folder(path) {
         ensure!(
             matches!(model, ModelConfig::Resnet(_)),
@@ -268,7 +270,7 @@ pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<Orig
         );
         let (file, tensors, origin) = read_weights(&dir).context("--init-from")?;
         copy_weights(&file, &tensors, vs).context("--init-from: the architecture differs")?;
-        return Ok(origin);
+        return Ok((origin, false));
     }
     let file = crate::run_dir::resolve(path)?;
     let bytes = std::fs::read(&file).with_context(|| format!("reading checkpoint {}", file.display()))?;
@@ -282,8 +284,10 @@ pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<Orig
             model.arch().name()
         );
     }
-    ckpt.load_weights(vs).context("--init-from: the architecture differs")?;
-    Ok(Origin::of_bytes(&file, &bytes))
+    let average = crate::ema::averaged_weights(&ckpt.tensors);
+    let weights = average.as_ref().unwrap_or(&ckpt.tensors);
+    copy_weights(&file, weights, vs).context("--init-from: the architecture differs")?;
+    Ok((Origin::of_bytes(&file, &bytes), average.is_some()))
 }
 
 #[cfg(test)]

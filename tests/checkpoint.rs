@@ -483,6 +483,7 @@ fn info_describes_the_checkpoint() {
     let text = stdout(&out);
     for needle in [
         "dataset shapes, epoch 1/1, step 20",
+        "trains on 640 train and 64 test images of 1x28x28 (CRC-32 of sampled images ",
         "parameters ",
         "\"latent_dim\": 4",
         "optimizer.step",

@@ -4,6 +4,7 @@ mod common;
 
 use common::{ok, stderr, stdout, train_tiny_resnet, vae, TINY_MODEL};
 use std::path::Path;
+use vae::checkpoint::Checkpoint;
 
 const DATA: &[&str] = &["--batch-size", "32", "--threads", "1"];
 
@@ -48,7 +49,6 @@ fn shapes_training_lowers_the_loss_and_writes_checkpoint_and_pictures() {
 
 #[test]
 fn best_by_picks_the_best_checkpoint_and_patience_stops_when_it_stops_improving() {
-    use vae::checkpoint::Checkpoint;
     let dir = tempfile::tempdir().unwrap();
     let (run, straight) = (dir.path().join("run"), dir.path().join("straight"));
     let run_arg = run.to_str().unwrap();
@@ -232,23 +232,39 @@ fn bad_settings_fail_before_any_work_with_a_message() {
 
 /// `vae train ... | head -n 1`: stdout closes after the first line, and the run trains on to
 /// its end with its checkpoints (a print to the closed pipe used to panic and end it there).
-/// `--init-from` another run takes the image shape its weights were trained at unless the
-/// flags say (as `vae eval` judges a diffusers folder): an RGB model fine-tuned with the
-/// default 1-channel shapes failed on a tensor's shape. Images the weights cannot read, and
+/// `--init-from` another run takes the weights `vae eval` judges (their moving average, where
+/// the run kept one: the trained ones were taken) and the image shape they were trained at
+/// unless the flags say (as `vae eval` judges a diffusers folder): an RGB model fine-tuned with
+/// the default 1-channel shapes failed on a tensor's shape. Images the weights cannot read, and
 /// data flags that do not apply to the data (ignored, they trained on other data than meant),
 /// are refused before any folder is made, by `train`, `eval` and `--resume` alike.
 #[test]
 fn a_run_from_other_weights_takes_their_image_shape_and_data_flags_must_apply() {
     let dir = tempfile::tempdir().unwrap();
     let first = dir.path().join("first");
-    ok(train_tiny_resnet("16", &first, "1", &[]));
+    ok(train_tiny_resnet("16", &first, "1", &["--ema-decay", "0.9"]));
     let (first_arg, second) = (first.to_str().unwrap(), dir.path().join("second"));
     let from =
         ["train", "--init-from", first_arg, "--epochs", "1", "--train-size", "32", "--test-size", "16"];
-    let out =
-        ok(vae(&[&from[..], &["--batch-size", "16", "--threads", "1", "--out", second.to_str().unwrap()]]
-            .concat()));
+    // Steps of 1e-30 leave the weights where they started.
+    let still = ["--lr", "1e-30", "--batch-size", "16", "--threads", "1", "--out", second.to_str().unwrap()];
+    let out = ok(vae(&[&from[..], &still].concat()));
     assert!(stdout(&out).contains("training on 32 images of 3x16x16 (shapes)"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("starting from the moving average of the weights of"), "{}", stdout(&out));
+    let [started, trained] =
+        [&second, &first].map(|run| Checkpoint::load(&run.join("last.safetensors")).unwrap());
+    let (mut averaged, mut raw) = (0f64, 0f64);
+    for (name, t) in
+        started.tensors.iter().filter(|(n, _)| n.starts_with("encoder.") || n.starts_with("decoder."))
+    {
+        let gap = |other: &tch::Tensor| (t - other).abs().max().double_value(&[]);
+        averaged = averaged.max(gap(&trained.tensors[&format!("ema.{name}")]));
+        raw = raw.max(gap(&trained.tensors[name]));
+    }
+    assert!(
+        averaged < 1e-20 && raw > 1e-6,
+        "from the average: {averaged:e}; from the trained weights: {raw:e}"
+    );
     let refused = |args: &[&str], expected: &str| {
         let out = vae(args);
         assert!(!out.status.success() && stderr(&out).contains(expected), "{args:?}: {}", stderr(&out));

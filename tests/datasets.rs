@@ -126,6 +126,44 @@ fn an_image_folder_trains_warns_about_bad_files_and_is_cached() {
     assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2, "the gray cache is kept");
 }
 
+/// A resume on other images than the run's (a file added to its folder) goes on, saying so
+/// (under --quiet too) and keeping it in the checkpoint's history; the next resume on the same
+/// images says nothing. A resume on the same images says nothing either.
+#[test]
+fn a_resume_on_other_images_says_so_and_keeps_it_in_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    write_folder(&data);
+    let run = dir.path().join("run");
+    let flags =
+        ["--dataset", "folder", "--image-size", "16", "--test-fraction", "0.2", "--no-cache", "--quiet"];
+    ok(train(&data, &run, &flags));
+    let (run_arg, data_arg) = (run.to_str().unwrap(), data.to_str().unwrap());
+    // Each resume's history entry (--epochs changes), and whether it names the data.
+    let resume = |epochs: &str| {
+        let out =
+            ok(vae(&["train", "--resume", run_arg, "--epochs", epochs, "--data-dir", data_arg, "--quiet"]));
+        let history = Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.history;
+        let last = history.last().expect("the resume is in the history").clone();
+        let data = last.changes.iter().find(|c| c.flag == "the data").cloned();
+        (stderr(&out), history.len(), data)
+    };
+    let (said, resumes, named) = resume("2");
+    assert!(!said.contains("differ") && named.is_none(), "{said} {named:?}");
+    pattern(7, 30, 30).save(data.join("class1/new.png")).unwrap();
+    let (said, _, change) = resume("3");
+    assert!(said.contains("warning: the folder images differ from those the run trained on ("), "{said}");
+    assert!(said.contains("then, ") && said.contains(" now): it goes on with these"), "{said}");
+    let change = change.expect("the history names the data");
+    assert!(change.was.contains(" test images of 3x16x16") && change.was != change.now, "{change:?}");
+    let (said, later, named) = resume("4");
+    assert!(!said.contains("differ") && named.is_none() && later == resumes + 2, "{said}");
+    // Its figures on other images than those are not the run's either.
+    std::fs::remove_file(data.join("class1/new.png")).unwrap();
+    let out = ok(vae(&["eval", run_arg, "--data-dir", data_arg, "--iw-samples", "0", "--no-cache"]));
+    assert!(stderr(&out).contains("warning: the folder images differ from those"), "{}", stderr(&out));
+}
+
 /// Every tensor (weights and Adam's state) of two checkpoints equal, bit for bit.
 fn same_tensors(a: &Path, b: &Path) -> bool {
     let read = |p: &Path| {

@@ -8,7 +8,7 @@ use tch::{nn::VarStore, Device};
 use vae::adam::{Adam, AdamConfig};
 use vae::checkpoint::{self, Checkpoint, Metadata, Origin};
 use vae::config::TrainConfig;
-use vae::data::{cifar, idx, image_file};
+use vae::data::{cifar, idx, image_file, Fingerprint};
 use vae::loss::Stats;
 use vae::models::{ConvConfig, ConvVae, ModelConfig};
 use vae::rng::SplitMix64;
@@ -101,6 +101,7 @@ fn the_checkpoint_loader_takes_any_bytes() {
         fid_crc32: None,
         // Fuzzed too: its JSON is parsed.
         init_from: Some(Origin { path: "sd-vae/diffusion_pytorch_model.safetensors".into(), crc32: 9 }),
+        data: Some(Fingerprint { train: 96, test: 32, shape: [1, 4, 4], crc32: 5 }),
         // And its list of numbers.
         pending_evaluation: Some(PendingEvaluation {
             train: Some(Stats { loss: 2.5, reconstruction: 2.0, kl: 0.5, sharpness: None }),

@@ -84,7 +84,8 @@ fn float16_trains_with_a_loss_scale_that_is_checkpointed() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("f16.safetensors");
-    let lineage = checkpoint::Lineage { run_id: "f16".into(), history: Vec::new(), init_from: None };
+    let lineage =
+        checkpoint::Lineage { run_id: "f16".into(), history: Vec::new(), init_from: None, data: None };
     let meta = checkpoint::Metadata::of(&trainer, &lineage);
     let bytes = checkpoint::trainer_bytes(&trainer, &meta).unwrap();
     vae::fsio::write_atomic(&path, &bytes).unwrap();

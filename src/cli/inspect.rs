@@ -40,6 +40,8 @@ struct Loaded {
     diffusers: bool,
     /// Whether `--dataset` was given: a diffusers folder is judged only on data named.
     data_named: bool,
+    /// The images the checkpoint's run trained on, where it says.
+    trained_on: Option<vae::data::Fingerprint>,
     config: TrainConfig,
     model: Box<dyn Model>,
     device: tch::Device,
@@ -58,12 +60,31 @@ impl ModelArgs {
             // Named in full, so that `.` or `dir/` still name the folder, not a place in it.
             let path = self.checkpoint.canonicalize().unwrap_or_else(|_| self.checkpoint.clone());
             let data_named = matches.value_source("dataset") == Some(clap::parser::ValueSource::CommandLine);
-            return Ok(Loaded { path, diffusers: true, data_named, config, model, device, vs });
+            return Ok(Loaded {
+                path,
+                diffusers: true,
+                data_named,
+                trained_on: None,
+                config,
+                model,
+                device,
+                vs,
+            });
         }
         let ckpt = Checkpoint::load(&vae::run_dir::resolve(&self.checkpoint)?)?;
         let config = TrainConfig::located(&ckpt.meta.config, &self.data, matches, &ckpt.path)?;
         let (vs, model) = ckpt.model(device, !self.no_ema)?;
-        Ok(Loaded { path: ckpt.path, diffusers: false, data_named: true, config, model, device, vs })
+        let trained_on = ckpt.meta.data;
+        Ok(Loaded {
+            path: ckpt.path,
+            diffusers: false,
+            data_named: true,
+            trained_on,
+            config,
+            model,
+            device,
+            vs,
+        })
     }
 }
 
@@ -78,6 +99,14 @@ impl Loaded {
             self.path.display()
         );
         let splits = self.config.data.load(self.config.seed, false)?;
+        // Figures on other images are not the run's (a folder that changed, another copy).
+        if let Some(was) = self.trained_on {
+            let now = splits.fingerprint()?;
+            if now != was {
+                let (data, path) = (self.config.data.name(), self.path.display());
+                vae::note!("warning: the {data} images differ from those {path} was trained on ({was} then, {now} now)");
+            }
+        }
         Ok([splits.train, splits.test].map(|raw| vae::eval::prepared(&raw, &self.config)))
     }
 

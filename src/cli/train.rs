@@ -197,22 +197,23 @@ impl TrainCommand {
             _ => Ok(()),
         };
         shared(group, verdict)?;
-        let splits = load_data(&cfg.data, cfg.seed, group, self.run.quiet)?;
+        let (splits, data) = load_data(&cfg.data, cfg.seed, group, self.run.quiet)?;
         let [c, h, _] = splits.train.image_shape();
         cfg.model.set_image_shape(c, h);
         let trainer = Trainer::new(cfg, device)?;
         let init_from = match &self.run.init_from {
             Some(from) => {
-                let origin = pretrained::init_from(from, &trainer.vs, &trainer.cfg.model)?;
+                let (origin, averaged) = pretrained::init_from(from, &trainer.vs, &trainer.cfg.model)?;
                 if rank == 0 && !self.run.quiet {
-                    vae::say!("starting from the weights of {} (a fresh optimizer)", from.display());
+                    let which = if averaged { "the moving average of " } else { "" };
+                    vae::say!("starting from {which}the weights of {} (a fresh optimizer)", from.display());
                 }
                 Some(origin)
             }
             None => None,
         };
         let run_id = checkpoint::new_run_id(trainer.cfg.seed);
-        let lineage = Lineage { run_id, history: Vec::new(), init_from };
+        let lineage = Lineage { run_id, history: Vec::new(), init_from, data: Some(data) };
         if rank > 0 {
             return Ok(Start { trainer, splits, folder: None, lineage });
         }
@@ -320,15 +321,23 @@ impl TrainCommand {
             _ => Ok(()),
         };
         shared(group, verdict)?;
-        let splits = load_data(&trainer.cfg.data, trainer.cfg.seed, group, self.run.quiet)?;
-        let lineage = ckpt.meta.lineage();
+        let (splits, data) = load_data(&trainer.cfg.data, trainer.cfg.seed, group, self.run.quiet)?;
+        let mut lineage = ckpt.meta.lineage();
+        // Other images than the run trained on (files added to or gone from a folder, --data-dir
+        // naming another copy): it goes on with them, as with other LPIPS weights, but says so,
+        // keeps it in the history, and judges its best afresh, on these test images.
+        let data_changed = lineage.data.filter(|was| *was != data);
+        if let Some(was) = data_changed {
+            changes.push(Change { flag: DATA_CHANGE.into(), was: was.to_string(), now: data.to_string() });
+            (trainer.best, trainer.evaluations_since_best) = (None, 0);
+        }
+        lineage.data = Some(data);
         if rank > 0 {
             return Ok(Some(Start { trainer, splits, folder: None, lineage }));
         }
         let folder = RunDir::open(&out_dir)?;
         check_folder_takes(folder.path(), &ckpt)?;
         let moved = !same_file(folder.path(), &home);
-        let mut lineage = lineage;
         if moved || !changes.is_empty() {
             let from_run = moved.then(|| ckpt.meta.run_id.clone());
             if moved {
@@ -340,6 +349,14 @@ impl TrainCommand {
                 from_run,
                 changes: changes.clone(),
             });
+        }
+        if let Some(was) = data_changed {
+            vae::note!(
+                "warning: the {} images differ from those the run trained on ({was} then, {data} now): it \
+                 goes on with these, no longer as it would have, and judges its best {} afresh on their test split",
+                trainer.cfg.data.name(),
+                trainer.cfg.best_by.name()
+            );
         }
         if !self.run.quiet {
             report_changes(&changes, &trainer.cfg);
@@ -403,13 +420,14 @@ fn init_architecture(
 }
 
 /// The splits; in a data-parallel run rank 0 loads first (the others wait, [`vae::dist::rank_0_done`]),
-/// so an image folder is decoded and cached once and the other ranks read the cache.
+/// so an image folder is decoded and cached once and the other ranks read the cache. With
+/// their fingerprint, which every rank's must equal.
 fn load_data(
     data: &vae::data::DataConfig,
     seed: u64,
     group: Option<&ProcessGroup>,
     quiet: bool,
-) -> Result<Splits> {
+) -> Result<(Splits, Fingerprint)> {
     let loaded = |group| vae::dist::rank_0_done(group, "vae/data-loaded", "load the data");
     let first = group.is_none_or(|g| g.rank == 0);
     if let (false, Some(group)) = (first, group) {
@@ -417,7 +435,11 @@ fn load_data(
     }
     vae::fault::in_load();
     let splits = data.load(seed, quiet);
-    let Some(group) = group else { return splits };
+    let Some(group) = group else {
+        let splits = splits?;
+        let print = splits.fingerprint()?;
+        return Ok((splits, print));
+    };
     if first {
         // Also when loading failed, so the others do not wait for it in vain.
         loaded(group)?;
@@ -443,7 +465,7 @@ fn load_data(
         "{differing} of {} ranks hold other data than rank 0 (their errors say how)",
         group.world
     );
-    Ok(splits)
+    Ok((splits, mine))
 }
 
 /// Every rank must train the same run: a rank given other flags (multi-node torchrun is one
@@ -594,6 +616,9 @@ fn check_holds_no_run(dir: &Path) -> Result<()> {
 
 /// Says which settings changed, when any change makes the run differ from an uninterrupted
 /// one with the new settings: a longer run under a constant rate does not.
+/// The history's name for a resume on other images than the run's.
+const DATA_CHANGE: &str = "the data";
+
 fn report_changes(changes: &[Change], cfg: &TrainConfig) {
     let longer = |c: &Change| c.flag == "--epochs" || c.flag == "--max-steps";
     let patience = |c: &Change| c.flag == "--patience";
@@ -603,6 +628,8 @@ fn report_changes(changes: &[Change], cfg: &TrainConfig) {
             || (c.flag == "--lpips-weights (contents)" && cfg.perceptual_weight == 0.0)
     };
     let picking = |c: &Change| c.flag == "--best-by";
+    // Said in a warning of its own, quiet or not.
+    let data = |c: &Change| c.flag == DATA_CHANGE;
     if let Some(c) = changes.iter().find(|c| picking(c)) {
         vae::note!(
             "best.safetensors is now picked by the test {}, not {}: the next evaluation's figure is the \
@@ -615,10 +642,10 @@ fn report_changes(changes: &[Change], cfg: &TrainConfig) {
     let harmless = |c: &Change| {
         (longer(c) && cfg.lr_schedule == LrSchedule::Constant) || picking(c) || patience(c) || measuring(c)
     };
-    if changes.iter().all(harmless) {
+    if changes.iter().all(|c| harmless(c) || data(c)) {
         return;
     }
-    let list = changes.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
+    let list = changes.iter().filter(|c| !data(c)).map(|c| c.to_string()).collect::<Vec<_>>().join(", ");
     vae::note!(
         "resuming with changed settings: {list}; the run is no longer bitwise the same as an \
          uninterrupted one (the checkpoint's history keeps the change)"

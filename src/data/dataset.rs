@@ -134,8 +134,9 @@ const SAMPLED: usize = 16;
 
 /// What tells two loads of a dataset apart, cheaply: the splits' sizes, the image shape and a
 /// CRC-32 of some images of each split (evenly spaced, the first and last included), so a
-/// large streamed set is not read whole. The ranks of a run compare theirs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// large streamed set is not read whole. The ranks of a run compare theirs, and a resume
+/// compares its own with the checkpoint's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     pub train: i64,
     pub test: i64,
