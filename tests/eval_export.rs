@@ -229,6 +229,7 @@ fn each_export_writes_what_it_promises() {
     for (args, message) in [
         (vec!["traverse", r, "--dims", "9"], "--dims 9 is not a latent dimension: the model has 4"),
         (vec!["reconstruct", r, "--input", "/nonexistent.png"], "/nonexistent.png: cannot read the image"),
+        (vec!["reconstruct", r, "--input", "/"], "/ is a folder; name the image files in it"),
         (vec!["interpolate", r, "--pairs", "100"], "--pairs 100 needs 200 test images, the split has 120"),
         (vec!["sample", r, "--temperature", "0"], "--temperature must be positive"),
         (vec!["eval", "/nonexistent"], "checkpoint /nonexistent does not exist"),

@@ -48,31 +48,49 @@ pub fn is_test(relative: &str, fraction: f64) -> bool {
     (crate::rng::stable_hash(relative.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64 <= fraction
 }
 
-/// Every file below `dir` (hidden ones skipped), sorted by relative path.
+/// Every file below `dir` (hidden ones skipped), sorted by relative path. Symbolic links are
+/// followed, each folder listed once (the first way to it in name order): a link to a folder
+/// above listed it again and again until the kernel's limit failed the run. A link that leads
+/// nowhere is listed as a file, which
+/// then fails to decode and is skipped with a warning, as any file that does not decode.
 fn list(dir: &Path) -> Result<Vec<Entry>> {
+    use std::os::unix::fs::MetadataExt;
     let mut entries = Vec::new();
     let mut pending = vec![dir.to_path_buf()];
+    let root = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    let mut listed = std::collections::HashSet::from([(root.dev(), root.ino())]);
     while let Some(folder) = pending.pop() {
         let reader = std::fs::read_dir(&folder).with_context(|| format!("listing {}", folder.display()))?;
-        for item in reader {
-            let item = item.with_context(|| format!("listing {}", folder.display()))?;
+        let mut items = reader
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| format!("listing {}", folder.display()))?;
+        // By name, so which of two ways to one folder is listed does not depend on the disk.
+        items.sort_by_key(|item| item.file_name());
+        for item in items {
             let path = item.path();
             if item.file_name().to_string_lossy().starts_with('.') {
                 continue;
             }
-            let meta = std::fs::metadata(&path).with_context(|| format!("reading {}", path.display()))?;
-            if meta.is_dir() {
-                pending.push(path);
-            } else if meta.is_file() {
+            let meta = match std::fs::metadata(&path) {
+                Ok(meta) => Some(meta),
+                Err(_) if item.file_type().is_ok_and(|t| t.is_symlink()) => None,
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            if let Some(meta) = meta.as_ref().filter(|m| m.is_dir()) {
+                if listed.insert((meta.dev(), meta.ino())) {
+                    pending.push(path);
+                }
+            } else if meta.as_ref().is_none_or(|m| m.is_file()) {
                 let relative = path.strip_prefix(dir).unwrap_or(&path);
                 let relative =
                     relative.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>();
                 let modified_ns = meta
-                    .modified()
-                    .ok()
+                    .as_ref()
+                    .and_then(|m| m.modified().ok())
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map_or(0, |d| d.as_nanos());
-                entries.push(Entry { relative: relative.join("/"), path, len: meta.len(), modified_ns });
+                let len = meta.map_or(0, |m| m.len());
+                entries.push(Entry { relative: relative.join("/"), path, len, modified_ns });
             }
         }
     }
@@ -351,6 +369,38 @@ mod tests {
         assert_eq!(too_big(1000, &opts, None), None);
         assert_eq!(format_bytes(1023), "1023 B");
         assert_eq!(format_bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn links_are_followed_to_each_folder_once_and_links_to_nowhere_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        for i in 0..12u8 {
+            image::GrayImage::from_pixel(6, 6, image::Luma([i * 20]))
+                .save(a.join(format!("{i}.png")))
+                .unwrap();
+        }
+        let link = |target: &str, at: &Path| std::os::unix::fs::symlink(target, at).unwrap();
+        link("..", &a.join("up"));
+        link("a", &dir.path().join("b"));
+        link("/nonexistent", &a.join("gone"));
+        link("self", &a.join("self"));
+        let listed: Vec<String> = list(dir.path()).unwrap().into_iter().map(|e| e.relative).collect();
+        assert_eq!(listed.len(), 14, "{listed:?}");
+        assert!(listed.iter().all(|r| r.starts_with("a/") && !r.starts_with("a/up/")), "{listed:?}");
+        assert!(listed.contains(&"a/gone".to_string()) && listed.contains(&"a/self".to_string()));
+        let opts = FolderOptions {
+            dir: dir.path().to_path_buf(),
+            image_size: 4,
+            channels: 1,
+            test_fraction: 0.3,
+            cache_dir: None,
+            max_memory: None,
+            quiet: true,
+        };
+        let splits = load(&opts).unwrap();
+        assert_eq!(splits.train.len() + splits.test.len(), 12);
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub fn load(path: &Path, channels: i64, size: i64) -> Result<Tensor> {
 /// (what a fully convolutional model takes): `[channels, H, W]` u8.
 pub fn load_native(path: &Path, channels: i64, multiple: u32) -> Result<Tensor> {
     ensure!(channels == 1 || channels == 3, "images must have 1 or 3 channels, found {channels}");
-    let img = image::open(path).with_context(|| format!("{}: cannot read the image", path.display()))?;
+    let img = open(path)?;
     let (w, h) = (img.width() / multiple * multiple, img.height() / multiple * multiple);
     ensure!(
         w > 0 && h > 0,
@@ -31,6 +31,13 @@ pub fn load_native(path: &Path, channels: i64, multiple: u32) -> Result<Tensor> 
     Ok(Tensor::from_slice(&hwc).view([h, w, c]).permute([2, 0, 1]).contiguous())
 }
 
+/// The image file at `path`; a folder is named as one (`--input photos/`), which the image
+/// decoder would call a file of unknown format.
+fn open(path: &Path) -> Result<image::DynamicImage> {
+    ensure!(!path.is_dir(), "{} is a folder; name the image files in it", path.display());
+    image::open(path).with_context(|| format!("{}: cannot read the image", path.display()))
+}
+
 /// An image as the model reads it.
 pub struct Decoded {
     /// `channels * size * size` bytes, channel-major.
@@ -41,7 +48,7 @@ pub struct Decoded {
 
 pub fn decode(path: &Path, channels: i64, size: i64) -> Result<Decoded> {
     ensure!(channels == 1 || channels == 3, "images must have 1 or 3 channels, found {channels}");
-    let img = image::open(path).with_context(|| format!("{}: cannot read the image", path.display()))?;
+    let img = open(path)?;
     let (w, h) = (img.width(), img.height());
     ensure!(w > 0 && h > 0, "{}: the image is empty", path.display());
     let size = size as u32;
