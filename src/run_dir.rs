@@ -65,11 +65,34 @@ pub fn run_files(dir: &Path) -> Result<Vec<String>> {
 /// long work (its brief shared lock only ever makes a run starting at that instant refuse).
 pub fn check_not_in_use(dir: &Path) -> Result<()> {
     let Ok(mut file) = File::open(dir.join(LOCK)) else { return Ok(()) };
-    // SAFETY: flock on a file descriptor this function owns; closing it releases the lock.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } != 0 {
-        return Err(in_use(dir, &mut file));
+    // Closing the file releases the lock.
+    match flock(&file, libc::LOCK_SH, dir)? {
+        Lock::HeldElsewhere => Err(in_use(dir, &mut file)),
+        Lock::Taken | Lock::Unsupported(_) => Ok(()),
     }
-    Ok(())
+}
+
+/// What a non-blocking flock found.
+enum Lock {
+    Taken,
+    HeldElsewhere,
+    /// The file system has no locks: Lustre mounted without `flock`, NFS without its lock
+    /// daemon, some FUSE file systems. Taken for a lock held elsewhere, no run could start.
+    Unsupported(std::io::Error),
+}
+
+/// A non-blocking flock (`op`: shared or exclusive) of `file`, the lock of run folder `dir`.
+fn flock(file: &File, op: i32, dir: &Path) -> Result<Lock> {
+    // SAFETY: flock on a file descriptor the caller owns.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        return Ok(Lock::Taken);
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => Ok(Lock::HeldElsewhere),
+        Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::ENOLCK) => Ok(Lock::Unsupported(err)),
+        _ => Err(err).with_context(|| format!("locking {}", dir.join(LOCK).display())),
+    }
 }
 
 /// The error for a run folder whose lock `file` another process holds, naming it.
@@ -130,9 +153,14 @@ impl RunDir {
             .truncate(false)
             .open(&lock_path)
             .with_context(|| format!("run folder {} is not writable (creating {LOCK})", path.display()))?;
-        // SAFETY: flock on a file descriptor this function owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(in_use(path, &mut file));
+        match flock(&file, libc::LOCK_EX, path)? {
+            Lock::Taken => {}
+            Lock::HeldElsewhere => return Err(in_use(path, &mut file)),
+            Lock::Unsupported(err) => note!(
+                "warning: run folder {} cannot be locked ({err}: its file system has no flock), so nothing \
+                 keeps a second run from writing into it at the same time",
+                path.display()
+            ),
         }
         let pid = std::process::id().to_string();
         (|| -> std::io::Result<()> {

@@ -37,6 +37,31 @@ fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
     files
 }
 
+/// On a file system without flock (Lustre mounted without `flock`, NFS without its lock
+/// daemon: flock fails with ENOSYS, ENOLCK), a run trains and resumes with a warning that its
+/// folder is not locked. Every run there was refused as "in use by another vae run".
+#[test]
+fn a_folder_on_a_file_system_without_locks_trains_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    // flock made to fail as such file systems make it, for the vae process alone.
+    let source = dir.path().join("noflock.c");
+    std::fs::write(&source, "#include <errno.h>\nint flock(int fd, int op) { errno = ENOSYS; return -1; }\n")
+        .unwrap();
+    let shim = dir.path().join("libnoflock.so");
+    let built = Command::new("cc").args(["-shared", "-fPIC", "-o"]).arg(&shim).arg(&source).status();
+    assert!(built.expect("cc runs").success(), "building the flock shim");
+    let run = dir.path().join("run");
+    let without_locks = |args: &[&str]| {
+        ok(Command::new(env!("CARGO_BIN_EXE_vae")).args(args).env("LD_PRELOAD", &shim).output().unwrap())
+    };
+    let warning = format!("warning: run folder {} cannot be locked (Function not implemented", run.display());
+    let out = without_locks(&train_args(&run, "1", &["--quiet"]));
+    assert!(stderr(&out).contains(&warning), "{}", stderr(&out));
+    let out = without_locks(&["train", "--resume", run.to_str().unwrap(), "--epochs", "2", "--quiet"]);
+    assert!(stderr(&out).contains(&warning), "{}", stderr(&out));
+    assert_eq!(Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.epoch, 2);
+}
+
 #[test]
 fn a_second_run_in_a_busy_folder_is_refused_naming_the_first() {
     let dir = tempfile::tempdir().unwrap();
