@@ -371,6 +371,19 @@ mod tests {
         assert_eq!(format_bytes(1536), "1.5 KiB");
     }
 
+    /// The images of `dir` as 4 x 4 grayscale, 30% for testing, uncached.
+    fn gray_4px(dir: &Path) -> FolderOptions {
+        FolderOptions {
+            dir: dir.to_path_buf(),
+            image_size: 4,
+            channels: 1,
+            test_fraction: 0.3,
+            cache_dir: None,
+            max_memory: None,
+            quiet: false,
+        }
+    }
+
     #[test]
     fn links_are_followed_to_each_folder_once_and_links_to_nowhere_skipped() {
         let dir = tempfile::tempdir().unwrap();
@@ -390,16 +403,7 @@ mod tests {
         assert_eq!(listed.len(), 14, "{listed:?}");
         assert!(listed.iter().all(|r| r.starts_with("a/") && !r.starts_with("a/up/")), "{listed:?}");
         assert!(listed.contains(&"a/gone".to_string()) && listed.contains(&"a/self".to_string()));
-        let opts = FolderOptions {
-            dir: dir.path().to_path_buf(),
-            image_size: 4,
-            channels: 1,
-            test_fraction: 0.3,
-            cache_dir: None,
-            max_memory: None,
-            quiet: true,
-        };
-        let splits = load(&opts).unwrap();
+        let splits = load(&gray_4px(dir.path())).unwrap();
         assert_eq!(splits.train.len() + splits.test.len(), 12);
     }
 
@@ -411,15 +415,7 @@ mod tests {
             img.save(dir.path().join(format!("{i}.png"))).unwrap();
         }
         std::fs::write(dir.path().join("4b.png"), b"broken").unwrap();
-        let opts = FolderOptions {
-            dir: dir.path().to_path_buf(),
-            image_size: 4,
-            channels: 1,
-            test_fraction: 0.3,
-            cache_dir: None,
-            max_memory: None,
-            quiet: false,
-        };
+        let opts = gray_4px(dir.path());
         let entries = list(dir.path()).unwrap();
         let (test, train): (Vec<&Entry>, Vec<&Entry>) =
             entries.iter().partition(|e| is_test(&e.relative, opts.test_fraction));
