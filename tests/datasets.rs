@@ -164,6 +164,48 @@ fn a_resume_on_other_images_says_so_and_keeps_it_in_the_history() {
     assert!(stderr(&out).contains("warning: the folder images differ from those"), "{}", stderr(&out));
 }
 
+/// A run folder inside the image folder the run reads is refused before anything is made: its
+/// pictures became training images, and their rewrites changed the listing at every start.
+/// That is also where the default `checkpoints/` goes when the images are the working folder.
+#[test]
+fn a_run_folder_inside_its_image_folder_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    write_folder(&data);
+    let flags = ["--dataset", "folder", "--image-size", "16", "--test-fraction", "0.2", "--no-cache"];
+    let inside = data.join("runs").join("a");
+    let out = train(&data, &inside, &flags);
+    assert!(!out.status.success(), "a run inside its images");
+    let said = format!("run folder {} lies inside the image folder {}", inside.display(), data.display());
+    assert!(stderr(&out).contains(&said), "{}", stderr(&out));
+    let mut args = vec!["train", "--data-dir", ".", "--epochs", "1"];
+    args.extend_from_slice(&flags);
+    args.extend_from_slice(TINY_MODEL);
+    let out = Command::new(env!("CARGO_BIN_EXE_vae")).args(&args).current_dir(&data).output().unwrap();
+    assert!(
+        stderr(&out).contains("run folder checkpoints lies inside the image folder ."),
+        "{}",
+        stderr(&out)
+    );
+    assert!(!data.join("runs").exists() && !data.join("checkpoints").exists());
+    // Beside the images it trains, and a resume through another name for the folder is refused.
+    let beside = dir.path().join("run");
+    ok(train(&data, &beside, &flags));
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&data, &link).unwrap();
+    let into_link = link.join("run");
+    let resumed = vae(&[
+        "train",
+        "--resume",
+        beside.to_str().unwrap(),
+        "--epochs",
+        "2",
+        "--out",
+        into_link.to_str().unwrap(),
+    ]);
+    assert!(stderr(&resumed).contains("lies inside the image folder"), "{}", stderr(&resumed));
+}
+
 /// Every tensor (weights and Adam's state) of two checkpoints equal, bit for bit.
 fn same_tensors(a: &Path, b: &Path) -> bool {
     let read = |p: &Path| {

@@ -193,7 +193,10 @@ impl TrainCommand {
         cfg.precision.check_device(device)?;
         // Judged before the data, which may take long to load, and again once held.
         let verdict = match (rank, &self.run.out) {
-            (0, Some(dir)) => run_dir::check_not_in_use(dir).and_then(|()| check_takes_new_run(dir)),
+            (0, Some(dir)) => run_dir::check_not_in_use(dir)
+                .and_then(|()| check_takes_new_run(dir))
+                .and_then(|()| check_outside_data(dir, &cfg.data)),
+            (0, None) => check_outside_data(Path::new(DEFAULT_RUNS), &cfg.data),
             _ => Ok(()),
         };
         shared(group, verdict)?;
@@ -219,7 +222,7 @@ impl TrainCommand {
         }
         let folder = match &self.run.out {
             Some(dir) => RunDir::open(dir)?,
-            None => RunDir::open_new(Path::new("checkpoints"), trainer.cfg.data.name())?,
+            None => RunDir::open_new(Path::new(DEFAULT_RUNS), trainer.cfg.data.name())?,
         };
         check_takes_new_run(folder.path())?;
         Ok(Start { trainer, splits, folder: Some(folder), lineage })
@@ -317,7 +320,9 @@ impl TrainCommand {
         }
         // Judged before the data, which may take long to load, and again once held.
         let verdict = match rank {
-            0 => run_dir::check_not_in_use(&out_dir).and_then(|()| check_folder_takes(&out_dir, &ckpt)),
+            0 => run_dir::check_not_in_use(&out_dir)
+                .and_then(|()| check_folder_takes(&out_dir, &ckpt))
+                .and_then(|()| check_outside_data(&out_dir, &trainer.cfg.data)),
             _ => Ok(()),
         };
         shared(group, verdict)?;
@@ -552,6 +557,32 @@ fn check_folder_takes(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
 
 /// `--out` names a folder, or one that can be made: neither it nor a folder above it is a
 /// file. Checked before the data loads, so the mistake costs no minutes of loading.
+/// Where the run folders made without `--out` go (`checkpoints/<dataset>-<n>`).
+const DEFAULT_RUNS: &str = "checkpoints";
+
+/// Refuses a run folder `out` inside the image folder the run reads: its pictures would be
+/// listed as training images, and each rewrite of them changes the listing (the images decoded
+/// afresh at every start, each resume warned of other images).
+fn check_outside_data(out: &Path, data: &vae::data::DataConfig) -> Result<()> {
+    let (vae::data::DatasetKind::Folder, Some(images)) = (data.kind, &data.data_dir) else { return Ok(()) };
+    ensure!(
+        !resolved(out)?.starts_with(resolved(images)?),
+        "run folder {} lies inside the image folder {} the run reads: its pictures would become training \
+         images; choose a run folder elsewhere with --out",
+        out.display(),
+        images.display()
+    );
+    Ok(())
+}
+
+/// `path` made absolute, its links resolved as far as it exists.
+fn resolved(path: &Path) -> Result<PathBuf> {
+    let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let existing = absolute.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    let rest = absolute.strip_prefix(existing).unwrap_or(Path::new(""));
+    Ok(existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf()).join(rest))
+}
+
 fn check_can_be_folder(dir: &Path) -> Result<()> {
     ensure!(!dir.is_file(), "--out {} is a file, not a run folder", dir.display());
     if let Some(file) = dir.ancestors().skip(1).find(|a| a.is_file()) {
