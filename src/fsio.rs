@@ -84,6 +84,15 @@ pub fn process_alive(pid: u32) -> bool {
     Path::new("/proc").join(pid.to_string()).exists()
 }
 
+/// `path` made absolute, its links resolved as far as it exists: to tell whether one folder
+/// lies in another before either is made.
+pub fn resolved(path: &Path) -> Result<PathBuf> {
+    let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
+    let existing = absolute.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    let rest = absolute.strip_prefix(existing).unwrap_or(Path::new(""));
+    Ok(existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf()).join(rest))
+}
+
 /// Deletes the temporary files in `dir` of processes that no longer run (killed mid-write):
 /// a cache's can be as large as a decoded dataset. Returns how many went.
 pub fn remove_dead_temporaries(dir: &Path) -> Result<usize> {

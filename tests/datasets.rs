@@ -167,6 +167,7 @@ fn a_resume_on_other_images_says_so_and_keeps_it_in_the_history() {
 /// A run folder inside the image folder the run reads is refused before anything is made: its
 /// pictures became training images, and their rewrites changed the listing at every start.
 /// That is also where the default `checkpoints/` goes when the images are the working folder.
+/// A cache folder there is refused too (each new cache file a new listing).
 #[test]
 fn a_run_folder_inside_its_image_folder_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,6 +189,21 @@ fn a_run_folder_inside_its_image_folder_is_refused() {
         stderr(&out)
     );
     assert!(!data.join("runs").exists() && !data.join("checkpoints").exists());
+    // So is a cache folder there; hidden folders there are not listed, so they may hold either.
+    let cache = data.join("cache");
+    let out = train(
+        &data,
+        &dir.path().join("cached"),
+        &["--dataset", "folder", "--cache-dir", cache.to_str().unwrap()],
+    );
+    let said = format!("--cache-dir {} lies inside the image folder {}", cache.display(), data.display());
+    assert!(stderr(&out).contains(&said), "{}", stderr(&out));
+    let hidden = data.join(".runs").join("a");
+    ok(train(
+        &data,
+        &hidden,
+        &[&flags[..], &["--cache-dir", data.join(".cache").to_str().unwrap()]].concat(),
+    ));
     // Beside the images it trains, and a resume through another name for the folder is refused.
     let beside = dir.path().join("run");
     ok(train(&data, &beside, &flags));

@@ -566,21 +566,13 @@ const DEFAULT_RUNS: &str = "checkpoints";
 fn check_outside_data(out: &Path, data: &vae::data::DataConfig) -> Result<()> {
     let (vae::data::DatasetKind::Folder, Some(images)) = (data.kind, &data.data_dir) else { return Ok(()) };
     ensure!(
-        !resolved(out)?.starts_with(resolved(images)?),
+        !vae::data::folder::lists(images, out)?,
         "run folder {} lies inside the image folder {} the run reads: its pictures would become training \
          images; choose a run folder elsewhere with --out",
         out.display(),
         images.display()
     );
     Ok(())
-}
-
-/// `path` made absolute, its links resolved as far as it exists.
-fn resolved(path: &Path) -> Result<PathBuf> {
-    let absolute = std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?;
-    let existing = absolute.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
-    let rest = absolute.strip_prefix(existing).unwrap_or(Path::new(""));
-    Ok(existing.canonicalize().unwrap_or_else(|_| existing.to_path_buf()).join(rest))
 }
 
 fn check_can_be_folder(dir: &Path) -> Result<()> {

@@ -48,11 +48,20 @@ pub fn is_test(relative: &str, fraction: f64) -> bool {
     (crate::rng::stable_hash(relative.as_bytes()) >> 11) as f64 / (1u64 << 53) as f64 <= fraction
 }
 
+/// Whether listing the image folder `dir` would take in the files of the folder `path`: it
+/// lies below `dir` (links resolved), and not in a hidden folder there.
+pub fn lists(dir: &Path, path: &Path) -> Result<bool> {
+    let (dir, path) = (crate::fsio::resolved(dir)?, crate::fsio::resolved(path)?);
+    Ok(path
+        .strip_prefix(&dir)
+        .is_ok_and(|inside| !inside.components().any(|c| c.as_os_str().to_string_lossy().starts_with('.'))))
+}
+
 /// Every file below `dir` (hidden ones skipped), sorted by relative path. Symbolic links are
 /// followed, each folder listed once (the first way to it in name order): a link to a folder
 /// above listed it again and again until the kernel's limit failed the run. A link that leads
-/// nowhere is listed as a file, which
-/// then fails to decode and is skipped with a warning, as any file that does not decode.
+/// nowhere is listed as a file, which then fails to decode and is skipped with a warning, as
+/// any file that does not decode.
 fn list(dir: &Path) -> Result<Vec<Entry>> {
     use std::os::unix::fs::MetadataExt;
     let mut entries = Vec::new();
@@ -220,6 +229,15 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
     );
     let entries = list(dir)?;
     ensure!(!entries.is_empty(), "image folder {} holds no files", dir.display());
+    if let Some(cache) = &opts.cache_dir {
+        // Its files would be listed with the images: each new one a new listing, decoded afresh.
+        ensure!(
+            !lists(dir, cache)?,
+            "--cache-dir {} lies inside the image folder {}: choose one elsewhere (or a hidden one there)",
+            cache.display(),
+            dir.display()
+        );
+    }
     let cache = opts.cache_dir.as_ref().map(|d| d.join(cache_name(&entries, opts)));
     match cache.as_deref().and_then(|c| CacheFile::open(c, shape(opts))) {
         Some(found) => from_cache(found, opts),
