@@ -555,8 +555,6 @@ fn check_folder_takes(dir: &Path, ckpt: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
-/// `--out` names a folder, or one that can be made: neither it nor a folder above it is a
-/// file. Checked before the data loads, so the mistake costs no minutes of loading.
 /// Where the run folders made without `--out` go (`checkpoints/<dataset>-<n>`).
 const DEFAULT_RUNS: &str = "checkpoints";
 
@@ -575,6 +573,8 @@ fn check_outside_data(out: &Path, data: &vae::data::DataConfig) -> Result<()> {
     Ok(())
 }
 
+/// `--out` names a folder, or one that can be made: neither it nor a folder above it is a
+/// file. Checked before the data loads, so the mistake costs no minutes of loading.
 fn check_can_be_folder(dir: &Path) -> Result<()> {
     ensure!(!dir.is_file(), "--out {} is a file, not a run folder", dir.display());
     if let Some(file) = dir.ancestors().skip(1).find(|a| a.is_file()) {
@@ -637,11 +637,11 @@ fn check_holds_no_run(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Says which settings changed, when any change makes the run differ from an uninterrupted
-/// one with the new settings: a longer run under a constant rate does not.
 /// The history's name for a resume on other images than the run's.
 const DATA_CHANGE: &str = "the data";
 
+/// Says which settings changed, when any change makes the run differ from an uninterrupted
+/// one with the new settings: a longer run under a constant rate does not.
 fn report_changes(changes: &[Change], cfg: &TrainConfig) {
     let longer = |c: &Change| c.flag == "--epochs" || c.flag == "--max-steps";
     let patience = |c: &Change| c.flag == "--patience";
