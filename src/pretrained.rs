@@ -117,7 +117,20 @@ fn config_of(dir: &Path) -> Result<(PathBuf, Value)> {
 /// `sample_size`; the likelihood is left at the family's default, L1).
 pub fn read_config(dir: &Path) -> Result<ResnetConfig> {
     let (path, json) = config_of(dir)?;
-    architecture(&path, &json)
+    let cfg = architecture(&path, &json)?;
+    // What gets allocated when the model is built: sized against the weights file first (at
+    // two bytes a parameter, float16's), as a checkpoint's config is, so a config that promises
+    // billions of parameters is refused rather than allocated.
+    let file = weights_file(dir)?;
+    let bytes = std::fs::metadata(&file).with_context(|| format!("reading {}", file.display()))?.len();
+    let params = ModelConfig::Resnet(cfg.clone()).parameter_count();
+    ensure!(
+        params.saturating_mul(2) <= bytes as u128,
+        "{}: describes {params} parameters, more than {} ({bytes} bytes) can hold",
+        path.display(),
+        file.display()
+    );
+    Ok(cfg)
 }
 
 /// The architecture `json`, the `config.json` at `path`, describes.
@@ -300,7 +313,15 @@ mod tests {
         let cfg =
             ResnetConfig { block_channels: vec![32, 64], mid_attention: false, ..ResnetConfig::default() };
         std::fs::write(dir.path().join(CONFIG), config_json(&cfg, 0.5).to_string()).unwrap();
+        // The weights file is sized, not read: float16 parameters fill 2 bytes each.
+        let params = ModelConfig::Resnet(cfg.clone()).parameter_count() as usize;
+        std::fs::write(dir.path().join(WEIGHTS), vec![0u8; 2 * params]).unwrap();
         assert_eq!(read_config(dir.path()).unwrap(), cfg);
+        // A config promising more parameters than the file holds is refused, not allocated.
+        let deep = ResnetConfig { layers_per_block: 100_000, ..cfg.clone() };
+        std::fs::write(dir.path().join(CONFIG), config_json(&deep, 0.5).to_string()).unwrap();
+        let err = read_config(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("config.json: describes ") && err.contains("parameters, more than"), "{err}");
         let mut json = config_json(&cfg, 0.5);
         json["down_block_types"][1] = "AttnDownEncoderBlock2D".into();
         std::fs::write(dir.path().join(CONFIG), json.to_string()).unwrap();

@@ -1,7 +1,7 @@
 //! The convolutional VAE (`--arch conv`): a strided-conv encoder and a dense bottleneck
 //! giving q(z|x) over a latent vector, a transposed-conv decoder giving p(x|z)'s parameters.
 
-use super::{cast, run_linear as linear, Compute, Likelihood, Model, Posterior};
+use super::{cast, run_linear as linear, Compute, Count, Likelihood, Model, Posterior};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::nn;
@@ -40,22 +40,23 @@ impl ConvConfig {
     }
 
     /// Trainable parameters of the model this config builds, computed without building it
-    /// (in u128, so any config from a file can be sized safely).
+    /// (a saturating [`Count`], so any config from a file can be sized safely).
     pub fn parameter_count(&self) -> u128 {
-        let k = (KERNEL * KERNEL) as u128;
-        let mut chans = vec![self.in_channels.max(0) as u128];
-        chans.extend(self.channels.iter().map(|&c| c.max(0) as u128));
+        let (k, two) = (Count((KERNEL * KERNEL) as u128), Count(2));
+        let mut chans = vec![Count::of(self.in_channels)];
+        chans.extend(self.channels.iter().map(|&c| Count::of(c)));
         // Each conv and its mirrored transposed conv: weights, plus the bias of their outputs.
-        let convs: u128 = chans.windows(2).map(|w| 2 * w[0] * w[1] * k + w[0] + w[1]).sum();
-        let side = (self.image_size.max(0) >> self.channels.len().min(62)) as u128;
-        let flat = chans.last().copied().unwrap_or(0) * side * side;
-        let (hidden, latent) = (self.hidden.max(0) as u128, self.latent_dim.max(0) as u128);
-        let linear = |i: u128, o: u128| i * o + o;
-        convs
+        let convs: Count = chans.windows(2).map(|w| two * w[0] * w[1] * k + w[0] + w[1]).sum();
+        let side = Count::of(self.image_size.max(0) >> self.channels.len().min(62));
+        let flat = chans.last().copied().unwrap_or_default() * side * side;
+        let (hidden, latent) = (Count::of(self.hidden), Count::of(self.latent_dim));
+        let linear = |i: Count, o: Count| i * o + o;
+        (convs
             + linear(flat, hidden)
-            + linear(hidden, 2 * latent)
+            + linear(hidden, two * latent)
             + linear(latent, hidden)
-            + linear(hidden, flat)
+            + linear(hidden, flat))
+        .0
     }
 
     pub fn validate(&self) -> Result<()> {

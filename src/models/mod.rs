@@ -346,6 +346,45 @@ impl Arch {
     }
 }
 
+/// A parameter count that stops at u128::MAX instead of overflowing: a config read from a
+/// file may hold any i64 (2^62 channels squared overflow even u128, which wrapped to a count
+/// that passed), and the count is what refuses such a config before anything is allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Count(pub u128);
+
+impl Count {
+    /// A size from a config; a negative one counts as none.
+    pub fn of(v: i64) -> Self {
+        Count(v.max(0) as u128)
+    }
+}
+
+impl std::ops::Add for Count {
+    type Output = Count;
+    fn add(self, other: Count) -> Count {
+        Count(self.0.saturating_add(other.0))
+    }
+}
+
+impl std::ops::Mul for Count {
+    type Output = Count;
+    fn mul(self, other: Count) -> Count {
+        Count(self.0.saturating_mul(other.0))
+    }
+}
+
+impl std::ops::AddAssign for Count {
+    fn add_assign(&mut self, other: Count) {
+        *self = *self + other;
+    }
+}
+
+impl std::iter::Sum for Count {
+    fn sum<I: Iterator<Item = Count>>(counts: I) -> Count {
+        counts.fold(Count(0), |a, b| a + b)
+    }
+}
+
 /// The architecture, one variant per family; stored in every checkpoint (as the family's
 /// fields plus `"arch"`) so a model can be rebuilt from its file alone.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -378,8 +417,8 @@ impl ModelConfig {
         }
     }
 
-    /// Trainable parameters, computed without building the model (in u128, so any config from
-    /// a file can be sized safely).
+    /// Trainable parameters, computed without building the model (a saturating [`Count`], so
+    /// any config from a file can be sized safely).
     pub fn parameter_count(&self) -> u128 {
         match self {
             ModelConfig::Conv(c) => c.parameter_count(),

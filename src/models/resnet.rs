@@ -8,7 +8,7 @@
 //! lives (see the L1 and L2 likelihoods). The posterior is flattened to `[B, C * h * w]` for
 //! the rest of the crate; `decode` takes that or the spatial `[B, C, h, w]`.
 
-use super::{cast, run_conv, run_linear, Compute, Likelihood, Model, Posterior};
+use super::{cast, run_conv, run_linear, Compute, Count, Likelihood, Model, Posterior};
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -69,35 +69,35 @@ impl ResnetConfig {
 
     /// Trainable parameters of the model this config builds, computed without building it.
     pub fn parameter_count(&self) -> u128 {
-        let u = |v: i64| v.max(0) as u128;
-        let conv = |i: u128, o: u128, k: u128| i * o * k * k + o;
-        let norm = |c: u128| 2 * c;
-        let resnet = |i: u128, o: u128| {
-            norm(i) + conv(i, o, 3) + norm(o) + conv(o, o, 3) + if i != o { conv(i, o, 1) } else { 0 }
+        let (zero, two, four) = (Count(0), Count(2), Count(4));
+        let conv = |i: Count, o: Count, k: u128| i * o * Count(k * k) + o;
+        let norm = |c: Count| two * c;
+        let resnet = |i: Count, o: Count| {
+            norm(i) + conv(i, o, 3) + norm(o) + conv(o, o, 3) + if i != o { conv(i, o, 1) } else { zero }
         };
-        let attention = |c: u128| norm(c) + 4 * (c * c + c);
-        let mid = |c: u128| 2 * resnet(c, c) + if self.mid_attention { attention(c) } else { 0 };
-        let blocks: Vec<u128> = self.block_channels.iter().map(|&c| u(c)).collect();
+        let attention = |c: Count| norm(c) + four * (c * c + c);
+        let mid = |c: Count| two * resnet(c, c) + if self.mid_attention { attention(c) } else { zero };
+        let blocks: Vec<Count> = self.block_channels.iter().map(|&c| Count::of(c)).collect();
         let (Some(&first), Some(&last)) = (blocks.first(), blocks.last()) else { return 0 };
         let (layers, latent, image) =
-            (u(self.layers_per_block), u(self.latent_channels), u(self.in_channels));
+            (Count::of(self.layers_per_block), Count::of(self.latent_channels), Count::of(self.in_channels));
         let mut encoder = conv(image, first, 3);
         let mut prev = first;
         for (i, &out) in blocks.iter().enumerate() {
-            encoder += resnet(prev, out) + layers.saturating_sub(1) * resnet(out, out);
-            encoder += if i + 1 < blocks.len() { conv(out, out, 3) } else { 0 };
+            encoder += resnet(prev, out) + Count(layers.0.saturating_sub(1)) * resnet(out, out);
+            encoder += if i + 1 < blocks.len() { conv(out, out, 3) } else { zero };
             prev = out;
         }
-        encoder += mid(last) + norm(last) + conv(last, 2 * latent, 3);
+        encoder += mid(last) + norm(last) + conv(last, two * latent, 3);
         let mut decoder = conv(latent, last, 3) + mid(last);
         let mut prev = last;
         for (i, &out) in blocks.iter().rev().enumerate() {
             decoder += resnet(prev, out) + layers * resnet(out, out);
-            decoder += if i + 1 < blocks.len() { conv(out, out, 3) } else { 0 };
+            decoder += if i + 1 < blocks.len() { conv(out, out, 3) } else { zero };
             prev = out;
         }
         decoder += norm(first) + conv(first, image, 3);
-        encoder + decoder + conv(2 * latent, 2 * latent, 1) + conv(latent, latent, 1)
+        (encoder + decoder + conv(two * latent, two * latent, 1) + conv(latent, latent, 1)).0
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -544,6 +544,18 @@ mod tests {
             mid_attention: true,
             likelihood: Likelihood::L1,
         }
+    }
+
+    /// A config from a file may hold any i64: its count stops at u128::MAX (which no file can
+    /// hold) rather than overflowing (which wrapped to a small count, or panicked).
+    #[test]
+    fn the_parameter_count_of_absurd_sizes_saturates() {
+        let huge = ResnetConfig { block_channels: vec![i64::MAX - 3; 3], ..tiny() };
+        assert_eq!(huge.parameter_count(), u128::MAX);
+        let deep = ResnetConfig { layers_per_block: i64::MAX, block_channels: vec![1 << 40; 2], ..tiny() };
+        assert_eq!(deep.parameter_count(), u128::MAX);
+        let conv = crate::models::ConvConfig { image_size: i64::MAX, hidden: i64::MAX, ..Default::default() };
+        assert_eq!(conv.parameter_count(), u128::MAX);
     }
 
     #[test]
