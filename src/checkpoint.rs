@@ -70,19 +70,44 @@ pub struct Metadata {
     pub pending_evaluation: Option<PendingEvaluation>,
 }
 
-/// A weights file a run started from: where it was, and its CRC-32, which tells it from a
-/// later file of the same name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A weights file a run started from: where it was, its CRC-32, which tells it from a later
+/// file of the same name, and how a diffusion model expects its latents scaled, where it said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Origin {
     pub path: String,
     pub crc32: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent_scale: Option<LatentScale>,
 }
 
 impl Origin {
     /// `path` (made absolute where it exists), whose contents are `bytes`.
     pub fn of_bytes(path: &Path, bytes: &[u8]) -> Self {
         let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-        Self { path: path.display().to_string(), crc32: crc32fast::hash(bytes) }
+        Self { path: path.display().to_string(), crc32: crc32fast::hash(bytes), latent_scale: None }
+    }
+}
+
+/// How a diffusion model expects an autoencoder's latents scaled, as a diffusers folder's
+/// `config.json` says: `(z - shift_factor) * scaling_factor`, or per channel `(z -
+/// latents_mean) * scaling_factor / latents_std` where those are set. A run fine-tuned from
+/// the folder keeps it for its exports, as diffusers' own fine-tuning does: the diffusion model
+/// trained on those latents expects it (Stable Diffusion's fine-tuned VAEs keep 0.18215).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatentScale {
+    pub scaling_factor: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shift_factor: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents_mean: Option<Vec<f64>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latents_std: Option<Vec<f64>>,
+}
+
+impl LatentScale {
+    /// A scaling factor alone.
+    pub fn factor(scaling_factor: f64) -> Self {
+        Self { scaling_factor, shift_factor: None, latents_mean: None, latents_std: None }
     }
 }
 
@@ -619,6 +644,9 @@ impl Checkpoint {
         writeln!(s, "run {}, trained by {} rank(s)", m.run_id, m.world_size)?;
         if let Some(origin) = &m.init_from {
             writeln!(s, "started from the weights of {} (crc32 {:08x})", origin.path, origin.crc32)?;
+            if let Some(scale) = &origin.latent_scale {
+                writeln!(s, "whose latents a diffusion model takes as {}", serde_json::to_string(scale)?)?;
+            }
         }
         if let Some(data) = &m.data {
             writeln!(s, "trains on {data}")?;
@@ -744,6 +772,7 @@ mod tests {
             init_from: Some(Origin {
                 path: "/models/sd-vae/diffusion_pytorch_model.safetensors".into(),
                 crc32: 7,
+                latent_scale: Some(LatentScale { shift_factor: Some(0.0609), ..LatentScale::factor(1.5305) }),
             }),
             data: Some(Fingerprint { train: 60000, test: 10000, shape: [1, 28, 28], crc32: 0xfeedbeef }),
             pending_evaluation: Some(PendingEvaluation {

@@ -3,7 +3,9 @@
 //! family and written from it (`vae export-diffusers`), and `--init-from` a diffusers folder
 //! or one of our checkpoints. Our resnet tensors already carry diffusers' state-dict names.
 
-use crate::checkpoint::{self, built_model, copy_weights, safetensors_bytes, Checkpoint, Origin};
+use crate::checkpoint::{
+    self, built_model, copy_weights, safetensors_bytes, Checkpoint, LatentScale, Origin,
+};
 use crate::config::TrainConfig;
 use crate::fsio::write_atomic;
 use crate::models::{Model, ModelConfig, ResnetConfig};
@@ -193,8 +195,46 @@ fn architecture(path: &Path, json: &Value) -> Result<ResnetConfig> {
     Ok(cfg)
 }
 
-/// diffusers' `config.json` for `cfg`, with the latents' `scaling_factor`.
-pub fn config_json(cfg: &ResnetConfig, scaling_factor: f64) -> Value {
+/// How the diffusers folder `dir` says a diffusion model takes its latents (`None`: its
+/// `config.json` has no `scaling_factor`).
+pub fn latent_scale(dir: &Path) -> Result<Option<LatentScale>> {
+    let (path, json) = config_of(dir)?;
+    let channels = architecture(&path, &json)?.latent_channels as usize;
+    let field = |name: &str| json.get(name).filter(|v| !v.is_null());
+    let Some(factor) = field("scaling_factor") else { return Ok(None) };
+    let number = |name: &str, v: &Value| -> Result<f64> {
+        v.as_f64()
+            .filter(|x| x.is_finite())
+            .with_context(|| format!("{}: \"{name}\" is {v}, not a number", path.display()))
+    };
+    let scaling_factor = number("scaling_factor", factor)?;
+    ensure!(
+        scaling_factor > 0.0,
+        "{}: \"scaling_factor\" must be positive, found {scaling_factor}",
+        path.display()
+    );
+    let per_channel = |name: &str| -> Result<Option<Vec<f64>>> {
+        let Some(list) = field(name) else { return Ok(None) };
+        let values = list.as_array().map(|l| l.iter().map(|v| number(name, v)).collect::<Result<Vec<f64>>>());
+        let values = values.with_context(|| format!("{}: \"{name}\" is not a list", path.display()))??;
+        ensure!(
+            values.len() == channels,
+            "{}: \"{name}\" has {} values for {channels} latent channels",
+            path.display(),
+            values.len()
+        );
+        Ok(Some(values))
+    };
+    Ok(Some(LatentScale {
+        scaling_factor,
+        shift_factor: field("shift_factor").map(|v| number("shift_factor", v)).transpose()?,
+        latents_mean: per_channel("latents_mean")?,
+        latents_std: per_channel("latents_std")?,
+    }))
+}
+
+/// diffusers' `config.json` for `cfg`, with how its latents are scaled.
+pub fn config_json(cfg: &ResnetConfig, scale: &LatentScale) -> Value {
     let n = cfg.block_channels.len();
     json!({
         "_class_name": "AutoencoderKL",
@@ -205,15 +245,15 @@ pub fn config_json(cfg: &ResnetConfig, scaling_factor: f64) -> Value {
         "force_upcast": true,
         "in_channels": cfg.in_channels,
         "latent_channels": cfg.latent_channels,
-        "latents_mean": null,
-        "latents_std": null,
+        "latents_mean": scale.latents_mean,
+        "latents_std": scale.latents_std,
         "layers_per_block": cfg.layers_per_block,
         "mid_block_add_attention": cfg.mid_attention,
         "norm_num_groups": cfg.norm_groups,
         "out_channels": cfg.in_channels,
         "sample_size": cfg.image_size,
-        "scaling_factor": scaling_factor,
-        "shift_factor": null,
+        "scaling_factor": scale.scaling_factor,
+        "shift_factor": scale.shift_factor,
         "up_block_types": vec!["UpDecoderBlock2D"; n],
         "use_post_quant_conv": true,
         "use_quant_conv": true,
@@ -227,7 +267,7 @@ pub fn write_folder(
     dir: &Path,
     cfg: &ResnetConfig,
     weights: &[(String, Tensor)],
-    scaling_factor: f64,
+    scale: &LatentScale,
 ) -> Result<()> {
     if let Ok(mut entries) = std::fs::read_dir(dir) {
         ensure!(
@@ -241,7 +281,7 @@ pub fn write_folder(
         weights.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::Float))).collect();
     let format = HashMap::from([("format".to_string(), "pt".to_string())]);
     write_atomic(&dir.join(WEIGHTS), &safetensors_bytes(&floats, format, false)?)?;
-    let text = serde_json::to_string_pretty(&config_json(cfg, scaling_factor))? + "\n";
+    let text = serde_json::to_string_pretty(&config_json(cfg, scale))? + "\n";
     write_atomic(&dir.join(CONFIG), text.as_bytes())
 }
 
@@ -283,7 +323,7 @@ pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<(Ori
         );
         let (file, tensors, origin) = read_weights(&dir).context("--init-from")?;
         copy_weights(&file, &tensors, vs).context("--init-from: the architecture differs")?;
-        return Ok((origin, false));
+        return Ok((Origin { latent_scale: latent_scale(&dir)?, ..origin }, false));
     }
     let file = crate::run_dir::resolve(path)?;
     let bytes = std::fs::read(&file).with_context(|| format!("reading checkpoint {}", file.display()))?;
@@ -300,7 +340,9 @@ pub fn init_from(path: &Path, vs: &VarStore, model: &ModelConfig) -> Result<(Ori
     let average = crate::ema::averaged_weights(&ckpt.tensors);
     let weights = average.as_ref().unwrap_or(&ckpt.tensors);
     copy_weights(&file, weights, vs).context("--init-from: the architecture differs")?;
-    Ok((Origin::of_bytes(&file, &bytes), average.is_some()))
+    // Through a chain of runs, the scale of the diffusers folder the first started from.
+    let latent_scale = ckpt.meta.init_from.and_then(|o| o.latent_scale);
+    Ok((Origin { latent_scale, ..Origin::of_bytes(&file, &bytes) }, average.is_some()))
 }
 
 #[cfg(test)]
@@ -312,17 +354,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cfg =
             ResnetConfig { block_channels: vec![32, 64], mid_attention: false, ..ResnetConfig::default() };
-        std::fs::write(dir.path().join(CONFIG), config_json(&cfg, 0.5).to_string()).unwrap();
+        std::fs::write(dir.path().join(CONFIG), config_json(&cfg, &LatentScale::factor(0.5)).to_string())
+            .unwrap();
         // The weights file is sized, not read: float16 parameters fill 2 bytes each.
         let params = ModelConfig::Resnet(cfg.clone()).parameter_count() as usize;
         std::fs::write(dir.path().join(WEIGHTS), vec![0u8; 2 * params]).unwrap();
         assert_eq!(read_config(dir.path()).unwrap(), cfg);
         // A config promising more parameters than the file holds is refused, not allocated.
         let deep = ResnetConfig { layers_per_block: 100_000, ..cfg.clone() };
-        std::fs::write(dir.path().join(CONFIG), config_json(&deep, 0.5).to_string()).unwrap();
+        std::fs::write(dir.path().join(CONFIG), config_json(&deep, &LatentScale::factor(0.5)).to_string())
+            .unwrap();
         let err = read_config(dir.path()).unwrap_err().to_string();
         assert!(err.contains("config.json: describes ") && err.contains("parameters, more than"), "{err}");
-        let mut json = config_json(&cfg, 0.5);
+        let mut json = config_json(&cfg, &LatentScale::factor(0.5));
         json["down_block_types"][1] = "AttnDownEncoderBlock2D".into();
         std::fs::write(dir.path().join(CONFIG), json.to_string()).unwrap();
         let err = read_config(dir.path()).unwrap_err().to_string();

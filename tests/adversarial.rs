@@ -86,7 +86,8 @@ fn ten_steps_across_the_start_equal_latent_diffusions_equations() {
     // The architecture for diffusers; the weights come with each state.
     let ae = dir.path().join("ae");
     let weights: Vec<(String, Tensor)> = trainer.vs.variables().into_iter().collect();
-    vae::pretrained::write_folder(&ae, &resnet, &weights, 1.0).unwrap();
+    vae::pretrained::write_folder(&ae, &resnet, &weights, &vae::checkpoint::LatentScale::factor(1.0))
+        .unwrap();
     tch::manual_seed(3);
     let x = Tensor::rand([STEPS, 4, 3, 32, 32], (Kind::Float, Device::Cpu));
     let eps = Tensor::randn([STEPS, 4, 2, 16, 16], (Kind::Float, Device::Cpu));

@@ -239,3 +239,58 @@ fn each_export_writes_what_it_promises() {
         assert!(stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
     }
 }
+
+/// A run fine-tuned from a diffusers folder exports the latent scale the folder declares
+/// (scaling_factor, shift_factor, latents_mean, latents_std), which the diffusion model
+/// trained on its latents expects, through a chain of runs; it measured 1 / std instead, so
+/// a fine-tuned Stable Diffusion VAE no longer wrote SD's 0.18215. `--scaling-factor` still
+/// sets one, and a run from no folder still measures it.
+#[test]
+fn a_run_from_a_diffusers_folder_exports_the_folders_latent_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let arg = |name: &str| path(name).to_str().unwrap().to_string();
+    ok(common::train_tiny_resnet("16", &path("first"), "1", &[]));
+    let config = |folder: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(path(folder).join("config.json")).unwrap()).unwrap()
+    };
+    let out = ok(vae(&["export-diffusers", &arg("first"), &arg("measured")]));
+    assert!(stdout(&out).contains("1 / the latents' standard deviation"), "{}", stdout(&out));
+    assert!(config("measured")["shift_factor"].is_null());
+    // A folder whose latents are normalised per channel, as some diffusers models' are.
+    let mut declared = config("measured");
+    let scale = serde_json::json!({"scaling_factor": 0.5, "shift_factor": 0.25, "latents_mean": [0.1, -0.2], "latents_std": [1.5, 2.5]});
+    for key in ["scaling_factor", "shift_factor", "latents_mean", "latents_std"] {
+        declared[key] = scale[key].clone();
+    }
+    std::fs::write(path("measured").join("config.json"), declared.to_string()).unwrap();
+    let from = |origin: &str, run: &str| {
+        let (origin, run) = (arg(origin), arg(run));
+        let mut args =
+            vec!["train", "--init-from", &origin, "--out", &run, "--epochs", "1", "--train-size", "32"];
+        args.extend_from_slice(&["--test-size", "16", "--batch-size", "16", "--threads", "1", "--quiet"]);
+        ok(vae(&args));
+    };
+    from("measured", "second");
+    from("second", "third");
+    for (run, folder) in [("second", "second-export"), ("third", "third-export")] {
+        let out = ok(vae(&["export-diffusers", &arg(run), &arg(folder)]));
+        assert!(stdout(&out).contains("scaling_factor 0.50000, as the diffusers folder"), "{}", stdout(&out));
+        let written = config(folder);
+        for key in ["scaling_factor", "shift_factor", "latents_mean", "latents_std"] {
+            assert_eq!(written[key], scale[key], "{run}: {key}");
+        }
+    }
+    let info = stdout(&ok(vae(&["info", &arg("third")])));
+    assert!(info.contains("whose latents a diffusion model takes as {\"scaling_factor\":0.5,"), "{info}");
+    ok(vae(&["export-diffusers", &arg("third"), &arg("set"), "--scaling-factor", "0.3"]));
+    assert_eq!(
+        (config("set")["scaling_factor"].as_f64(), config("set")["shift_factor"].is_null()),
+        (Some(0.3), true)
+    );
+    // A declaration that does not fit the model is refused, naming the field.
+    declared["latents_std"] = serde_json::json!([1.0]);
+    std::fs::write(path("measured").join("config.json"), declared.to_string()).unwrap();
+    let out = vae(&["export-diffusers", &arg("measured"), &arg("never")]);
+    assert!(stderr(&out).contains("\"latents_std\" has 1 values for 2 latent channels"), "{}", stderr(&out));
+}

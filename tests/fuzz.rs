@@ -6,7 +6,7 @@
 use std::path::Path;
 use tch::{nn::VarStore, Device};
 use vae::adam::{Adam, AdamConfig};
-use vae::checkpoint::{self, Checkpoint, Metadata, Origin};
+use vae::checkpoint::{self, Checkpoint, LatentScale, Metadata, Origin};
 use vae::config::TrainConfig;
 use vae::data::{cifar, idx, image_file, Fingerprint};
 use vae::loss::Stats;
@@ -100,7 +100,11 @@ fn the_checkpoint_loader_takes_any_bytes() {
         lpips_crc32: Some(0x1234abcd),
         fid_crc32: None,
         // Fuzzed too: its JSON is parsed.
-        init_from: Some(Origin { path: "sd-vae/diffusion_pytorch_model.safetensors".into(), crc32: 9 }),
+        init_from: Some(Origin {
+            path: "sd-vae/diffusion_pytorch_model.safetensors".into(),
+            crc32: 9,
+            latent_scale: Some(LatentScale::factor(0.18215)),
+        }),
         data: Some(Fingerprint { train: 96, test: 32, shape: [1, 4, 4], crc32: 5 }),
         // And its list of numbers.
         pending_evaluation: Some(PendingEvaluation {

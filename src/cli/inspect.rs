@@ -4,7 +4,7 @@
 use anyhow::{bail, ensure, Context, Result};
 use clap::{ArgMatches, Args};
 use std::path::{Path, PathBuf};
-use vae::checkpoint::Checkpoint;
+use vae::checkpoint::{Checkpoint, LatentScale};
 use vae::config::TrainConfig;
 use vae::data::DataArgs;
 use vae::device::DeviceArgs;
@@ -42,6 +42,9 @@ struct Loaded {
     data_named: bool,
     /// The images the checkpoint's run trained on, where it says.
     trained_on: Option<vae::data::Fingerprint>,
+    /// How a diffusion model takes the latents: as the folder says, or as the diffusers
+    /// folder the run started from said.
+    latent_scale: Option<LatentScale>,
     config: TrainConfig,
     model: Box<dyn Model>,
     device: tch::Device,
@@ -65,6 +68,7 @@ impl ModelArgs {
                 diffusers: true,
                 data_named,
                 trained_on: None,
+                latent_scale: vae::pretrained::latent_scale(&dir)?,
                 config,
                 model,
                 device,
@@ -75,11 +79,13 @@ impl ModelArgs {
         let config = TrainConfig::located(&ckpt.meta.config, &self.data, matches, &ckpt.path)?;
         let (vs, model) = ckpt.model(device, !self.no_ema)?;
         let trained_on = ckpt.meta.data;
+        let latent_scale = ckpt.meta.init_from.and_then(|o| o.latent_scale);
         Ok(Loaded {
             path: ckpt.path,
             diffusers: false,
             data_named: true,
             trained_on,
+            latent_scale,
             config,
             model,
             device,
@@ -243,7 +249,9 @@ pub struct ExportDiffusersArgs {
     model: ModelArgs,
     /// The folder to write (new, or empty).
     out: PathBuf,
-    /// The scaling_factor to write [default: 1 / the standard deviation of the latents of the
+    /// The scaling_factor to write [default: the one the diffusers folder the run started from
+    /// declares (with its shift_factor, latents_mean and latents_std), which a diffusion model
+    /// trained on its latents expects; else 1 / the standard deviation of the latents of the
     /// first 2048 training images, which needs the run's data].
     #[arg(long)]
     scaling_factor: Option<f64>,
@@ -258,22 +266,29 @@ impl ExportDiffusersArgs {
                 loaded.path.display()
             )
         };
-        let scale = match self.scaling_factor {
-            Some(scale) => {
+        let (scale, whence) = match (self.scaling_factor, &loaded.latent_scale) {
+            (Some(scale), _) => {
                 ensure!(scale.is_finite() && scale > 0.0, "--scaling-factor must be positive, found {scale}");
-                scale
+                (LatentScale::factor(scale), "")
             }
-            None => {
+            (None, Some(kept)) => (kept.clone(), ", as the diffusers folder the weights come from declares"),
+            (None, None) => {
                 let train = loaded.split(Split::Train).context(
                     "measuring the latents' scale on the training split (or give --scaling-factor)",
                 )?;
-                vae::eval::latent_scale(loaded.model.as_ref(), &train, loaded.config.seed, loaded.device)?
+                let measured = vae::eval::latent_scale(
+                    loaded.model.as_ref(),
+                    &train,
+                    loaded.config.seed,
+                    loaded.device,
+                )?;
+                (LatentScale::factor(measured), ", 1 / the latents' standard deviation")
             }
         };
         let mut weights: Vec<(String, tch::Tensor)> = loaded.vs.variables().into_iter().collect();
         weights.sort_by(|a, b| a.0.cmp(&b.0));
-        vae::pretrained::write_folder(&self.out, arch, &weights, scale)?;
-        vae::say!("wrote {} (scaling_factor {scale:.5})", self.out.display());
+        vae::pretrained::write_folder(&self.out, arch, &weights, &scale)?;
+        vae::say!("wrote {} (scaling_factor {:.5}{whence})", self.out.display(), scale.scaling_factor);
         Ok(())
     }
 }
