@@ -4,6 +4,8 @@
   make DIR          a randomly initialised small AutoencoderKL, saved with save_pretrained
                     into DIR, and DIR.io.safetensors: inputs x in [0, 1] and noise, with
                     diffusers' posterior mean, log-variance and decoder output for them
+                    (--no-quant-convs: without quant_conv and post_quant_conv, as SD3's and
+                    Flux's autoencoders are)
   run DIR IO OUT    loads DIR with from_pretrained (no missing or unexpected keys) and writes
                     the same outputs for the inputs of IO into OUT
   train DIR IO OUT  20 steps of Adam on the batches of IO: loss = sum|x - x^| (or squared,
@@ -41,7 +43,8 @@ def outputs(vae, x, eps):
 
 def make(args):
     torch.manual_seed(0)
-    vae = AutoencoderKL(**CONFIG).eval()
+    quant = not args.no_quant_convs
+    vae = AutoencoderKL(**CONFIG, use_quant_conv=quant, use_post_quant_conv=quant).eval()
     # Random, not default, GroupNorm and bias values: every parameter matters to the check.
     with torch.no_grad():
         for p in vae.parameters():
@@ -94,6 +97,7 @@ def main():
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=1e-3)
     parser.add_argument("--recon", choices=["l1", "l2"], default="l1")
+    parser.add_argument("--no-quant-convs", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"make": make, "run": run, "train": train}[args.command](args)

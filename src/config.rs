@@ -197,6 +197,10 @@ pub struct TrainArgs {
     /// Resnet: no self-attention in the middle blocks.
     #[arg(long, overrides_with = "mid_attention")]
     pub no_mid_attention: bool,
+    /// Resnet: no 1x1 convolutions around the latent (diffusers' use_quant_conv and
+    /// use_post_quant_conv false, as in SD3's and Flux's autoencoders).
+    #[arg(long)]
+    pub no_quant_convs: bool,
     /// Total epochs of the run; a resumed run may raise it.
     #[arg(long, default_value_t = 10)]
     pub epochs: u64,
@@ -359,6 +363,7 @@ const FAMILY_FLAGS: &[(Arch, &[&str])] = &[
             "norm_groups",
             "mid_attention",
             "no_mid_attention",
+            "no_quant_convs",
         ],
     ),
 ];
@@ -406,6 +411,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("norm_groups", Fixed, |a, c| resnet(c, |m| m.norm_groups = a.norm_groups)),
     setting("mid_attention", Fixed, |a, c| resnet(c, |m| m.mid_attention = !a.no_mid_attention)),
     setting("no_mid_attention", Fixed, |a, c| resnet(c, |m| m.mid_attention = !a.no_mid_attention)),
+    setting("no_quant_convs", Fixed, |a, c| resnet(c, |m| m.quant_convs = !a.no_quant_convs)),
     setting("epochs", Changeable, |a, c| c.epochs = a.epochs),
     setting("max_steps", Changeable, |a, c| c.max_steps = a.max_steps),
     setting("batch_size", Fixed, |a, c| c.batch_size = a.batch_size),

@@ -166,13 +166,14 @@ fn architecture(path: &Path, json: &Value) -> Result<ResnetConfig> {
             blocks.len()
         );
     }
-    for key in ["use_quant_conv", "use_post_quant_conv"] {
-        ensure!(
-            field(key).and_then(Value::as_bool).unwrap_or(true),
-            "{}: {key} false is not supported",
-            path.display()
-        );
-    }
+    let [quant, post_quant] = ["use_quant_conv", "use_post_quant_conv"]
+        .map(|key| field(key).and_then(Value::as_bool).unwrap_or(true));
+    ensure!(
+        quant == post_quant,
+        "{}: use_quant_conv {quant} with use_post_quant_conv {post_quant} is not supported (both true, as in \
+         Stable Diffusion's autoencoders, or both false, as in SD3's and Flux's)",
+        path.display()
+    );
     let (image_in, image_out) = (int("in_channels", 3)?, int("out_channels", 3)?);
     ensure!(image_in == image_out, "{}: in_channels {image_in} but out_channels {image_out}", path.display());
     let sample_size = match field("sample_size") {
@@ -189,6 +190,7 @@ fn architecture(path: &Path, json: &Value) -> Result<ResnetConfig> {
         latent_channels: int("latent_channels", 4)?,
         norm_groups: int("norm_num_groups", 32)?,
         mid_attention: field("mid_block_add_attention").and_then(Value::as_bool).unwrap_or(true),
+        quant_convs: quant,
         ..ResnetConfig::default()
     };
     cfg.validate().with_context(|| format!("{}", path.display()))?;
@@ -255,8 +257,8 @@ pub fn config_json(cfg: &ResnetConfig, scale: &LatentScale) -> Value {
         "scaling_factor": scale.scaling_factor,
         "shift_factor": scale.shift_factor,
         "up_block_types": vec!["UpDecoderBlock2D"; n],
-        "use_post_quant_conv": true,
-        "use_quant_conv": true,
+        "use_post_quant_conv": cfg.quant_convs,
+        "use_quant_conv": cfg.quant_convs,
     })
 }
 

@@ -284,3 +284,41 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     }
     assert_eq!(theirs_losses.len(), 20);
 }
+
+/// SD3's and Flux's autoencoders have no convolutions around the latent (`use_quant_conv` and
+/// `use_post_quant_conv` false), which such a folder was refused for: it is now the same model
+/// in ours, and a run of `--no-quant-convs` exports a folder diffusers loads (no missing or
+/// unexpected keys) and computes the same outputs from.
+#[test]
+fn an_autoencoder_without_quant_convs_is_the_same_model_in_diffusers_and_ours() {
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = tmp.path().join("flux-like");
+    reference(&["make", theirs.to_str().unwrap(), "--no-quant-convs", "--steps", "1"]);
+    let io_path = tmp.path().join("flux-like.io.safetensors");
+    let io = read(&io_path);
+    let (_, model) = load(&theirs);
+    assert!(!model.cfg.quant_convs);
+    assert_same(&outputs(&model, &io), &io, "diffusers' folder without quant convs loaded into ours");
+    let run = tmp.path().join("run");
+    ok(common::train_tiny_resnet("16", &run, "1", &["--no-quant-convs"]));
+    let exported = tmp.path().join("exported");
+    ok(vae(&[
+        "export-diffusers",
+        run.to_str().unwrap(),
+        exported.to_str().unwrap(),
+        "--scaling-factor",
+        "1",
+    ]));
+    let their_outputs = tmp.path().join("exported.out.safetensors");
+    let paths = [exported.to_str().unwrap(), io_path.to_str().unwrap(), their_outputs.to_str().unwrap()];
+    reference(&[&["run"][..], &paths].concat());
+    let (_, ours) = load(&exported);
+    assert_same(
+        &outputs(&ours, &io),
+        &read(&their_outputs),
+        "our export without quant convs loaded by diffusers",
+    );
+    let info = stdout(&ok(vae(&["info", exported.to_str().unwrap()])));
+    assert!(info.contains("mid attention, no quant convs"), "{info}");
+}

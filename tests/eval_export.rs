@@ -100,6 +100,7 @@ fn large_images_go_through_the_model_in_passes_each_against_its_own_image() {
         latent_channels: 1,
         norm_groups: 2,
         mid_attention: false,
+        quant_convs: false,
         likelihood: Likelihood::Bernoulli,
     };
     let vs = VarStore::new(Device::Cpu);

@@ -478,12 +478,13 @@ impl ModelConfig {
                 format!("--arch conv, conv channels {:?}, hidden {}, latent dim {}", c.channels, c.hidden, c.latent_dim)
             }
             ModelConfig::Resnet(c) => format!(
-                "--arch resnet, block channels {:?}, {} layers per block, {} latent channels, {} norm groups, {}",
+                "--arch resnet, block channels {:?}, {} layers per block, {} latent channels, {} norm groups, {}{}",
                 c.block_channels,
                 c.layers_per_block,
                 c.latent_channels,
                 c.norm_groups,
-                if c.mid_attention { "mid attention" } else { "no mid attention" }
+                if c.mid_attention { "mid attention" } else { "no mid attention" },
+                if c.quant_convs { "" } else { ", no quant convs" }
             ),
         }
     }

@@ -29,7 +29,16 @@ pub struct ResnetConfig {
     pub norm_groups: i64,
     /// diffusers' `mid_block_add_attention`.
     pub mid_attention: bool,
+    /// diffusers' `use_quant_conv` and `use_post_quant_conv`, the 1x1 convolutions around the
+    /// latent (both off in SD3's and Flux's autoencoders).
+    #[serde(default = "with_quant_convs")]
+    pub quant_convs: bool,
     pub likelihood: Likelihood,
+}
+
+/// Configs from before `quant_convs` describe models that have them.
+fn with_quant_convs() -> bool {
+    true
 }
 
 impl Default for ResnetConfig {
@@ -43,6 +52,7 @@ impl Default for ResnetConfig {
             latent_channels: 4,
             norm_groups: 32,
             mid_attention: true,
+            quant_convs: true,
             likelihood: Likelihood::L1,
         }
     }
@@ -97,7 +107,12 @@ impl ResnetConfig {
             prev = out;
         }
         decoder += norm(first) + conv(first, image, 3);
-        (encoder + decoder + conv(two * latent, two * latent, 1) + conv(latent, latent, 1)).0
+        let quant = if self.quant_convs {
+            conv(two * latent, two * latent, 1) + conv(latent, latent, 1)
+        } else {
+            zero
+        };
+        (encoder + decoder + quant).0
     }
 
     pub fn validate(&self) -> Result<()> {
@@ -443,8 +458,8 @@ impl Decoder {
 /// diffusers' `AutoencoderKL`: `encoder.`, `quant_conv.`, `post_quant_conv.`, `decoder.`.
 pub struct ResnetVae {
     encoder: Encoder,
-    quant_conv: nn::Conv2D,
-    post_quant_conv: nn::Conv2D,
+    quant_conv: Option<nn::Conv2D>,
+    post_quant_conv: Option<nn::Conv2D>,
     decoder: Decoder,
     pub cfg: ResnetConfig,
     pub compute: Compute,
@@ -455,8 +470,8 @@ impl ResnetVae {
         let latent = cfg.latent_channels;
         Self {
             encoder: Encoder::new(&vs / "encoder", cfg),
-            quant_conv: conv(&vs / "quant_conv", 2 * latent, 2 * latent, 1),
-            post_quant_conv: conv(&vs / "post_quant_conv", latent, latent, 1),
+            quant_conv: cfg.quant_convs.then(|| conv(&vs / "quant_conv", 2 * latent, 2 * latent, 1)),
+            post_quant_conv: cfg.quant_convs.then(|| conv(&vs / "post_quant_conv", latent, latent, 1)),
             decoder: Decoder::new(&vs / "decoder", cfg),
             cfg: cfg.clone(),
             compute: Compute::default(),
@@ -468,8 +483,9 @@ impl ResnetVae {
     pub fn encode_spatial(&self, x: &Tensor) -> (Tensor, Tensor) {
         let kind = self.compute.kind;
         let x = self.compute.feature_map(&(x * 2.0 - 1.0));
+        let h = self.encoder.forward(&x, self.compute);
         let moments =
-            same(&self.quant_conv, &self.encoder.forward(&x, self.compute), kind).to_kind(Kind::Float);
+            self.quant_conv.as_ref().map_or(h.shallow_clone(), |c| same(c, &h, kind)).to_kind(Kind::Float);
         let [mean, logvar]: [Tensor; 2] = moments.chunk(2, 1).try_into().expect("two halves");
         (mean, logvar.clamp(-30.0, 20.0))
     }
@@ -491,7 +507,8 @@ impl Model for ResnetVae {
         } else {
             z.shallow_clone()
         };
-        let z = same(&self.post_quant_conv, &self.compute.feature_map(&z), kind);
+        let z = self.compute.feature_map(&z);
+        let z = self.post_quant_conv.as_ref().map_or(z.shallow_clone(), |c| same(c, &z, kind));
         self.decoder.forward(&z, self.compute).to_kind(Kind::Float)
     }
 
@@ -542,6 +559,7 @@ mod tests {
             latent_channels: 2,
             norm_groups: 4,
             mid_attention: true,
+            quant_convs: true,
             likelihood: Likelihood::L1,
         }
     }
@@ -560,8 +578,8 @@ mod tests {
 
     #[test]
     fn shapes_names_and_parameter_count() {
-        for mid_attention in [true, false] {
-            let cfg = ResnetConfig { mid_attention, ..tiny() };
+        for (mid_attention, quant_convs) in [(true, true), (false, true), (true, false)] {
+            let cfg = ResnetConfig { mid_attention, quant_convs, ..tiny() };
             cfg.validate().unwrap();
             let vs = VarStore::new(Device::Cpu);
             let vae = ResnetVae::new(vs.root(), &cfg);
@@ -577,14 +595,15 @@ mod tests {
             assert_eq!(vae.decode(&mean).size(), vec![1, 3, 32, 32]);
             let names = vs.variables();
             assert_eq!(names.contains_key("decoder.mid_block.attentions.0.to_out.0.weight"), mid_attention);
+            for name in ["quant_conv.weight", "post_quant_conv.bias"] {
+                assert_eq!(names.contains_key(name), quant_convs, "{name}");
+            }
             for name in [
                 "encoder.down_blocks.0.downsamplers.0.conv.weight",
                 "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
                 "decoder.up_blocks.0.upsamplers.0.conv.bias",
                 "decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
                 "decoder.up_blocks.1.resnets.1.norm2.weight",
-                "quant_conv.weight",
-                "post_quant_conv.bias",
             ] {
                 assert!(names.contains_key(name), "{name}");
             }
