@@ -22,6 +22,34 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 /// Bumped when the layout changes incompatibly; newer files are refused, not misread.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// What the safetensors `file`, not a checkpoint of ours, holds, where its tensor names tell an
+/// autoencoder others wrote (the single files Stable Diffusion's VAEs are shared as), with the
+/// one-line conversion to the diffusers folder vae reads; `None` for anything else.
+fn foreign_autoencoder(path: &Path, file: &SafeTensors) -> Option<String> {
+    let names = file.names();
+    let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+    let what = if has("first_stage_model.") {
+        "a whole Stable Diffusion checkpoint (its autoencoder under first_stage_model.)"
+    } else if has("encoder.down.") || has("decoder.up.") {
+        "an autoencoder in the original Stable Diffusion (LDM) layout"
+    } else if has("encoder.down_blocks.") {
+        return Some(
+            "a diffusers AutoencoderKL's weights without their config.json: put it in a folder as \
+             diffusion_pytorch_model.safetensors beside the model's config.json, and name the folder"
+                .into(),
+        );
+    } else {
+        return None;
+    };
+    let folder = path.with_extension("").display().to_string() + "-diffusers";
+    Some(format!(
+        "{what}, not a vae checkpoint; write it as a diffusers folder once, with diffusers: python -c \
+         \"from diffusers import AutoencoderKL; AutoencoderKL.from_single_file('{}').save_pretrained('{folder}')\", \
+         and name {folder}",
+        path.display()
+    ))
+}
+
 /// The tensors of the safetensors `file` read from `path` (named in errors).
 pub fn tensors_of(path: &Path, file: &SafeTensors) -> Result<HashMap<String, Tensor>> {
     let mut tensors = HashMap::new();
@@ -565,6 +593,11 @@ impl Checkpoint {
         let file = SafeTensors::deserialize(bytes)
             .map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
         let (_, header) = SafeTensors::read_metadata(bytes).expect("deserialize read it already");
+        let ours =
+            header.metadata().as_ref().and_then(|m| m.get(KEY_FORMAT)).is_some_and(|f| f == FORMAT_NAME);
+        if let (false, Some(what)) = (ours, foreign_autoencoder(path, &file)) {
+            bail!("{}: {what}", path.display());
+        }
         let meta = Metadata::from_map(path, header.metadata().as_ref())?;
         verify_checksums(path, &file, header.metadata().as_ref().expect("from_map found metadata"))?;
         // The config decides what gets allocated when the model is built: check it, and that
