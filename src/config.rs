@@ -58,6 +58,9 @@ pub struct TrainConfig {
     /// Decay of the weights' moving average; 0: none kept.
     #[serde(default)]
     pub ema_decay: f64,
+    /// Train the decoder alone, the encoder (and the resnet's quant_conv) kept as they are.
+    #[serde(default)]
+    pub freeze_encoder: bool,
     /// The test figure that picks `best.safetensors`.
     #[serde(default)]
     pub best_by: BestBy,
@@ -245,6 +248,11 @@ pub struct TrainArgs {
     /// used by the test evaluation, pictures, eval and exports (unless they get --no-ema).
     #[arg(long, default_value_t = 0.0)]
     pub ema_decay: f64,
+    /// Train the decoder alone, the encoder (and the resnet's quant_conv) kept as it starts:
+    /// the latents stay those a diffusion model was trained on, as Stable Diffusion's
+    /// fine-tuned VAEs (sd-vae-ft-mse) were made, so the result drops in for the original.
+    #[arg(long)]
+    pub freeze_encoder: bool,
     /// The test figure that picks best.safetensors: the loss, or the image quality people of
     /// this field report (lpips needs --lpips-weights, rfid --fid-weights, ssim images of 11
     /// pixels a side).
@@ -426,6 +434,7 @@ pub const SETTINGS: &[Setting] = &[
     setting("betas", Changeable, |a, c| (c.adam.beta1, c.adam.beta2) = pair(&a.betas)),
     setting("seed", Fixed, |a, c| c.seed = a.seed),
     setting("ema_decay", Fixed, |a, c| c.ema_decay = a.ema_decay),
+    setting("freeze_encoder", Fixed, |a, c| c.freeze_encoder = a.freeze_encoder),
     setting("best_by", Changeable, |a, c| c.best_by = a.best_by),
     setting("patience", Changeable, |a, c| c.patience = a.patience),
     setting("grad_accum", Changeable, |a, c| c.grad_accum = a.grad_accum),
@@ -516,6 +525,7 @@ impl TrainArgs {
             clip_grad: None,
             hflip: false,
             ema_decay: 0.0,
+            freeze_encoder: false,
             best_by: BestBy::Loss,
             patience: 0,
             grad_accum: 1,

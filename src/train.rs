@@ -207,6 +207,12 @@ impl Trainer {
         }
         let mut vs = VarStore::new(Device::Cpu);
         let mut model = cfg.model.build(vs.root());
+        if cfg.freeze_encoder {
+            // No gradient, so no backward through it, and no place in the optimizer.
+            for (_, frozen) in vs.variables().into_iter().filter(|(name, _)| cfg.model.is_encoder(name)) {
+                let _ = frozen.set_requires_grad(false);
+            }
+        }
         let compute = Compute::for_device(cfg.precision.compute_kind(), device);
         model.set_compute(Compute { checkpoint: cfg.gradient_checkpointing, ..compute });
         vs.set_device(device);

@@ -312,3 +312,29 @@ fn a_run_whose_stdout_closes_trains_on_to_its_end() {
     let last = vae::checkpoint::Checkpoint::load(&run.join("last.safetensors")).unwrap();
     assert_eq!(last.meta.epoch, 3);
 }
+
+/// `--freeze-encoder` trains the decoder alone, as Stable Diffusion's fine-tuned VAEs were
+/// made: the encoder and quant_conv come out of a fine-tune and its resume bit for bit as they
+/// went in (the latents a diffusion model was trained on stay the same), the decoder moves,
+/// and Adam keeps no state for the frozen side.
+#[test]
+fn a_frozen_encoder_comes_out_of_training_as_it_went_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    ok(train_tiny_resnet("16", &first, "1", &[]));
+    ok(train_tiny_resnet("16", &second, "1", &["--init-from", first.to_str().unwrap(), "--freeze-encoder"]));
+    ok(vae(&["train", "--resume", second.to_str().unwrap(), "--epochs", "2", "--quiet"]));
+    let [before, after] =
+        [&first, &second].map(|run| Checkpoint::load(&run.join("last.safetensors")).unwrap());
+    assert!(after.meta.config.freeze_encoder && after.meta.step == 6, "{:?}", after.meta.step);
+    let mut moved = 0;
+    for (name, t) in before.tensors.iter().filter(|(n, _)| !n.starts_with("optimizer.")) {
+        let frozen = name.starts_with("encoder.") || name.starts_with("quant_conv.");
+        let same = t.equal(&after.tensors[name]);
+        assert!(same || !frozen, "{name} moved");
+        moved += usize::from(!same);
+        let state = format!("optimizer.exp_avg.{name}");
+        assert_eq!(after.tensors.contains_key(&state), !frozen, "{state}");
+    }
+    assert!(moved > 10, "only {moved} decoder tensors moved");
+}

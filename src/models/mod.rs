@@ -426,6 +426,12 @@ impl ModelConfig {
         }
     }
 
+    /// Whether the parameter `name` belongs to the encoder side, up to the latent's
+    /// parameters (`--freeze-encoder` keeps those as they are).
+    pub fn is_encoder(&self, name: &str) -> bool {
+        name.starts_with("encoder.") || (self.arch() == Arch::Resnet && name.starts_with("quant_conv."))
+    }
+
     /// `[C, H, W]` of the images the model takes.
     pub fn image_shape(&self) -> [i64; 3] {
         match self {
