@@ -5,7 +5,7 @@
 
 use crate::adam::AdamConfig;
 use crate::adversarial::{self, DiscLoss};
-use crate::data::{Binarize, DataArgs, DataConfig};
+use crate::data::{as_typed, Binarize, DataArgs, DataConfig};
 use crate::device::DeviceArgs;
 use crate::loss::Perceptual;
 use crate::models::{Arch, ConvConfig, Likelihood, ModelConfig, ResnetConfig};
@@ -569,10 +569,9 @@ impl TrainArgs {
             let now = diffs.iter().map(|(_, now)| now.as_str()).collect::<Vec<_>>().join(", ");
             match s.on_resume {
                 Fixed => bail!(
-                    "{} {} conflicts with the checkpoint {}, trained with {was}; a resumed run keeps its \
+                    "{} conflicts with the checkpoint {}, trained with {was}; a resumed run keeps its \
                      architecture, data, seed and batch size (start a new run to change them)",
-                    s.flag(),
-                    raw_value(matches, s.id),
+                    as_typed(matches, s.id),
                     checkpoint.display()
                 ),
                 Changeable => changes.push(Change { flag: s.flag(), was, now }),
@@ -586,12 +585,6 @@ impl TrainArgs {
 /// The images a checkpoint's run trained on, as errors name them.
 fn of_checkpoint(saved: &TrainConfig, checkpoint: &std::path::Path) -> String {
     format!("the {} images of {}", saved.data.name(), checkpoint.display())
-}
-
-/// What the user typed for flag `id`.
-fn raw_value(matches: &ArgMatches, id: &str) -> String {
-    let values = matches.get_raw(id).map(|v| v.map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>());
-    values.unwrap_or_default().join(",")
 }
 
 /// The leaves (numbers, strings, lists) that differ between two JSON trees, as text.
@@ -654,10 +647,9 @@ impl TrainConfig {
         for s in given {
             ensure!(
                 s.on_resume == Process,
-                "{} {} applies to a diffusers folder, which has no data of its own; {} is judged on its \
+                "{} applies to a diffusers folder, which has no data of its own; {} is judged on its \
                  run's data ({}), which --data-dir finds elsewhere",
-                s.flag(),
-                raw_value(matches, s.id),
+                as_typed(matches, s.id),
                 checkpoint.display(),
                 saved.data.name()
             );
@@ -953,5 +945,9 @@ mod tests {
         );
         let (args, m) = parse(&["--no-cache"]);
         assert_eq!(args.resumed(&saved, &m, path).unwrap().0.data.cache_dir, None);
+        // A switch is named as typed, without a value.
+        let (args, m) = parse(&["--freeze-encoder"]);
+        let err = args.resumed(&saved, &m, path).unwrap_err().to_string();
+        assert!(err.starts_with("--freeze-encoder conflicts with the checkpoint"), "{err}");
     }
 }

@@ -125,6 +125,18 @@ pub struct DataArgs {
     pub test_size: Option<usize>,
 }
 
+/// Flag `id` as the command line (`matches`) gave it, for messages: `--lr 0.001`,
+/// `--betas 0.5,0.9`, or a switch alone (`--no-cache`, not `--no-cache true`).
+pub fn as_typed(matches: &clap::ArgMatches, id: &str) -> String {
+    let flag = format!("--{}", id.replace('_', "-"));
+    if matches.try_get_one::<bool>(id).is_ok() {
+        return flag;
+    }
+    let values: Vec<String> =
+        matches.get_raw(id).into_iter().flatten().map(|v| v.to_string_lossy().into()).collect();
+    format!("{flag} {}", values.join(","))
+}
+
 type AppliesTo = fn(DatasetKind) -> bool;
 
 /// The data flags that apply to some datasets only, and which: given for another dataset
@@ -150,16 +162,11 @@ impl DatasetKind {
             if applies(self) || matches.value_source(id) != Some(clap::parser::ValueSource::CommandLine) {
                 continue;
             }
-            // A switch (`--no-cache`) has no value to show.
-            let switch = matches.try_get_one::<bool>(id).is_ok();
-            let value = matches.get_raw(id).into_iter().flatten().filter(|_| !switch);
-            let value = value.map(|v| format!(" {}", v.to_string_lossy()));
             let to: Vec<&str> =
                 Self::value_variants().iter().filter(|k| applies(**k)).map(|k| k.name()).collect();
             anyhow::bail!(
-                "--{}{} does not apply to {whose}: it applies to --dataset {} only",
-                id.replace('_', "-"),
-                value.collect::<String>(),
+                "{} does not apply to {whose}: it applies to --dataset {} only",
+                as_typed(matches, id),
                 to.join(", ")
             );
         }
