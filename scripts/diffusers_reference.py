@@ -5,7 +5,12 @@
                     into DIR, and DIR.io.safetensors: inputs x in [0, 1] and noise, with
                     diffusers' posterior mean, log-variance and decoder output for them
                     (--no-quant-convs: without quant_conv and post_quant_conv, as SD3's and
-                    Flux's autoencoders are)
+                    Flux's autoencoders are; --groups-of-32: blocks of 32 and 64 channels in
+                    GroupNorm's 32 groups, as every Stable Diffusion autoencoder has)
+  ldm DIR OUT       DIR's weights in the original Stable Diffusion (LDM) layout, one file, as
+                    single-file VAEs are shared (--whole: under first_stage_model., beside
+                    other tensors, as in a whole SD checkpoint); checked to map back exactly
+                    through diffusers' own convert_ldm_vae_checkpoint
   run DIR IO OUT    loads DIR with from_pretrained (no missing or unexpected keys) and writes
                     the same outputs for the inputs of IO into OUT
   train DIR IO OUT  20 steps of Adam on the batches of IO: loss = sum|x - x^| (or squared,
@@ -44,7 +49,8 @@ def outputs(vae, x, eps):
 def make(args):
     torch.manual_seed(0)
     quant = not args.no_quant_convs
-    vae = AutoencoderKL(**CONFIG, use_quant_conv=quant, use_post_quant_conv=quant).eval()
+    config = dict(CONFIG, block_out_channels=[32, 64], norm_num_groups=32) if args.groups_of_32 else CONFIG
+    vae = AutoencoderKL(**config, use_quant_conv=quant, use_post_quant_conv=quant).eval()
     # Random, not default, GroupNorm and bias values: every parameter matters to the check.
     with torch.no_grad():
         for p in vae.parameters():
@@ -55,6 +61,44 @@ def make(args):
     with torch.no_grad():
         out = outputs(vae, x[0], eps[0])
     save_file({"x": x, "eps": eps, **{k: v.contiguous() for k, v in out.items()}}, args.dir + ".io.safetensors")
+
+
+def ldm_name(name, blocks):
+    """The original Stable Diffusion (LDM) name of diffusers' VAE tensor `name`."""
+    parts = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut").split(".")
+    side, rest = parts[0], parts[1:]
+    if rest[0] == "down_blocks":
+        i, kind = rest[1], rest[2]
+        rest = ["down", i, "block", rest[3]] + rest[4:] if kind == "resnets" else ["down", i, "downsample"] + rest[4:]
+    elif rest[0] == "up_blocks":
+        b, kind = str(blocks - 1 - int(rest[1])), rest[2]
+        rest = ["up", b, "block", rest[3]] + rest[4:] if kind == "resnets" else ["up", b, "upsample"] + rest[4:]
+    elif rest[0] == "mid_block" and rest[1] == "resnets":
+        rest = ["mid", f"block_{int(rest[2]) + 1}"] + rest[3:]
+    elif rest[0] == "mid_block":
+        layer = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out": "proj_out"}[rest[3]]
+        rest = ["mid", "attn_1", layer] + rest[4 + (rest[3] == "to_out"):]
+    return ".".join([side] + rest)
+
+
+def ldm(args):
+    vae = AutoencoderKL.from_pretrained(args.dir)
+    ours = vae.state_dict()
+    blocks = len(vae.config.block_out_channels)
+    layout = {}
+    for name, t in ours.items():
+        new = ldm_name(name, blocks) if name.startswith(("encoder.", "decoder.")) else name
+        # LDM keeps the attention's projections as 1x1 convolutions.
+        layout[new] = t[:, :, None, None] if ".attn_1." in new and t.dim() == 2 else t
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    back = convert_ldm_vae_checkpoint(layout, dict(vae.config))
+    assert back.keys() == ours.keys(), sorted(set(back) ^ set(ours))
+    assert all(torch.equal(back[k], ours[k]) for k in ours), "the LDM layout does not map back"
+    if args.whole:
+        layout = {"first_stage_model." + k: v for k, v in layout.items()}
+        layout["model.diffusion_model.input_blocks.0.0.weight"] = torch.zeros(3)
+        layout["first_stage_model.loss.logvar"] = torch.zeros(())
+    save_file({k: v.contiguous() for k, v in layout.items()}, args.io)
 
 
 def run(args):
@@ -89,7 +133,7 @@ def train(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["make", "run", "train"])
+    parser.add_argument("command", choices=["make", "run", "train", "ldm"])
     parser.add_argument("dir")
     parser.add_argument("io", nargs="?")
     parser.add_argument("out", nargs="?")
@@ -98,9 +142,11 @@ def main():
     parser.add_argument("--beta", type=float, default=1e-3)
     parser.add_argument("--recon", choices=["l1", "l2"], default="l1")
     parser.add_argument("--no-quant-convs", action="store_true")
+    parser.add_argument("--groups-of-32", action="store_true")
+    parser.add_argument("--whole", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    {"make": make, "run": run, "train": train}[args.command](args)
+    {"make": make, "run": run, "train": train, "ldm": ldm}[args.command](args)
 
 
 if __name__ == "__main__":

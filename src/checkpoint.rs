@@ -22,32 +22,15 @@ use tch::{nn::VarStore, Device, Kind, Tensor};
 /// Bumped when the layout changes incompatibly; newer files are refused, not misread.
 pub const FORMAT_VERSION: u32 = 1;
 
-/// What the safetensors `file`, not a checkpoint of ours, holds, where its tensor names tell an
-/// autoencoder others wrote (the single files Stable Diffusion's VAEs are shared as), with the
-/// one-line conversion to the diffusers folder vae reads; `None` for anything else.
-fn foreign_autoencoder(path: &Path, file: &SafeTensors) -> Option<String> {
-    let names = file.names();
-    let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
-    let what = if has("first_stage_model.") {
-        "a whole Stable Diffusion checkpoint (its autoencoder under first_stage_model.)"
-    } else if has("encoder.down.") || has("decoder.up.") {
-        "an autoencoder in the original Stable Diffusion (LDM) layout"
-    } else if has("encoder.down_blocks.") {
-        return Some(
-            "a diffusers AutoencoderKL's weights without their config.json: put it in a folder as \
-             diffusion_pytorch_model.safetensors beside the model's config.json, and name the folder"
-                .into(),
-        );
-    } else {
-        return None;
-    };
-    let folder = path.with_extension("").display().to_string() + "-diffusers";
-    Some(format!(
-        "{what}, not a vae checkpoint; write it as a diffusers folder once, with diffusers: python -c \
-         \"from diffusers import AutoencoderKL; AutoencoderKL.from_single_file('{}').save_pretrained('{folder}')\", \
-         and name {folder}",
-        path.display()
-    ))
+/// Why the safetensors `file`, not a checkpoint of ours, cannot be read as one, where its
+/// tensor names tell a diffusers AutoencoderKL's weights without their config (single files in
+/// the original Stable Diffusion layout are read, as diffusers folders). `None` otherwise.
+fn foreign_autoencoder(file: &SafeTensors) -> Option<String> {
+    file.names().iter().any(|n| n.starts_with("encoder.down_blocks.")).then(|| {
+        "a diffusers AutoencoderKL's weights without their config.json: put it in a folder as \
+         diffusion_pytorch_model.safetensors beside the model's config.json, and name the folder"
+            .into()
+    })
 }
 
 /// The tensors of the safetensors `file` read from `path` (named in errors).
@@ -595,7 +578,7 @@ impl Checkpoint {
         let (_, header) = SafeTensors::read_metadata(bytes).expect("deserialize read it already");
         let ours =
             header.metadata().as_ref().and_then(|m| m.get(KEY_FORMAT)).is_some_and(|f| f == FORMAT_NAME);
-        if let (false, Some(what)) = (ours, foreign_autoencoder(path, &file)) {
+        if let (false, Some(what)) = (ours, foreign_autoencoder(&file)) {
             bail!("{}: {what}", path.display());
         }
         let meta = Metadata::from_map(path, header.metadata().as_ref())?;

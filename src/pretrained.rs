@@ -26,9 +26,13 @@ const DIFFUSERS_VERSION: &str = "0.42.1";
 /// The diffusers model folder at `path`: the folder itself when it holds a `config.json`, or
 /// the `vae` folder of a whole pipeline (`model_index.json` beside `vae/`, as Stable
 /// Diffusion checkpoints are laid out), or either in the snapshot that a Hugging Face cache
-/// folder's `refs/main` names (`models--ORG--NAME`, as `from_pretrained` leaves it). `None`:
-/// not a diffusers folder.
+/// folder's `refs/main` names (`models--ORG--NAME`, as `from_pretrained` leaves it); or a
+/// single file of an autoencoder in the original Stable Diffusion layout ([`ldm_file`]), read
+/// as such a folder. `None`: none of these.
 pub fn diffusers_folder(path: &Path) -> Option<PathBuf> {
+    if ldm_file(path).is_some() {
+        return Some(path.to_path_buf());
+    }
     let model_or_pipeline = |dir: &Path| {
         if dir.join(CONFIG).is_file() {
             return Some(dir.to_path_buf());
@@ -49,6 +53,9 @@ pub const WEIGHTS_FP16: &str = "diffusion_pytorch_model.fp16.safetensors";
 /// The weights file of the diffusers folder `dir`: the float32 one, else the float16 variant
 /// (its weights are made float32 as they are read).
 fn weights_file(dir: &Path) -> Result<PathBuf> {
+    if dir.is_file() {
+        return Ok(dir.to_path_buf()); // a single LDM-layout file
+    }
     if let Some(file) = [WEIGHTS, WEIGHTS_FP16].iter().map(|name| dir.join(name)).find(|f| f.is_file()) {
         return Ok(file);
     }
@@ -74,9 +81,109 @@ fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>, Origin)
     let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
     let parsed = SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow!("reading {}: not a valid safetensors file ({e})", file.display()))?;
-    let tensors = checkpoint::tensors_of(&file, &parsed)?.into_iter().map(|(n, t)| modern(&n, t)).collect();
+    let mut tensors = checkpoint::tensors_of(&file, &parsed)?;
+    if let Some((prefix, _)) = ldm_file(&file) {
+        let blocks = read_config(dir)?.block_channels.len();
+        tensors = tensors
+            .into_iter()
+            .filter_map(|(name, t)| Some((name.strip_prefix(&prefix)?.to_string(), t)))
+            .filter(|(name, _)| LDM_PARTS.iter().any(|part| name.starts_with(part)))
+            .map(|(name, t)| (diffusers_name(&name, blocks), t))
+            .collect();
+    }
+    let tensors = tensors.into_iter().map(|(n, t)| modern(&n, t)).collect();
     let origin = Origin::of_bytes(&file, &bytes);
     Ok((file, tensors, origin))
+}
+
+/// The autoencoder's tensors in an LDM-layout file (others, as a training run's `loss.`, are
+/// left out).
+const LDM_PARTS: [&str; 4] = ["encoder.", "decoder.", "quant_conv.", "post_quant_conv."];
+
+/// A single safetensors file of an autoencoder in the original Stable Diffusion (LDM) layout,
+/// as `vae-ft-mse-840000-ema-pruned.safetensors` is shared (or a whole SD checkpoint's
+/// `first_stage_model.`): the prefix of its tensors' names, and their names (less the prefix)
+/// and shapes, read from the file's header alone. `None` for any other path.
+fn ldm_file(path: &Path) -> Option<(String, HashMap<String, Vec<i64>>)> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).ok().filter(|_| path.is_file())?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).ok()?;
+    // safetensors caps its header at 100 MB.
+    let len = u64::from_le_bytes(len).min(100 << 20) as usize;
+    let mut header = vec![0u8; len];
+    file.read_exact(&mut header).ok()?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&header).ok()?;
+    let prefix = ["first_stage_model.", "vae.", ""]
+        .into_iter()
+        .find(|p| header.contains_key(&format!("{p}encoder.down.0.block.0.conv1.weight")))?;
+    let shapes = header
+        .iter()
+        .filter_map(|(name, entry)| {
+            Some((
+                name.strip_prefix(prefix)?.to_string(),
+                serde_json::from_value(entry.get("shape")?.clone()).ok()?,
+            ))
+        })
+        .collect();
+    Some((prefix.to_string(), shapes))
+}
+
+/// The `config.json` a diffusers folder of the LDM-layout autoencoder with tensors `shapes`
+/// would hold (as diffusers' `from_single_file` infers it): the channels, blocks and layers
+/// from the shapes, GroupNorm's 32 groups (every Stable Diffusion autoencoder's), a
+/// sample_size of 512, and no scaling_factor (the file does not say it).
+fn ldm_config(shapes: &HashMap<String, Vec<i64>>) -> Value {
+    let dim = |name: &str, i: usize| shapes.get(name).and_then(|s| s.get(i).copied()).unwrap_or(0);
+    let block_channels: Vec<i64> = (0..)
+        .map_while(|i| shapes.get(&format!("encoder.down.{i}.block.0.conv1.weight")).map(|s| s[0]))
+        .collect();
+    let layers =
+        (0..).take_while(|j| shapes.contains_key(&format!("encoder.down.0.block.{j}.conv1.weight"))).count();
+    let cfg = ResnetConfig {
+        image_size: 512,
+        in_channels: dim("encoder.conv_in.weight", 1),
+        block_channels,
+        layers_per_block: layers as i64,
+        latent_channels: dim("decoder.conv_in.weight", 1),
+        norm_groups: 32,
+        mid_attention: shapes.contains_key("encoder.mid.attn_1.q.weight"),
+        quant_convs: shapes.contains_key("quant_conv.weight"),
+        ..ResnetConfig::default()
+    };
+    let mut json = config_json(&cfg, &LatentScale::factor(1.0));
+    json["scaling_factor"] = Value::Null;
+    json
+}
+
+/// diffusers' name for the tensor `name` of an LDM-layout autoencoder of `blocks` blocks, as
+/// diffusers' `convert_ldm_vae_checkpoint` maps it: the up blocks are numbered the other way.
+fn diffusers_name(name: &str, blocks: usize) -> String {
+    let name = name.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.");
+    let p: Vec<&str> = name.split('.').collect();
+    let rest = |from: usize| p[from..].join(".");
+    let up =
+        |b: &str| b.parse::<usize>().map_or(b.to_string(), |b| (blocks.saturating_sub(1 + b)).to_string());
+    match p.as_slice() {
+        [side, "down", i, "block", j, ..] => format!("{side}.down_blocks.{i}.resnets.{j}.{}", rest(5)),
+        [side, "down", i, "downsample", ..] => format!("{side}.down_blocks.{i}.downsamplers.0.{}", rest(4)),
+        [side, "up", b, "block", j, ..] => format!("{side}.up_blocks.{}.resnets.{j}.{}", up(b), rest(5)),
+        [side, "up", b, "upsample", ..] => format!("{side}.up_blocks.{}.upsamplers.0.{}", up(b), rest(4)),
+        [side, "mid", "block_1", ..] => format!("{side}.mid_block.resnets.0.{}", rest(3)),
+        [side, "mid", "block_2", ..] => format!("{side}.mid_block.resnets.1.{}", rest(3)),
+        [side, "mid", "attn_1", layer, ..] => {
+            let layer = match *layer {
+                "norm" => "group_norm",
+                "q" => "to_q",
+                "k" => "to_k",
+                "v" => "to_v",
+                "proj_out" => "to_out.0",
+                other => other,
+            };
+            format!("{side}.mid_block.attentions.0.{layer}.{}", rest(4))
+        }
+        _ => name.clone(),
+    }
 }
 
 /// What `vae info` says of the diffusers folder `dir`: the architecture, the parameters and
@@ -86,9 +193,16 @@ pub fn describe(dir: &Path) -> Result<String> {
     let arch = architecture(&path, &json)?;
     let (file, tensors, _) = read_weights(dir)?;
     let parameters: i64 = tensors.values().map(|t| t.numel() as i64).sum();
-    let scale = json.get("scaling_factor").map_or("none".to_string(), Value::to_string);
+    let scale =
+        json.get("scaling_factor").filter(|v| !v.is_null()).map_or("none".to_string(), Value::to_string);
+    let what = match ldm_file(dir) {
+        Some(_) => {
+            "single-file autoencoder in the original Stable Diffusion layout, read as the diffusers folder"
+        }
+        None => "diffusers AutoencoderKL folder",
+    };
     Ok(format!(
-        "diffusers AutoencoderKL folder {}\n{}\nimages of {} channel(s), sample_size {}, downsampled {}x\n\
+        "{what} {}\n{}\nimages of {} channel(s), sample_size {}, downsampled {}x\n\
          scaling_factor {scale}\nparameters {parameters} in {} tensors ({})\n",
         dir.display(),
         ModelConfig::Resnet(arch.clone()).summary(),
@@ -107,8 +221,12 @@ pub fn model(dir: &Path, cfg: &TrainConfig, device: Device) -> Result<(VarStore,
     built_model(&cfg.model, &file, &tensors, device)
 }
 
-/// The `config.json` of the diffusers folder `dir`, and its path.
+/// The `config.json` of the diffusers folder `dir`, and its path (of a single LDM-layout file,
+/// the one it would have, and the file).
 fn config_of(dir: &Path) -> Result<(PathBuf, Value)> {
+    if let Some((_, shapes)) = ldm_file(dir) {
+        return Ok((dir.to_path_buf(), ldm_config(&shapes)));
+    }
     let path = dir.join(CONFIG);
     let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let json = serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
@@ -288,17 +406,17 @@ pub fn write_folder(
 }
 
 /// diffusers before 0.14 named the attention's layers as the original LDM code did, and
-/// conversions from it kept their 1x1-conv shape: today's names, linear shapes.
+/// conversions from it, as LDM-layout files, kept their 1x1-conv shape: today's names, linear
+/// shapes.
 fn modern(name: &str, t: Tensor) -> (String, Tensor) {
     const OLD: [(&str, &str); 4] =
         [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")];
-    match OLD.iter().find(|(old, _)| name.contains(old) && name.contains(".attentions.")) {
-        Some((old, new)) => {
-            let t = if t.dim() == 4 { t.flatten(1, -1) } else { t };
-            (name.replace(old, new), t)
-        }
-        None => (name.to_string(), t),
-    }
+    let attention = name.contains(".attentions.");
+    let name = match OLD.iter().find(|(old, _)| attention && name.contains(old)) {
+        Some((old, new)) => name.replace(old, new),
+        None => name.to_string(),
+    };
+    (name, if attention && t.dim() == 4 { t.flatten(1, -1) } else { t })
 }
 
 /// The architecture of the weights at `path` (a diffusers folder, or a checkpoint file or run

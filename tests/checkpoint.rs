@@ -415,15 +415,12 @@ fn bad_checkpoints_are_refused_with_a_message_and_left_untouched() {
         safetensors::serialize([(name, view)], None).unwrap()
     };
     let no_metadata = tensor_named("w");
-    // The single files Stable Diffusion's VAEs are shared as.
-    let ldm = tensor_named("encoder.down.0.block.0.conv1.weight");
     let state_dict = tensor_named("encoder.down_blocks.0.resnets.0.conv1.weight");
     let cases: Vec<(PathBuf, &str)> = vec![
         (case("missing", None), "does not exist"),
         (case("truncated", Some(&bytes[..bytes.len() / 2])), "not a valid safetensors file"),
         (case("text", Some(b"certainly not a checkpoint")), "not a valid safetensors file"),
         (case("foreign", Some(&no_metadata)), "not a vae checkpoint"),
-        (case("ldm", Some(&ldm)), "(LDM) layout, not a vae checkpoint; write it as a diffusers folder once"),
         (
             case("state-dict", Some(&state_dict)),
             "a diffusers AutoencoderKL's weights without their config.json",

@@ -322,3 +322,37 @@ fn an_autoencoder_without_quant_convs_is_the_same_model_in_diffusers_and_ours() 
     let info = stdout(&ok(vae(&["info", exported.to_str().unwrap()])));
     assert!(info.contains("mid attention, no quant convs"), "{info}");
 }
+
+/// Stable Diffusion's VAEs are shared as single files in the original (LDM) layout
+/// (`vae-ft-mse-840000-ema-pruned.safetensors`), or inside a whole SD checkpoint: such a file
+/// is read as the diffusers folder diffusers' own `convert_ldm_vae_checkpoint` makes of it (the
+/// script checks the file maps back exactly through it), with the same outputs, and a run
+/// starts from it. It was refused as "not a vae checkpoint", and diffusers' `from_single_file`
+/// fetches a config from the Hub, which an offline cluster cannot.
+#[test]
+fn a_single_file_in_the_original_stable_diffusion_layout_is_read_as_its_diffusers_folder() {
+    tch::set_num_threads(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let theirs = tmp.path().join("sd-like");
+    reference(&["make", theirs.to_str().unwrap(), "--groups-of-32", "--steps", "1"]);
+    let io = read(&tmp.path().join("sd-like.io.safetensors"));
+    let (single, whole) = (tmp.path().join("vae-ft.safetensors"), tmp.path().join("sd-whole.safetensors"));
+    reference(&["ldm", theirs.to_str().unwrap(), single.to_str().unwrap()]);
+    reference(&["ldm", theirs.to_str().unwrap(), whole.to_str().unwrap(), "--whole"]);
+    for file in [&single, &whole] {
+        let (_, model) = load(file);
+        assert_eq!((model.cfg.block_channels.clone(), model.cfg.norm_groups), (vec![32, 64], 32));
+        assert_same(&outputs(&model, &io), &io, &format!("{} loaded into ours", file.display()));
+    }
+    let info = stdout(&ok(vae(&["info", single.to_str().unwrap()])));
+    assert!(
+        info.contains("original Stable Diffusion layout") && info.contains("scaling_factor none"),
+        "{info}"
+    );
+    let run = tmp.path().join("run");
+    let data = ["--dataset", "shapes", "--image-size", "16", "--train-size", "32", "--test-size", "16"];
+    let from =
+        ["train", "--init-from", whole.to_str().unwrap(), "--epochs", "1", "--out", run.to_str().unwrap()];
+    let out = ok(vae(&[&from[..], &data, &["--batch-size", "16", "--threads", "1"]].concat()));
+    assert!(stdout(&out).contains("training on 32 images of 3x16x16 (shapes)"), "{}", stdout(&out));
+}
