@@ -282,7 +282,11 @@ impl ExportDiffusersArgs {
                     loaded.config.seed,
                     loaded.device,
                 )?;
-                (LatentScale::factor(measured), ", 1 / the latents' standard deviation")
+                // A diffusion model already trained on these latents (a single-file VAE declares
+                // no scale) expects its own, which no measurement recovers.
+                let hint = ", 1 / the latents' standard deviation; for a diffusion model that already \
+                            takes them, give its own with --scaling-factor (Stable Diffusion 1 and 2: 0.18215)";
+                (LatentScale::factor(measured), hint)
             }
         };
         let mut weights: Vec<(String, tch::Tensor)> = loaded.vs.variables().into_iter().collect();
