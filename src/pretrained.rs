@@ -1,7 +1,8 @@
 //! Weights from elsewhere and to elsewhere: a diffusers `AutoencoderKL` folder (`config.json`
-//! beside `diffusion_pytorch_model.safetensors`, or its float16 variant) read as the resnet
-//! family and written from it (`vae export-diffusers`), and `--init-from` a diffusers folder
-//! or one of our checkpoints. Our resnet tensors already carry diffusers' state-dict names.
+//! beside `diffusion_pytorch_model.safetensors`, or its float16 variant), or a single-file
+//! VAE in the original Stable Diffusion layout read as one, taken as the resnet family and
+//! written from it (`vae export-diffusers`), and `--init-from` any of those or one of our
+//! checkpoints. Our resnet tensors already carry diffusers' state-dict names.
 
 use crate::checkpoint::{
     self, built_model, copy_weights, safetensors_bytes, Checkpoint, LatentScale, Origin,
