@@ -337,4 +337,6 @@ fn a_frozen_encoder_comes_out_of_training_as_it_went_in() {
         assert_eq!(after.tensors.contains_key(&state), !frozen, "{state}");
     }
     assert!(moved > 10, "only {moved} decoder tensors moved");
+    let alone = train_tiny_resnet("16", &dir.path().join("alone"), "1", &["--freeze-encoder"]);
+    assert!(stderr(&ok(alone)).contains("keeps the encoder at its random initialisation"));
 }

@@ -215,6 +215,9 @@ impl TrainCommand {
             }
             None => None,
         };
+        if trainer.cfg.freeze_encoder && init_from.is_none() && rank == 0 {
+            vae::note!("warning: --freeze-encoder without --init-from keeps the encoder at its random initialisation");
+        }
         let run_id = checkpoint::new_run_id(trainer.cfg.seed);
         let lineage = Lineage { run_id, history: Vec::new(), init_from, data: Some(data) };
         if rank > 0 {
