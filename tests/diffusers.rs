@@ -63,6 +63,15 @@ fn assert_same(ours: &[(&str, Tensor)], theirs: &HashMap<String, Tensor>, what: 
     }
 }
 
+/// A small diffusers model `name` the script makes (with `flags`) in `dir`, on one thread as
+/// ours then runs, and its inputs and outputs (`name.io.safetensors`).
+fn made(dir: &Path, name: &str, flags: &[&str]) -> (PathBuf, HashMap<String, Tensor>) {
+    tch::set_num_threads(1);
+    let folder = dir.join(name);
+    reference(&[&["make", folder.to_str().unwrap(), "--steps", "1"][..], flags].concat());
+    (folder, read(&dir.join(format!("{name}.io.safetensors"))))
+}
+
 /// diffusers' folder as our model, through the same path `--init-from` takes.
 fn load(dir: &Path) -> (VarStore, ResnetVae) {
     let cfg = pretrained::read_config(dir).unwrap();
@@ -291,12 +300,9 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
 /// unexpected keys) and computes the same outputs from.
 #[test]
 fn an_autoencoder_without_quant_convs_is_the_same_model_in_diffusers_and_ours() {
-    tch::set_num_threads(1);
     let tmp = tempfile::tempdir().unwrap();
-    let theirs = tmp.path().join("flux-like");
-    reference(&["make", theirs.to_str().unwrap(), "--no-quant-convs", "--steps", "1"]);
+    let (theirs, io) = made(tmp.path(), "flux-like", &["--no-quant-convs"]);
     let io_path = tmp.path().join("flux-like.io.safetensors");
-    let io = read(&io_path);
     let (_, model) = load(&theirs);
     assert!(!model.cfg.quant_convs);
     assert_same(&outputs(&model, &io), &io, "diffusers' folder without quant convs loaded into ours");
@@ -331,11 +337,8 @@ fn an_autoencoder_without_quant_convs_is_the_same_model_in_diffusers_and_ours() 
 /// fetches a config from the Hub, which an offline cluster cannot.
 #[test]
 fn a_single_file_in_the_original_stable_diffusion_layout_is_read_as_its_diffusers_folder() {
-    tch::set_num_threads(1);
     let tmp = tempfile::tempdir().unwrap();
-    let theirs = tmp.path().join("sd-like");
-    reference(&["make", theirs.to_str().unwrap(), "--groups-of-32", "--steps", "1"]);
-    let io = read(&tmp.path().join("sd-like.io.safetensors"));
+    let (theirs, io) = made(tmp.path(), "sd-like", &["--groups-of-32"]);
     let (single, whole) = (tmp.path().join("vae-ft.safetensors"), tmp.path().join("sd-whole.safetensors"));
     reference(&["ldm", theirs.to_str().unwrap(), single.to_str().unwrap()]);
     reference(&["ldm", theirs.to_str().unwrap(), whole.to_str().unwrap(), "--whole"]);
