@@ -358,4 +358,10 @@ fn a_single_file_in_the_original_stable_diffusion_layout_is_read_as_its_diffuser
         ["train", "--init-from", whole.to_str().unwrap(), "--epochs", "1", "--out", run.to_str().unwrap()];
     let out = ok(vae(&[&from[..], &data, &["--batch-size", "16", "--threads", "1"]].concat()));
     assert!(stdout(&out).contains("training on 32 images of 3x16x16 (shapes)"), "{}", stdout(&out));
+    let out = vae(&["train", "--resume", single.to_str().unwrap()]);
+    assert!(
+        stderr(&out).contains("a single Stable Diffusion VAE file), not a run to continue"),
+        "{}",
+        stderr(&out)
+    );
 }

@@ -243,8 +243,8 @@ impl TrainCommand {
         let (rank, world) = group.map_or((0, 1), |g| (g.rank, g.world));
         ensure!(
             vae::pretrained::diffusers_folder(from).is_none(),
-            "--resume {0}: a diffusers AutoencoderKL folder holds weights, not a run to continue; start a \
-             run from them with --init-from {0}",
+            "--resume {0}: an autoencoder's weights (a diffusers folder, or a single Stable Diffusion VAE \
+             file), not a run to continue; start a run from them with --init-from {0}",
             from.display()
         );
         let path = run_dir::resolve(from)?;
