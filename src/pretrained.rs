@@ -83,8 +83,8 @@ fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>, Origin)
     let parsed = SafeTensors::deserialize(&bytes)
         .map_err(|e| anyhow!("reading {}: not a valid safetensors file ({e})", file.display()))?;
     let mut tensors = checkpoint::tensors_of(&file, &parsed)?;
-    if let Some((prefix, _)) = ldm_file(&file) {
-        let blocks = read_config(dir)?.block_channels.len();
+    if let Some((prefix, shapes)) = ldm_file(&file) {
+        let blocks = ldm_block_channels(&shapes).len();
         tensors = tensors
             .into_iter()
             .filter_map(|(name, t)| Some((name.strip_prefix(&prefix)?.to_string(), t)))
@@ -107,7 +107,7 @@ const LDM_PARTS: [&str; 4] = ["encoder.", "decoder.", "quant_conv.", "post_quant
 /// and shapes, read from the file's header alone. `None` for any other path.
 fn ldm_file(path: &Path) -> Option<(String, HashMap<String, Vec<i64>>)> {
     use std::io::Read;
-    let mut file = std::fs::File::open(path).ok().filter(|_| path.is_file())?;
+    let mut file = path.is_file().then(|| std::fs::File::open(path).ok()).flatten()?;
     let mut len = [0u8; 8];
     file.read_exact(&mut len).ok()?;
     // safetensors caps its header at 100 MB.
@@ -136,9 +136,7 @@ fn ldm_file(path: &Path) -> Option<(String, HashMap<String, Vec<i64>>)> {
 /// sample_size of 512, and no scaling_factor (the file does not say it).
 fn ldm_config(shapes: &HashMap<String, Vec<i64>>) -> Value {
     let dim = |name: &str, i: usize| shapes.get(name).and_then(|s| s.get(i).copied()).unwrap_or(0);
-    let block_channels: Vec<i64> = (0..)
-        .map_while(|i| shapes.get(&format!("encoder.down.{i}.block.0.conv1.weight")).map(|s| s[0]))
-        .collect();
+    let block_channels = ldm_block_channels(shapes);
     let layers =
         (0..).take_while(|j| shapes.contains_key(&format!("encoder.down.0.block.{j}.conv1.weight"))).count();
     let cfg = ResnetConfig {
@@ -155,6 +153,15 @@ fn ldm_config(shapes: &HashMap<String, Vec<i64>>) -> Value {
     let mut json = config_json(&cfg, &LatentScale::factor(1.0));
     json["scaling_factor"] = Value::Null;
     json
+}
+
+/// The output channels of each block of the LDM-layout autoencoder with tensors `shapes`.
+fn ldm_block_channels(shapes: &HashMap<String, Vec<i64>>) -> Vec<i64> {
+    (0..)
+        .map_while(|i| {
+            shapes.get(&format!("encoder.down.{i}.block.0.conv1.weight")).and_then(|s| s.first().copied())
+        })
+        .collect()
 }
 
 /// diffusers' name for the tensor `name` of an LDM-layout autoencoder of `blocks` blocks, as

@@ -175,17 +175,21 @@ impl TrainCommand {
         group: Option<&ProcessGroup>,
     ) -> Result<Start> {
         let rank = group.map_or(0, |g| g.rank);
-        let args = &self.settings;
+        let mut args = self.settings.clone();
         TrainArgs::check_arch_flags(matches, args.arch)?;
         args.data.check_flags(matches)?;
+        // The weights' image shape where the flags leave it open, as `vae eval` takes it.
+        let from = match &self.run.init_from {
+            Some(from) => {
+                let theirs = pretrained::architecture_of(from)?;
+                let [channels, side, _] = theirs.image_shape();
+                args.data.fit_to_weights([channels, side], from)?;
+                Some((from, theirs))
+            }
+            None => None,
+        };
         let mut cfg = args.config();
-        if let Some(from) = &self.run.init_from {
-            // The weights' image shape where the flags leave it open, as `vae eval` takes it.
-            let theirs = pretrained::architecture_of(from)?;
-            let [channels, side, _] = theirs.image_shape();
-            let mut args = args.clone();
-            args.data.fit_to_weights([channels, side], from)?;
-            cfg = args.config();
+        if let Some((from, theirs)) = from {
             cfg.model = init_architecture(from, theirs, &cfg.model, matches)?;
             cfg.beta = args.beta.unwrap_or(cfg.model.arch().default_beta());
         }

@@ -350,7 +350,7 @@ impl Arch {
 /// file may hold any i64 (2^62 channels squared overflow even u128, which wrapped to a count
 /// that passed), and the count is what refuses such a config before anything is allocated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Count(pub u128);
+pub(crate) struct Count(pub u128);
 
 impl Count {
     /// A size from a config; a negative one counts as none.
