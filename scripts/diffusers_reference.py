@@ -12,7 +12,9 @@
                     other tensors, as in a whole SD checkpoint); checked to map back exactly
                     through diffusers' own convert_ldm_vae_checkpoint
   run DIR IO OUT    loads DIR with from_pretrained (no missing or unexpected keys) and writes
-                    the same outputs for the inputs of IO into OUT
+                    the same outputs for the inputs of IO into OUT (--single-file FILE: checks
+                    FILE holds DIR's tensors in the LDM layout, and the outputs are those of
+                    FILE loaded by from_single_file with DIR's config)
   train DIR IO OUT  20 steps of Adam on the batches of IO: loss = sum|x - x^| (or squared,
                     per --recon) over pixels, mean over the batch, + beta * KL summed over the
                     latent, z = mean + std * eps with IO's eps; per-step losses into OUT
@@ -81,15 +83,21 @@ def ldm_name(name, blocks):
     return ".".join([side] + rest)
 
 
-def ldm(args):
-    vae = AutoencoderKL.from_pretrained(args.dir)
-    ours = vae.state_dict()
+def ldm_layout(vae):
+    """The state dict of `vae` in the original Stable Diffusion (LDM) layout."""
     blocks = len(vae.config.block_out_channels)
     layout = {}
-    for name, t in ours.items():
+    for name, t in vae.state_dict().items():
         new = ldm_name(name, blocks) if name.startswith(("encoder.", "decoder.")) else name
         # LDM keeps the attention's projections as 1x1 convolutions.
         layout[new] = t[:, :, None, None] if ".attn_1." in new and t.dim() == 2 else t
+    return layout
+
+
+def ldm(args):
+    vae = AutoencoderKL.from_pretrained(args.dir)
+    ours = vae.state_dict()
+    layout = ldm_layout(vae)
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     back = convert_ldm_vae_checkpoint(layout, dict(vae.config))
     assert back.keys() == ours.keys(), sorted(set(back) ^ set(ours))
@@ -105,6 +113,14 @@ def run(args):
     vae, info = AutoencoderKL.from_pretrained(args.dir, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
     assert not problems, f"from_pretrained reports {problems}"
+    if args.single_file:
+        # The names and shapes the LDM code's first_stage_model loads (as AUTOMATIC1111's web
+        # UI does), then the file through diffusers' own single-file loader.
+        theirs, layout = ldm_layout(vae), load_file(args.single_file)
+        assert layout.keys() == theirs.keys(), sorted(set(layout) ^ set(theirs))
+        shapes = [k for k in theirs if layout[k].shape != theirs[k].shape]
+        assert not shapes, f"shapes differ: {shapes}"
+        vae = AutoencoderKL.from_single_file(args.single_file, config=args.dir, local_files_only=True)
     io = load_file(args.io)
     with torch.no_grad():
         out = outputs(vae.eval(), io["x"][0], io["eps"][0])
@@ -144,6 +160,7 @@ def main():
     parser.add_argument("--no-quant-convs", action="store_true")
     parser.add_argument("--groups-of-32", action="store_true")
     parser.add_argument("--whole", action="store_true")
+    parser.add_argument("--single-file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     {"make": make, "run": run, "train": train, "ldm": ldm}[args.command](args)

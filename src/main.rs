@@ -40,6 +40,9 @@ enum Command {
     Encode(cli::inspect::EncodeArgs),
     /// A diffusers AutoencoderKL folder from a checkpoint of --arch resnet.
     ExportDiffusers(cli::inspect::ExportDiffusersArgs),
+    /// One safetensors file in the original Stable Diffusion (LDM) layout from a checkpoint of
+    /// --arch resnet: the VAE file AUTOMATIC1111's web UI and ComfyUI load.
+    ExportSingleFile(cli::inspect::ExportSingleFileArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,5 +72,6 @@ fn run() -> Result<()> {
         Command::Traverse(args) => args.run(sub),
         Command::Encode(args) => args.run(sub),
         Command::ExportDiffusers(args) => args.run(sub),
+        Command::ExportSingleFile(args) => args.run(sub),
     }
 }

@@ -1,8 +1,8 @@
 //! Weights from elsewhere and to elsewhere: a diffusers `AutoencoderKL` folder (`config.json`
 //! beside `diffusion_pytorch_model.safetensors`, or its float16 variant), or a single-file
 //! VAE in the original Stable Diffusion layout read as one, taken as the resnet family and
-//! written from it (`vae export-diffusers`), and `--init-from` any of those or one of our
-//! checkpoints. Our resnet tensors already carry diffusers' state-dict names.
+//! written from it (`vae export-diffusers`, `vae export-single-file`), and `--init-from` any of
+//! those or one of our checkpoints. Our resnet tensors already carry diffusers' state-dict names.
 
 use crate::checkpoint::{
     self, built_model, copy_weights, safetensors_bytes, Checkpoint, LatentScale, Origin,
@@ -89,7 +89,7 @@ fn read_weights(dir: &Path) -> Result<(PathBuf, HashMap<String, Tensor>, Origin)
             .into_iter()
             .filter_map(|(name, t)| Some((name.strip_prefix(&prefix)?.to_string(), t)))
             .filter(|(name, _)| LDM_PARTS.iter().any(|part| name.starts_with(part)))
-            .map(|(name, t)| (diffusers_name(&name, blocks), t))
+            .map(|(name, t)| (ldm_renamed(&name, true, blocks), t))
             .collect();
     }
     let tensors = tensors.into_iter().map(|(n, t)| modern(&n, t)).collect();
@@ -145,7 +145,7 @@ fn ldm_config(shapes: &HashMap<String, Vec<i64>>) -> Value {
         block_channels,
         layers_per_block: layers as i64,
         latent_channels: dim("decoder.conv_in.weight", 1),
-        norm_groups: 32,
+        norm_groups: LDM_NORM_GROUPS,
         mid_attention: shapes.contains_key("encoder.mid.attn_1.q.weight"),
         quant_convs: shapes.contains_key("quant_conv.weight"),
         ..ResnetConfig::default()
@@ -154,6 +154,10 @@ fn ldm_config(shapes: &HashMap<String, Vec<i64>>) -> Value {
     json["scaling_factor"] = Value::Null;
     json
 }
+
+/// GroupNorm's groups in the original Stable Diffusion code (its `Normalize`), which its
+/// files do not record.
+const LDM_NORM_GROUPS: i64 = 32;
 
 /// The output channels of each block of the LDM-layout autoencoder with tensors `shapes`.
 fn ldm_block_channels(shapes: &HashMap<String, Vec<i64>>) -> Vec<i64> {
@@ -164,34 +168,61 @@ fn ldm_block_channels(shapes: &HashMap<String, Vec<i64>>) -> Vec<i64> {
         .collect()
 }
 
-/// diffusers' name for the tensor `name` of an LDM-layout autoencoder of `blocks` blocks, as
-/// diffusers' `convert_ldm_vae_checkpoint` maps it: the up blocks are numbered the other way.
-fn diffusers_name(name: &str, blocks: usize) -> String {
-    let name = name.replace(".nin_shortcut.", ".conv_shortcut.").replace(".norm_out.", ".conv_norm_out.");
-    let p: Vec<&str> = name.split('.').collect();
-    let rest = |from: usize| p[from..].join(".");
-    let up =
-        |b: &str| b.parse::<usize>().map_or(b.to_string(), |b| (blocks.saturating_sub(1 + b)).to_string());
-    match p.as_slice() {
-        [side, "down", i, "block", j, ..] => format!("{side}.down_blocks.{i}.resnets.{j}.{}", rest(5)),
-        [side, "down", i, "downsample", ..] => format!("{side}.down_blocks.{i}.downsamplers.0.{}", rest(4)),
-        [side, "up", b, "block", j, ..] => format!("{side}.up_blocks.{}.resnets.{j}.{}", up(b), rest(5)),
-        [side, "up", b, "upsample", ..] => format!("{side}.up_blocks.{}.upsamplers.0.{}", up(b), rest(4)),
-        [side, "mid", "block_1", ..] => format!("{side}.mid_block.resnets.0.{}", rest(3)),
-        [side, "mid", "block_2", ..] => format!("{side}.mid_block.resnets.1.{}", rest(3)),
-        [side, "mid", "attn_1", layer, ..] => {
-            let layer = match *layer {
-                "norm" => "group_norm",
-                "q" => "to_q",
-                "k" => "to_k",
-                "v" => "to_v",
-                "proj_out" => "to_out.0",
-                other => other,
-            };
-            format!("{side}.mid_block.attentions.0.{layer}.{}", rest(4))
+/// The original Stable Diffusion (LDM) layout's names beside diffusers', as prefixes of a
+/// tensor's name, as diffusers' `convert_ldm_vae_checkpoint` maps them: `{side}` is the encoder
+/// or decoder, `{i}` and `{j}` indices kept as they are, `{up}` an up block, which the two
+/// number from opposite ends. The first pair whose prefix matches renames, either way; other
+/// names (`conv_in`, `quant_conv`, ...) are the same in both.
+const LDM_NAMES: [(&str, &str); 14] = [
+    ("{side}.down.{i}.block.{j}.nin_shortcut", "{side}.down_blocks.{i}.resnets.{j}.conv_shortcut"),
+    ("{side}.down.{i}.block.{j}", "{side}.down_blocks.{i}.resnets.{j}"),
+    ("{side}.down.{i}.downsample", "{side}.down_blocks.{i}.downsamplers.0"),
+    ("{side}.up.{up}.block.{j}.nin_shortcut", "{side}.up_blocks.{up}.resnets.{j}.conv_shortcut"),
+    ("{side}.up.{up}.block.{j}", "{side}.up_blocks.{up}.resnets.{j}"),
+    ("{side}.up.{up}.upsample", "{side}.up_blocks.{up}.upsamplers.0"),
+    ("{side}.mid.block_1", "{side}.mid_block.resnets.0"),
+    ("{side}.mid.block_2", "{side}.mid_block.resnets.1"),
+    ("{side}.mid.attn_1.norm", "{side}.mid_block.attentions.0.group_norm"),
+    ("{side}.mid.attn_1.q", "{side}.mid_block.attentions.0.to_q"),
+    ("{side}.mid.attn_1.k", "{side}.mid_block.attentions.0.to_k"),
+    ("{side}.mid.attn_1.v", "{side}.mid_block.attentions.0.to_v"),
+    ("{side}.mid.attn_1.proj_out", "{side}.mid_block.attentions.0.to_out.0"),
+    ("{side}.norm_out", "{side}.conv_norm_out"),
+];
+
+/// The tensor `name` of an autoencoder of `blocks` blocks renamed by [`LDM_NAMES`]: from the
+/// LDM layout to diffusers' (`to_diffusers`), or back.
+fn ldm_renamed(name: &str, to_diffusers: bool, blocks: usize) -> String {
+    let segments: Vec<&str> = name.split('.').collect();
+    let variable = |part: &str| part.strip_prefix('{').and_then(|p| p.strip_suffix('}')).map(str::to_string);
+    for (ldm, diffusers) in LDM_NAMES {
+        let (from, to) = if to_diffusers { (ldm, diffusers) } else { (diffusers, ldm) };
+        let from: Vec<&str> = from.split('.').collect();
+        if segments.len() <= from.len() {
+            continue; // a prefix, with the parameter's own name after it
         }
-        _ => name.clone(),
+        let mut values = HashMap::new();
+        let matched = from.iter().zip(&segments).all(|(part, segment)| match variable(part) {
+            Some(var) => values.insert(var, segment.to_string()).is_none(),
+            None => part == segment,
+        });
+        if !matched {
+            continue;
+        }
+        let renamed = to.split('.').map(|part| match variable(part).as_deref() {
+            Some("up") => match values["up"].parse::<usize>() {
+                Ok(b) => blocks.saturating_sub(1 + b).to_string(),
+                Err(_) => values["up"].clone(),
+            },
+            Some(var) => values[var].clone(),
+            None => part.to_string(),
+        });
+        return renamed
+            .chain(segments[from.len()..].iter().map(|s| s.to_string()))
+            .collect::<Vec<_>>()
+            .join(".");
     }
+    name.to_string()
 }
 
 /// What `vae info` says of the diffusers folder `dir`: the architecture, the parameters and
@@ -405,12 +436,52 @@ pub fn write_folder(
         );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    write_atomic(&dir.join(WEIGHTS), &float_file(weights)?)?;
+    let text = serde_json::to_string_pretty(&config_json(cfg, scale))? + "\n";
+    write_atomic(&dir.join(CONFIG), text.as_bytes())
+}
+
+/// Writes the autoencoder `weights` (diffusers' names) of `blocks` blocks as one safetensors
+/// file in the original Stable Diffusion (LDM) layout, as `vae-ft-mse-840000-ema-pruned` is
+/// shared, for the tools that load only that (AUTOMATIC1111's web UI loads it into the LDM
+/// code's `first_stage_model`, whose attention projections are 1x1 convolutions). That code
+/// builds GroupNorm with 32 groups, which the file cannot say otherwise: other models are
+/// refused. An existing `path` is refused, never overwritten.
+pub fn write_single_file(path: &Path, cfg: &ResnetConfig, weights: &[(String, Tensor)]) -> Result<()> {
+    ensure!(
+        path.extension().is_some_and(|e| e == "safetensors"),
+        "{}: the file's name must end in .safetensors, by which the tools that load it tell its format",
+        path.display()
+    );
+    ensure!(
+        cfg.norm_groups == LDM_NORM_GROUPS,
+        "{}: the model has {} GroupNorm groups; the original Stable Diffusion code has {LDM_NORM_GROUPS} and the \
+         layout cannot say otherwise, so the tools that load it would compute other outputs: export a \
+         diffusers folder instead (vae export-diffusers)",
+        path.display(),
+        cfg.norm_groups
+    );
+    ensure!(!path.exists(), "{} already exists; export to a new file", path.display());
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let ldm: Vec<(String, Tensor)> = weights
+        .iter()
+        .map(|(name, t)| {
+            let name = ldm_renamed(name, false, cfg.block_channels.len());
+            let conv = name.contains(".attn_1.") && t.dim() == 2;
+            (name, if conv { t.unsqueeze(-1).unsqueeze(-1) } else { t.shallow_clone() })
+        })
+        .collect();
+    write_atomic(path, &float_file(&ldm)?)
+}
+
+/// The safetensors file of `weights` in float32, what PyTorch's loaders expect (`format: pt`).
+fn float_file(weights: &[(String, Tensor)]) -> Result<Vec<u8>> {
     let floats: Vec<(String, Tensor)> =
         weights.iter().map(|(n, t)| (n.clone(), t.to_kind(Kind::Float))).collect();
     let format = HashMap::from([("format".to_string(), "pt".to_string())]);
-    write_atomic(&dir.join(WEIGHTS), &safetensors_bytes(&floats, format, false)?)?;
-    let text = serde_json::to_string_pretty(&config_json(cfg, scale))? + "\n";
-    write_atomic(&dir.join(CONFIG), text.as_bytes())
+    safetensors_bytes(&floats, format, false)
 }
 
 /// diffusers before 0.14 named the attention's layers as the original LDM code did, and

@@ -137,6 +137,12 @@ fn diffusers_autoencoder_kl_and_ours_are_the_same_model() {
     let trained = ResnetVae::new(trained_vs.root(), cfg);
     ckpt.load_weights(&trained_vs).unwrap();
     assert_same(&outputs(&trained, &io), &read(&their_outputs), "our export loaded by diffusers");
+    // The original Stable Diffusion layout cannot say GroupNorm's groups: the LDM code has 32,
+    // so a file of this model (4 groups) would compute other outputs there; it is refused.
+    let single = tmp.path().join("exported.safetensors");
+    let err = vae(&["export-single-file", run.to_str().unwrap(), single.to_str().unwrap()]);
+    assert!(!err.status.success() && stderr(&err).contains("has 4 GroupNorm groups"), "{}", stderr(&err));
+    assert!(!single.exists());
     let scale: serde_json::Value = serde_json::from_str(printed.trim()).unwrap();
     assert!(scale["scaling_factor"].as_f64().unwrap() > 0.0);
     // The exported folder judged as it is, laid out as a pipeline's vae/ folder, on the data
@@ -358,6 +364,22 @@ fn a_single_file_in_the_original_stable_diffusion_layout_is_read_as_its_diffuser
         ["train", "--init-from", whole.to_str().unwrap(), "--epochs", "1", "--out", run.to_str().unwrap()];
     let out = ok(vae(&[&from[..], &data, &["--batch-size", "16", "--threads", "1"]].concat()));
     assert!(stdout(&out).contains("training on 32 images of 3x16x16 (shapes)"), "{}", stdout(&out));
+    // Back to one file in that layout, for the tools that take only that: the layout the
+    // script makes of the run's diffusers export, and diffusers' single-file loader reads it
+    // with the same outputs as ours; ours reads it back; it is never written over.
+    let (exported, file) = (tmp.path().join("exported"), tmp.path().join("exported.safetensors"));
+    ok(vae(&["export-diffusers", run.to_str().unwrap(), exported.to_str().unwrap()]));
+    let out = ok(vae(&["export-single-file", run.to_str().unwrap(), file.to_str().unwrap()]));
+    assert!(stdout(&out).contains("holds no scaling_factor"), "{}", stdout(&out));
+    let theirs = tmp.path().join("exported.out.safetensors");
+    let io_path = tmp.path().join("sd-like.io.safetensors");
+    let paths = [exported.to_str().unwrap(), io_path.to_str().unwrap(), theirs.to_str().unwrap()];
+    reference(&[&["run"][..], &paths, &["--single-file", file.to_str().unwrap()]].concat());
+    let (_, trained) = load(&exported);
+    assert_same(&outputs(&trained, &io), &read(&theirs), "our single file loaded by diffusers");
+    assert_same(&outputs(&load(&file).1, &io), &read(&theirs), "our single file read back");
+    let err = vae(&["export-single-file", run.to_str().unwrap(), file.to_str().unwrap()]);
+    assert!(!err.status.success() && stderr(&err).contains("already exists"), "{}", stderr(&err));
     let out = vae(&["train", "--resume", single.to_str().unwrap()]);
     assert!(
         stderr(&out).contains("a single Stable Diffusion VAE file), not a run to continue"),

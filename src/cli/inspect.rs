@@ -257,15 +257,58 @@ pub struct ExportDiffusersArgs {
     scaling_factor: Option<f64>,
 }
 
+/// A single safetensors file in the original Stable Diffusion (LDM) layout from a checkpoint of
+/// --arch resnet, as `vae-ft-mse-840000-ema-pruned.safetensors` is shared: what AUTOMATIC1111's
+/// web UI and ComfyUI load as a VAE, and diffusers' `from_single_file`.
+#[derive(Args)]
+pub struct ExportSingleFileArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The file to write (new), e.g. my-vae.safetensors.
+    out: PathBuf,
+}
+
+impl Loaded {
+    /// The architecture of an autoencoder the exports write, and its weights (sorted by name).
+    fn exported(&self) -> Result<(&vae::models::ResnetConfig, Vec<(String, tch::Tensor)>)> {
+        let vae::models::ModelConfig::Resnet(arch) = &self.config.model else {
+            bail!(
+                "{} is an --arch conv model; only --arch resnet models are diffusers AutoencoderKLs",
+                self.path.display()
+            )
+        };
+        let mut weights: Vec<(String, tch::Tensor)> = self.vs.variables().into_iter().collect();
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((arch, weights))
+    }
+}
+
+impl ExportSingleFileArgs {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
+        let loaded = self.model.load(matches)?;
+        let (arch, weights) = loaded.exported()?;
+        vae::pretrained::write_single_file(&self.out, arch, &weights)?;
+        // The layout has no field for it: the tool loading the file applies its diffusion
+        // model's own scale.
+        let scale = match &loaded.latent_scale {
+            Some(kept) => {
+                format!("{}, as the diffusers folder the weights come from declares", kept.scaling_factor)
+            }
+            None => "Stable Diffusion 1 and 2 use 0.18215".into(),
+        };
+        vae::say!(
+            "wrote {} (the original Stable Diffusion layout; it holds no scaling_factor, so the tool that \
+             loads it applies its diffusion model's own: {scale})",
+            self.out.display()
+        );
+        Ok(())
+    }
+}
+
 impl ExportDiffusersArgs {
     pub fn run(&self, matches: &ArgMatches) -> Result<()> {
         let loaded = self.model.load(matches)?;
-        let vae::models::ModelConfig::Resnet(arch) = &loaded.config.model else {
-            bail!(
-                "{} is an --arch conv model; only --arch resnet models are diffusers AutoencoderKLs",
-                loaded.path.display()
-            )
-        };
+        let (arch, weights) = loaded.exported()?;
         let (scale, whence) = match (self.scaling_factor, &loaded.latent_scale) {
             (Some(scale), _) => {
                 ensure!(scale.is_finite() && scale > 0.0, "--scaling-factor must be positive, found {scale}");
@@ -289,8 +332,6 @@ impl ExportDiffusersArgs {
                 (LatentScale::factor(measured), hint)
             }
         };
-        let mut weights: Vec<(String, tch::Tensor)> = loaded.vs.variables().into_iter().collect();
-        weights.sort_by(|a, b| a.0.cmp(&b.0));
         vae::pretrained::write_folder(&self.out, arch, &weights, &scale)?;
         vae::say!("wrote {} (scaling_factor {:.5}{whence})", self.out.display(), scale.scaling_factor);
         Ok(())
