@@ -120,6 +120,32 @@ impl LatentScale {
     pub fn factor(scaling_factor: f64) -> Self {
         Self { scaling_factor, shift_factor: None, latents_mean: None, latents_std: None }
     }
+
+    /// The map to the latents a diffusion model takes, channel by channel, `(z - offset[c]) *
+    /// factor[c]`, for a latent of `channels` channels.
+    pub fn per_channel(&self, channels: usize) -> (Vec<f64>, Vec<f64>) {
+        let at = |values: &Option<Vec<f64>>, c: usize, default: f64| {
+            values.as_ref().and_then(|v| v.get(c).copied()).unwrap_or(default)
+        };
+        (0..channels)
+            .map(|c| {
+                let offset = at(&self.latents_mean, c, 0.0) + self.shift_factor.unwrap_or(0.0);
+                (offset, self.scaling_factor / at(&self.latents_std, c, 1.0))
+            })
+            .unzip()
+    }
+
+    /// The map as diffusers' pipelines write it.
+    pub fn formula(&self) -> String {
+        let z = match (self.shift_factor, &self.latents_mean) {
+            (Some(shift), None) => format!("(z - {shift})"),
+            (None, Some(_)) => "(z - latents_mean)".into(),
+            (Some(shift), Some(_)) => format!("(z - latents_mean - {shift})"),
+            (None, None) => "z".into(),
+        };
+        let std = if self.latents_std.is_some() { " / latents_std" } else { "" };
+        format!("{z} x {}{std}", self.scaling_factor)
+    }
 }
 
 /// Which run the checkpoints belong to, what it started from and trains on, and the resumes

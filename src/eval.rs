@@ -163,23 +163,102 @@ pub fn split_sums(
 /// Images whose latents set the scale factor.
 pub const SCALE_IMAGES: usize = 2048;
 
-/// diffusers' `scaling_factor`: 1 / the standard deviation of latents z ~ q(z|x) over the
-/// first [`SCALE_IMAGES`] images of `data` (whole evaluation batches) (their noise fixed by the seed), so that a
-/// diffusion model sees latents of unit variance.
-pub fn latent_scale(model: &dyn Model, data: &Dataset, seed: u64, device: Device) -> Result<f64> {
-    let loader = Loader::new(data, device, ELBO_BATCH);
-    let (mut sum, mut squares, mut count) = (0.0, 0.0, 0.0);
-    for (i, x) in loader.sequential().enumerate().take(SCALE_IMAGES.div_ceil(ELBO_BATCH)) {
-        let x = x?;
-        seed_torch(seed, Stream::Eval, i as u64);
-        let z = tch::no_grad(|| model.encode_in_passes(&x).sample()).to_kind(Kind::Double);
-        sum += z.sum(None).double_value(&[]);
-        squares += z.square().sum(None).double_value(&[]);
-        count += z.numel() as f64;
+/// Moments of latents z ~ q(z|x) per latent channel (of a vector latent, per dimension) over
+/// the first [`SCALE_IMAGES`] images of a split (whole evaluation batches; their noise fixed by
+/// the seed): what a diffusion model's latent scale is chosen by and checked against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LatentMoments {
+    sum: Vec<f64>,
+    squares: Vec<f64>,
+    /// Elements per channel.
+    count: f64,
+}
+
+impl LatentMoments {
+    pub fn measure(model: &dyn Model, data: &Dataset, seed: u64, device: Device) -> Result<Self> {
+        let mut moments = Self::new(model.latent_channels() as usize);
+        let loader = Loader::new(data, device, ELBO_BATCH);
+        for (i, x) in loader.sequential().enumerate().take(SCALE_IMAGES.div_ceil(ELBO_BATCH)) {
+            let x = x?;
+            seed_torch(seed, Stream::Eval, i as u64);
+            moments.add(&tch::no_grad(|| model.encode_in_passes(&x).sample()))?;
+        }
+        anyhow::ensure!(moments.count > 1.0, "no images to measure the latents' scale on");
+        Ok(moments)
     }
-    anyhow::ensure!(count > 1.0, "no images to measure the latents' scale on");
-    let variance = (squares - sum * sum / count) / (count - 1.0);
-    Ok(1.0 / variance.sqrt())
+
+    fn new(channels: usize) -> Self {
+        Self { sum: vec![0.0; channels], squares: vec![0.0; channels], count: 0.0 }
+    }
+
+    /// Adds flat latents `[N, C x H x W]` (channel-major, as the models give them).
+    fn add(&mut self, z: &Tensor) -> Result<()> {
+        let channels = self.sum.len() as i64;
+        let z = z.to_kind(Kind::Double).view([z.size()[0], channels, -1]);
+        let per_channel =
+            |t: &Tensor| Vec::<f64>::try_from(t.sum_dim_intlist([0, 2].as_slice(), false, None));
+        for (total, new) in
+            [(&mut self.sum, per_channel(&z)?), (&mut self.squares, per_channel(&z.square())?)]
+        {
+            total.iter_mut().zip(new).for_each(|(t, n)| *t += n);
+        }
+        self.count += (z.numel() as i64 / channels) as f64;
+        Ok(())
+    }
+
+    /// Mean and (sample) standard deviation of all the latents' elements.
+    pub fn overall(&self) -> (f64, f64) {
+        let channels = self.sum.len() as f64;
+        moments(self.sum.iter().sum(), self.squares.iter().sum(), self.count * channels)
+    }
+
+    /// Mean and standard deviation of each channel.
+    pub fn per_channel(&self) -> Vec<(f64, f64)> {
+        self.sum.iter().zip(&self.squares).map(|(&s, &q)| moments(s, q, self.count)).collect()
+    }
+
+    /// diffusers' `scaling_factor`: 1 / the standard deviation, so that a diffusion model sees
+    /// latents of unit variance.
+    pub fn scaling_factor(&self) -> f64 {
+        1.0 / self.overall().1
+    }
+
+    /// The moments of the latents mapped channel by channel to `(z - offset[c]) * factor[c]`,
+    /// as a diffusion model takes them.
+    pub fn mapped(&self, offset: &[f64], factor: &[f64]) -> Self {
+        let n = self.count;
+        let (sum, squares) = (0..self.sum.len())
+            .map(|c| {
+                let (s, q, o, f) = (self.sum[c], self.squares[c], offset[c], factor[c]);
+                (f * (s - n * o), f * f * (q - 2.0 * o * s + n * o * o))
+            })
+            .unzip();
+        Self { sum, squares, count: n }
+    }
+}
+
+impl LatentMoments {
+    /// The figures `vae eval` reports.
+    pub fn summary(&self) -> LatentSummary {
+        let (mean, std) = self.overall();
+        let (channel_mean, channel_std) = self.per_channel().into_iter().unzip();
+        LatentSummary { mean, std, channel_mean, channel_std }
+    }
+}
+
+/// Mean and standard deviation of latents, of all elements and of each channel.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LatentSummary {
+    pub mean: f64,
+    pub std: f64,
+    pub channel_mean: Vec<f64>,
+    pub channel_std: Vec<f64>,
+}
+
+/// Mean and sample standard deviation from a sum, a sum of squares and a count.
+fn moments(sum: f64, squares: f64, count: f64) -> (f64, f64) {
+    let mean = sum / count;
+    (mean, ((squares - sum * mean) / (count - 1.0)).max(0.0).sqrt())
 }
 
 /// log p(x|z) + log p(z) - log q(z|x) for each noise draw: `eps` is `[K, B, D]`, the result
@@ -246,6 +325,10 @@ pub struct Report {
     /// 1 / the standard deviation of the latents of the training split (diffusers'
     /// `scaling_factor`, which `export-diffusers` writes).
     pub scaling_factor: Option<f64>,
+    /// The latents of the training split as a diffusion model takes them, by the scale the
+    /// model's diffusers folder declares (or the one its run started from): a diffusion model
+    /// trained on them expects a mean near 0 and a standard deviation near 1.
+    pub scaled_latents: Option<LatentSummary>,
     pub seconds: f64,
 }
 
@@ -380,6 +463,40 @@ pub fn evaluate(
         quality,
         rfid,
         scaling_factor: None,
+        scaled_latents: None,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The moments of mapped latents, computed from the moments alone, are those of the mapped
+    /// latents themselves; per channel, as diffusers' per-channel latents_mean / latents_std.
+    #[test]
+    fn mapped_moments_are_the_moments_of_the_mapped_latents() {
+        tch::manual_seed(0);
+        let z = Tensor::randn([6, 2, 3, 3], tch::kind::DOUBLE_CPU) * 2.0 + 0.5;
+        let (offset, factor) = ([0.25, -1.0], [0.5, 3.0]);
+        let mapped = (&z - Tensor::from_slice(&offset).view([1, 2, 1, 1]))
+            * Tensor::from_slice(&factor).view([1, 2, 1, 1]);
+        let moments = |z: &Tensor| {
+            let mut m = LatentMoments::new(2);
+            m.add(&z.flatten(1, -1)).unwrap();
+            m
+        };
+        let (ours, direct) = (moments(&z).mapped(&offset, &factor).summary(), moments(&mapped).summary());
+        let values =
+            |s: &LatentSummary| [vec![s.mean, s.std], s.channel_mean.clone(), s.channel_std.clone()].concat();
+        for (a, b) in values(&ours).iter().zip(values(&direct)) {
+            assert!((a - b).abs() < 1e-12, "{ours:?} vs {direct:?}");
+        }
+        // And the plain moments are torch's.
+        let (mean, std) = moments(&z).overall();
+        assert!((mean - z.mean(None).double_value(&[])).abs() < 1e-12);
+        assert!((std - z.std(true).double_value(&[])).abs() < 1e-12);
+        let channel_std = z.transpose(0, 1).flatten(1, -1).std_dim(1, true, false);
+        assert!((moments(&z).per_channel()[1].1 - channel_std.double_value(&[1])).abs() < 1e-12);
+    }
 }

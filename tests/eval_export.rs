@@ -284,6 +284,18 @@ fn a_run_from_a_diffusers_folder_exports_the_folders_latent_scale() {
     }
     let info = stdout(&ok(vae(&["info", &arg("third")])));
     assert!(info.contains("whose latents a diffusion model takes as {\"scaling_factor\":0.5,"), "{info}");
+    // eval shows the latents as the diffusion model takes them, by that scale, channel by
+    // channel; a run from no folder has no such scale.
+    let eval = |run: &str| {
+        let out = ok(vae(&["eval", &arg(run), "--iw-samples", "0", "--json", "--threads", "1"]));
+        serde_json::from_str::<serde_json::Value>(stdout(&out).trim()).unwrap()["scaled_latents"].clone()
+    };
+    let scaled = eval("third");
+    assert_eq!(scaled["channel_std"].as_array().map(Vec::len), Some(2), "{scaled}");
+    assert!(scaled["std"].as_f64().unwrap() > 0.0, "{scaled}");
+    assert!(eval("first").is_null());
+    let out = stdout(&ok(vae(&["eval", &arg("third"), "--iw-samples", "0", "--threads", "1"])));
+    assert!(out.contains("takes them, (z - latents_mean - 0.25) x 0.5 / latents_std (the diffusers"), "{out}");
     ok(vae(&["export-diffusers", &arg("third"), &arg("set"), "--scaling-factor", "0.3"]));
     assert_eq!(
         (config("set")["scaling_factor"].as_f64(), config("set")["shift_factor"].is_null()),

@@ -319,12 +319,10 @@ impl ExportDiffusersArgs {
                 let train = loaded.split(Split::Train).context(
                     "measuring the latents' scale on the training split (or give --scaling-factor)",
                 )?;
-                let measured = vae::eval::latent_scale(
-                    loaded.model.as_ref(),
-                    &train,
-                    loaded.config.seed,
-                    loaded.device,
-                )?;
+                let model = loaded.model.as_ref();
+                let measured =
+                    vae::eval::LatentMoments::measure(model, &train, loaded.config.seed, loaded.device)?
+                        .scaling_factor();
                 // A diffusion model already trained on these latents (a single-file VAE declares
                 // no scale) expects its own, which no measurement recovers.
                 let hint = ", 1 / the latents' standard deviation; for a diffusion model that already \
@@ -372,8 +370,12 @@ impl EvalArgs {
             loaded.device,
             &progress,
         )?;
-        report.scaling_factor =
-            Some(vae::eval::latent_scale(model, &train, loaded.config.seed, loaded.device)?);
+        let moments = vae::eval::LatentMoments::measure(model, &train, loaded.config.seed, loaded.device)?;
+        report.scaling_factor = Some(moments.scaling_factor());
+        if let Some(scale) = &loaded.latent_scale {
+            let (offset, factor) = scale.per_channel(model.latent_channels() as usize);
+            report.scaled_latents = Some(moments.mapped(&offset, &factor).summary());
+        }
         progress.finish_and_clear();
         if json {
             vae::say!("{}", serde_json::to_string(&report)?);
@@ -440,6 +442,19 @@ impl EvalArgs {
             report.kl_per_latent_element,
             report.scaling_factor.unwrap_or(f64::NAN)
         );
+        if let (Some(scaled), Some(scale)) = (&report.scaled_latents, &loaded.latent_scale) {
+            let whose =
+                if loaded.diffusers { "the folder" } else { "the diffusers folder the run started from" };
+            let stds: Vec<String> = scaled.channel_std.iter().map(|s| format!("{s:.3}")).collect();
+            vae::say!(
+                "         as a diffusion model takes them, {} ({whose} declares it): mean {:.4}  std {:.4}  \
+                 (per channel std {})",
+                scale.formula(),
+                scaled.mean,
+                scaled.std,
+                stds.join(" ")
+            );
+        }
         Ok(())
     }
 }
