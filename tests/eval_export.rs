@@ -295,7 +295,10 @@ fn a_run_from_a_diffusers_folder_exports_the_folders_latent_scale() {
     assert!(scaled["std"].as_f64().unwrap() > 0.0, "{scaled}");
     assert!(eval("first").is_null());
     let out = stdout(&ok(vae(&["eval", &arg("third"), "--iw-samples", "0", "--threads", "1"])));
-    assert!(out.contains("takes them, (z - latents_mean - 0.25) x 0.5 / latents_std (the diffusers"), "{out}");
+    assert!(
+        out.contains("takes them, (z - latents_mean - 0.25) x 0.5 / latents_std (the diffusers"),
+        "{out}"
+    );
     ok(vae(&["export-diffusers", &arg("third"), &arg("set"), "--scaling-factor", "0.3"]));
     assert_eq!(
         (config("set")["scaling_factor"].as_f64(), config("set")["shift_factor"].is_null()),
