@@ -9,16 +9,43 @@ use std::path::{Path, PathBuf};
 /// Writes `bytes` to `path` so that `path` is always either the old file or the whole new one:
 /// temporary file in the same folder, fsync, rename over, fsync the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    through_temporary(path, bytes, |file, tmp| publish(file, tmp, path))
+}
+
+/// Writes `bytes` as the new file `path`, which must not exist, atomically as
+/// [`write_atomic`]: published by a hard link, which fails rather than replace a file, so of
+/// two exports racing for one name the second fails and the first's file stays whole. Where
+/// the file system has no hard links, a check then a rename.
+pub fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
+    let exists = || anyhow::anyhow!("{} already exists; write to a new file", path.display());
+    anyhow::ensure!(!path.exists(), exists());
+    through_temporary(path, bytes, |file, tmp| {
+        file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        match std::fs::hard_link(tmp, path) {
+            Ok(()) => sync_folder(path),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
+            Err(_) if path.exists() => Err(exists()),
+            Err(_) => publish(file, tmp, path),
+        }
+    })
+}
+
+/// Writes `bytes` into a temporary file beside `path` and hands it to `publish`; the
+/// temporary never outlives the call.
+fn through_temporary(
+    path: &Path,
+    bytes: &[u8],
+    publish: impl FnOnce(&std::fs::File, &Path) -> Result<()>,
+) -> Result<()> {
     let tmp = temporary_path(path)?;
     let result = (|| -> Result<()> {
         let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         crate::fault::in_write(&mut file, bytes);
         file.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
-        publish(&file, &tmp, path)
+        publish(&file, &tmp)
     })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
+    // Gone already where `publish` renamed it.
+    let _ = std::fs::remove_file(&tmp);
     result
 }
 
@@ -72,7 +99,11 @@ pub fn publish(file: &std::fs::File, tmp: &Path, path: &Path) -> Result<()> {
     file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
     std::fs::rename(tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    // The rename is durable only once the folder entry is on disk.
+    sync_folder(path)
+}
+
+/// Makes the entry of `path` in its folder durable (after a rename or link).
+fn sync_folder(path: &Path) -> Result<()> {
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -129,6 +160,24 @@ mod tests {
         duplicate(&last, &dir.path().join("copy")).unwrap();
         let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(left.len(), 3, "{left:?}");
+    }
+
+    /// An export never replaces a file, even one that appears after its check: a link that
+    /// leads nowhere passes `exists()`, as a file another process made meanwhile would.
+    #[test]
+    fn a_new_file_is_never_written_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vae.safetensors");
+        write_new(&path, b"first export").unwrap();
+        let err = write_new(&path, b"second").unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
+        let raced = dir.path().join("raced.safetensors");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &raced).unwrap();
+        let err = write_new(&raced, b"second").unwrap_err().to_string();
+        assert!(err.contains("already exists"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"first export");
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 2, "temporaries left: {left:?}");
     }
 
     #[test]

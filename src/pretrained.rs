@@ -8,7 +8,7 @@ use crate::checkpoint::{
     self, built_model, copy_weights, safetensors_bytes, Checkpoint, LatentScale, Origin,
 };
 use crate::config::TrainConfig;
-use crate::fsio::write_atomic;
+use crate::fsio::write_new;
 use crate::models::{Model, ModelConfig, ResnetConfig};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use safetensors::SafeTensors;
@@ -436,9 +436,10 @@ pub fn write_folder(
         );
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    write_atomic(&dir.join(WEIGHTS), &float_file(weights)?)?;
+    // New files, so two exports racing into one empty folder cannot mix theirs.
+    write_new(&dir.join(WEIGHTS), &float_file(weights)?)?;
     let text = serde_json::to_string_pretty(&config_json(cfg, scale))? + "\n";
-    write_atomic(&dir.join(CONFIG), text.as_bytes())
+    write_new(&dir.join(CONFIG), text.as_bytes())
 }
 
 /// Writes the autoencoder `weights` (diffusers' names) of `blocks` blocks as one safetensors
@@ -461,7 +462,6 @@ pub fn write_single_file(path: &Path, cfg: &ResnetConfig, weights: &[(String, Te
         path.display(),
         cfg.norm_groups
     );
-    ensure!(!path.exists(), "{} already exists; export to a new file", path.display());
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -473,7 +473,7 @@ pub fn write_single_file(path: &Path, cfg: &ResnetConfig, weights: &[(String, Te
             (name, if conv { t.unsqueeze(-1).unsqueeze(-1) } else { t.shallow_clone() })
         })
         .collect();
-    write_atomic(path, &float_file(&ldm)?)
+    write_new(path, &float_file(&ldm)?)
 }
 
 /// The safetensors file of `weights` in float32, what PyTorch's loaders expect (`format: pt`).
