@@ -151,9 +151,10 @@ pub fn is_latents(file: &mut std::fs::File) -> bool {
         return false;
     }
     let len = u64::from_le_bytes(len);
-    // A header is a few hundred bytes; anything past 1 MiB is not ours.
-    let mut header = vec![0u8; len.min(1 << 20) as usize];
-    if len > 1 << 20 || file.read_exact(&mut header).is_err() {
+    // Safetensors' own cap; the file names of a large folder make a header of megabytes.
+    const MAX_HEADER: u64 = 100 << 20;
+    let mut header = vec![0u8; len.min(MAX_HEADER) as usize];
+    if len > MAX_HEADER || file.read_exact(&mut header).is_err() {
         return false;
     }
     let json: Option<serde_json::Value> = serde_json::from_slice(&header).ok();

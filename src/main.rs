@@ -36,7 +36,7 @@ enum Command {
     /// [-3, 3], the dimensions carrying the most KL first.
     Traverse(cli::inspect::TraverseArgs),
     /// Posterior means and log-variances (and labels, where the data has them) of a split, as
-    /// a safetensors file.
+    /// a safetensors file; of an image folder, its metadata `files` names each image's file.
     Encode(cli::inspect::EncodeArgs),
     /// A diffusers AutoencoderKL folder from a checkpoint of --arch resnet.
     ExportDiffusers(cli::inspect::ExportDiffusersArgs),

@@ -352,6 +352,61 @@ fn a_full_cache_disk_fails_a_streamed_run_and_only_warns_a_resident_one() {
     assert_eq!(leftovers(), 0, "the partial cache file is removed");
 }
 
+/// Every image of a folder's splits is named by the file it came from, whether decoded,
+/// read from the cache, streamed from it or decoded afresh into a streamed cache, with a file
+/// that does not decode among them; and `vae encode` lists those names beside its latents
+/// (of a folder, the split is chosen by a hash of the path, so the order says nothing).
+#[test]
+fn each_image_of_a_folder_is_named_by_its_file_and_encode_lists_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("images");
+    write_folder(&data);
+    let opts = |cache: &str, max_memory: Option<u64>| FolderOptions {
+        dir: data.clone(),
+        image_size: 8,
+        channels: 3,
+        test_fraction: 0.2,
+        cache_dir: Some(dir.path().join(cache)),
+        max_memory,
+        quiet: true,
+    };
+    let mut seen = Vec::new();
+    for (what, opts) in [
+        ("decoded", opts("cache", None)),
+        ("from the cache", opts("cache", None)),
+        ("streamed from the cache", opts("cache", Some(1024))),
+        ("decoded into a streamed cache", opts("other", Some(1024))),
+    ] {
+        let splits = folder::load(&opts).unwrap();
+        assert_eq!(splits.train.is_streamed(), opts.max_memory.is_some(), "{what}");
+        let mut names = Vec::new();
+        for split in [&splits.train, &splits.test] {
+            let named = split.names.as_ref().unwrap_or_else(|| panic!("{what}: no names"));
+            assert_eq!(named.len(), split.len(), "{what}");
+            for (i, name) in named.iter().enumerate() {
+                let file = vae::data::image_file::decode(&data.join(name), 3, 8).unwrap().pixels;
+                let image = Vec::<u8>::try_from(split.images(i, 1).unwrap().flatten(0, -1)).unwrap();
+                assert!(file == image, "{what}: image {i} is not {name}");
+            }
+            names.extend(named.iter().cloned());
+        }
+        assert_eq!(names.len(), 61, "{what}: the 60 images and tiny.png, not broken.png");
+        seen.push(names);
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "the same names every way");
+
+    let run = dir.path().join("run");
+    let flags = ["--dataset", "folder", "--image-size", "8", "--test-fraction", "0.2", "--cache-dir"];
+    ok(train(&data, &run, &[&flags[..], &[dir.path().join("cache").to_str().unwrap()]].concat()));
+    let latents = dir.path().join("latents.safetensors");
+    ok(vae(&["encode", run.to_str().unwrap(), "--split", "test", "--out", latents.to_str().unwrap()]));
+    let bytes = std::fs::read(&latents).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let files: Vec<String> = serde_json::from_str(&header.metadata().as_ref().unwrap()["files"]).unwrap();
+    let test = folder::load(&opts("cache", None)).unwrap().test;
+    assert_eq!(files, test.names.unwrap().to_vec());
+}
+
 fn test_images(dir: &Path) -> HashSet<Vec<u8>> {
     let opts = FolderOptions {
         dir: dir.to_path_buf(),

@@ -230,7 +230,7 @@ pub struct TraverseArgs {
 }
 
 /// Posterior means and log-variances (and labels, where the data has them) of a split, as a
-/// safetensors file.
+/// safetensors file; of an image folder, its metadata `files` lists the file of each.
 #[derive(Args)]
 pub struct EncodeArgs {
     #[command(flatten)]
@@ -609,7 +609,12 @@ impl EncodeArgs {
         if let Some(labels) = &data.labels {
             named.push(("labels", labels.shallow_clone()));
         }
-        let metadata = [("format".to_string(), vae::export::LATENTS_FORMAT.to_string())].into();
+        let mut metadata: std::collections::HashMap<String, String> =
+            [("format".to_string(), vae::export::LATENTS_FORMAT.to_string())].into();
+        // Which file each latent is of, for an image folder (its split is chosen by a hash).
+        if let Some(names) = &data.names {
+            metadata.insert("files".into(), serde_json::to_string(&names[..])?);
+        }
         let named: Vec<(String, tch::Tensor)> = named.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
         let bytes = vae::checkpoint::safetensors_bytes(&named, metadata, false)?;
         vae::fsio::write_atomic(out, &bytes)?;

@@ -12,7 +12,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
-const CACHE_MAGIC: &[u8; 8] = b"VAEFOLD1";
+/// Version 2 added the files that did not decode; a version 1 cache is decoded again.
+const CACHE_MAGIC: &[u8; 8] = b"VAEFOLD2";
 
 /// Bytes of a cache file read at once into memory: small, since larger blocks, freed and
 /// reallocated, measurably fragment the heap (16 MiB reads peaked 90 MiB higher).
@@ -44,9 +45,11 @@ pub fn remove_outdated(path: &Path) {
     }
 }
 
-/// Bytes of the cache's header: magic, then four little-endian u32 (train count, test
-/// count, channels, side). The train images follow, then the test images.
-const HEADER: usize = 24;
+/// Bytes of the cache's header: magic, then five little-endian u32 (train count, test
+/// count, channels, side, bytes of the trailer). The train images follow, then the test
+/// images, then the trailer: the relative paths of the listing's files that did not decode,
+/// as a JSON list, so the files the images came from are known.
+const HEADER: usize = 28;
 
 /// A cache file that matches the transform, opened.
 pub struct CacheFile {
@@ -54,6 +57,8 @@ pub struct CacheFile {
     pub path: PathBuf,
     /// Images of the train and test splits.
     pub counts: [usize; 2],
+    /// The files of the listing that did not decode (relative paths).
+    pub failed: Vec<String>,
     /// `[C, H, W]` of one image.
     shape: [i64; 3],
 }
@@ -66,13 +71,19 @@ impl CacheFile {
         let mut header = [0u8; HEADER];
         file.read_exact_at(&mut header, 0).ok()?;
         let word = |i: usize| u32::from_le_bytes(header[8 + 4 * i..12 + 4 * i].try_into().unwrap()) as u64;
-        let (train, test) = (word(0), word(1));
+        let (train, test, trailer) = (word(0), word(1), word(4));
+        let images = HEADER as u64 + (train + test) * image_bytes(shape) as u64;
         let fits = header.starts_with(CACHE_MAGIC)
             && word(2) as i64 == shape[0]
             && word(3) as i64 == shape[1]
-            && file.metadata().ok()?.len() == HEADER as u64 + (train + test) * image_bytes(shape) as u64;
-        let counts = [train as usize, test as usize];
-        fits.then(|| Self { file, path: path.to_path_buf(), counts, shape })
+            && file.metadata().ok()?.len() == images + trailer;
+        if !fits {
+            return None;
+        }
+        let mut failed = vec![0u8; trailer as usize];
+        file.read_exact_at(&mut failed, images).ok()?;
+        let failed = serde_json::from_slice(&failed).ok()?;
+        Some(Self { file, path: path.to_path_buf(), counts: [train as usize, test as usize], failed, shape })
     }
 
     /// Both splits read into memory, or, with `stream`, left in the file.
@@ -137,10 +148,13 @@ impl CacheWriter {
         self.out.write_all(bytes).with_context(|| format!("writing {}", self.tmp.display()))
     }
 
-    /// Writes the header and publishes the file.
-    pub fn finish(mut self, counts: [usize; 2]) -> Result<()> {
+    /// Writes the trailer (`failed`: the files that did not decode) and the header, and
+    /// publishes the file.
+    pub fn finish(mut self, counts: [usize; 2], failed: &[String]) -> Result<()> {
+        let trailer = serde_json::to_vec(failed)?;
+        self.append(&trailer)?;
         let mut header = CACHE_MAGIC.to_vec();
-        for v in [counts[0], counts[1], self.shape[0] as usize, self.shape[1] as usize] {
+        for v in [counts[0], counts[1], self.shape[0] as usize, self.shape[1] as usize, trailer.len()] {
             header.extend_from_slice(&(v as u32).to_le_bytes());
         }
         self.out.flush().with_context(|| format!("writing {}", self.tmp.display()))?;

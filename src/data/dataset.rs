@@ -5,6 +5,7 @@ use super::Records;
 use crate::rng::{SplitMix64, Stream};
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 /// One split's images, u8 `[N, C, H, W]` (compact: the float conversion happens per batch on
@@ -13,6 +14,8 @@ use tch::{Kind, Tensor};
 pub struct Dataset {
     pub(super) pixels: Pixels,
     pub labels: Option<Tensor>,
+    /// The file each image came from, relative to its folder (image folders only).
+    pub names: Option<Arc<[String]>>,
 }
 
 /// Where a split's pixels are.
@@ -28,16 +31,22 @@ impl Dataset {
     pub fn from_u8(pixels: &[u8], n: usize, c: usize, h: usize, w: usize, labels: Option<&[u8]>) -> Self {
         let images = Tensor::from_slice(pixels).view([n as i64, c as i64, h as i64, w as i64]);
         let labels = labels.map(|l| Tensor::from_slice(l).to_kind(Kind::Int64));
-        Self { pixels: Pixels::Resident(images), labels }
+        Self { pixels: Pixels::Resident(images), labels, names: None }
     }
 
     /// A split of u8 `[N, C, H, W]` images without labels.
     pub fn from_images(images: Tensor) -> Self {
-        Self { pixels: Pixels::Resident(images), labels: None }
+        Self { pixels: Pixels::Resident(images), labels: None, names: None }
     }
 
     pub fn streamed(records: Records) -> Self {
-        Self { pixels: Pixels::Streamed(records), labels: None }
+        Self { pixels: Pixels::Streamed(records), labels: None, names: None }
+    }
+
+    /// The same images, named by the files they came from (one name each, in order).
+    pub(super) fn named(self, names: Vec<String>) -> Self {
+        assert_eq!(names.len(), self.len(), "one name per image");
+        Self { names: Some(names.into()), ..self }
     }
 
     /// Whether the images are read from disk batch by batch.
@@ -63,7 +72,8 @@ impl Dataset {
             Pixels::Resident(images) => Pixels::Resident(images.narrow(0, 0, n as i64)),
             Pixels::Streamed(records) => Pixels::Streamed(records.truncated(n)),
         };
-        Self { pixels, labels: self.labels.map(|l| l.narrow(0, 0, n as i64)) }
+        let names = self.names.map(|names| names[..n].into());
+        Self { pixels, labels: self.labels.map(|l| l.narrow(0, 0, n as i64)), names }
     }
 
     /// `[C, H, W]` of one image.
@@ -99,7 +109,7 @@ impl Dataset {
             }
             Pixels::Streamed(records) => Pixels::Streamed(records.binarized(seed)),
         };
-        Self { pixels, labels: self.labels.as_ref().map(|l| l.shallow_clone()) }
+        Self { pixels, labels: self.labels.as_ref().map(|l| l.shallow_clone()), names: self.names.clone() }
     }
 
     /// The same images and labels, sharing their storage.
@@ -108,7 +118,7 @@ impl Dataset {
             Pixels::Resident(images) => Pixels::Resident(images.shallow_clone()),
             Pixels::Streamed(records) => Pixels::Streamed(records.clone()),
         };
-        Self { pixels, labels: self.labels.as_ref().map(Tensor::shallow_clone) }
+        Self { pixels, labels: self.labels.as_ref().map(Tensor::shallow_clone), names: self.names.clone() }
     }
 }
 
@@ -127,6 +137,13 @@ pub(super) fn binarize(pixels: &mut [u8], seed: u64, first: u64) {
 pub struct Splits {
     pub train: Dataset,
     pub test: Dataset,
+}
+
+impl Splits {
+    /// The same splits, their images named by the files they came from.
+    pub(super) fn named(self, [train, test]: [Vec<String>; 2]) -> Self {
+        Self { train: self.train.named(train), test: self.test.named(test) }
+    }
 }
 
 /// Images of each split that a [`Fingerprint`] reads.

@@ -239,14 +239,33 @@ pub fn load(opts: &FolderOptions) -> Result<Splits> {
         );
     }
     let cache = opts.cache_dir.as_ref().map(|d| d.join(cache_name(&entries, opts)));
-    match cache.as_deref().and_then(|c| CacheFile::open(c, shape(opts))) {
-        Some(found) => from_cache(found, opts),
+    let found = cache.as_deref().and_then(|c| CacheFile::open(c, shape(opts)));
+    // The files its images came from, as many as it holds (else it is decoded again).
+    let found = found.and_then(|f| Some((split_names(&entries, opts, &f.failed, f.counts)?, f)));
+    match found {
+        Some((names, found)) => from_cache(found, names, opts),
         None => decode_fresh(&entries, cache.as_deref(), opts),
     }
 }
 
-/// A matching cache file, held in memory or streamed from as the memory budget says.
-fn from_cache(found: CacheFile, opts: &FolderOptions) -> Result<Splits> {
+/// The relative paths of the images of each split, in order: the listing's files in the
+/// split, less those that did not decode (`failed`); `None` unless they number `counts`.
+fn split_names(
+    entries: &[Entry],
+    opts: &FolderOptions,
+    failed: &[String],
+    counts: [usize; 2],
+) -> Option<[Vec<String>; 2]> {
+    let failed: std::collections::HashSet<&str> = failed.iter().map(String::as_str).collect();
+    let decoded = entries.iter().filter(|e| !failed.contains(e.relative.as_str()));
+    let (test, train): (Vec<String>, Vec<String>) =
+        decoded.map(|e| e.relative.clone()).partition(|r| is_test(r, opts.test_fraction));
+    (train.len() == counts[0] && test.len() == counts[1]).then_some([train, test])
+}
+
+/// A matching cache file, held in memory or streamed from as the memory budget says, its
+/// images named by `names`.
+fn from_cache(found: CacheFile, names: [Vec<String>; 2], opts: &FolderOptions) -> Result<Splits> {
     let reason = too_big(found.counts[0] + found.counts[1], opts, available_memory());
     if !opts.quiet {
         let how = if reason.is_some() { "streaming" } else { "decoded images" };
@@ -255,7 +274,7 @@ fn from_cache(found: CacheFile, opts: &FolderOptions) -> Result<Splits> {
             note!("{reason}: reading them from disk a batch at a time");
         }
     }
-    found.splits(reason.is_some())
+    Ok(found.splits(reason.is_some())?.named(names))
 }
 
 /// Decodes every file of the listing into memory, or, for a set above the memory budget,
@@ -338,8 +357,10 @@ fn decode_fresh(entries: &[Entry], cache: Option<&Path>, opts: &FolderOptions) -
         counts[0],
         counts[1]
     );
+    let names = split_names(entries, opts, &failed, counts)
+        .expect("the decoded files are the listing's less the failed");
     if let Some(w) = writer {
-        match w.finish(counts) {
+        match w.finish(counts, &failed) {
             Err(e) if stream.is_none() => note!("warning: images will not be cached: {e:#}"),
             finished => {
                 finished?;
@@ -350,12 +371,14 @@ fn decode_fresh(entries: &[Entry], cache: Option<&Path>, opts: &FolderOptions) -
     let Some([train_images, test_images]) = memory else {
         let path = cache.expect("a streamed set has a cache file (checked above)");
         let written = CacheFile::open(path, shape(opts));
-        return written.with_context(|| format!("reopening {}, just written", path.display()))?.splits(true);
+        let written = written.with_context(|| format!("reopening {}, just written", path.display()))?;
+        return Ok(written.splits(true)?.named(names));
     };
     Ok(Splits {
         train: Dataset::from_images(train_images.narrow(0, 0, counts[0] as i64)),
         test: Dataset::from_images(test_images.narrow(0, 0, counts[1] as i64)),
-    })
+    }
+    .named(names))
 }
 
 #[cfg(test)]
