@@ -503,7 +503,8 @@ fn a_launcher_whose_terminal_hangs_up_stops_its_ranks_with_a_checkpoint() {
 }
 
 /// Two ranks as srun starts the tasks of a step over two machines (a job of 4 tasks here, the
-/// step of 2), training with `args`, each into its own `--out`, outputs piped: the commands.
+/// step of 2, a CPU each), training with `args`, each into its own `--out`, outputs piped: the
+/// commands.
 /// The job script exported no MASTER_ADDR or MASTER_PORT: the ranks find rank 0 on the
 /// step's first node ("localhost" here), at the port of the job's id.
 fn srun_tasks(outs: [&Path; 2], args: &[&str]) -> [std::process::Command; 2] {
@@ -515,6 +516,8 @@ fn srun_tasks(outs: [&Path; 2], args: &[&str]) -> [std::process::Command; 2] {
         command.envs([("SLURM_STEP_NUM_TASKS", "2"), ("SLURM_STEP_NUM_NODES", "2")]);
         command.envs([("SLURM_STEP_NODELIST", "localhost,vm-b"), ("SLURMD_NODENAME", node)]);
         command.envs([("SLURM_JOB_ID", job.as_str()), ("SLURM_STEP_ID", "0")]);
+        // srun --cpus-per-task 1, on a cluster that does not bind tasks to their CPUs.
+        command.env("SLURM_CPUS_PER_TASK", "1").env_remove("OMP_NUM_THREADS");
         command.env_remove("MASTER_ADDR").env_remove("MASTER_PORT");
         command.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
         command
@@ -596,6 +599,22 @@ fn a_stopped_run_has_its_checkpoint_before_any_rank_exits() {
     assert_eq!(one.status.code(), Some(130), "{}", stderr(&one));
     let stopped = Checkpoint::load(&run.join("last.safetensors")).unwrap().meta.step;
     assert!(stopped > epoch_one, "the checkpoint of the stop was not written: step {stopped}");
+}
+
+/// srun's tasks take the CPUs SLURM gave each (`--cpus-per-task`), where the cluster does not
+/// bind them to those: they took every core of the machine each.
+#[test]
+fn srun_tasks_take_the_cpus_slurm_gave_them() {
+    if !Backend::Gloo.built() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    let data = ["--epochs", "1", "--train-size", "64", "--test-size", "32", "--batch-size", "32"];
+    let ranks = srun_tasks([&run, &run], &[&data[..], TINY_MODEL].concat()).map(|mut c| c.spawn().unwrap());
+    let [zero, one] = ranks.map(|rank| rank.wait_with_output().unwrap());
+    assert!(zero.status.success() && one.status.success(), "{}\n{}", stderr(&zero), stderr(&one));
+    assert!(stdout(&zero).contains("on cpu (1 thread)"), "{}", stdout(&zero));
 }
 
 /// All that `rank` writes to stderr: read until a line holds `text` (or to the end), when

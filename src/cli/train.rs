@@ -40,6 +40,10 @@ impl TrainCommand {
         let var = |name: &str| std::env::var(name).ok();
         let env = DistEnv::from_vars(var)?;
         let mut device = self.settings.device.init()?;
+        if let Some(threads) = vae::dist::srun_threads(var).filter(|_| self.settings.device.threads.is_none())
+        {
+            tch::set_num_threads(threads);
+        }
         let backend = self.run.dist_backend.unwrap_or(Backend::for_device(device));
         let nproc = self.run.nproc;
         match &env {
