@@ -31,7 +31,13 @@ pub fn reconstruction_grid(model: &dyn Model, x: &Tensor, cols: usize) -> Tensor
 /// model's), decoded a pass at a time.
 pub fn samples(model: &dyn Model, count: i64, temperature: f64, hw: [i64; 2], device: tch::Device) -> Tensor {
     let z = Tensor::randn([count, model.latent_dim()], (Kind::Float, device)) * temperature;
-    tch::no_grad(|| in_passes(&z, hw, |_, z| model.decode_mean(z)))
+    decoded(model, &z, hw)
+}
+
+/// The images of latents `z` (`[N, D]`, or a spatial `[N, C, h, w]`), images of `[h, w]`,
+/// decoded a pass at a time.
+pub fn decoded(model: &dyn Model, z: &Tensor, hw: [i64; 2]) -> Tensor {
+    tch::no_grad(|| in_passes(z, hw, |_, z| model.decode_mean(z)))
 }
 
 /// Points t = 0, 1/(steps-1), ..., 1 along the path from `a` to `b` (`[D]` each): linear, or
@@ -171,8 +177,7 @@ pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
     let rows = n.div_ceil(cols);
     let tile = |count: usize, side: usize| (count * (side + BORDER as usize) + BORDER as usize) as u32;
     let (width, height) = (tile(cols, w), tile(rows, h));
-    let pixels = (images.to_device(tch::Device::Cpu).clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8);
-    let pixels = Vec::<u8>::try_from(pixels.contiguous().flatten(0, -1))?;
+    let pixels = Vec::<u8>::try_from(to_u8(images).flatten(0, -1))?;
     let mut canvas = image::RgbImage::from_pixel(width, height, image::Rgb([BORDER_GRAY; 3]));
     for (i, img) in pixels.chunks(c * h * w).enumerate() {
         let x0 = BORDER as usize + (i % cols) * (w + BORDER as usize);
@@ -188,9 +193,89 @@ pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
     canvas.save(path).with_context(|| format!("writing {}", path.display()))
 }
 
+/// The latents `key` of the safetensors file `path` (by default its only tensor, or `mean`, as
+/// `vae encode` writes) in float32, and the files its metadata lists for them (`vae encode`
+/// of an image folder).
+pub fn read_latents(path: &Path, key: Option<&str>) -> Result<(String, Tensor, Option<Vec<String>>)> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", path.display()))?;
+    let files = header.metadata().as_ref().and_then(|m| m.get("files")).map(|f| serde_json::from_str(f));
+    let files = files
+        .transpose()
+        .with_context(|| format!("{}: its metadata \"files\" is not a list", path.display()))?;
+    let tensors = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort();
+    let key = match key {
+        Some(key) => key,
+        None if names.len() == 1 => names[0],
+        None if names.contains(&"mean") => "mean",
+        None => {
+            anyhow::bail!("{} holds the tensors {}: choose one with --key", path.display(), names.join(", "))
+        }
+    };
+    let (key, z) = tensors.iter().find(|(n, _)| n == key).with_context(|| {
+        format!("{} holds no tensor {key:?} (it holds {})", path.display(), names.join(", "))
+    })?;
+    ensure!(z.is_floating_point(), "{}: {key} is {:?}, not floating point", path.display(), z.kind());
+    let z = z.to_kind(Kind::Float);
+    ensure!(z.numel() > 0, "{}: {key} is empty", path.display());
+    ensure!(
+        bool::try_from(z.isfinite().all())?,
+        "{}: {key} holds values that are not finite",
+        path.display()
+    );
+    Ok((key.clone(), z, files))
+}
+
+/// The PNG file names of `count` images: after the `files` their latents were encoded from
+/// (relative paths, the extension made `.png`; the whole name kept, `.png` added, where two
+/// would meet, as `a.jpg` and `a.bmp`), else numbered from 0.
+pub fn png_names(files: Option<&[String]>, count: usize) -> Result<Vec<String>> {
+    let Some(files) = files.filter(|f| f.len() == count) else {
+        return Ok((0..count).map(|i| format!("{i:06}.png")).collect());
+    };
+    let stem = |f: &String| Path::new(f).with_extension("png").to_string_lossy().into_owned();
+    let mut seen = std::collections::HashMap::new();
+    for f in files {
+        *seen.entry(stem(f)).or_insert(0) += 1;
+    }
+    let names: Vec<String> =
+        files.iter().map(|f| if seen[&stem(f)] > 1 { format!("{f}.png") } else { stem(f) }).collect();
+    let unique: std::collections::HashSet<&String> = names.iter().collect();
+    ensure!(unique.len() == names.len(), "the files the latents are of give clashing picture names");
+    Ok(names)
+}
+
+/// Images in [0, 1] as u8 values on the CPU, contiguous.
+fn to_u8(images: &Tensor) -> Tensor {
+    (images.to_device(tch::Device::Cpu).clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8).contiguous()
+}
+
+/// One image (`[C, H, W]`, values in [0, 1], C = 1 or 3) as the bytes of a PNG file.
+pub fn png(image: &Tensor) -> Result<Vec<u8>> {
+    let [c, h, w]: [i64; 3] = image.size().try_into().map_err(|_| anyhow::anyhow!("expected CHW"))?;
+    ensure!(c == 1 || c == 3, "images have {c} channels, expected 1 or 3");
+    let pixels = Vec::<u8>::try_from(to_u8(&image.permute([1, 2, 0])).flatten(0, -1))?;
+    let color = if c == 1 { image::ExtendedColorType::L8 } else { image::ExtendedColorType::Rgb8 };
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    image::write_buffer_with_format(&mut bytes, &pixels, w as u32, h as u32, color, image::ImageFormat::Png)?;
+    Ok(bytes.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pictures_are_named_after_their_files_without_clashes() {
+        let files: Vec<String> = ["a.jpg", "a.bmp", "b.png", "sub/c.jpg"].map(String::from).to_vec();
+        assert_eq!(png_names(Some(&files), 4).unwrap(), ["a.jpg.png", "a.bmp.png", "b.png", "sub/c.png"]);
+        // Files that do not go with the latents are no names for them.
+        assert_eq!(png_names(Some(&files), 2).unwrap(), ["000000.png", "000001.png"]);
+        assert_eq!(png_names(None, 1).unwrap(), ["000000.png"]);
+    }
 
     #[test]
     fn grid_has_tiles_and_borders_where_expected() {

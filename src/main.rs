@@ -38,6 +38,9 @@ enum Command {
     /// Posterior means and log-variances (and labels, where the data has them) of a split, as
     /// a safetensors file; of an image folder, its metadata `files` names each image's file.
     Encode(cli::inspect::EncodeArgs),
+    /// Images decoded from latents (vae encode's, or a diffusion model's samples), as a grid
+    /// and, with --each, one PNG each.
+    Decode(cli::inspect::DecodeArgs),
     /// A diffusers AutoencoderKL folder from a checkpoint of --arch resnet.
     ExportDiffusers(cli::inspect::ExportDiffusersArgs),
     /// One safetensors file in the original Stable Diffusion (LDM) layout from a checkpoint of
@@ -71,6 +74,7 @@ fn run() -> Result<()> {
         Command::Interpolate(args) => args.run(sub),
         Command::Traverse(args) => args.run(sub),
         Command::Encode(args) => args.run(sub),
+        Command::Decode(args) => args.run(sub),
         Command::ExportDiffusers(args) => args.run(sub),
         Command::ExportSingleFile(args) => args.run(sub),
     }

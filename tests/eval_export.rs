@@ -310,3 +310,88 @@ fn a_run_from_a_diffusers_folder_exports_the_folders_latent_scale() {
     let out = vae(&["export-diffusers", &arg("measured"), &arg("never")]);
     assert!(stderr(&out).contains("\"latents_std\" has 1 values for 2 latent channels"), "{}", stderr(&out));
 }
+
+/// `vae decode` turns latents back into images: `vae encode`'s means decode to the very
+/// reconstructions `vae reconstruct` draws; `--each` writes one PNG per latent, named after the
+/// image file it was encoded from; latents a diffusion model scaled are unscaled first; latents
+/// the model cannot take are refused, naming the shapes.
+#[test]
+fn decode_turns_encoded_latents_back_into_the_reconstructions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+    let arg = |name: &str| path(name).to_str().unwrap().to_string();
+    let images = path("images");
+    std::fs::create_dir_all(images.join("sub")).unwrap();
+    for i in 0..24u8 {
+        let img = image::RgbImage::from_fn(16, 16, |x, y| image::Rgb([i * 10, x as u8 * 16, y as u8 * 16]));
+        let name = if i % 2 == 0 { format!("{i}.png") } else { format!("sub/{i}.bmp") };
+        img.save(images.join(name)).unwrap();
+    }
+    let data = ["--dataset", "folder", "--data-dir", &arg("images"), "--test-fraction", "0.3"];
+    let run = arg("run");
+    let train = ["train", "--epochs", "1", "--out", &run, "--image-size", "16", "--cache-dir", &arg("cache")];
+    ok(vae(&[&train[..], common::TINY_RESNET, &data, &["--batch-size", "8", "--threads", "1", "--quiet"]]
+        .concat()));
+    let latents = arg("latents.safetensors");
+    ok(vae(&["encode", &run, "--out", &latents, "--threads", "1"]));
+    let files: Vec<String> = {
+        let bytes = std::fs::read(&latents).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        serde_json::from_str(&header.metadata().as_ref().unwrap()["files"]).unwrap()
+    };
+    let n = files.len();
+    assert!((2..=12).contains(&n), "{n} test images: one row of the grids");
+    ok(vae(&["reconstruct", &run, "--n", &n.to_string(), "--threads", "1"]));
+    ok(vae(&["decode", &run, &latents, "--each", &arg("each"), "--threads", "1"]));
+    let picture = |p: &Path| image::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).to_rgb8();
+    let (reconstructed, decoded) = (picture(&path("run/reconstruct.png")), picture(&path("run/decode.png")));
+    let row = image::imageops::crop_imm(&reconstructed, 0, 18, reconstructed.width(), 20).to_image();
+    assert!(row == decoded, "the decoded means are not the reconstructions");
+    for (i, file) in files.iter().enumerate() {
+        let own = picture(&path("each").join(Path::new(file).with_extension("png")));
+        let tile = image::imageops::crop_imm(&decoded, 2 + 18 * i as u32, 2, 16, 16).to_image();
+        assert!(own == tile, "{file}: its picture is not tile {i} of the grid");
+    }
+    // Latents a diffusion model took, multiplied by a factor: divided out again.
+    let (_, mean, _) = vae::export::read_latents(&path("latents.safetensors"), None).unwrap();
+    Tensor::write_safetensors(&[("latents", &mean * 4.0)], path("scaled.safetensors")).unwrap();
+    let out = arg("unscaled.png");
+    let scaled = ["decode", &run, &arg("scaled.safetensors"), "--scaling-factor", "4", "--threads", "1"];
+    ok(vae(&[&scaled[..], &["--out", &out]].concat()));
+    assert!(picture(&path("unscaled.png")) == decoded);
+    // By the scale the model declares: its diffusers export's measured scaling_factor.
+    ok(vae(&["export-diffusers", &run, &arg("exported")]));
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(path("exported/config.json")).unwrap()).unwrap();
+    let factor = config["scaling_factor"].as_f64().unwrap();
+    Tensor::write_safetensors(&[("latents", &mean * factor)], path("declared.safetensors")).unwrap();
+    let declared = ["decode", &arg("exported"), &arg("declared.safetensors"), "--scaled", "--threads", "1"];
+    ok(vae(&[&declared[..], &["--out", &arg("declared.png")]].concat()));
+    let worst = picture(&path("declared.png"))
+        .pixels()
+        .zip(decoded.pixels())
+        .fold(0, |worst, (a, b)| a.0.iter().zip(b.0).map(|(x, y)| x.abs_diff(y)).fold(worst, u8::max));
+    assert!(worst <= 1, "unscaled by the declared factor {factor}: pixels differ by {worst}");
+    for (args, message) in [
+        (vec!["decode", &run, &arg("scaled.safetensors"), "--scaled"], "declares no latent scale"),
+        (vec!["decode", &run, &latents, "--each", &arg("each")], "already holds files"),
+        (
+            vec!["decode", &run, &latents, "--key", "labels"],
+            "holds no tensor \"labels\" (it holds logvar, mean)",
+        ),
+    ] {
+        let out = vae(&args);
+        assert!(!out.status.success() && stderr(&out).contains(message), "{args:?}: {}", stderr(&out));
+    }
+    Tensor::write_safetensors(
+        &[("z", Tensor::zeros([2, 4], (Kind::Float, Device::Cpu)))],
+        path("flat.safetensors"),
+    )
+    .unwrap();
+    let out = vae(&["decode", &run, &arg("flat.safetensors")]);
+    assert!(
+        stderr(&out).contains("z is [2, 4];") && stderr(&out).contains("decodes latents of [N, 2, h, w]"),
+        "{}",
+        stderr(&out)
+    );
+}

@@ -241,6 +241,37 @@ pub struct EncodeArgs {
     out: PathBuf,
 }
 
+/// Images decoded from latents: those `vae encode` wrote, or a diffusion model's samples.
+#[derive(Args)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A safetensors file of latents: `[N, C, h, w]` for --arch resnet (any h and w), `[N, D]`
+    /// for --arch conv.
+    latents: PathBuf,
+    /// Which tensor of the file [default: its only one, or `mean`, as vae encode writes].
+    #[arg(long)]
+    key: Option<String>,
+    /// The latents are scaled as a diffusion model takes them, by the latent scale the model
+    /// declares (a diffusers folder's, or the one its run started from): undone before decoding.
+    #[arg(long, conflicts_with = "scaling_factor")]
+    scaled: bool,
+    /// The latents were multiplied by this factor (a diffusion model's scale): divided out
+    /// before decoding.
+    #[arg(long)]
+    scaling_factor: Option<f64>,
+    /// Images in the grid.
+    #[arg(long, default_value_t = 64)]
+    n: usize,
+    /// PNG grid to write [default: decode.png in the checkpoint's folder].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write every image as a PNG of its own into this new or empty folder, named after
+    /// the file vae encode lists for its latent (an image folder's), else numbered.
+    #[arg(long)]
+    each: Option<PathBuf>,
+}
+
 /// A diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors) from a
 /// checkpoint of --arch resnet, which `AutoencoderKL.from_pretrained(DIR)` loads.
 #[derive(Args)]
@@ -332,6 +363,96 @@ impl ExportDiffusersArgs {
         };
         vae::pretrained::write_folder(&self.out, arch, &weights, &scale)?;
         vae::say!("wrote {} (scaling_factor {:.5}{whence})", self.out.display(), scale.scaling_factor);
+        Ok(())
+    }
+}
+
+impl DecodeArgs {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
+        let Self { model: args, latents, key, scaled, scaling_factor, n, out, each } = self;
+        ensure!(*n > 0, "--n must be positive");
+        if let Some(factor) = scaling_factor {
+            ensure!(factor.is_finite() && *factor > 0.0, "--scaling-factor must be positive, found {factor}");
+        }
+        if let Some(dir) = each {
+            ensure!(!dir.exists() || dir.is_dir(), "--each {} is a file, not a folder", dir.display());
+            let entries = std::fs::read_dir(dir).map(|mut e| e.next().is_some());
+            ensure!(
+                !entries.unwrap_or(false),
+                "--each {} already holds files; choose a new or empty folder",
+                dir.display()
+            );
+        }
+        let loaded = args.load(matches)?;
+        let (key, z, files) = vae::export::read_latents(latents, key.as_deref())?;
+        let model = &loaded.config.model;
+        let shape = model.latent_shape();
+        let size = z.size();
+        // Spatial latents decode at any size; a vector latent has its one.
+        let fits = size.len() == shape.len() + 1
+            && size[1] == shape[0]
+            && (matches!(model, vae::models::ModelConfig::Resnet(_)) || size[1..] == shape[..]);
+        ensure!(
+            fits,
+            "{}: {key} is {size:?}; {} decodes latents of [N, {}]",
+            latents.display(),
+            loaded.path.display(),
+            if shape.len() == 1 { shape[0].to_string() } else { format!("{}, h, w", shape[0]) }
+        );
+        let z = match (scaled, scaling_factor, &loaded.latent_scale) {
+            (true, _, None) => bail!(
+                "--scaled: {} declares no latent scale (a diffusers folder's scaling_factor, or the one the \
+                 folder its run started from declares); give the factor with --scaling-factor",
+                loaded.path.display()
+            ),
+            (true, _, Some(scale)) => {
+                let (offset, factor) = scale.per_channel(shape[0] as usize);
+                let along =
+                    |v: Vec<f64>| tch::Tensor::from_slice(&v).to_kind(tch::Kind::Float).view([1, -1, 1, 1]);
+                &z / along(factor) + along(offset)
+            }
+            (false, Some(factor), _) => &z / *factor,
+            (false, None, _) => z,
+        };
+        let z = z.to_device(loaded.device);
+        let hw = match model {
+            vae::models::ModelConfig::Resnet(arch) => [size[2], size[3]].map(|side| side * arch.downscale()),
+            vae::models::ModelConfig::Conv(_) => {
+                let [_, h, w] = model.image_shape();
+                [h, w]
+            }
+        };
+        let count = size[0] as usize;
+        let names = each.as_ref().map(|_| vae::export::png_names(files.as_deref(), count)).transpose()?;
+        let mut grid = Vec::new();
+        // A chunk at a time, so a large file is never decoded whole in memory.
+        for (first, len) in vae::models::passes(count as i64, 64) {
+            let images = vae::export::decoded(loaded.model.as_ref(), &z.narrow(0, first, len), hw);
+            if (first as usize) < *n {
+                grid.push(images.narrow(0, 0, len.min(*n as i64 - first)).to_device(tch::Device::Cpu));
+            }
+            if let (Some(dir), Some(names)) = (each, &names) {
+                for i in 0..len {
+                    let path = dir.join(&names[(first + i) as usize]);
+                    if let Some(parent) = path.parent() {
+                        std::fs::create_dir_all(parent)
+                            .with_context(|| format!("creating {}", parent.display()))?;
+                    }
+                    vae::fsio::write_new(&path, &vae::export::png(&images.get(i))?)?;
+                }
+            }
+            if each.is_none() && first as usize + len as usize >= *n {
+                break;
+            }
+        }
+        let grid = tch::Tensor::cat(&grid, 0);
+        let path = loaded.output(out, "decode.png")?;
+        let cols = vae::export::GRID_COLS.min(grid.size()[0] as usize);
+        vae::export::save_grid(&path, &grid, cols)?;
+        saved(&path);
+        if let Some(dir) = each {
+            vae::say!("wrote {count} images into {}", dir.display());
+        }
         Ok(())
     }
 }
