@@ -195,8 +195,9 @@ impl LatentMoments {
     fn add(&mut self, z: &Tensor) -> Result<()> {
         let channels = self.sum.len() as i64;
         let z = z.to_kind(Kind::Double).view([z.size()[0], channels, -1]);
-        let per_channel =
-            |t: &Tensor| Vec::<f64>::try_from(t.sum_dim_intlist([0, 2].as_slice(), false, None));
+        let per_channel = |t: &Tensor| {
+            Vec::<f64>::try_from(t.sum_dim_intlist([0, 2].as_slice(), false, None).to_device(Device::Cpu))
+        };
         for (total, new) in
             [(&mut self.sum, per_channel(&z)?), (&mut self.squares, per_channel(&z.square())?)]
         {
