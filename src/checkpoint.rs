@@ -135,6 +135,16 @@ impl LatentScale {
             .unzip()
     }
 
+    /// Latents `[N, C, h, w]` as the diffusion model takes them mapped back to the
+    /// autoencoder's: the inverse of [`LatentScale::per_channel`].
+    pub fn unscale(&self, scaled: &Tensor) -> Tensor {
+        let (offset, factor) = self.per_channel(scaled.size()[1] as usize);
+        let along = |v: Vec<f64>| {
+            Tensor::from_slice(&v).to_kind(Kind::Float).to_device(scaled.device()).view([1, -1, 1, 1])
+        };
+        scaled / along(factor) + along(offset)
+    }
+
     /// The map as diffusers' pipelines write it.
     pub fn formula(&self) -> String {
         let z = match (self.shift_factor, &self.latents_mean) {
@@ -796,6 +806,27 @@ impl Checkpoint {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `unscale` inverts the map diffusers' pipelines apply, per channel: SDXL-style
+    /// latents_mean / latents_std with a shift on top, and a scaling factor alone.
+    #[test]
+    fn unscale_inverts_the_declared_latent_scale() {
+        let z = Tensor::randn([3, 2, 4, 5], tch::kind::FLOAT_CPU);
+        let declared = LatentScale {
+            scaling_factor: 0.5,
+            shift_factor: Some(0.25),
+            latents_mean: Some(vec![0.1, -0.2]),
+            latents_std: Some(vec![1.5, 2.5]),
+        };
+        for scale in [declared, LatentScale::factor(0.18215)] {
+            let (offset, factor) = scale.per_channel(2);
+            let column = |v: &[f64]| Tensor::from_slice(v).to_kind(Kind::Float).view([1, 2, 1, 1]);
+            let taken = (&z - column(&offset)) * column(&factor);
+            let back = scale.unscale(&taken);
+            assert!(f64::try_from((back - &z).abs().max()).unwrap() < 1e-5, "{scale:?}");
+        }
+        assert_eq!(LatentScale::factor(0.18215).formula(), "z x 0.18215");
+    }
 
     #[test]
     fn metadata_of_earlier_versions_reads_with_defaults() {

@@ -248,6 +248,19 @@ pub fn png_names(files: Option<&[String]>, count: usize) -> Result<Vec<String>> 
     Ok(names)
 }
 
+/// Writes `images` (`[N, C, H, W]` in [0, 1]) into `dir` as PNG files named by the first N
+/// `names` (relative paths; their folders made), each a new file.
+pub fn save_each(dir: &Path, names: &[String], images: &Tensor) -> Result<()> {
+    for (i, name) in names.iter().take(images.size()[0] as usize).enumerate() {
+        let path = dir.join(name);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        }
+        crate::fsio::write_new(&path, &png(&images.get(i as i64))?)?;
+    }
+    Ok(())
+}
+
 /// Images in [0, 1] as u8 values on the CPU, contiguous.
 fn to_u8(images: &Tensor) -> Tensor {
     (images.to_device(tch::Device::Cpu).clamp(0.0, 1.0) * 255.0).round().to_kind(Kind::Uint8).contiguous()

@@ -386,42 +386,27 @@ impl DecodeArgs {
         let loaded = args.load(matches)?;
         let (key, z, files) = vae::export::read_latents(latents, key.as_deref())?;
         let model = &loaded.config.model;
-        let shape = model.latent_shape();
         let size = z.size();
-        // Spatial latents decode at any size; a vector latent has its one.
-        let fits = size.len() == shape.len() + 1
-            && size[1] == shape[0]
-            && (matches!(model, vae::models::ModelConfig::Resnet(_)) || size[1..] == shape[..]);
-        ensure!(
-            fits,
-            "{}: {key} is {size:?}; {} decodes latents of [N, {}]",
-            latents.display(),
-            loaded.path.display(),
-            if shape.len() == 1 { shape[0].to_string() } else { format!("{}, h, w", shape[0]) }
-        );
+        let hw = model.decoded_size(&size).with_context(|| {
+            let shape = model.latent_shape();
+            let takes = if shape.len() == 1 { shape[0].to_string() } else { format!("{}, h, w", shape[0]) };
+            format!(
+                "{}: {key} is {size:?}; {} decodes latents of [N, {takes}]",
+                latents.display(),
+                loaded.path.display()
+            )
+        })?;
         let z = match (scaled, scaling_factor, &loaded.latent_scale) {
             (true, _, None) => bail!(
                 "--scaled: {} declares no latent scale (a diffusers folder's scaling_factor, or the one the \
                  folder its run started from declares); give the factor with --scaling-factor",
                 loaded.path.display()
             ),
-            (true, _, Some(scale)) => {
-                let (offset, factor) = scale.per_channel(shape[0] as usize);
-                let along =
-                    |v: Vec<f64>| tch::Tensor::from_slice(&v).to_kind(tch::Kind::Float).view([1, -1, 1, 1]);
-                &z / along(factor) + along(offset)
-            }
+            (true, _, Some(scale)) => scale.unscale(&z),
             (false, Some(factor), _) => &z / *factor,
             (false, None, _) => z,
-        };
-        let z = z.to_device(loaded.device);
-        let hw = match model {
-            vae::models::ModelConfig::Resnet(arch) => [size[2], size[3]].map(|side| side * arch.downscale()),
-            vae::models::ModelConfig::Conv(_) => {
-                let [_, h, w] = model.image_shape();
-                [h, w]
-            }
-        };
+        }
+        .to_device(loaded.device);
         let count = size[0] as usize;
         let names = each.as_ref().map(|_| vae::export::png_names(files.as_deref(), count)).transpose()?;
         let mut grid = Vec::new();
@@ -432,14 +417,7 @@ impl DecodeArgs {
                 grid.push(images.narrow(0, 0, len.min(*n as i64 - first)).to_device(tch::Device::Cpu));
             }
             if let (Some(dir), Some(names)) = (each, &names) {
-                for i in 0..len {
-                    let path = dir.join(&names[(first + i) as usize]);
-                    if let Some(parent) = path.parent() {
-                        std::fs::create_dir_all(parent)
-                            .with_context(|| format!("creating {}", parent.display()))?;
-                    }
-                    vae::fsio::write_new(&path, &vae::export::png(&images.get(i))?)?;
-                }
+                vae::export::save_each(dir, &names[first as usize..], &images)?;
             }
             if each.is_none() && first as usize + len as usize >= *n {
                 break;

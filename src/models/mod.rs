@@ -440,6 +440,21 @@ impl ModelConfig {
         }
     }
 
+    /// `[H, W]` of the images latents of `size` (`[N, ...]`) decode to: any `[N, C, h, w]` for the
+    /// fully convolutional resnet family, `[N, latent]` alone for the conv family; `None` for
+    /// latents the model cannot take.
+    pub fn decoded_size(&self, size: &[i64]) -> Option<[i64; 2]> {
+        match (self, size) {
+            (ModelConfig::Conv(c), [_, d]) if *d == c.latent_dim => Some([c.image_size; 2]),
+            (ModelConfig::Resnet(c), [_, channels, h, w])
+                if *channels == c.latent_channels && *h > 0 && *w > 0 =>
+            {
+                Some([h, w].map(|side| side * c.downscale()))
+            }
+            _ => None,
+        }
+    }
+
     /// Sets the image shape the data decides.
     pub fn set_image_shape(&mut self, channels: i64, side: i64) {
         match self {
