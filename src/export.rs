@@ -248,6 +248,37 @@ pub fn png_names(files: Option<&[String]>, count: usize) -> Result<Vec<String>> 
     Ok(names)
 }
 
+/// What `vae info` says of a file of latents `vae encode` wrote: its tensors and the files
+/// they are of.
+pub fn describe_latents(path: &Path) -> Result<String> {
+    let (_, mean, files) = read_latents(path, Some("mean"))?;
+    let mut text = format!(
+        "latents written by vae encode {}
+",
+        path.display()
+    );
+    let tensors = Tensor::read_safetensors(path)?;
+    let mut shapes: Vec<String> = tensors.iter().map(|(n, t)| format!("{n} {:?}", t.size())).collect();
+    shapes.sort();
+    text += &format!(
+        "{} latents: {}
+",
+        mean.size()[0],
+        shapes.join(", ")
+    );
+    if let Some(files) = files {
+        let first: Vec<&str> = files.iter().take(3).map(String::as_str).collect();
+        let more = if files.len() > 3 { ", ..." } else { "" };
+        text += &format!(
+            "of the image files {}{more} (metadata \"files\", {} listed)\n",
+            first.join(", "),
+            files.len()
+        );
+    }
+    text += "images again: vae decode CKPT FILE\n";
+    Ok(text)
+}
+
 /// Writes `images` (`[N, C, H, W]` in [0, 1]) into `dir` as PNG files named by the first N
 /// `names` (relative paths; their folders made), each a new file.
 pub fn save_each(dir: &Path, names: &[String], images: &Tensor) -> Result<()> {

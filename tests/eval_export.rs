@@ -341,6 +341,8 @@ fn decode_turns_encoded_latents_back_into_the_reconstructions() {
     };
     let n = files.len();
     assert!((2..=12).contains(&n), "{n} test images: one row of the grids");
+    let info = stdout(&ok(vae(&["info", &latents])));
+    assert!(info.contains(&format!("(metadata \"files\", {n} listed)")), "{info}");
     ok(vae(&["reconstruct", &run, "--n", &n.to_string(), "--threads", "1"]));
     ok(vae(&["decode", &run, &latents, "--each", &arg("each"), "--threads", "1"]));
     let picture = |p: &Path| image::open(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).to_rgb8();
