@@ -398,13 +398,20 @@ fn each_image_of_a_folder_is_named_by_its_file_and_encode_lists_them() {
     let run = dir.path().join("run");
     let flags = ["--dataset", "folder", "--image-size", "8", "--test-fraction", "0.2", "--cache-dir"];
     ok(train(&data, &run, &[&flags[..], &[dir.path().join("cache").to_str().unwrap()]].concat()));
-    let latents = dir.path().join("latents.safetensors");
-    ok(vae(&["encode", run.to_str().unwrap(), "--split", "test", "--out", latents.to_str().unwrap()]));
-    let bytes = std::fs::read(&latents).unwrap();
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-    let files: Vec<String> = serde_json::from_str(&header.metadata().as_ref().unwrap()["files"]).unwrap();
-    let test = folder::load(&opts("cache", None)).unwrap().test;
-    assert_eq!(files, test.names.unwrap().to_vec());
+    let splits = folder::load(&opts("cache", None)).unwrap();
+    let [train, test] = [splits.train.names.unwrap().to_vec(), splits.test.names.unwrap().to_vec()];
+    // Each split, or both (what latents cached for a diffusion model want): train, then test.
+    for (split, expected) in [("test", test.clone()), ("all", [train, test].concat())] {
+        let latents = dir.path().join(format!("{split}.safetensors"));
+        let encode = ["encode", run.to_str().unwrap(), "--split", split, "--out", latents.to_str().unwrap()];
+        ok(vae(&encode));
+        let bytes = std::fs::read(&latents).unwrap();
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let files: Vec<String> = serde_json::from_str(&header.metadata().as_ref().unwrap()["files"]).unwrap();
+        assert_eq!(files, expected, "--split {split}");
+        let mean = header.tensors()["mean"].shape.clone();
+        assert_eq!(mean[0], expected.len(), "--split {split}: {mean:?}");
+    }
 }
 
 fn test_images(dir: &Path) -> HashSet<Vec<u8>> {

@@ -236,9 +236,19 @@ pub struct EncodeArgs {
     #[command(flatten)]
     model: ModelArgs,
     #[arg(long, value_enum, default_value = "test")]
-    split: Split,
+    split: EncodeSplit,
     #[arg(long)]
     out: PathBuf,
+}
+
+/// Which images `encode` encodes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EncodeSplit {
+    Train,
+    Test,
+    /// The train split, then the test split: every image (of a folder, every file that
+    /// decodes), as latents cached for a diffusion model want.
+    All,
 }
 
 /// Images decoded from latents: those `vae encode` wrote, or a diffusion model's samples.
@@ -697,22 +707,39 @@ impl TraverseArgs {
 impl EncodeArgs {
     pub fn run(&self, matches: &ArgMatches) -> Result<()> {
         let Self { model: args, split, out } = self;
-        let split = *split;
         vae::fsio::check_replaceable(out, "latents of vae encode", vae::export::is_latents)?;
         let loaded = args.load(matches)?;
-        let data = loaded.split(split)?;
-        let (mean, logvar) = vae::export::encode_all(loaded.model.as_ref(), &data, loaded.device)?;
+        let [train, test] = loaded.splits()?;
+        let splits = match split {
+            EncodeSplit::Train => vec![train],
+            EncodeSplit::Test => vec![test],
+            EncodeSplit::All => vec![train, test],
+        };
+        let (mut means, mut logvars) = (Vec::new(), Vec::new());
+        for data in &splits {
+            let (mean, logvar) = vae::export::encode_all(loaded.model.as_ref(), data, loaded.device)?;
+            means.push(mean);
+            logvars.push(logvar);
+        }
+        let (mean, logvar) = (tch::Tensor::cat(&means, 0), tch::Tensor::cat(&logvars, 0));
         // A spatial latent as diffusers' `latent_dist` has it, `[N, C, h, w]`.
         let shape = [&[mean.size()[0]][..], &loaded.config.model.latent_shape()].concat();
         let mut named = vec![("mean", mean.view(&shape[..])), ("logvar", logvar.view(&shape[..]))];
-        if let Some(labels) = &data.labels {
-            named.push(("labels", labels.shallow_clone()));
+        let labels: Option<Vec<tch::Tensor>> =
+            splits.iter().map(|d| d.labels.as_ref().map(|l| l.shallow_clone())).collect();
+        if let Some(labels) = labels {
+            named.push(("labels", tch::Tensor::cat(&labels, 0)));
         }
         let mut metadata: std::collections::HashMap<String, String> =
             [("format".to_string(), vae::export::LATENTS_FORMAT.to_string())].into();
         // Which file each latent is of, for an image folder (its split is chosen by a hash).
-        if let Some(names) = &data.names {
-            metadata.insert("files".into(), serde_json::to_string(&names[..])?);
+        let names: Option<Vec<&String>> = splits
+            .iter()
+            .map(|d| d.names.as_ref().map(|n| n.iter()))
+            .collect::<Option<Vec<_>>>()
+            .map(|parts| parts.into_iter().flatten().collect());
+        if let Some(names) = names {
+            metadata.insert("files".into(), serde_json::to_string(&names)?);
         }
         let named: Vec<(String, tch::Tensor)> = named.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
         let bytes = vae::checkpoint::safetensors_bytes(&named, metadata, false)?;
