@@ -37,15 +37,15 @@ enum Command {
     Traverse(cli::inspect::TraverseArgs),
     /// Posterior means and log-variances (and labels, where the data has them) of a split, as
     /// a safetensors file; of an image folder, its metadata `files` names each image's file.
-    Encode(cli::inspect::EncodeArgs),
+    Encode(cli::export::EncodeArgs),
     /// Images decoded from latents (vae encode's, or a diffusion model's samples), as a grid
     /// and, with --each, one PNG each.
-    Decode(cli::inspect::DecodeArgs),
+    Decode(cli::export::DecodeArgs),
     /// A diffusers AutoencoderKL folder from a checkpoint of --arch resnet.
-    ExportDiffusers(cli::inspect::ExportDiffusersArgs),
+    ExportDiffusers(cli::export::ExportDiffusersArgs),
     /// One safetensors file in the original Stable Diffusion (LDM) layout from a checkpoint of
     /// --arch resnet: the VAE file AUTOMATIC1111's web UI and ComfyUI load.
-    ExportSingleFile(cli::inspect::ExportSingleFileArgs),
+    ExportSingleFile(cli::export::ExportSingleFileArgs),
 }
 
 fn main() -> ExitCode {

@@ -1,6 +1,7 @@
 //! Each subcommand's arguments and body; `main.rs` only lists them.
 
 pub mod bench;
+pub mod export;
 pub mod info;
 pub mod inspect;
 pub mod launch;

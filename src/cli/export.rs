@@ -1,0 +1,269 @@
+//! The commands that write a model or its latents elsewhere: `encode` and `decode` (latents
+//! to and from a safetensors file), `export-diffusers` and `export-single-file`.
+
+use super::inspect::{saved, Loaded, ModelArgs, Split};
+use anyhow::{bail, ensure, Context, Result};
+use clap::{ArgMatches, Args};
+use std::path::PathBuf;
+use vae::checkpoint::LatentScale;
+
+/// Posterior means and log-variances (and labels, where the data has them) of a split, as a
+/// safetensors file; of an image folder, its metadata `files` lists the file of each.
+#[derive(Args)]
+pub struct EncodeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long, value_enum, default_value = "test")]
+    split: EncodeSplit,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+/// Which images `encode` encodes.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EncodeSplit {
+    Train,
+    Test,
+    /// The train split, then the test split: every image (of a folder, every file that
+    /// decodes), as latents cached for a diffusion model want.
+    All,
+}
+
+/// Images decoded from latents: those `vae encode` wrote, or a diffusion model's samples.
+#[derive(Args)]
+pub struct DecodeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// A safetensors file of latents: `[N, C, h, w]` for --arch resnet (any h and w), `[N, D]`
+    /// for --arch conv.
+    latents: PathBuf,
+    /// Which tensor of the file [default: its only one, or `mean`, as vae encode writes].
+    #[arg(long)]
+    key: Option<String>,
+    /// The latents are scaled as a diffusion model takes them, by the latent scale the model
+    /// declares (a diffusers folder's, or the one its run started from): undone before decoding.
+    #[arg(long, conflicts_with = "scaling_factor")]
+    scaled: bool,
+    /// The latents were multiplied by this factor (a diffusion model's scale): divided out
+    /// before decoding.
+    #[arg(long)]
+    scaling_factor: Option<f64>,
+    /// Images in the grid.
+    #[arg(long, default_value_t = 64)]
+    n: usize,
+    /// PNG grid to write [default: decode.png in the checkpoint's folder].
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Also write every image as a PNG of its own into this new or empty folder, named after
+    /// the file vae encode lists for its latent (an image folder's), else numbered.
+    #[arg(long)]
+    each: Option<PathBuf>,
+}
+
+/// A diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors) from a
+/// checkpoint of --arch resnet, which `AutoencoderKL.from_pretrained(DIR)` loads.
+#[derive(Args)]
+pub struct ExportDiffusersArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The folder to write (new, or empty).
+    out: PathBuf,
+    /// The scaling_factor to write [default: the one the diffusers folder the run started from
+    /// declares (with its shift_factor, latents_mean and latents_std), which a diffusion model
+    /// trained on its latents expects; else 1 / the standard deviation of the latents of the
+    /// first 2048 training images, which needs the run's data].
+    #[arg(long)]
+    scaling_factor: Option<f64>,
+}
+
+/// A single safetensors file in the original Stable Diffusion (LDM) layout from a checkpoint of
+/// --arch resnet, as `vae-ft-mse-840000-ema-pruned.safetensors` is shared: what AUTOMATIC1111's
+/// web UI and ComfyUI load as a VAE, and diffusers' `from_single_file`.
+#[derive(Args)]
+pub struct ExportSingleFileArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The file to write (new), e.g. my-vae.safetensors.
+    out: PathBuf,
+}
+
+impl Loaded {
+    /// The architecture of an autoencoder the exports write, and its weights (sorted by name).
+    fn exported(&self) -> Result<(&vae::models::ResnetConfig, Vec<(String, tch::Tensor)>)> {
+        let vae::models::ModelConfig::Resnet(arch) = &self.config.model else {
+            bail!(
+                "{} is an --arch conv model; only --arch resnet models are diffusers AutoencoderKLs",
+                self.path.display()
+            )
+        };
+        let mut weights: Vec<(String, tch::Tensor)> = self.vs.variables().into_iter().collect();
+        weights.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok((arch, weights))
+    }
+}
+
+impl ExportSingleFileArgs {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
+        let loaded = self.model.load(matches)?;
+        let (arch, weights) = loaded.exported()?;
+        vae::pretrained::write_single_file(&self.out, arch, &weights)?;
+        // The layout has no field for it: the tool loading the file applies its diffusion
+        // model's own scale.
+        let scale = match &loaded.latent_scale {
+            Some(kept) => {
+                format!("{}, as the diffusers folder the weights come from declares", kept.scaling_factor)
+            }
+            None => "Stable Diffusion 1 and 2 use 0.18215".into(),
+        };
+        vae::say!(
+            "wrote {} (the original Stable Diffusion layout; it holds no scaling_factor, so the tool that \
+             loads it applies its diffusion model's own: {scale})",
+            self.out.display()
+        );
+        Ok(())
+    }
+}
+
+impl ExportDiffusersArgs {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
+        let loaded = self.model.load(matches)?;
+        let (arch, weights) = loaded.exported()?;
+        let (scale, whence) = match (self.scaling_factor, &loaded.latent_scale) {
+            (Some(scale), _) => {
+                ensure!(scale.is_finite() && scale > 0.0, "--scaling-factor must be positive, found {scale}");
+                (LatentScale::factor(scale), "")
+            }
+            (None, Some(kept)) => (kept.clone(), ", as the diffusers folder the weights come from declares"),
+            (None, None) => {
+                let train = loaded.split(Split::Train).context(
+                    "measuring the latents' scale on the training split (or give --scaling-factor)",
+                )?;
+                let model = loaded.model.as_ref();
+                let measured =
+                    vae::eval::LatentMoments::measure(model, &train, loaded.config.seed, loaded.device)?
+                        .scaling_factor();
+                // A diffusion model already trained on these latents (a single-file VAE declares
+                // no scale) expects its own, which no measurement recovers.
+                let hint = ", 1 / the latents' standard deviation; for a diffusion model that already \
+                            takes them, give its own with --scaling-factor (Stable Diffusion 1 and 2: 0.18215)";
+                (LatentScale::factor(measured), hint)
+            }
+        };
+        vae::pretrained::write_folder(&self.out, arch, &weights, &scale)?;
+        vae::say!("wrote {} (scaling_factor {:.5}{whence})", self.out.display(), scale.scaling_factor);
+        Ok(())
+    }
+}
+
+impl DecodeArgs {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
+        let Self { model: args, latents, key, scaled, scaling_factor, n, out, each } = self;
+        ensure!(*n > 0, "--n must be positive");
+        if let Some(factor) = scaling_factor {
+            ensure!(factor.is_finite() && *factor > 0.0, "--scaling-factor must be positive, found {factor}");
+        }
+        if let Some(dir) = each {
+            ensure!(!dir.exists() || dir.is_dir(), "--each {} is a file, not a folder", dir.display());
+            let entries = std::fs::read_dir(dir).map(|mut e| e.next().is_some());
+            ensure!(
+                !entries.unwrap_or(false),
+                "--each {} already holds files; choose a new or empty folder",
+                dir.display()
+            );
+        }
+        let loaded = args.load(matches)?;
+        let (key, z, files) = vae::export::read_latents(latents, key.as_deref())?;
+        let model = &loaded.config.model;
+        let size = z.size();
+        let hw = model.decoded_size(&size).with_context(|| {
+            let shape = model.latent_shape();
+            let takes = if shape.len() == 1 { shape[0].to_string() } else { format!("{}, h, w", shape[0]) };
+            format!(
+                "{}: {key} is {size:?}; {} decodes latents of [N, {takes}]",
+                latents.display(),
+                loaded.path.display()
+            )
+        })?;
+        let z = match (scaled, scaling_factor, &loaded.latent_scale) {
+            (true, _, None) => bail!(
+                "--scaled: {} declares no latent scale (a diffusers folder's scaling_factor, or the one the \
+                 folder its run started from declares); give the factor with --scaling-factor",
+                loaded.path.display()
+            ),
+            (true, _, Some(scale)) => scale.unscale(&z),
+            (false, Some(factor), _) => &z / *factor,
+            (false, None, _) => z,
+        }
+        .to_device(loaded.device);
+        let count = size[0] as usize;
+        let names = each.as_ref().map(|_| vae::export::png_names(files.as_deref(), count)).transpose()?;
+        let mut grid = Vec::new();
+        // A chunk at a time, so a large file is never decoded whole in memory.
+        for (first, len) in vae::models::passes(count as i64, 64) {
+            let images = vae::export::decoded(loaded.model.as_ref(), &z.narrow(0, first, len), hw);
+            if (first as usize) < *n {
+                grid.push(images.narrow(0, 0, len.min(*n as i64 - first)).to_device(tch::Device::Cpu));
+            }
+            if let (Some(dir), Some(names)) = (each, &names) {
+                vae::export::save_each(dir, &names[first as usize..], &images)?;
+            }
+            if each.is_none() && first as usize + len as usize >= *n {
+                break;
+            }
+        }
+        let grid = tch::Tensor::cat(&grid, 0);
+        let path = loaded.output(out, "decode.png")?;
+        let cols = vae::export::GRID_COLS.min(grid.size()[0] as usize);
+        vae::export::save_grid(&path, &grid, cols)?;
+        saved(&path);
+        if let Some(dir) = each {
+            vae::say!("wrote {count} images into {}", dir.display());
+        }
+        Ok(())
+    }
+}
+
+impl EncodeArgs {
+    pub fn run(&self, matches: &ArgMatches) -> Result<()> {
+        let Self { model: args, split, out } = self;
+        vae::fsio::check_replaceable(out, "latents of vae encode", vae::export::is_latents)?;
+        let loaded = args.load(matches)?;
+        let [train, test] = loaded.splits()?;
+        let splits = match split {
+            EncodeSplit::Train => vec![train],
+            EncodeSplit::Test => vec![test],
+            EncodeSplit::All => vec![train, test],
+        };
+        let (mut means, mut logvars) = (Vec::new(), Vec::new());
+        for data in &splits {
+            let (mean, logvar) = vae::export::encode_all(loaded.model.as_ref(), data, loaded.device)?;
+            means.push(mean);
+            logvars.push(logvar);
+        }
+        let (mean, logvar) = (tch::Tensor::cat(&means, 0), tch::Tensor::cat(&logvars, 0));
+        // A spatial latent as diffusers' `latent_dist` has it, `[N, C, h, w]`.
+        let shape = [&[mean.size()[0]][..], &loaded.config.model.latent_shape()].concat();
+        let mut named = vec![("mean", mean.view(&shape[..])), ("logvar", logvar.view(&shape[..]))];
+        let labels: Option<Vec<tch::Tensor>> =
+            splits.iter().map(|d| d.labels.as_ref().map(|l| l.shallow_clone())).collect();
+        if let Some(labels) = labels {
+            named.push(("labels", tch::Tensor::cat(&labels, 0)));
+        }
+        let mut metadata: std::collections::HashMap<String, String> =
+            [("format".to_string(), vae::export::LATENTS_FORMAT.to_string())].into();
+        // Which file each latent is of, for an image folder (its split is chosen by a hash).
+        let names: Option<Vec<&String>> = splits
+            .iter()
+            .map(|d| d.names.as_ref().map(|n| n.iter()))
+            .collect::<Option<Vec<_>>>()
+            .map(|parts| parts.into_iter().flatten().collect());
+        if let Some(names) = names {
+            metadata.insert("files".into(), serde_json::to_string(&names)?);
+        }
+        let named: Vec<(String, tch::Tensor)> = named.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+        let bytes = vae::checkpoint::safetensors_bytes(&named, metadata, false)?;
+        vae::fsio::write_atomic(out, &bytes)?;
+        saved(out);
+        Ok(())
+    }
+}
