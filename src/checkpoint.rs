@@ -147,14 +147,16 @@ impl LatentScale {
 
     /// The map as diffusers' pipelines write it.
     pub fn formula(&self) -> String {
+        // Five decimals at most: a measured factor has sixteen.
+        let short = |x: f64| format!("{x:.5}").trim_end_matches('0').trim_end_matches('.').to_string();
         let z = match (self.shift_factor, &self.latents_mean) {
-            (Some(shift), None) => format!("(z - {shift})"),
+            (Some(shift), None) => format!("(z - {})", short(shift)),
             (None, Some(_)) => "(z - latents_mean)".into(),
-            (Some(shift), Some(_)) => format!("(z - latents_mean - {shift})"),
+            (Some(shift), Some(_)) => format!("(z - latents_mean - {})", short(shift)),
             (None, None) => "z".into(),
         };
         let std = if self.latents_std.is_some() { " / latents_std" } else { "" };
-        format!("{z} x {}{std}", self.scaling_factor)
+        format!("{z} x {}{std}", short(self.scaling_factor))
     }
 }
 
@@ -826,6 +828,7 @@ mod tests {
             assert!(f64::try_from((back - &z).abs().max()).unwrap() < 1e-5, "{scale:?}");
         }
         assert_eq!(LatentScale::factor(0.18215).formula(), "z x 0.18215");
+        assert_eq!(LatentScale::factor(0.5037011775174255).formula(), "z x 0.5037");
     }
 
     #[test]
