@@ -109,18 +109,103 @@ pub fn traversal_grid(model: &dyn Model, image: &Tensor, dims: &[i64], steps: i6
 
 /// Posterior means and log-variances of every image of `data`, `[N, D]` each, on the CPU.
 pub fn encode_all(model: &dyn Model, data: &Dataset, device: tch::Device) -> Result<(Tensor, Tensor)> {
-    let loader = Loader::new(data, device, 500);
     let (mut means, mut logvars) = (Vec::new(), Vec::new());
-    for x in loader.sequential() {
-        let x = x?;
-        let q = tch::no_grad(|| model.encode_in_passes(&x));
+    encode_each(model, data, device, |q| {
         means.push(q.mean);
         logvars.push(q.logvar);
+        Ok(())
+    })?;
+    Ok((Tensor::cat(&means, 0), Tensor::cat(&logvars, 0)))
+}
+
+/// The posteriors of the images of `data` in order, a batch at a time (`[n, D]` each, on the
+/// CPU), handed to `f`.
+fn encode_each(
+    model: &dyn Model,
+    data: &Dataset,
+    device: tch::Device,
+    mut f: impl FnMut(Posterior) -> Result<()>,
+) -> Result<()> {
+    for x in Loader::new(data, device, 500).sequential() {
+        let x = x?;
+        let q = tch::no_grad(|| model.encode_in_passes(&x));
+        f(Posterior {
+            mean: q.mean.to_device(tch::Device::Cpu),
+            logvar: q.logvar.to_device(tch::Device::Cpu),
+        })?;
     }
-    Ok((
-        Tensor::cat(&means, 0).to_device(tch::Device::Cpu),
-        Tensor::cat(&logvars, 0).to_device(tch::Device::Cpu),
-    ))
+    Ok(())
+}
+
+/// Writes the latents of the images of `splits`, one after another, as `vae encode`'s file at
+/// `path`: `mean` and `logvar` (`[N, ...latent_shape]`, float32), `labels` where every split
+/// has them, and the metadata (`format`, and `files` where every split names its images). The
+/// safetensors header goes first, its sizes known up front, and each batch's latents are
+/// written at their place as they are encoded: memory holds a batch, not the split, whose
+/// latents can outgrow it as a streamed folder's images do. The file appears whole or not at
+/// all.
+pub fn write_latents(
+    path: &Path,
+    model: &dyn Model,
+    splits: &[Dataset],
+    latent_shape: &[i64],
+    device: tch::Device,
+) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let count: usize = splits.iter().map(Dataset::len).sum();
+    let row = latent_shape.iter().product::<i64>() as usize * 4;
+    let shape: Vec<i64> = [&[count as i64][..], latent_shape].concat();
+    let labels: Option<Vec<Tensor>> =
+        splits.iter().map(|d| d.labels.as_ref().map(Tensor::shallow_clone)).collect();
+    let labels = labels.map(|l| Tensor::cat(&l, 0).to_kind(Kind::Int64).contiguous());
+    let names: Option<Vec<&String>> = splits
+        .iter()
+        .map(|d| d.names.as_ref().map(|n| n.iter()))
+        .collect::<Option<Vec<_>>>()
+        .map(|parts| parts.into_iter().flatten().collect());
+    let mut metadata = serde_json::Map::new();
+    metadata.insert("format".into(), LATENTS_FORMAT.into());
+    if let Some(names) = names {
+        metadata.insert("files".into(), serde_json::to_string(&names)?.into());
+    }
+    let mut header = serde_json::Map::new();
+    header.insert("__metadata__".into(), metadata.into());
+    let half = (count * row) as u64;
+    let entry = |dtype: &str, shape: &[i64], from: u64, to: u64| serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [from, to]});
+    header.insert("mean".into(), entry("F32", &shape, 0, half));
+    header.insert("logvar".into(), entry("F32", &shape, half, 2 * half));
+    if labels.is_some() {
+        header.insert("labels".into(), entry("I64", &[count as i64], 2 * half, 2 * half + 8 * count as u64));
+    }
+    let mut header = serde_json::to_vec(&header)?;
+    // The data starts 8-byte aligned, as safetensors writes it.
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let start = 8 + header.len() as u64;
+    let bytes = |t: &Tensor| -> Result<Vec<u8>> {
+        let t = t.contiguous();
+        let mut out = vec![0u8; t.numel() * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut out, t.numel())?;
+        Ok(out)
+    };
+    crate::fsio::write_atomic_with(path, |file| {
+        file.write_all_at(&(header.len() as u64).to_le_bytes(), 0)?;
+        file.write_all_at(&header, 8)?;
+        let mut written = 0u64;
+        for data in splits {
+            encode_each(model, data, device, |q| {
+                let at = start + written * row as u64;
+                file.write_all_at(&bytes(&q.mean.to_kind(Kind::Float))?, at)?;
+                file.write_all_at(&bytes(&q.logvar.to_kind(Kind::Float))?, at + half)?;
+                written += q.mean.size()[0] as u64;
+                Ok(())
+            })?;
+        }
+        ensure!(written as usize == count, "encoded {written} images of {count}");
+        if let Some(labels) = &labels {
+            file.write_all_at(&bytes(labels)?, start + 2 * half)?;
+        }
+        Ok(())
+    })
 }
 
 /// Average KL(q(z_d|x) || N(0, 1)) of each latent dimension over the posteriors given: the

@@ -12,6 +12,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     through_temporary(path, bytes, |file, tmp| publish(file, tmp, path))
 }
 
+/// As [`write_atomic`], the temporary file filled by `fill` (positioned writes included), for
+/// a file too large to build in memory first.
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&std::fs::File) -> Result<()>) -> Result<()> {
+    let tmp = temporary_path(path)?;
+    let result = (|| -> Result<()> {
+        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        fill(&file).with_context(|| format!("writing {}", tmp.display()))?;
+        publish(&file, &tmp, path)
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    result
+}
+
 /// Writes `bytes` as the new file `path`, which must not exist, atomically as
 /// [`write_atomic`]: published by a hard link, which fails rather than replace a file, so of
 /// two exports racing for one name the second fails and the first's file stays whole. Where

@@ -234,35 +234,13 @@ impl EncodeArgs {
             EncodeSplit::Test => vec![test],
             EncodeSplit::All => vec![train, test],
         };
-        let (mut means, mut logvars) = (Vec::new(), Vec::new());
-        for data in &splits {
-            let (mean, logvar) = vae::export::encode_all(loaded.model.as_ref(), data, loaded.device)?;
-            means.push(mean);
-            logvars.push(logvar);
-        }
-        let (mean, logvar) = (tch::Tensor::cat(&means, 0), tch::Tensor::cat(&logvars, 0));
-        // A spatial latent as diffusers' `latent_dist` has it, `[N, C, h, w]`.
-        let shape = [&[mean.size()[0]][..], &loaded.config.model.latent_shape()].concat();
-        let mut named = vec![("mean", mean.view(&shape[..])), ("logvar", logvar.view(&shape[..]))];
-        let labels: Option<Vec<tch::Tensor>> =
-            splits.iter().map(|d| d.labels.as_ref().map(|l| l.shallow_clone())).collect();
-        if let Some(labels) = labels {
-            named.push(("labels", tch::Tensor::cat(&labels, 0)));
-        }
-        let mut metadata: std::collections::HashMap<String, String> =
-            [("format".to_string(), vae::export::LATENTS_FORMAT.to_string())].into();
-        // Which file each latent is of, for an image folder (its split is chosen by a hash).
-        let names: Option<Vec<&String>> = splits
-            .iter()
-            .map(|d| d.names.as_ref().map(|n| n.iter()))
-            .collect::<Option<Vec<_>>>()
-            .map(|parts| parts.into_iter().flatten().collect());
-        if let Some(names) = names {
-            metadata.insert("files".into(), serde_json::to_string(&names)?);
-        }
-        let named: Vec<(String, tch::Tensor)> = named.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
-        let bytes = vae::checkpoint::safetensors_bytes(&named, metadata, false)?;
-        vae::fsio::write_atomic(out, &bytes)?;
+        vae::export::write_latents(
+            out,
+            loaded.model.as_ref(),
+            &splits,
+            &loaded.config.model.latent_shape(),
+            loaded.device,
+        )?;
         saved(out);
         Ok(())
     }
