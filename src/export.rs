@@ -278,40 +278,115 @@ pub fn save_grid(path: &Path, images: &Tensor, cols: usize) -> Result<()> {
     canvas.save(path).with_context(|| format!("writing {}", path.display()))
 }
 
-/// The latents `key` of the safetensors file `path` (by default its only tensor, or `mean`, as
-/// `vae encode` writes) in float32, and the files its metadata lists for them (`vae encode`
-/// of an image folder).
-pub fn read_latents(path: &Path, key: Option<&str>) -> Result<(String, Tensor, Option<Vec<String>>)> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
-        .map_err(|e| anyhow::anyhow!("{}: not a safetensors file ({e})", path.display()))?;
-    let files = header.metadata().as_ref().and_then(|m| m.get("files")).map(|f| serde_json::from_str(f));
-    let files = files
-        .transpose()
-        .with_context(|| format!("{}: its metadata \"files\" is not a list", path.display()))?;
-    let tensors = Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
-    names.sort();
-    let key = match key {
-        Some(key) => key,
-        None if names.len() == 1 => names[0],
-        None if names.contains(&"mean") => "mean",
-        None => {
-            anyhow::bail!("{} holds the tensors {}: choose one with --key", path.display(), names.join(", "))
+/// One tensor of latents in a safetensors file (by default its only tensor, or `mean`, as
+/// `vae encode` writes), read a slice of rows at a time by positioned reads: a file of a whole
+/// folder's latents is never held in memory.
+pub struct Latents {
+    file: std::fs::File,
+    pub path: std::path::PathBuf,
+    pub key: String,
+    /// `[N, ...]`.
+    pub shape: Vec<i64>,
+    kind: Kind,
+    /// Where the tensor's bytes start in the file.
+    start: u64,
+    /// Every tensor of the file, with its shape, by name.
+    pub tensors: Vec<(String, Vec<i64>)>,
+    /// The image files `vae encode` lists for them (of an image folder).
+    pub files: Option<Vec<String>>,
+}
+
+impl Latents {
+    pub fn open(path: &Path, key: Option<&str>) -> Result<Self> {
+        use std::io::Read;
+        let shown = path.display();
+        let mut file = std::fs::File::open(path).with_context(|| format!("reading {shown}"))?;
+        let size = file.metadata()?.len();
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len).with_context(|| format!("{shown}: not a safetensors file (too short)"))?;
+        let len = u64::from_le_bytes(len);
+        // Safetensors' own cap on its header.
+        ensure!(
+            len <= 100 << 20 && 8 + len <= size,
+            "{shown}: not a safetensors file (header of {len} bytes)"
+        );
+        let mut header = vec![0u8; len as usize];
+        file.read_exact(&mut header)?;
+        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| anyhow::anyhow!("{shown}: not a safetensors file ({e})"))?;
+        let files = header.get("__metadata__").and_then(|m| m.get("files")).and_then(|f| f.as_str());
+        let files = files
+            .map(serde_json::from_str)
+            .transpose()
+            .with_context(|| format!("{shown}: its metadata \"files\" is not a list"))?;
+        let entry = |name: &str| -> Result<(String, Vec<i64>, [u64; 2])> {
+            let bad = || format!("{shown}: the entry of {name} is not a safetensors tensor");
+            let e = &header[name];
+            let dtype = e["dtype"].as_str().with_context(bad)?.to_string();
+            let shape = serde_json::from_value(e["shape"].clone()).with_context(bad)?;
+            let offsets = serde_json::from_value(e["data_offsets"].clone()).with_context(bad)?;
+            Ok((dtype, shape, offsets))
+        };
+        let mut tensors = Vec::new();
+        for name in header.keys().filter(|k| *k != "__metadata__") {
+            tensors.push((name.clone(), entry(name)?.1));
         }
-    };
-    let (key, z) = tensors.iter().find(|(n, _)| n == key).with_context(|| {
-        format!("{} holds no tensor {key:?} (it holds {})", path.display(), names.join(", "))
-    })?;
-    ensure!(z.is_floating_point(), "{}: {key} is {:?}, not floating point", path.display(), z.kind());
-    let z = z.to_kind(Kind::Float);
-    ensure!(z.numel() > 0, "{}: {key} is empty", path.display());
-    ensure!(
-        bool::try_from(z.isfinite().all())?,
-        "{}: {key} holds values that are not finite",
-        path.display()
-    );
-    Ok((key.clone(), z, files))
+        tensors.sort();
+        let names: Vec<&str> = tensors.iter().map(|(n, _)| n.as_str()).collect();
+        let key = match key {
+            Some(key) => key,
+            None if names.len() == 1 => names[0],
+            None if names.contains(&"mean") => "mean",
+            None => anyhow::bail!("{shown} holds the tensors {}: choose one with --key", names.join(", ")),
+        }
+        .to_string();
+        ensure!(
+            names.contains(&key.as_str()),
+            "{shown} holds no tensor {key:?} (it holds {})",
+            names.join(", ")
+        );
+        let (dtype, shape, [from, to]) = entry(&key)?;
+        let kind = match dtype.as_str() {
+            "F32" => Kind::Float,
+            "F16" => Kind::Half,
+            "BF16" => Kind::BFloat16,
+            "F64" => Kind::Double,
+            other => anyhow::bail!("{shown}: {key} is {other}, not floating point"),
+        };
+        let numel = shape.iter().try_fold(1i64, |n, &d| (d >= 0).then(|| n.checked_mul(d)).flatten());
+        let bytes = numel.map(|n| n as u64 * kind.elt_size_in_bytes() as u64);
+        ensure!(
+            bytes == Some(to.saturating_sub(from)) && 8 + len + to <= size,
+            "{shown}: {key}'s data does not fit its shape {shape:?} and the file"
+        );
+        ensure!(shape.first().is_some_and(|&n| n > 0), "{shown}: {key} is empty ({shape:?})");
+        Ok(Self { file, path: path.to_path_buf(), key, shape, kind, start: 8 + len + from, tensors, files })
+    }
+
+    pub fn count(&self) -> usize {
+        self.shape[0] as usize
+    }
+
+    /// Rows `first..first + len` in float32, on the CPU; values that are not finite refused.
+    pub fn rows(&self, first: usize, len: usize) -> Result<Tensor> {
+        use std::os::unix::fs::FileExt;
+        let row: i64 = self.shape[1..].iter().product();
+        let row_bytes = row as usize * self.kind.elt_size_in_bytes();
+        let mut bytes = vec![0u8; len * row_bytes];
+        self.file
+            .read_exact_at(&mut bytes, self.start + (first * row_bytes) as u64)
+            .with_context(|| format!("reading {}", self.path.display()))?;
+        let size = [&[len as i64][..], &self.shape[1..]].concat();
+        let rows = Tensor::f_from_data_size(&bytes, &size, self.kind)?.to_kind(Kind::Float);
+        ensure!(
+            bool::try_from(rows.isfinite().all())?,
+            "{}: {} holds values that are not finite (among rows {first} to {})",
+            self.path.display(),
+            self.key,
+            first + len - 1
+        );
+        Ok(rows)
+    }
 }
 
 /// The PNG file names of `count` images: after the `files` their latents were encoded from
@@ -336,22 +411,11 @@ pub fn png_names(files: Option<&[String]>, count: usize) -> Result<Vec<String>> 
 /// What `vae info` says of a file of latents `vae encode` wrote: its tensors and the files
 /// they are of.
 pub fn describe_latents(path: &Path) -> Result<String> {
-    let (_, mean, files) = read_latents(path, Some("mean"))?;
-    let mut text = format!(
-        "latents written by vae encode {}
-",
-        path.display()
-    );
-    let tensors = Tensor::read_safetensors(path)?;
-    let mut shapes: Vec<String> = tensors.iter().map(|(n, t)| format!("{n} {:?}", t.size())).collect();
-    shapes.sort();
-    text += &format!(
-        "{} latents: {}
-",
-        mean.size()[0],
-        shapes.join(", ")
-    );
-    if let Some(files) = files {
+    let latents = Latents::open(path, Some("mean"))?;
+    let mut text = format!("latents written by vae encode {}\n", path.display());
+    let shapes: Vec<String> = latents.tensors.iter().map(|(n, shape)| format!("{n} {shape:?}")).collect();
+    text += &format!("{} latents: {}\n", latents.count(), shapes.join(", "));
+    if let Some(files) = latents.files {
         let first: Vec<&str> = files.iter().take(3).map(String::as_str).collect();
         let more = if files.len() > 3 { ", ..." } else { "" };
         text += &format!(

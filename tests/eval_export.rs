@@ -355,7 +355,7 @@ fn decode_turns_encoded_latents_back_into_the_reconstructions() {
         assert!(own == tile, "{file}: its picture is not tile {i} of the grid");
     }
     // Latents a diffusion model took, multiplied by a factor: divided out again.
-    let (_, mean, _) = vae::export::read_latents(&path("latents.safetensors"), None).unwrap();
+    let mean = vae::export::Latents::open(&path("latents.safetensors"), None).unwrap().rows(0, n).unwrap();
     Tensor::write_safetensors(&[("latents", &mean * 4.0)], path("scaled.safetensors")).unwrap();
     let out = arg("unscaled.png");
     let scaled = ["decode", &run, &arg("scaled.safetensors"), "--scaling-factor", "4", "--threads", "1"];
@@ -374,6 +374,19 @@ fn decode_turns_encoded_latents_back_into_the_reconstructions() {
         .zip(decoded.pixels())
         .fold(0, |worst, (a, b)| a.0.iter().zip(b.0).map(|(x, y)| x.abs_diff(y)).fold(worst, u8::max));
     assert!(worst <= 1, "unscaled by the declared factor {factor}: pixels differ by {worst}");
+    // Half-precision latents (as a diffusion pipeline saves them) decode too.
+    Tensor::write_safetensors(&[("latents", mean.to_kind(Kind::BFloat16))], path("bf16.safetensors"))
+        .unwrap();
+    ok(vae(&["decode", &run, &arg("bf16.safetensors"), "--out", &arg("bf16.png")]));
+    assert_eq!(picture(&path("bf16.png")).dimensions(), decoded.dimensions());
+    // A value that is not finite, in the last latent of 70 (the second chunk of 64), is refused
+    // before any picture is written.
+    let broken = mean.repeat([70, 1, 1, 1]).narrow(0, 0, 70).copy();
+    let _ = broken.get(69).fill_(f64::NAN);
+    Tensor::write_safetensors(&[("latents", broken)], path("nan.safetensors")).unwrap();
+    let out = vae(&["decode", &run, &arg("nan.safetensors"), "--each", &arg("never")]);
+    assert!(stderr(&out).contains("holds values that are not finite"), "{}", stderr(&out));
+    assert!(std::fs::read_dir(path("never")).map_or(true, |mut e| e.next().is_none()));
     for (args, message) in [
         (vec!["decode", &run, &arg("scaled.safetensors"), "--scaled"], "declares no latent scale"),
         (vec!["decode", &run, &latents, "--each", &arg("each")], "already holds files"),

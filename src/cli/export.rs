@@ -172,42 +172,53 @@ impl DecodeArgs {
             );
         }
         let loaded = args.load(matches)?;
-        let (key, z, files) = vae::export::read_latents(latents, key.as_deref())?;
+        let latents = vae::export::Latents::open(latents, key.as_deref())?;
         let model = &loaded.config.model;
-        let size = z.size();
-        let hw = model.decoded_size(&size).with_context(|| {
+        let hw = model.decoded_size(&latents.shape).with_context(|| {
             let shape = model.latent_shape();
             let takes = if shape.len() == 1 { shape[0].to_string() } else { format!("{}, h, w", shape[0]) };
             format!(
-                "{}: {key} is {size:?}; {} decodes latents of [N, {takes}]",
-                latents.display(),
+                "{}: {} is {:?}; {} decodes latents of [N, {takes}]",
+                latents.path.display(),
+                latents.key,
+                latents.shape,
                 loaded.path.display()
             )
         })?;
-        let z = match (scaled, scaling_factor, &loaded.latent_scale) {
-            (true, _, None) => bail!(
-                "--scaled: {} declares no latent scale (a diffusers folder's scaling_factor, or the one the \
-                 folder its run started from declares); give the factor with --scaling-factor",
-                loaded.path.display()
-            ),
+        ensure!(
+            !scaled || loaded.latent_scale.is_some(),
+            "--scaled: {} declares no latent scale (a diffusers folder's scaling_factor, or the one the \
+             folder its run started from declares); give the factor with --scaling-factor",
+            loaded.path.display()
+        );
+        let unscale = |z: tch::Tensor| match (scaled, scaling_factor, &loaded.latent_scale) {
             (true, _, Some(scale)) => scale.unscale(&z),
-            (false, Some(factor), _) => &z / *factor,
-            (false, None, _) => z,
+            (_, Some(factor), _) => &z / *factor,
+            _ => z,
+        };
+        let count = latents.count();
+        let chunks =
+            || vae::models::passes(count as i64, 64).map(|(first, len)| (first as usize, len as usize));
+        if each.is_some() {
+            // Every value checked (as it is read) before any picture of its own is written.
+            for (first, len) in chunks() {
+                drop(latents.rows(first, len)?);
+            }
         }
-        .to_device(loaded.device);
-        let count = size[0] as usize;
-        let names = each.as_ref().map(|_| vae::export::png_names(files.as_deref(), count)).transpose()?;
+        let names =
+            each.as_ref().map(|_| vae::export::png_names(latents.files.as_deref(), count)).transpose()?;
         let mut grid = Vec::new();
-        // A chunk at a time, so a large file is never decoded whole in memory.
-        for (first, len) in vae::models::passes(count as i64, 64) {
-            let images = vae::export::decoded(loaded.model.as_ref(), &z.narrow(0, first, len), hw);
-            if (first as usize) < *n {
-                grid.push(images.narrow(0, 0, len.min(*n as i64 - first)).to_device(tch::Device::Cpu));
+        // A chunk at a time: a large file is never read or decoded whole.
+        for (first, len) in chunks() {
+            let z = unscale(latents.rows(first, len)?).to_device(loaded.device);
+            let images = vae::export::decoded(loaded.model.as_ref(), &z, hw);
+            if first < *n {
+                grid.push(images.narrow(0, 0, len.min(*n - first) as i64).to_device(tch::Device::Cpu));
             }
             if let (Some(dir), Some(names)) = (each, &names) {
-                vae::export::save_each(dir, &names[first as usize..], &images)?;
+                vae::export::save_each(dir, &names[first..], &images)?;
             }
-            if each.is_none() && first as usize + len as usize >= *n {
+            if each.is_none() && first + len >= *n {
                 break;
             }
         }
