@@ -353,10 +353,11 @@ impl Latents {
             "F64" => Kind::Double,
             other => anyhow::bail!("{shown}: {key} is {other}, not floating point"),
         };
+        // Checked arithmetic throughout: the header is the file's word, not ours.
         let numel = shape.iter().try_fold(1i64, |n, &d| (d >= 0).then(|| n.checked_mul(d)).flatten());
-        let bytes = numel.map(|n| n as u64 * kind.elt_size_in_bytes() as u64);
+        let bytes = numel.and_then(|n| (n as u64).checked_mul(kind.elt_size_in_bytes() as u64));
         ensure!(
-            bytes == Some(to.saturating_sub(from)) && 8 + len + to <= size,
+            from <= to && bytes == Some(to - from) && to.checked_add(8 + len).is_some_and(|end| end <= size),
             "{shown}: {key}'s data does not fit its shape {shape:?} and the file"
         );
         ensure!(shape.first().is_some_and(|&n| n > 0), "{shown}: {key} is empty ({shape:?})");

@@ -152,3 +152,29 @@ fn the_image_decoder_takes_any_bytes() {
     }
     eprintln!("image files: {} cases without a panic", cases() / 4);
 }
+
+#[test]
+fn the_latents_reader_takes_any_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mean = tch::Tensor::randn([3, 2, 4, 4], tch::kind::FLOAT_CPU);
+    let half = mean.to_kind(tch::Kind::BFloat16);
+    let seeds: Vec<Vec<u8>> = [("mean", &mean), ("latents", &half)]
+        .iter()
+        .map(|(name, t)| {
+            let path = dir.path().join(format!("{name}.safetensors"));
+            tch::Tensor::write_safetensors(&[(*name, *t)], &path).unwrap();
+            std::fs::read(&path).unwrap()
+        })
+        .collect();
+    let file = dir.path().join("fuzz.safetensors");
+    // Files cost a write each: a quarter of the cases of the in-memory targets.
+    let mut rng = SplitMix64::new(11);
+    for i in 0..cases() / 4 {
+        std::fs::write(&file, mutate(&mut rng, &seeds[i as usize % seeds.len()])).unwrap();
+        if let Ok(latents) = vae::export::Latents::open(&file, None) {
+            let _ = latents.rows(0, latents.count());
+            let _ = latents.rows(latents.count() - 1, 1);
+        }
+    }
+    eprintln!("latents files: {} cases without a panic", cases() / 4);
+}
