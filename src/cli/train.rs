@@ -40,7 +40,9 @@ impl TrainCommand {
         let var = |name: &str| std::env::var(name).ok();
         let env = DistEnv::from_vars(var)?;
         let mut device = self.settings.device.init()?;
-        if let Some(threads) = vae::dist::srun_threads(var).filter(|_| self.settings.device.threads.is_none())
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if let Some(threads) =
+            vae::dist::srun_threads(var, cores).filter(|_| self.settings.device.threads.is_none())
         {
             tch::set_num_threads(threads);
         }

@@ -243,18 +243,48 @@ pub fn slurm_tasks_outside_srun(var: impl Fn(&str) -> Option<String>) -> Option<
 }
 
 /// libtorch's CPU threads for one of srun's tasks where neither `--threads` nor
-/// OMP_NUM_THREADS says: the CPUs SLURM allotted each task (`--cpus-per-task`,
-/// SLURM_CPUS_PER_TASK), as torchrun shares cores through OMP_NUM_THREADS. On a cluster that
-/// does not bind tasks to their CPUs every task would otherwise take every core of the machine
-/// (2 ranks on 2 cores trained 3-4x slower that way).
-pub fn srun_threads(var: impl Fn(&str) -> Option<String>) -> Option<i32> {
+/// OMP_NUM_THREADS says, on a machine whose process may run on `cores` CPUs (its affinity):
+/// the CPUs SLURM allotted each task (`--cpus-per-task`, SLURM_CPUS_PER_TASK), as torchrun
+/// shares cores through OMP_NUM_THREADS; without that, where the task is not bound to CPUs of
+/// its own (its affinity is every CPU of the node, SLURM_CPUS_ON_NODE), the node's CPUs shared
+/// among the step's tasks there (SLURM_STEP_TASKS_PER_NODE). Otherwise every task would take
+/// every core of the machine (2 ranks on 2 cores trained 3-4x slower that way).
+pub fn srun_threads(var: impl Fn(&str) -> Option<String>, cores: usize) -> Option<i32> {
     if var("WORLD_SIZE").is_some()
         || var("SLURM_STEP_NUM_TASKS").is_none()
         || var("OMP_NUM_THREADS").is_some()
     {
         return None;
     }
-    var("SLURM_CPUS_PER_TASK").and_then(|n| n.trim().parse().ok()).filter(|&n| n >= 1)
+    let number = |name: &str| var(name).and_then(|n| n.trim().parse::<usize>().ok()).filter(|&n| n >= 1);
+    if let Some(cpus) = number("SLURM_CPUS_PER_TASK") {
+        return i32::try_from(cpus).ok();
+    }
+    let unbound = number("SLURM_CPUS_ON_NODE") == Some(cores);
+    let node = var("SLURM_NODEID").and_then(|n| n.trim().parse().ok());
+    let tasks = tasks_on_this_node(&var("SLURM_STEP_TASKS_PER_NODE")?, node, || {
+        number("SLURM_STEP_NUM_NODES") == number("SLURM_JOB_NUM_NODES").or(number("SLURM_NNODES"))
+    })?;
+    (unbound && tasks > 1).then(|| (cores / tasks).max(1) as i32)
+}
+
+/// The tasks on this node of a step whose tasks per node SLURM writes as `2(x3),1` (3 nodes
+/// of 2, then one of 1): the same on every node, or this node's, at `node` (the node's index in
+/// the job, which is its index in the step where the step spans the job's nodes: `whole`).
+fn tasks_on_this_node(per_node: &str, node: Option<usize>, whole: impl Fn() -> bool) -> Option<usize> {
+    let mut counts: Vec<usize> = Vec::new();
+    for part in per_node.split(',') {
+        let (tasks, times): (usize, usize) = match part.trim().split_once("(x") {
+            Some((tasks, times)) => (tasks.parse().ok()?, times.strip_suffix(')')?.parse().ok()?),
+            None => (part.trim().parse().ok()?, 1),
+        };
+        counts.extend(std::iter::repeat_n(tasks, times.min(1 << 16)));
+    }
+    let first = *counts.first()?;
+    if counts.iter().all(|&c| c == first) {
+        return Some(first);
+    }
+    whole().then(|| counts.get(node?).copied()).flatten()
 }
 
 #[cfg(not(vae_gloo))]
@@ -376,11 +406,36 @@ mod tests {
         assert_eq!(slurm_tasks_outside_srun(vars(&[])), None);
         // srun's tasks take the CPUs SLURM gave each, unless OMP_NUM_THREADS says.
         let task = &[("SLURM_STEP_NUM_TASKS", "4"), ("SLURM_PROCID", "1"), ("SLURM_CPUS_PER_TASK", "6")];
-        assert_eq!(srun_threads(vars(task)), Some(6));
-        assert_eq!(srun_threads(vars(&[("SLURM_STEP_NUM_TASKS", "4"), ("SLURM_PROCID", "1")])), None);
-        assert_eq!(srun_threads(vars(&[("SLURM_CPUS_PER_TASK", "6"), ("SLURM_PROCID", "0")])), None);
+        assert_eq!(srun_threads(vars(task), 24), Some(6));
+        assert_eq!(srun_threads(vars(&[("SLURM_STEP_NUM_TASKS", "4"), ("SLURM_PROCID", "1")]), 24), None);
+        assert_eq!(srun_threads(vars(&[("SLURM_CPUS_PER_TASK", "6"), ("SLURM_PROCID", "0")]), 24), None);
         let told = &[("SLURM_STEP_NUM_TASKS", "4"), ("SLURM_CPUS_PER_TASK", "6"), ("OMP_NUM_THREADS", "2")];
-        assert_eq!(srun_threads(vars(told)), None);
+        assert_eq!(srun_threads(vars(told), 24), None);
+        // Without --cpus-per-task: an unbound task (every CPU of the node) shares them among
+        // the step's tasks on its node; a bound one keeps its own.
+        let unbound: &[(&str, &str)] = &[
+            ("SLURM_STEP_NUM_TASKS", "6"),
+            ("SLURM_CPUS_ON_NODE", "24"),
+            ("SLURM_STEP_TASKS_PER_NODE", "4(x2),2"),
+            ("SLURM_NODEID", "2"),
+            ("SLURM_STEP_NUM_NODES", "3"),
+            ("SLURM_JOB_NUM_NODES", "3"),
+        ];
+        assert_eq!(srun_threads(vars(unbound), 24), Some(12), "the last node's 2 tasks");
+        assert_eq!(srun_threads(vars(unbound), 1), None, "bound to one CPU");
+        let first: &[(&str, &str)] = &[
+            ("SLURM_STEP_NUM_TASKS", "6"),
+            ("SLURM_CPUS_ON_NODE", "24"),
+            ("SLURM_STEP_TASKS_PER_NODE", "4(x2),2"),
+            ("SLURM_NODEID", "0"),
+            ("SLURM_STEP_NUM_NODES", "3"),
+            ("SLURM_NNODES", "3"),
+        ];
+        assert_eq!(srun_threads(vars(first), 24), Some(6));
+        assert_eq!(tasks_on_this_node("4(x2),2", Some(0), || false), None, "a step on part of the job");
+        assert_eq!(tasks_on_this_node("3(x4)", None, || false), Some(3));
+        assert_eq!(tasks_on_this_node("1", None, || false), Some(1));
+        assert_eq!(tasks_on_this_node("x(2", None, || true), None);
         assert_eq!(DistEnv::from_vars(vars(&[("WORLD_SIZE", "1"), ("RANK", "0")])).unwrap(), None);
         let err = |pairs| DistEnv::from_vars(vars(pairs)).unwrap_err().to_string();
         assert!(err(&[("WORLD_SIZE", "2"), ("MASTER_PORT", "1")]).contains("RANK is not"));
