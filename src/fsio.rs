@@ -9,20 +9,13 @@ use std::path::{Path, PathBuf};
 /// Writes `bytes` to `path` so that `path` is always either the old file or the whole new one:
 /// temporary file in the same folder, fsync, rename over, fsync the folder.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    through_temporary(path, bytes, |file, tmp| publish(file, tmp, path))
+    through_temporary(path, |file| write_bytes(file, bytes), |file, tmp| publish(file, tmp, path))
 }
 
 /// As [`write_atomic`], the temporary file filled by `fill` (positioned writes included), for
 /// a file too large to build in memory first.
-pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&std::fs::File) -> Result<()>) -> Result<()> {
-    let tmp = temporary_path(path)?;
-    let result = (|| -> Result<()> {
-        let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        fill(&file).with_context(|| format!("writing {}", tmp.display()))?;
-        publish(&file, &tmp, path)
-    })();
-    let _ = std::fs::remove_file(&tmp);
-    result
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut std::fs::File) -> Result<()>) -> Result<()> {
+    through_temporary(path, fill, |file, tmp| publish(file, tmp, path))
 }
 
 /// Writes `bytes` as the new file `path`, which must not exist, atomically as
@@ -32,29 +25,38 @@ pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&std::fs::File) -> Resul
 pub fn write_new(path: &Path, bytes: &[u8]) -> Result<()> {
     let exists = || anyhow::anyhow!("{} already exists; write to a new file", path.display());
     anyhow::ensure!(!path.exists(), exists());
-    through_temporary(path, bytes, |file, tmp| {
-        file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-        match std::fs::hard_link(tmp, path) {
-            Ok(()) => sync_folder(path),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
-            Err(_) if path.exists() => Err(exists()),
-            Err(_) => publish(file, tmp, path),
-        }
-    })
+    through_temporary(
+        path,
+        |file| write_bytes(file, bytes),
+        |file, tmp| {
+            file.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+            match std::fs::hard_link(tmp, path) {
+                Ok(()) => sync_folder(path),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(exists()),
+                Err(_) if path.exists() => Err(exists()),
+                Err(_) => publish(file, tmp, path),
+            }
+        },
+    )
 }
 
-/// Writes `bytes` into a temporary file beside `path` and hands it to `publish`; the
-/// temporary never outlives the call.
+/// `bytes` into `file`, where the fault injection of the disk-full tests can cut them short.
+fn write_bytes(file: &mut std::fs::File, bytes: &[u8]) -> Result<()> {
+    crate::fault::in_write(file, bytes);
+    Ok(file.write_all(bytes)?)
+}
+
+/// Fills a temporary file beside `path` with `fill` and hands it to `publish`; the temporary
+/// never outlives the call.
 fn through_temporary(
     path: &Path,
-    bytes: &[u8],
+    fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
     publish: impl FnOnce(&std::fs::File, &Path) -> Result<()>,
 ) -> Result<()> {
     let tmp = temporary_path(path)?;
     let result = (|| -> Result<()> {
         let mut file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        crate::fault::in_write(&mut file, bytes);
-        file.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        fill(&mut file).with_context(|| format!("writing {}", tmp.display()))?;
         publish(&file, &tmp)
     })();
     // Gone already where `publish` renamed it.
