@@ -236,20 +236,8 @@ pub const LATENTS_FORMAT: &str = "vae-latents";
 
 /// Whether `file` is latents `vae encode` wrote (its safetensors header says so).
 pub fn is_latents(file: &mut std::fs::File) -> bool {
-    use std::io::Read;
-    let mut len = [0u8; 8];
-    if file.read_exact(&mut len).is_err() {
-        return false;
-    }
-    let len = u64::from_le_bytes(len);
-    // Safetensors' own cap; the file names of a large folder make a header of megabytes.
-    const MAX_HEADER: u64 = 100 << 20;
-    let mut header = vec![0u8; len.min(MAX_HEADER) as usize];
-    if len > MAX_HEADER || file.read_exact(&mut header).is_err() {
-        return false;
-    }
-    let json: Option<serde_json::Value> = serde_json::from_slice(&header).ok();
-    json.as_ref().and_then(|j| j["__metadata__"]["format"].as_str()) == Some(LATENTS_FORMAT)
+    crate::fsio::safetensors_header(file)
+        .is_ok_and(|(_, header)| header["__metadata__"]["format"].as_str() == Some(LATENTS_FORMAT))
 }
 
 /// Writes `images` (`[N, C, H, W]`, values in [0, 1], C = 1 or 3) as a grid of `cols` columns.
@@ -298,22 +286,11 @@ pub struct Latents {
 
 impl Latents {
     pub fn open(path: &Path, key: Option<&str>) -> Result<Self> {
-        use std::io::Read;
         let shown = path.display();
         let mut file = std::fs::File::open(path).with_context(|| format!("reading {shown}"))?;
         let size = file.metadata()?.len();
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len).with_context(|| format!("{shown}: not a safetensors file (too short)"))?;
-        let len = u64::from_le_bytes(len);
-        // Safetensors' own cap on its header.
-        ensure!(
-            len <= 100 << 20 && 8 + len <= size,
-            "{shown}: not a safetensors file (header of {len} bytes)"
-        );
-        let mut header = vec![0u8; len as usize];
-        file.read_exact(&mut header)?;
-        let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-            .map_err(|e| anyhow::anyhow!("{shown}: not a safetensors file ({e})"))?;
+        let (len, header) =
+            crate::fsio::safetensors_header(&mut file).map_err(|e| anyhow::anyhow!("{shown}: {e}"))?;
         let files = header.get("__metadata__").and_then(|m| m.get("files")).and_then(|f| f.as_str());
         let files = files
             .map(serde_json::from_str)

@@ -1,6 +1,7 @@
 //! Files that are never seen half-written: every checkpoint, cache and metrics rewrite goes
 //! through a temporary file beside its target, an fsync and a rename. The bottom layer: it
-//! knows files, not what is in them.
+//! knows files, not what is in them, beyond the framing of safetensors' header, which every
+//! layer reads.
 
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -62,6 +63,39 @@ fn through_temporary(
     // Gone already where `publish` renamed it.
     let _ = std::fs::remove_file(&tmp);
     result
+}
+
+/// Refuses `dir` for the files a command writes unless it is a new or empty folder: nothing is
+/// ever written among files already there.
+pub fn check_new_folder(dir: &Path) -> Result<()> {
+    anyhow::ensure!(!dir.exists() || dir.is_dir(), "{} is a file, not a folder", dir.display());
+    if let Ok(mut entries) = std::fs::read_dir(dir) {
+        anyhow::ensure!(
+            entries.next().is_none(),
+            "{} already holds files; choose a new or empty folder",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// The JSON header of the safetensors file `file` (read from its start) and the header's
+/// length: the tensors' bytes begin 8 + that many bytes in. Refused, rather than allocated,
+/// where the length is past safetensors' own cap (100 MB) or the file's end.
+pub fn safetensors_header(
+    file: &mut std::fs::File,
+) -> Result<(u64, serde_json::Map<String, serde_json::Value>)> {
+    use std::io::Read;
+    let size = file.metadata()?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).context("not a safetensors file (too short)")?;
+    let len = u64::from_le_bytes(len);
+    anyhow::ensure!(len <= 100 << 20 && 8 + len <= size, "not a safetensors file (header of {len} bytes)");
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)?;
+    let header =
+        serde_json::from_slice(&header).map_err(|e| anyhow::anyhow!("not a safetensors file ({e})"))?;
+    Ok((len, header))
 }
 
 /// Makes `dst` a second name of the file `src` (a hard link: nothing copied), replacing any

@@ -106,15 +106,8 @@ const LDM_PARTS: [&str; 4] = ["encoder.", "decoder.", "quant_conv.", "post_quant
 /// `first_stage_model.`): the prefix of its tensors' names, and their names (less the prefix)
 /// and shapes, read from the file's header alone. `None` for any other path.
 fn ldm_file(path: &Path) -> Option<(String, HashMap<String, Vec<i64>>)> {
-    use std::io::Read;
     let mut file = path.is_file().then(|| std::fs::File::open(path).ok()).flatten()?;
-    let mut len = [0u8; 8];
-    file.read_exact(&mut len).ok()?;
-    // safetensors caps its header at 100 MB.
-    let len = u64::from_le_bytes(len).min(100 << 20) as usize;
-    let mut header = vec![0u8; len];
-    file.read_exact(&mut header).ok()?;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&header).ok()?;
+    let (_, header) = crate::fsio::safetensors_header(&mut file).ok()?;
     let prefix = ["first_stage_model.", "vae.", ""]
         .into_iter()
         .find(|p| header.contains_key(&format!("{p}encoder.down.0.block.0.conv1.weight")))?;
@@ -428,13 +421,7 @@ pub fn write_folder(
     weights: &[(String, Tensor)],
     scale: &LatentScale,
 ) -> Result<()> {
-    if let Ok(mut entries) = std::fs::read_dir(dir) {
-        ensure!(
-            entries.next().is_none(),
-            "{} already holds files; export into a new or empty folder",
-            dir.display()
-        );
-    }
+    crate::fsio::check_new_folder(dir)?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     // New files, so two exports racing into one empty folder cannot mix theirs.
     write_new(&dir.join(WEIGHTS), &float_file(weights)?)?;

@@ -163,13 +163,7 @@ impl DecodeArgs {
             ensure!(factor.is_finite() && *factor > 0.0, "--scaling-factor must be positive, found {factor}");
         }
         if let Some(dir) = each {
-            ensure!(!dir.exists() || dir.is_dir(), "--each {} is a file, not a folder", dir.display());
-            let entries = std::fs::read_dir(dir).map(|mut e| e.next().is_some());
-            ensure!(
-                !entries.unwrap_or(false),
-                "--each {} already holds files; choose a new or empty folder",
-                dir.display()
-            );
+            vae::fsio::check_new_folder(dir).map_err(|e| anyhow::anyhow!("--each {e}"))?;
         }
         let loaded = args.load(matches)?;
         let latents = vae::export::Latents::open(latents, key.as_deref())?;
