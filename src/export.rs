@@ -236,8 +236,9 @@ pub const LATENTS_FORMAT: &str = "vae-latents";
 
 /// Whether `file` is latents `vae encode` wrote (its safetensors header says so).
 pub fn is_latents(file: &mut std::fs::File) -> bool {
-    crate::fsio::safetensors_header(file)
-        .is_ok_and(|(_, header)| header["__metadata__"]["format"].as_str() == Some(LATENTS_FORMAT))
+    crate::fsio::safetensors_header(file).is_ok_and(|(_, header)| {
+        header.get("__metadata__").and_then(|m| m["format"].as_str()) == Some(LATENTS_FORMAT)
+    })
 }
 
 /// Writes `images` (`[N, C, H, W]`, values in [0, 1], C = 1 or 3) as a grid of `cols` columns.

@@ -171,6 +171,7 @@ fn the_latents_reader_takes_any_bytes() {
     let mut rng = SplitMix64::new(11);
     for i in 0..cases() / 4 {
         std::fs::write(&file, mutate(&mut rng, &seeds[i as usize % seeds.len()])).unwrap();
+        let _ = vae::export::is_latents(&mut std::fs::File::open(&file).unwrap());
         if let Ok(latents) = vae::export::Latents::open(&file, None) {
             let _ = latents.rows(0, latents.count());
             let _ = latents.rows(latents.count() - 1, 1);
