@@ -168,6 +168,61 @@ def resnet_section(vae_bin, args):
     return results
 
 
+# Stable Diffusion's VAE (vae-ft-mse, SDXL's): 84M parameters, images 8x the latent's side.
+SD_VAE = dict(down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+              block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
+              norm_num_groups=32, sample_size=512)
+
+
+def process_cost(cmd):
+    """Wall seconds and peak RSS (MiB) of `cmd` as a process of its own, and its stdout."""
+    import time
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        start = time.perf_counter()
+        child = subprocess.Popen(cmd, stdout=out, stderr=err)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - start
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)}\nfailed with status {status}:\n{err.read().decode().strip()}")
+        out.seek(0)
+        return {"wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "stdout": out.read().decode()}
+
+
+def tiles_section(vae_bin, args):
+    """One image of each of --tile-sides decoded by a Stable Diffusion-sized VAE (random
+    weights), whole and in tiles of 512: `vae decode [--tile 512]` beside diffusers' decode
+    [with enable_tiling()], each a process of its own (loading included) on the CPU. --quick:
+    a VAE of 32 channels a block, in tiles of 32."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import save_file
+
+    reference = os.path.join(ROOT, "scripts", "diffusers_reference.py")
+    threads = ["--threads", str(args.threads)]
+    config, tile_side = (dict(SD_VAE, block_out_channels=[32] * 4), 32) if args.quick else (SD_VAE, 512)
+    results = {}
+    size = f"{config['block_out_channels']} channels" if args.quick else "Stable Diffusion-sized"
+    print(f"decoding one image with a {size} VAE (random weights), {args.threads} threads, "
+          f"each a process of its own: wall seconds (load included) and peak RSS")
+    print(f"{'case':<22} {'vae':>8} {'diffusers':>10}  {'vae RSS':>9} {'diffusers RSS':>14}")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = os.path.join(tmp, "sd-vae")
+        torch.manual_seed(0)
+        AutoencoderKL(**config).save_pretrained(folder, safe_serialization=True)
+        for image in (int(s) for s in args.tile_sides.split(",")):
+            latents = os.path.join(tmp, f"z{image}.safetensors")
+            save_file({"z": torch.randn(1, 4, image // 8, image // 8)}, latents)
+            for tile in ([], ["--tile", str(tile_side)]):
+                ours = process_cost([vae_bin, "decode", folder, latents, "--n", "1", "--out",
+                                     os.path.join(tmp, "decoded.png")] + threads + tile)
+                theirs = process_cost([sys.executable, reference, "decode", folder, latents] + threads + tile)
+                name = f"{image}x{image} {f'tiles of {tile_side}' if tile else 'whole'}"
+                results[name] = {"vae": ours, "diffusers": theirs}
+                print(f"{name:<22} {ours['wall_s']:>7.1f}s {theirs['wall_s']:>9.1f}s  "
+                      f"{ours['peak_rss_mib']:>5.0f} MiB {theirs['peak_rss_mib']:>10.0f} MiB", flush=True)
+    return results
+
+
 def run_json(cmd, env):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -277,19 +332,23 @@ def main():
     p.add_argument("--sizes", default="64,128", help="--arch resnet: image sides, comma-separated")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="--arch resnet: both sides checkpoint each down, middle and up block")
+    p.add_argument("--tiles", action="store_true",
+                   help="only decoding whole and in tiles (vae decode --tile) beside diffusers' enable_tiling()")
+    p.add_argument("--tile-sides", default="1024", help="--tiles: image sides, comma-separated")
     args = p.parse_args()
     if args.trace:
         os.makedirs(args.trace, exist_ok=True)
     if args.quick:
         args.repeats, args.steps, args.warmup = 1, 5, 2
+    if args.tiles:
+        print(f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch.__version__}")
+        results = tiles_section(args.vae_bin, args)
+        return save_json(args, results)
     if args.arch == "resnet":
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
         print(f"machine: {cpu_name()}, {os.cpu_count()} cores; GPU: {gpu}; torch {torch.__version__}")
         results = resnet_section(args.vae_bin, argparse.Namespace(**{**vars(args), "repeats": min(args.repeats, 3)}))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=1)
-        return
+        return save_json(args, results)
 
     cases = [] if args.cuda_only else [("cpu", "f32", 32), ("cpu", "f32", 128), ("cpu", "bf16", 128)]
     if torch.cuda.is_available():
@@ -347,6 +406,11 @@ def main():
         print(f"\nfull epoch ({' '.join(map(str, epoch_case))}: load data, train one epoch, evaluate the test split):")
         for impl in ("vae", "pytorch"):
             print(f"  {impl:<8} {e[impl]['epoch_s']:6.2f} s   test loss {e[impl]['loss']:.2f}")
+    save_json(args, results)
+
+
+def save_json(args, results):
+    """Every figure into --json's file, where given."""
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

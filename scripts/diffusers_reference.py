@@ -15,6 +15,12 @@
                     the same outputs for the inputs of IO into OUT (--single-file FILE: checks
                     FILE holds DIR's tensors in the LDM layout, and the outputs are those of
                     FILE loaded by from_single_file with DIR's config)
+  tiled DIR PNG OUT diffusers' enable_tiling() with tiles of --tile pixels: PNG's posterior
+                    and reconstruction (decoded from the mean), and latents z of 20 x 28
+                    decoded, into OUT (with x, PNG in [0, 1], and z)
+  decode DIR LATENTS
+                    diffusers' decoding of the tensor z of LATENTS (in tiles with --tile, as
+                    enable_tiling()), for scripts/bench --tiles; prints its seconds
   train DIR IO OUT  20 steps of Adam on the batches of IO: loss = sum|x - x^| (or squared,
                     per --recon) over pixels, mean over the batch, + beta * KL summed over the
                     latent, z = mean + std * eps with IO's eps; per-step losses into OUT
@@ -128,6 +134,49 @@ def run(args):
     print(json.dumps({"scaling_factor": vae.config.scaling_factor}))
 
 
+def tiled_by(vae, tile):
+    """`vae` with diffusers' enable_tiling() in tiles of `tile` pixels (not its sample_size)."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae
+
+
+def tiled(args):
+    import numpy as np
+    from PIL import Image
+
+    vae = tiled_by(AutoencoderKL.from_pretrained(args.dir).eval(), args.tile)
+    pixels = np.asarray(Image.open(args.io).convert("RGB"), dtype=np.float32) / 255
+    x = torch.from_numpy(pixels).permute(2, 0, 1)[None].contiguous()
+    torch.manual_seed(1)
+    z = torch.randn(2, vae.config.latent_channels, 20, 28)
+    with torch.no_grad():
+        posterior = vae.encode(x * 2 - 1).latent_dist
+        out = dict(
+            x=x,
+            z=z,
+            mean=posterior.mean,
+            logvar=posterior.logvar,
+            reconstructed=vae.decode(posterior.mean).sample,
+            decoded=vae.decode(z).sample,
+        )
+    save_file({k: v.contiguous() for k, v in out.items()}, args.out)
+
+
+def decode(args):
+    import time
+
+    vae = AutoencoderKL.from_pretrained(args.dir).eval()
+    if args.tile:
+        tiled_by(vae, args.tile)
+    z = load_file(args.io)["z"]
+    start = time.perf_counter()
+    with torch.no_grad():
+        vae.decode(z)
+    print(json.dumps({"decode_s": time.perf_counter() - start}))
+
+
 def train(args):
     vae = AutoencoderKL.from_pretrained(args.dir).train()
     io = load_file(args.io)
@@ -149,7 +198,7 @@ def train(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["make", "run", "train", "ldm"])
+    parser.add_argument("command", choices=["make", "run", "train", "ldm", "tiled", "decode"])
     parser.add_argument("dir")
     parser.add_argument("io", nargs="?")
     parser.add_argument("out", nargs="?")
@@ -161,9 +210,11 @@ def main():
     parser.add_argument("--groups-of-32", action="store_true")
     parser.add_argument("--whole", action="store_true")
     parser.add_argument("--single-file")
+    parser.add_argument("--tile", type=int)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    {"make": make, "run": run, "train": train, "ldm": ldm}[args.command](args)
+    torch.set_num_threads(args.threads)
+    {"make": make, "run": run, "train": train, "ldm": ldm, "tiled": tiled, "decode": decode}[args.command](args)
 
 
 if __name__ == "__main__":

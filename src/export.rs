@@ -2,7 +2,7 @@
 //! interpolations and latent traversals, drawn as PNG grids; and latents as tensors.
 
 use crate::data::{to_unit_float, Dataset, Loader};
-use crate::models::{in_passes, Model, Posterior};
+use crate::models::{in_passes, tiles, Model, Posterior, Tile};
 use anyhow::{ensure, Context, Result};
 use std::path::Path;
 use tch::{Kind, Tensor};
@@ -11,13 +11,19 @@ use tch::{Kind, Tensor};
 pub const GRID_COLS: usize = 12;
 
 /// Originals (`[N, C, H, W]` in [0, 1]) in rows of `cols`, each row followed by the
-/// reconstructions, decoded from the posterior means. N is cut to whole rows.
-pub fn reconstruction_grid(model: &dyn Model, x: &Tensor, cols: usize) -> Tensor {
+/// reconstructions, decoded from the posterior means (in `tile`s where given). N is cut to
+/// whole rows.
+pub fn reconstruction_grid(model: &dyn Model, x: &Tensor, cols: usize, tile: Option<Tile>) -> Tensor {
     let n = x.size()[0] as usize;
     let cols = cols.min(n).max(1);
     let x = x.narrow(0, 0, ((n / cols).max(1) * cols) as i64);
     let size = x.size();
-    let recon = tch::no_grad(|| in_passes(&x, [size[2], size[3]], |_, x| model.reconstruct(x)));
+    let recon = tch::no_grad(|| match tile {
+        Some(tile) => {
+            in_passes(&x, pass_size([size[2], size[3]], tile), |_, x| tiles::reconstruct(model, x, tile))
+        }
+        None => in_passes(&x, [size[2], size[3]], |_, x| model.reconstruct(x)),
+    });
     let rows: Vec<Tensor> = x
         .split(cols as i64, 0)
         .into_iter()
@@ -31,13 +37,24 @@ pub fn reconstruction_grid(model: &dyn Model, x: &Tensor, cols: usize) -> Tensor
 /// model's), decoded a pass at a time.
 pub fn samples(model: &dyn Model, count: i64, temperature: f64, hw: [i64; 2], device: tch::Device) -> Tensor {
     let z = Tensor::randn([count, model.latent_dim()], (Kind::Float, device)) * temperature;
-    decoded(model, &z, hw)
+    decoded(model, &z, hw, None)
 }
 
 /// The images of latents `z` (`[N, D]`, or a spatial `[N, C, h, w]`), images of `[h, w]`,
-/// decoded a pass at a time.
-pub fn decoded(model: &dyn Model, z: &Tensor, hw: [i64; 2]) -> Tensor {
-    tch::no_grad(|| in_passes(z, hw, |_, z| model.decode_mean(z)))
+/// decoded a pass at a time (in `tile`s where given).
+pub fn decoded(model: &dyn Model, z: &Tensor, hw: [i64; 2], tile: Option<Tile>) -> Tensor {
+    tch::no_grad(|| match tile {
+        Some(tile) => {
+            in_passes(z, pass_size(hw, tile), |_, z| model.likelihood().mean(&tiles::decode(model, z, tile)))
+        }
+        None => in_passes(z, hw, |_, z| model.decode_mean(z)),
+    })
+}
+
+/// The `[h, w]` one image of `[h, w]` runs at in `tile`s: a pass holds as many images as
+/// tiles fit its pixels, not whole images.
+fn pass_size([h, w]: [i64; 2], tile: Tile) -> [i64; 2] {
+    [h.min(tile.pixels), w.min(tile.pixels)]
 }
 
 /// Points t = 0, 1/(steps-1), ..., 1 along the path from `a` to `b` (`[D]` each): linear, or

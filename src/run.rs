@@ -255,7 +255,7 @@ impl Outputs<'_> {
         let x = export::first_images(test, 2 * GRID_COLS, trainer.device)?;
         let cols = GRID_COLS.min(x.size()[0] as usize);
         let path = self.folder.file(RECONSTRUCTIONS);
-        export::save_grid(&path, &export::reconstruction_grid(model, &x, cols), cols)?;
+        export::save_grid(&path, &export::reconstruction_grid(model, &x, cols, None), cols)?;
         crate::rng::seed_torch(trainer.cfg.seed, crate::rng::Stream::Eval, u64::MAX);
         let [_, h, w] = trainer.cfg.model.image_shape();
         let images = export::samples(model, 4 * GRID_COLS as i64, 1.0, [h, w], trainer.device);

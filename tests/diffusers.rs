@@ -15,7 +15,7 @@ use tch::{Device, Tensor};
 use vae::adam::{Adam, AdamConfig};
 use vae::checkpoint::Checkpoint;
 use vae::loss::{Elbo, KlWeight};
-use vae::models::{Likelihood, Model, ModelConfig, ResnetVae};
+use vae::models::{tiles, Likelihood, Model, ModelConfig, ResnetVae, Tile};
 use vae::pretrained;
 
 fn python() -> PathBuf {
@@ -385,5 +385,82 @@ fn a_single_file_in_the_original_stable_diffusion_layout_is_read_as_its_diffuser
         stderr(&out).contains("a single Stable Diffusion VAE file), not a run to continue"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// diffusers' `enable_tiling()` encodes and decodes what exceeds a tile in overlapping tiles,
+/// blended: `--tile` gives its outputs from the same weights, in the library and through
+/// `vae decode` and `vae reconstruct` (an image, and latents, of 2.5 x 3.5 tiles: edge tiles
+/// cut short, blends both ways). Bare, `--tile` is the folder's sample_size, as diffusers'.
+#[test]
+fn tiles_are_those_of_diffusers_enable_tiling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (theirs, _) = made(tmp.path(), "tiled", &[]);
+    let user = tmp.path().join("user.png");
+    image::RgbImage::from_fn(56, 40, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 6) as u8, ((x * y) % 251) as u8])
+    })
+    .save(&user)
+    .unwrap();
+    let out = tmp.path().join("tiled.out.safetensors");
+    let paths = [theirs.to_str().unwrap(), user.to_str().unwrap(), out.to_str().unwrap()];
+    reference(&[&["tiled"][..], &paths, &["--tile", "16"]].concat());
+    let io = read(&out);
+    let (_, model) = load(&theirs);
+    let tile = ModelConfig::Resnet(model.cfg.clone()).tile(None).unwrap();
+    assert_eq!(tile, Tile { pixels: 16, downscale: 2 });
+    let (mean, logvar) = tch::no_grad(|| tiles::encode(&model, &io["x"], tile));
+    let decoded = tch::no_grad(|| tiles::decode(&model, &io["z"], tile));
+    let reconstructed = tch::no_grad(|| tiles::decode(&model, &mean, tile));
+    let ours = [("mean", mean), ("logvar", logvar), ("decoded", decoded), ("reconstructed", reconstructed)];
+    assert_same(&ours, &io, "tiled encoding and decoding");
+    // Tiling changes the result (so the above compares tiles, not whole images).
+    let whole = tch::no_grad(|| model.decode(&io["z"]));
+    assert!(relative(&whole, &io["decoded"]) > 1e-3, "the tiled decoding is the whole one");
+
+    // The commands, as PNGs of diffusers' outputs (within a level of rounding).
+    let pixels = |t: &Tensor| {
+        Vec::<u8>::try_from(
+            (((t + 1.0) / 2.0).clamp(0.0, 1.0) * 255.0).round().to_kind(tch::Kind::Uint8).flatten(0, -1),
+        )
+        .unwrap()
+    };
+    let close = |ours: &[u8], theirs: &[u8], what: &str| {
+        assert_eq!(ours.len(), theirs.len(), "{what}");
+        let worst = ours.iter().zip(theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(worst <= 1, "{what}: pixels differ by {worst} levels");
+    };
+    let each = tmp.path().join("each");
+    let folder = theirs.to_str().unwrap();
+    ok(vae(&[
+        "decode",
+        folder,
+        out.to_str().unwrap(),
+        "--key",
+        "z",
+        "--tile",
+        "--each",
+        each.to_str().unwrap(),
+    ]));
+    for i in 0..2 {
+        let png = image::open(each.join(format!("{i:06}.png"))).unwrap().to_rgb8();
+        assert_eq!(png.dimensions(), (56, 40));
+        close(png.as_raw(), &pixels(&io["decoded"].get(i).permute([1, 2, 0])), "vae decode --tile");
+    }
+    let grid = tmp.path().join("grid.png");
+    let args = ["reconstruct", folder, "--input", user.to_str().unwrap(), "--tile", "16", "--out"];
+    ok(vae(&[&args[..], &[grid.to_str().unwrap()]].concat()));
+    // The original over its reconstruction, in borders of 2.
+    let grid = image::open(&grid).unwrap().to_rgb8();
+    let below = image::imageops::crop_imm(&grid, 2, 2 + 40 + 2, 56, 40).to_image();
+    close(below.as_raw(), &pixels(&io["reconstructed"].get(0).permute([1, 2, 0])), "vae reconstruct --tile");
+
+    // Tiles must start on latent positions and overlap by whole ones.
+    let err = vae(&["decode", folder, out.to_str().unwrap(), "--key", "z", "--tile", "12"]);
+    assert!(!err.status.success());
+    assert!(
+        stderr(&err).contains("--tile 12: tiles need a side that is a multiple of 8 pixels"),
+        "{}",
+        stderr(&err)
     );
 }

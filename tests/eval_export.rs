@@ -233,6 +233,7 @@ fn each_export_writes_what_it_promises() {
         (vec!["reconstruct", r, "--input", "/"], "/ is a folder; name the image files in it"),
         (vec!["interpolate", r, "--pairs", "100"], "--pairs 100 needs 200 test images, the split has 120"),
         (vec!["sample", r, "--temperature", "0"], "--temperature must be positive"),
+        (vec!["reconstruct", r, "--tile"], "--tile: the conv family's latent is one vector per image"),
         (vec!["eval", "/nonexistent"], "checkpoint /nonexistent does not exist"),
     ] {
         let out = vae(&args);

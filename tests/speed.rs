@@ -143,6 +143,25 @@ fn the_quick_benchmark_runs_both_implementations() {
     }
 }
 
+/// `scripts/bench --tiles` decodes whole and in tiles beside diffusers' `enable_tiling()`: here
+/// on a small VAE, 64 x 64 images in tiles of 32.
+#[test]
+fn the_tiles_benchmark_decodes_beside_diffusers() {
+    let text =
+        stdout(&python_script("bench.py", &["--tiles", "--quick", "--threads", "1", "--tile-sides", "64"]));
+    for case in ["64x64 whole", "64x64 tiles of 32"] {
+        let row =
+            text.lines().find(|l| l.starts_with(case)).unwrap_or_else(|| panic!("no {case:?} in:\n{text}"));
+        // Seconds and MiB of both sides.
+        let figures: Vec<f64> = row[case.len()..]
+            .split_whitespace()
+            .filter_map(|f| f.trim_end_matches('s').parse().ok())
+            .filter(|&f| f > 0.0)
+            .collect();
+        assert_eq!(figures.len(), 4, "{row}");
+    }
+}
+
 /// scripts/gpu-check's resnet groups run this section on the GPU: here its CPU case, with every
 /// option they use (the loss terms, checkpointing, traces), at 32 x 32.
 #[test]

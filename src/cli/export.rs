@@ -1,7 +1,7 @@
 //! The commands that write a model or its latents elsewhere: `encode` and `decode` (latents
 //! to and from a safetensors file), `export-diffusers` and `export-single-file`.
 
-use super::inspect::{saved, Loaded, ModelArgs, Split};
+use super::inspect::{saved, Loaded, ModelArgs, Split, TileArgs};
 use anyhow::{bail, ensure, Context, Result};
 use clap::{ArgMatches, Args};
 use std::path::PathBuf;
@@ -58,6 +58,8 @@ pub struct DecodeArgs {
     /// the file vae encode lists for its latent (an image folder's), else numbered.
     #[arg(long)]
     each: Option<PathBuf>,
+    #[command(flatten)]
+    tiles: TileArgs,
 }
 
 /// A diffusers AutoencoderKL folder (config.json, diffusion_pytorch_model.safetensors) from a
@@ -157,7 +159,7 @@ impl ExportDiffusersArgs {
 
 impl DecodeArgs {
     pub fn run(&self, matches: &ArgMatches) -> Result<()> {
-        let Self { model: args, latents, key, scaled, scaling_factor, n, out, each } = self;
+        let Self { model: args, latents, key, scaled, scaling_factor, n, out, each, tiles } = self;
         ensure!(*n > 0, "--n must be positive");
         if let Some(factor) = scaling_factor {
             ensure!(factor.is_finite() && *factor > 0.0, "--scaling-factor must be positive, found {factor}");
@@ -166,6 +168,7 @@ impl DecodeArgs {
             vae::fsio::check_new_folder(dir).map_err(|e| anyhow::anyhow!("--each {e}"))?;
         }
         let loaded = args.load(matches)?;
+        let tile = tiles.tile(&loaded.config.model)?;
         let latents = vae::export::Latents::open(latents, key.as_deref())?;
         let model = &loaded.config.model;
         let hw = model.decoded_size(&latents.shape).with_context(|| {
@@ -205,7 +208,7 @@ impl DecodeArgs {
         // A chunk at a time: a large file is never read or decoded whole.
         for (first, len) in chunks() {
             let z = unscale(latents.rows(first, len)?).to_device(loaded.device);
-            let images = vae::export::decoded(loaded.model.as_ref(), &z, hw);
+            let images = vae::export::decoded(loaded.model.as_ref(), &z, hw, tile);
             if first < *n {
                 grid.push(images.narrow(0, 0, len.min(*n - first) as i64).to_device(tch::Device::Cpu));
             }

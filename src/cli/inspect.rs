@@ -27,6 +27,24 @@ pub struct ModelArgs {
     no_ema: bool,
 }
 
+/// Encoding and decoding in tiles, for images and latents larger than memory allows whole.
+#[derive(Args)]
+pub struct TileArgs {
+    /// Encode and decode in overlapping tiles of this side in pixels [bare: the model's training
+    /// image size], blended as diffusers' enable_tiling() does: the memory of one tile at any
+    /// size, for results a little different from untiled ones (each tile sees only itself).
+    /// --arch resnet.
+    #[arg(long, value_name = "PIXELS", num_args = 0..=1)]
+    tile: Option<Option<i64>>,
+}
+
+impl TileArgs {
+    /// The tiles asked for, checked against the model.
+    pub(super) fn tile(&self, model: &vae::models::ModelConfig) -> Result<Option<vae::models::Tile>> {
+        self.tile.map(|pixels| model.tile(pixels)).transpose()
+    }
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Split {
     Train,
@@ -173,6 +191,8 @@ pub struct ReconstructArgs {
     /// PNG to write [default: reconstruct.png in the checkpoint's folder].
     #[arg(long)]
     out: Option<PathBuf>,
+    #[command(flatten)]
+    tiles: TileArgs,
 }
 
 /// Decoded draws from the prior.
@@ -355,10 +375,11 @@ impl EvalArgs {
 
 impl ReconstructArgs {
     pub fn run(&self, matches: &ArgMatches) -> Result<()> {
-        let Self { model: args, n, input, out } = self;
+        let Self { model: args, n, input, out, tiles } = self;
         let n = *n;
         ensure!(n > 0, "--n must be positive");
         let loaded = args.load(matches)?;
+        let tile = tiles.tile(&loaded.config.model)?;
         let x = if input.is_empty() {
             vae::export::first_images(&loaded.split(Split::Test)?, n, loaded.device)?
         } else {
@@ -389,7 +410,7 @@ impl ReconstructArgs {
         let path = loaded.output(out, "reconstruct.png")?;
         vae::export::save_grid(
             &path,
-            &vae::export::reconstruction_grid(loaded.model.as_ref(), &x, cols),
+            &vae::export::reconstruction_grid(loaded.model.as_ref(), &x, cols, tile),
             cols,
         )?;
         saved(&path);

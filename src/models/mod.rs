@@ -6,11 +6,13 @@
 
 pub mod conv;
 pub mod resnet;
+pub mod tiles;
 
 pub use conv::{ConvConfig, ConvVae};
 pub use resnet::{ResnetConfig, ResnetVae};
+pub use tiles::Tile;
 
-use anyhow::Result;
+use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::{nn, Device, Kind, Reduction, Tensor};
 
@@ -482,6 +484,24 @@ impl ModelConfig {
             ModelConfig::Conv(c) => c.latent_dim,
             ModelConfig::Resnet(c) => c.latent_dim(),
         }
+    }
+
+    /// Tiles of `pixels` a side (the training image size when not given) for `--tile`: the
+    /// resnet family alone, whose latent is a feature map, in sides of a multiple of 4 latent
+    /// positions, so that every tile starts on one and the overlaps are whole.
+    pub fn tile(&self, pixels: Option<i64>) -> Result<Tile> {
+        let ModelConfig::Resnet(c) = self else {
+            bail!("--tile: the conv family's latent is one vector per image, which has no tiles; tiles are for --arch resnet")
+        };
+        let (pixels, downscale) = (pixels.unwrap_or(c.image_size), c.downscale());
+        let unit = 4 * downscale;
+        ensure!(
+            pixels >= unit && pixels % unit == 0,
+            "--tile {pixels}: tiles need a side that is a multiple of {unit} pixels (4 latent positions of the \
+             model's {downscale}-pixel downscale), such as {}",
+            (pixels / unit).max(1) * unit
+        );
+        Ok(Tile { pixels, downscale })
     }
 
     /// The latent of one training image as its family lays it out: `[D]`, or `[C, h, w]`.
