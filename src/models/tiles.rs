@@ -62,34 +62,34 @@ pub fn reconstruct(model: &dyn Model, x: &Tensor, tile: Tile) -> Tensor {
 /// `f` over tiles of `x` of side `tile_in` starting every three quarters of a tile, whose
 /// outputs (side `tile_out`) are blended over a quarter of a tile into their upper and left
 /// neighbours and cut to three quarters before they are joined: diffusers'
-/// `tiled_encode`/`tiled_decode`.
+/// `tiled_encode`/`tiled_decode`. A row of tiles is joined as soon as it is blended, and kept
+/// whole only until the next one has blended into it: the output and two rows, not every
+/// tile, are held.
 fn blended(x: &Tensor, [tile_in, tile_out]: [i64; 2], f: impl Fn(&Tensor) -> Tensor) -> Tensor {
     let [.., h, w] = x.size()[..] else { panic!("tiles of [N, C, H, W]") };
     let (step, extent) = (tile_in * 3 / 4, tile_out / 4);
     let keep = tile_out - extent;
-    let mut rows: Vec<Vec<Tensor>> = Vec::new();
+    let cut = |t: &Tensor, dim: usize| t.narrow(dim as i64, 0, keep.min(t.size()[dim]));
+    let mut above: Vec<Tensor> = Vec::new();
+    let mut strips = Vec::new();
     for i in (0..h).step_by(step as usize) {
         let mut row: Vec<Tensor> = Vec::new();
         for j in (0..w).step_by(step as usize) {
             let tile = f(&x.narrow(2, i, tile_in.min(h - i)).narrow(3, j, tile_in.min(w - j)));
             // In place, as diffusers: the tiles below and to the right blend with this one as
             // blended itself.
-            if let Some(above) = rows.last() {
-                blend(&above[row.len()], &tile, extent, 2);
+            if let Some(upper) = above.get(row.len()) {
+                blend(upper, &tile, extent, 2);
             }
             if let Some(left) = row.last() {
                 blend(left, &tile, extent, 3);
             }
             row.push(tile);
         }
-        rows.push(row);
+        strips.push(Tensor::cat(&row.iter().map(|t| cut(&cut(t, 2), 3)).collect::<Vec<_>>(), 3));
+        above = row;
     }
-    let cut = |t: &Tensor, dim: usize| t.narrow(dim as i64, 0, keep.min(t.size()[dim]));
-    let rows: Vec<Tensor> = rows
-        .iter()
-        .map(|row| Tensor::cat(&row.iter().map(|t| cut(&cut(t, 2), 3)).collect::<Vec<_>>(), 3))
-        .collect();
-    Tensor::cat(&rows, 2)
+    Tensor::cat(&strips, 2)
 }
 
 /// The first `extent` lines of `b` along `dim` become `a`'s last ones weighted `1 - y / extent`
