@@ -64,7 +64,7 @@ fn run() -> Result<()> {
     let matches = Cli::command().get_matches();
     let (_, sub) = matches.subcommand().expect("clap requires a subcommand");
     // Tiles are asked for to bound memory: glibc then frees as by default (a 1024 x 1024
-    // decoding in tiles of 512: 28% less peak memory for 12% more time; BENCHMARKS.md).
+    // decoding in tiles of 512: 25% less peak memory for 10% more time; BENCHMARKS.md).
     if !sub.try_contains_id("tile").unwrap_or(false) {
         cli::keep_freed_memory();
     }
