@@ -95,17 +95,17 @@ fn blended(x: &Tensor, [tile_in, tile_out]: [i64; 2], f: impl Fn(&Tensor) -> Ten
 /// The first `extent` lines of `b` along `dim` become `a`'s last ones weighted `1 - y / extent`
 /// plus their own weighted `y / extent` (weights in double, as diffusers' Python floats).
 fn blend(a: &Tensor, b: &Tensor, extent: i64, dim: i64) {
-    let extent = extent.min(a.size()[dim as usize]).min(b.size()[dim as usize]);
-    let ramp: Vec<f64> = (0..extent).map(|y| y as f64 / extent as f64).collect();
+    let d = dim as usize;
+    let extent = extent.min(a.size()[d]).min(b.size()[d]);
     let mut shape = vec![1; b.dim()];
-    shape[dim as usize] = extent;
-    let theirs = Tensor::from_slice(&ramp).to_kind(b.kind()).to_device(b.device()).view(shape.as_slice());
-    let ours = Tensor::from_slice(&ramp.iter().map(|y| 1.0 - y).collect::<Vec<_>>())
-        .to_kind(b.kind())
-        .to_device(b.device())
-        .view(shape.as_slice());
-    let start = a.size()[dim as usize] - extent;
-    let mixed = a.narrow(dim, start, extent) * ours + b.narrow(dim, 0, extent) * theirs;
+    shape[d] = extent;
+    // One weight per line along `dim`, broadcast over the rest.
+    let weights =
+        |w: Vec<f64>| Tensor::from_slice(&w).to_kind(b.kind()).to_device(b.device()).view(shape.as_slice());
+    let own: Vec<f64> = (0..extent).map(|y| y as f64 / extent as f64).collect();
+    let neighbour = weights(own.iter().map(|y| 1.0 - y).collect());
+    let mixed =
+        a.narrow(dim, a.size()[d] - extent, extent) * neighbour + b.narrow(dim, 0, extent) * weights(own);
     b.narrow(dim, 0, extent).copy_(&mixed);
 }
 
