@@ -449,7 +449,19 @@ fn tiles_are_those_of_diffusers_enable_tiling() {
     }
     let grid = tmp.path().join("grid.png");
     let args = ["reconstruct", folder, "--input", user.to_str().unwrap(), "--tile", "16", "--out"];
-    ok(vae(&[&args[..], &[grid.to_str().unwrap()]].concat()));
+    let tiled = ok(vae(&[&args[..], &[grid.to_str().unwrap()]].concat()));
+    // Whole, an image of 8.75 times the model's area gets a note that --tile bounds memory.
+    let note = "56 x 40 images go through the model whole, in memory that grows with their area";
+    let whole = tmp.path().join("whole.png");
+    let whole = ok(vae(&[
+        "reconstruct",
+        folder,
+        "--input",
+        user.to_str().unwrap(),
+        "--out",
+        whole.to_str().unwrap(),
+    ]));
+    assert!(stderr(&whole).contains(note) && !stderr(&tiled).contains(note), "{}", stderr(&whole));
     // The original over its reconstruction, in borders of 2.
     let grid = image::open(&grid).unwrap().to_rgb8();
     let below = image::imageops::crop_imm(&grid, 2, 2 + 40 + 2, 56, 40).to_image();

@@ -168,7 +168,6 @@ impl DecodeArgs {
             vae::fsio::check_new_folder(dir).map_err(|e| anyhow::anyhow!("--each {e}"))?;
         }
         let loaded = args.load(matches)?;
-        let tile = tiles.tile(&loaded.config.model)?;
         let latents = vae::export::Latents::open(latents, key.as_deref())?;
         let model = &loaded.config.model;
         let hw = model.decoded_size(&latents.shape).with_context(|| {
@@ -182,6 +181,7 @@ impl DecodeArgs {
                 loaded.path.display()
             )
         })?;
+        let tile = tiles.tile(model, hw)?;
         ensure!(
             !scaled || loaded.latent_scale.is_some(),
             "--scaled: {} declares no latent scale (a diffusers folder's scaling_factor, or the one the \

@@ -39,9 +39,26 @@ pub struct TileArgs {
 }
 
 impl TileArgs {
-    /// The tiles asked for, checked against the model.
-    pub(super) fn tile(&self, model: &vae::models::ModelConfig) -> Result<Option<vae::models::Tile>> {
-        self.tile.map(|pixels| model.tile(pixels)).transpose()
+    /// The tiles asked for, checked against the model. Without them, images of `[h, w]` more
+    /// than 4 times the model's area get a note: their memory grows with the area (an SD-sized
+    /// VAE took 4.7 GiB for 1024 x 1024 on the CPU, 8.9 for 1536 x 1536), and the kernel's
+    /// out-of-memory kill would say nothing.
+    pub(super) fn tile(
+        &self,
+        model: &vae::models::ModelConfig,
+        [h, w]: [i64; 2],
+    ) -> Result<Option<vae::models::Tile>> {
+        let Some(pixels) = self.tile else {
+            let [_, side, _] = model.image_shape();
+            if model.arch() == vae::models::Arch::Resnet && h * w > 4 * side * side {
+                vae::note!(
+                    "note: {w} x {h} images go through the model whole, in memory that grows with their area \
+                     ({side} x {side} trained); --tile bounds it to one tile's"
+                );
+            }
+            return Ok(None);
+        };
+        model.tile(pixels).map(Some)
     }
 }
 
@@ -379,7 +396,6 @@ impl ReconstructArgs {
         let n = *n;
         ensure!(n > 0, "--n must be positive");
         let loaded = args.load(matches)?;
-        let tile = tiles.tile(&loaded.config.model)?;
         let x = if input.is_empty() {
             vae::export::first_images(&loaded.split(Split::Test)?, n, loaded.device)?
         } else {
@@ -406,6 +422,7 @@ impl ReconstructArgs {
             }
             vae::data::to_unit_float(&tch::Tensor::stack(&images, 0)).to_device(loaded.device)
         };
+        let tile = tiles.tile(&loaded.config.model, [x.size()[2], x.size()[3]])?;
         let cols = vae::export::GRID_COLS.min(x.size()[0] as usize);
         let path = loaded.output(out, "reconstruct.png")?;
         vae::export::save_grid(
