@@ -18,11 +18,11 @@ pub fn reconstruction_grid(model: &dyn Model, x: &Tensor, cols: usize, tile: Opt
     let cols = cols.min(n).max(1);
     let x = x.narrow(0, 0, ((n / cols).max(1) * cols) as i64);
     let size = x.size();
-    let recon = tch::no_grad(|| match tile {
-        Some(tile) => {
-            in_passes(&x, pass_size([size[2], size[3]], tile), |_, x| tiles::reconstruct(model, x, tile))
-        }
-        None => in_passes(&x, [size[2], size[3]], |_, x| model.reconstruct(x)),
+    let recon = tch::no_grad(|| {
+        in_passes(&x, pass_size([size[2], size[3]], tile), |_, x| match tile {
+            Some(tile) => tiles::reconstruct(model, x, tile),
+            None => model.reconstruct(x),
+        })
     });
     let rows: Vec<Tensor> = x
         .split(cols as i64, 0)
@@ -43,18 +43,18 @@ pub fn samples(model: &dyn Model, count: i64, temperature: f64, hw: [i64; 2], de
 /// The images of latents `z` (`[N, D]`, or a spatial `[N, C, h, w]`), images of `[h, w]`,
 /// decoded a pass at a time (in `tile`s where given).
 pub fn decoded(model: &dyn Model, z: &Tensor, hw: [i64; 2], tile: Option<Tile>) -> Tensor {
-    tch::no_grad(|| match tile {
-        Some(tile) => {
-            in_passes(z, pass_size(hw, tile), |_, z| model.likelihood().mean(&tiles::decode(model, z, tile)))
-        }
-        None => in_passes(z, hw, |_, z| model.decode_mean(z)),
+    tch::no_grad(|| {
+        in_passes(z, pass_size(hw, tile), |_, z| match tile {
+            Some(tile) => model.likelihood().mean(&tiles::decode(model, z, tile)),
+            None => model.decode_mean(z),
+        })
     })
 }
 
-/// The `[h, w]` one image of `[h, w]` runs at in `tile`s: a pass holds as many images as
+/// The `[h, w]` one image of `[h, w]` runs at: in `tile`s, a pass holds as many images as
 /// tiles fit its pixels, not whole images.
-fn pass_size([h, w]: [i64; 2], tile: Tile) -> [i64; 2] {
-    [h.min(tile.pixels), w.min(tile.pixels)]
+fn pass_size([h, w]: [i64; 2], tile: Option<Tile>) -> [i64; 2] {
+    tile.map_or([h, w], |tile| [h.min(tile.pixels), w.min(tile.pixels)])
 }
 
 /// Points t = 0, 1/(steps-1), ..., 1 along the path from `a` to `b` (`[D]` each): linear, or
