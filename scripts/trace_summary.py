@@ -95,7 +95,10 @@ def summarise(path):
     for e in device:
         kernels[short(e["name"])] += e["dur"]
     launches = sum(1 for e in events if e.get("cat") in ("cuda_runtime", "cuda_driver") and "Launch" in e["name"])
-    return {"device": dict(kernels), "host": dict(self_times(host)), "launches": launches,
+    calls = defaultdict(int)
+    for e in host:
+        calls[e["name"]] += 1
+    return {"device": dict(kernels), "host": dict(self_times(host)), "launches": launches, "calls": dict(calls),
             "busy": union_length((e["ts"], e["ts"] + e["dur"]) for e in device),
             "window": max(e["ts"] + e["dur"] for e in events) - min(e["ts"] for e in events)}
 
@@ -136,6 +139,15 @@ def table(summaries, steps, top=15):
         ranked = sorted(names, key=lambda n: -max(s[key].get(n, 0.0) for s in traces))
         for name in ranked[:count]:
             row(name, [per(s[key][name]) if name in s[key] else None for s in traces])
+    # The same model should call the same operators: a count that differs shows work one side
+    # repeats (in the GAN step, a VGG16 run in four chunks launched its kernels four times).
+    names = set().union(*(s["calls"] for s in traces))
+    spread = {n: max(s["calls"].get(n, 0) for s in traces) - min(s["calls"].get(n, 0) for s in traces) for n in names}
+    differing = sorted((n for n in names if spread[n]), key=lambda n: (-spread[n], n))[: top // 2]
+    if len(traces) > 1 and differing:
+        lines.append(f"\nthe {len(differing)} operators called most differently often:")
+        for name in differing:
+            row(name, [s["calls"].get(name, 0) / steps for s in traces], "{:.0f}")
     return "\n".join(lines)
 
 

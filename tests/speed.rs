@@ -242,6 +242,9 @@ fn the_trace_summary_tabulates_kernels_of_cuda_traces() {
         for step in 0..2 {
             let t = 5000.0 * step as f64;
             events.push(event("cpu_op", "aten::convolution", t, 50.0));
+            if side == "theirs" {
+                events.push(event("cpu_op", "aten::copy_", t + 60.0, 5.0));
+            }
             for (cat, name) in [
                 ("cuda_runtime", "cudaLaunchKernel"),
                 ("cuda_runtime", "cudaLaunchKernel"),
@@ -281,6 +284,14 @@ fn the_trace_summary_tabulates_kernels_of_cuda_traces() {
     assert!(text.contains("RowwiseMomentsCUDAKernel<float>") && !text.contains("long, float"), "{text}");
     // Then the host's side: the operators that launched them.
     assert_eq!(row("aten::convolution"), [0.05, 0.05], "{text}");
+    // And the operators one side calls more often than the other, per step.
+    let counts =
+        text.split("operators called most differently often:").nth(1).unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        counts.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["0", "1", "aten::copy_"]),
+        "{text}"
+    );
+    assert!(!counts.contains("aten::convolution"), "{text}");
 }
 
 /// The flag reaches the model the trainer builds (the runs with and without it are equal to the
