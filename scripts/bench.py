@@ -140,29 +140,30 @@ def resnet_section(vae_bin, args):
           f"{args.repeats} alternating runs; random RGB images (ours: generated shapes), threads {args.threads}\n")
     print(f"{'case':<24} {'vae img/s':>10} {'diffusers img/s':>16} {'ratio':>6}  {'vae peak':>9} {'pt peak':>9}")
     results = {}
-    for device in devices:
-        steps, warmup = timing[device]
-        for side, batch in ((int(side), 16) for side in args.sizes.split(",")):
-            common = ["--device", device, "--batch-size", str(batch), "--threads", str(args.threads),
-                      "--steps", str(steps), "--warmup", str(warmup)] + flags + extra
-            ours = [vae_bin, "bench", "--arch", "resnet", "--dataset", "shapes", "--channels", "3",
-                    "--image-size", str(side), "--train-size", "512", "--test-size", "16"] + common
-            reference = [sys.executable, os.path.join(ROOT, "scripts", "bench_resnet_reference.py"),
-                         "--image-size", str(side)] + common
-            name = f"{device} f32 {side}x{side} b{batch}"
-            runs = {"vae": [], "pytorch": []}
-            for repeat in range(args.repeats):
-                for run, cmd in (("vae", ours), ("pytorch", reference)):
-                    runs[run].append(run_json(cmd + traced(args, name, run, repeat, steps), dict(os.environ)))
-            r = {impl: {"images_per_s": statistics.median(x["images_per_s"] for x in rs),
-                        "peak_mib": max((x.get("peak_cuda_mib") if device == "cuda" else x["peak_rss_mib"]) or 0
-                                        for x in rs)}
-                 for impl, rs in runs.items()}
-            results[name] = r
-            unit = "GPU" if device == "cuda" else "RSS"
-            print(f"{name:<24} {r['vae']['images_per_s']:>10.1f} {r['pytorch']['images_per_s']:>16.1f} "
-                  f"{r['vae']['images_per_s'] / r['pytorch']['images_per_s']:>5.2f}x  "
-                  f"{r['vae']['peak_mib']:>6.0f} MiB {r['pytorch']['peak_mib']:>6.0f} MiB ({unit})", flush=True)
+    cases = [(device, precision, int(side)) for device in devices for precision in args.precisions.split(",")
+             for side in args.sizes.split(",")]
+    for device, precision, side in cases:
+        steps, warmup, batch = *timing[device], 16
+        common = ["--device", device, "--precision", precision, "--batch-size", str(batch),
+                  "--threads", str(args.threads), "--steps", str(steps), "--warmup", str(warmup)] + flags + extra
+        ours = [vae_bin, "bench", "--arch", "resnet", "--dataset", "shapes", "--channels", "3",
+                "--image-size", str(side), "--train-size", "512", "--test-size", "16"] + common
+        reference = [sys.executable, os.path.join(ROOT, "scripts", "bench_resnet_reference.py"),
+                     "--image-size", str(side)] + common
+        name = f"{device} {precision} {side}x{side} b{batch}"
+        runs = {"vae": [], "pytorch": []}
+        for repeat in range(args.repeats):
+            for run, cmd in (("vae", ours), ("pytorch", reference)):
+                runs[run].append(run_json(cmd + traced(args, name, run, repeat, steps), dict(os.environ)))
+        r = {impl: {"images_per_s": statistics.median(x["images_per_s"] for x in rs),
+                    "peak_mib": max((x.get("peak_cuda_mib") if device == "cuda" else x["peak_rss_mib"]) or 0
+                                    for x in rs)}
+             for impl, rs in runs.items()}
+        results[name] = r
+        unit = "GPU" if device == "cuda" else "RSS"
+        print(f"{name:<24} {r['vae']['images_per_s']:>10.1f} {r['pytorch']['images_per_s']:>16.1f} "
+              f"{r['vae']['images_per_s'] / r['pytorch']['images_per_s']:>5.2f}x  "
+              f"{r['vae']['peak_mib']:>6.0f} MiB {r['pytorch']['peak_mib']:>6.0f} MiB ({unit})", flush=True)
     for name in results:
         print_traces(args, name, timing[name.split()[0]][0])
     return results
@@ -330,12 +331,17 @@ def main():
                         "traces must be new) and print where the time goes, side by side")
     p.add_argument("--trace-steps", type=int, default=5, help="timed steps each --trace records")
     p.add_argument("--sizes", default="64,128", help="--arch resnet: image sides, comma-separated")
+    p.add_argument("--precisions", default="f32",
+                   help="--arch resnet: f32 and/or bf16 (autocast on the reference's side), comma-separated")
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="--arch resnet: both sides checkpoint each down, middle and up block")
     p.add_argument("--tiles", action="store_true",
                    help="only decoding whole and in tiles (vae decode --tile) beside diffusers' enable_tiling()")
     p.add_argument("--tile-sides", default="1024", help="--tiles: image sides, comma-separated")
     args = p.parse_args()
+    unknown = [x for x in args.precisions.split(",") if x not in ("f32", "bf16")]
+    if unknown:
+        p.error(f"--precisions: {', '.join(unknown)}: expected f32 and/or bf16, comma-separated")
     if args.trace:
         os.makedirs(args.trace, exist_ok=True)
     if args.quick:

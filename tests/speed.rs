@@ -167,36 +167,33 @@ fn the_tiles_benchmark_decodes_beside_diffusers() {
 #[test]
 fn the_resnet_benchmark_runs_ours_beside_diffusers_with_every_option() {
     let traces = tempfile::tempdir().unwrap();
-    let text =
-        stdout(&python_script(
-            "bench.py",
-            &[
-                &[
-                    "--arch",
-                    "resnet",
-                    "--quick",
-                    "--threads",
-                    "1",
-                    "--sizes",
-                    "32",
-                    "--gradient-checkpointing",
-                ][..],
-                &[
-                    "--perceptual-weight",
-                    "1",
-                    "--disc-weight",
-                    "0.5",
-                    "--trace",
-                    traces.path().to_str().unwrap(),
-                ],
-            ]
-            .concat(),
-        ));
+    let trace = traces.path().to_str().unwrap();
+    let text = stdout(&python_script(
+        "bench.py",
+        &[
+            "--arch",
+            "resnet",
+            "--quick",
+            "--threads",
+            "1",
+            "--sizes",
+            "32",
+            "--precisions",
+            "bf16",
+            "--gradient-checkpointing",
+            "--perceptual-weight",
+            "1",
+            "--disc-weight",
+            "0.5",
+            "--trace",
+            trace,
+        ],
+    ));
     assert!(text.contains("LPIPS weight 1.0, PatchGAN weight 0.5, gradient checkpointing"), "{text}");
-    let row = text.lines().find(|l| l.starts_with("cpu f32 32x32 b16")).unwrap_or_else(|| panic!("{text}"));
+    let row = text.lines().find(|l| l.starts_with("cpu bf16 32x32 b16")).unwrap_or_else(|| panic!("{text}"));
     let ratio: f64 = row.split_whitespace().nth(5).unwrap().trim_end_matches('x').parse().unwrap();
     assert!(ratio > 0.0, "{row}");
-    assert!(text.contains("cpu f32 32x32 b16: where the time of 2 traced steps goes"), "{text}");
+    assert!(text.contains("cpu bf16 32x32 b16: where the time of 2 traced steps goes"), "{text}");
 }
 
 #[test]
