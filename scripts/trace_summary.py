@@ -6,7 +6,8 @@ the same kind of trace: Kineto's. This tabulates each per step: on CUDA the devi
 every kernel and copy (and how busy the device was, and how many kernels the host launched);
 on the CPU the self time of every operator (its time less that of the operators it called).
 Kernels and operators fall into categories (convolution, normalisation, ...), so two
-implementations of the same model can be compared where their time differs.
+implementations of the same model can be compared where their time differs; last come the
+operators the traces call most differently often (work one of them repeats).
 
     scripts/trace_summary.py --steps 5 vae=vae.json pytorch=pytorch.json
 
