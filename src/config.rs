@@ -381,6 +381,7 @@ const FAMILY_FLAGS: &[(Arch, &[&str])] = &[
 pub const SETTINGS: &[Setting] = &[
     setting("device", Process, nothing),
     setting("threads", Process, nothing),
+    setting("deterministic", Process, nothing),
     setting("dataset", Fixed, |a, c| c.data.kind = a.data.dataset),
     setting("data_dir", Process, |a, c| c.data.data_dir = a.data.location.data_dir.clone()),
     setting("max_memory", Process, |a, c| c.data.max_memory = a.data.location.max_memory),

@@ -13,14 +13,27 @@ pub struct DeviceArgs {
     /// libtorch's intra-op threads [default: libtorch's choice, one per core].
     #[arg(long)]
     pub threads: Option<i32>,
+    /// Deterministic kernels only (PyTorch's use_deterministic_algorithms, cuDNN's deterministic
+    /// algorithms, its benchmark off): a CUDA run then resumes bit for bit, as a CPU run always
+    /// does, at some cost in speed. An operator without a deterministic kernel is refused.
+    #[arg(long)]
+    pub deterministic: bool,
 }
 
 impl DeviceArgs {
-    /// Sets the thread count and returns the device, checked.
+    /// Sets the thread count and the deterministic mode, and returns the device, checked.
     pub fn init(&self) -> Result<Device> {
         if let Some(threads) = self.threads {
             ensure!(threads >= 1, "--threads must be at least 1, found {threads}");
             tch::set_num_threads(threads);
+        }
+        if self.deterministic {
+            // cuBLAS reads it once, making its first handle: before any CUDA work. Its
+            // deterministic workspace setting (PyTorch's documented one) unless the user set one.
+            if std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
+                std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
+            }
+            crate::native::deterministic(Some(true));
         }
         parse_device(&self.device)
     }
@@ -61,13 +74,19 @@ pub fn synchronize(device: Device) {
 
 /// A short name for logs and metadata.
 pub fn describe(device: Device) -> String {
-    match device {
+    let name = match device {
         Device::Cpu => match tch::get_num_threads() {
             1 => "cpu (1 thread)".to_string(),
             n => format!("cpu ({n} threads)"),
         },
         Device::Cuda(i) => format!("cuda:{i}"),
         other => format!("{other:?}"),
+    };
+    // Read back from libtorch: what runs, not what was asked.
+    if crate::native::deterministic(None) {
+        name + ", deterministic algorithms"
+    } else {
+        name
     }
 }
 

@@ -55,6 +55,7 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
+    fn vae_deterministic(on: c_int, now: *mut c_int, err: *mut c_char, len: usize) -> c_int;
     fn vae_cuda_peak_bytes(
         device: c_int,
         reset: c_int,
@@ -205,6 +206,16 @@ pub fn cuda_peak_mib(device: Device, reset: bool) -> Option<f64> {
         vae_cuda_peak_bytes(index as c_int, reset as c_int, &mut bytes, err, len)
     });
     Some(bytes as f64 / (1u64 << 20) as f64)
+}
+
+/// Turns libtorch's deterministic mode on (`Some(true)`), off, or leaves it (`None`): every
+/// operator in its deterministic kernel (cuDNN's included, its benchmark off), one that has
+/// none refused when it runs. Returns whether the mode is on.
+pub fn deterministic(set: Option<bool>) -> bool {
+    let (on, mut now) = (set.map_or(-1, c_int::from), 0);
+    // SAFETY: plain values and an out-pointer that outlives the call.
+    call("deterministic mode", |err, len| unsafe { vae_deterministic(on, &mut now, err, len) });
+    now != 0
 }
 
 /// A segment of a network for [`checkpoint`]: it may run on autograd's thread (CUDA's

@@ -65,6 +65,37 @@ fn assert_identical(a: &Path, b: &Path) {
     }
 }
 
+/// `--deterministic` puts libtorch in its deterministic mode (the run says so, read back from
+/// libtorch). The CPU's kernels are deterministic already: a deterministic run, stopped and
+/// resumed, equals the plain straight run bit for bit (libtorch then also fills new tensors
+/// with NaN, so nothing may read memory it did not write), and turning the mode on at a resume
+/// is no change of the run. On CUDA, scripts/gpu-check asserts the resume.
+#[test]
+fn deterministic_mode_is_on_when_asked_and_keeps_every_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let (straight, split) = (dir.path().join("straight"), dir.path().join("split"));
+    ok(train(&straight, "2", &[]));
+    // Not quiet: the first line names the device and the mode.
+    let mut args = train_args(&split, "1", &["--deterministic"]);
+    args.retain(|a| *a != "--quiet");
+    let first = stdout(&ok(vae(&args)));
+    assert!(first.contains("on cpu (1 thread), deterministic algorithms;"), "{first}");
+    let split_arg = split.to_str().unwrap();
+    let resumed = ok(vae(&[
+        "train",
+        "--resume",
+        split_arg,
+        "--epochs",
+        "2",
+        "--threads",
+        "1",
+        "--quiet",
+        "--deterministic",
+    ]));
+    assert!(!stderr(&resumed).contains("--deterministic"), "{}", stderr(&resumed));
+    assert_identical(&straight.join("last.safetensors"), &split.join("last.safetensors"));
+}
+
 #[test]
 fn resumed_and_interrupted_runs_equal_the_straight_run_bitwise() {
     let dir = tempfile::tempdir().unwrap();
