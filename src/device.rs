@@ -23,17 +23,18 @@ pub struct DeviceArgs {
 impl DeviceArgs {
     /// Sets the thread count and the deterministic mode, and returns the device, checked.
     pub fn init(&self) -> Result<Device> {
-        if let Some(threads) = self.threads {
-            ensure!(threads >= 1, "--threads must be at least 1, found {threads}");
-            tch::set_num_threads(threads);
-        }
         if self.deterministic {
-            // cuBLAS reads it once, making its first handle: before any CUDA work. Its
+            // cuBLAS reads it once, making its first handle: before any CUDA work (and
+            // before libtorch's thread pool starts: the environment is not thread-safe). Its
             // deterministic workspace setting (PyTorch's documented one) unless the user set one.
             if std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
                 std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
             }
             crate::native::deterministic(Some(true));
+        }
+        if let Some(threads) = self.threads {
+            ensure!(threads >= 1, "--threads must be at least 1, found {threads}");
+            tch::set_num_threads(threads);
         }
         parse_device(&self.device)
     }
