@@ -2,7 +2,8 @@
 //! which touch every parameter in a few launches where a loop of tch calls makes several per
 //! tensor (on a GPU the launches, not the arithmetic, bound a small model's step), dropping
 //! gradients (`set_to_none`), the CUDA caching allocator's peak-memory counter, libtorch's
-//! profiler ([`Trace`]), and activation checkpointing ([`checkpoint`]).
+//! profiler ([`Trace`]), activation checkpointing ([`checkpoint`]), and the deterministic
+//! mode ([`deterministic`]).
 //!
 //! The wrappers panic on a libtorch error, as tch's own non-`f_` methods do: these calls fail
 //! only on a broken invariant (tensors on different devices or of different sizes).
