@@ -143,7 +143,7 @@ def resnet_section(vae_bin, args):
     cases = [(device, precision, int(side)) for device in devices for precision in args.precisions.split(",")
              for side in args.sizes.split(",")]
     for device, precision, side in cases:
-        steps, warmup, batch = *timing[device], 16
+        (steps, warmup), batch = timing[device], 16
         common = ["--device", device, "--precision", precision, "--batch-size", str(batch),
                   "--threads", str(args.threads), "--steps", str(steps), "--warmup", str(warmup)] + flags + extra
         ours = [vae_bin, "bench", "--arch", "resnet", "--dataset", "shapes", "--channels", "3",

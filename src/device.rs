@@ -30,7 +30,7 @@ impl DeviceArgs {
             if std::env::var_os("CUBLAS_WORKSPACE_CONFIG").is_none() {
                 std::env::set_var("CUBLAS_WORKSPACE_CONFIG", ":4096:8");
             }
-            crate::native::deterministic(Some(true));
+            crate::native::set_deterministic();
         }
         if let Some(threads) = self.threads {
             ensure!(threads >= 1, "--threads must be at least 1, found {threads}");
@@ -84,7 +84,7 @@ pub fn describe(device: Device) -> String {
         other => format!("{other:?}"),
     };
     // Read back from libtorch: what runs, not what was asked.
-    if crate::native::deterministic(None) {
+    if crate::native::is_deterministic() {
         name + ", deterministic algorithms"
     } else {
         name

@@ -150,18 +150,16 @@ int vae_cuda_peak_bytes(int device, int reset, int64_t* bytes, char* err, size_t
   });
 }
 
-// torch.use_deterministic_algorithms(on) with torch.backends.cudnn.deterministic = on and
-// cuDNN's benchmark off: every operator in its deterministic kernel, one without any throwing
-// when it runs. Returns whether deterministic algorithms are on (after setting them, for on >= 0).
-int vae_deterministic(int on, int* now, char* err, size_t len) {
+// torch.use_deterministic_algorithms(True) with torch.backends.cudnn.deterministic = True and
+// cuDNN's benchmark off, where `enable`: every operator in its deterministic kernel, one without
+// any throwing when it runs. `now`: whether deterministic algorithms are on.
+int vae_deterministic(int enable, int* now, char* err, size_t len) {
   return guarded(err, len, [&] {
     auto& context = at::globalContext();
-    if (on >= 0) {
-      context.setDeterministicAlgorithms(on != 0, /*warn_only=*/false);
-      context.setDeterministicCuDNN(on != 0);
-      if (on != 0) {
-        context.setBenchmarkCuDNN(false);
-      }
+    if (enable != 0) {
+      context.setDeterministicAlgorithms(true, /*warn_only=*/false);
+      context.setDeterministicCuDNN(true);
+      context.setBenchmarkCuDNN(false);
     }
     *now = context.deterministicAlgorithms() ? 1 : 0;
   });

@@ -3,7 +3,7 @@
 //! tensor (on a GPU the launches, not the arithmetic, bound a small model's step), dropping
 //! gradients (`set_to_none`), the CUDA caching allocator's peak-memory counter, libtorch's
 //! profiler ([`Trace`]), activation checkpointing ([`checkpoint`]), and the deterministic
-//! mode ([`deterministic`]).
+//! mode ([`set_deterministic`]).
 //!
 //! The wrappers panic on a libtorch error, as tch's own non-`f_` methods do: these calls fail
 //! only on a broken invariant (tensors on different devices or of different sizes).
@@ -56,7 +56,7 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> c_int;
-    fn vae_deterministic(on: c_int, now: *mut c_int, err: *mut c_char, len: usize) -> c_int;
+    fn vae_deterministic(enable: c_int, now: *mut c_int, err: *mut c_char, len: usize) -> c_int;
     fn vae_cuda_peak_bytes(
         device: c_int,
         reset: c_int,
@@ -209,13 +209,22 @@ pub fn cuda_peak_mib(device: Device, reset: bool) -> Option<f64> {
     Some(bytes as f64 / (1u64 << 20) as f64)
 }
 
-/// Turns libtorch's deterministic mode on (`Some(true)`), off, or leaves it (`None`): every
-/// operator in its deterministic kernel (cuDNN's included, its benchmark off), one that has
-/// none refused when it runs. Returns whether the mode is on.
-pub fn deterministic(set: Option<bool>) -> bool {
-    let (on, mut now) = (set.map_or(-1, c_int::from), 0);
+/// Turns libtorch's deterministic mode on: every operator in its deterministic kernel
+/// (cuDNN's included, its benchmark off), one that has none refused when it runs.
+pub fn set_deterministic() {
+    deterministic_mode(true);
+}
+
+/// Whether libtorch's deterministic mode is on.
+pub fn is_deterministic() -> bool {
+    deterministic_mode(false)
+}
+
+/// Turns the mode on where `enable`; whether it is on.
+fn deterministic_mode(enable: bool) -> bool {
+    let mut now = 0;
     // SAFETY: plain values and an out-pointer that outlives the call.
-    call("deterministic mode", |err, len| unsafe { vae_deterministic(on, &mut now, err, len) });
+    call("deterministic mode", |err, len| unsafe { vae_deterministic(enable.into(), &mut now, err, len) });
     now != 0
 }
 

@@ -201,7 +201,7 @@ impl Trainer {
     pub fn new(cfg: TrainConfig, device: Device) -> Result<Self> {
         cfg.validate()?;
         seed_torch(cfg.seed, Stream::Init, 0);
-        if device.is_cuda() && !crate::native::deterministic(None) {
+        if device.is_cuda() && !crate::native::is_deterministic() {
             // Our shapes are fixed per run: let cuDNN time its algorithms once and keep the best
             // (the fastest may differ between runs: not with --deterministic).
             tch::Cuda::cudnn_set_benchmark(true);
